@@ -1,0 +1,546 @@
+//! The ImageBuild controller: read → validate → plan → apply → status.
+//!
+//! `plan` and `validate` are pure and unit-tested; this module does the I/O:
+//! it lists what the plan needs, applies the plan with server-side apply
+//! under one field manager, publishes Events and keeps the metrics.
+
+pub mod plan;
+pub mod pod;
+pub mod validate;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{Controller, WatchStreamExt, watcher};
+use kube::{Api, Client, Resource, ResourceExt};
+use tracing::{Instrument, field};
+
+use crate::api::{BuildRunner, ImageBuild, LABEL_NAME, Phase, RunnerPhase};
+use crate::http::{self, Health};
+use crate::leader::{LeaderElector, LeaseConfig};
+use crate::metrics::Metrics;
+use crate::platform::{Os, Platform};
+use plan::{EventKind, Observed};
+use pod::{PodSettings, name_label};
+
+/// The field manager of every write the controller makes.
+pub const FIELD_MANAGER: &str = "tripod-controller";
+
+/// Errors of the controller.
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerError {
+    /// No usable kubeconfig or in-cluster configuration.
+    #[error("cannot configure the Kubernetes client: {0}")]
+    Client(#[source] kube::Error),
+    /// An API request failed.
+    #[error("{action}: {source}")]
+    Kube {
+        /// What was being done.
+        action: String,
+        /// The API error.
+        #[source]
+        source: kube::Error,
+    },
+    /// Metrics could not be set up.
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
+    /// The HTTP server could not start.
+    #[error(transparent)]
+    Http(#[from] crate::http::HttpError),
+    /// Leader election failed.
+    #[error(transparent)]
+    Leader(#[from] crate::leader::LeaderError),
+    /// Another replica took the Lease: this one stops so it restarts clean.
+    #[error("lost leadership of lease {0}")]
+    LostLeadership(String),
+    /// A signal handler could not be installed.
+    #[error("cannot install signal handler: {0}")]
+    Signal(#[source] std::io::Error),
+    /// The ImageBuild has no namespace (it is namespaced: a malformed event).
+    #[error("ImageBuild {0} has no namespace")]
+    NoNamespace(String),
+}
+
+fn kube_err(action: impl Into<String>) -> impl FnOnce(kube::Error) -> ControllerError {
+    let action = action.into();
+    move |source| ControllerError::Kube { action, source }
+}
+
+/// Settings of `tripod controller`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ControllerConfig {
+    /// Watch ImageBuilds in this namespace only (default: all namespaces).
+    #[arg(long, env = "TRIPOD_WATCH_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, default_value = "0.0.0.0:8080", env = "TRIPOD_METRICS_ADDRESS")]
+    pub metrics_address: SocketAddr,
+    /// Namespace of the leader-election Lease (default: the controller's own, from
+    /// POD_NAMESPACE, else `default`).
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub lease_namespace: Option<String>,
+    /// Name of the leader-election Lease.
+    #[arg(long, default_value = "tripod-controller")]
+    pub lease_name: String,
+    /// This replica's identity in the Lease (default: POD_NAME, else hostname-pid).
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+    /// Seconds a Lease stays valid without renewal.
+    #[arg(long, default_value_t = 15)]
+    pub lease_duration_seconds: u64,
+    /// Seconds between Lease renewals.
+    #[arg(long, default_value_t = 5)]
+    pub lease_renew_seconds: u64,
+    /// Image of the agent container of build Pods.
+    #[arg(long, env = "TRIPOD_AGENT_IMAGE", default_value = concat!("ghcr.io/tripod-build/tripod:", env!("CARGO_PKG_VERSION")))]
+    pub agent_image: String,
+    /// Image of the buildd sidecar of Linux build Pods (carries buildah).
+    #[arg(long, env = "TRIPOD_BUILDD_IMAGE", default_value = concat!("ghcr.io/tripod-build/tripod-buildd:", env!("CARGO_PKG_VERSION")))]
+    pub buildd_image: String,
+    /// Image of the buildd sidecar of Windows build Pods.
+    #[arg(long, env = "TRIPOD_WINDOWS_BUILDD_IMAGE", default_value = concat!("ghcr.io/tripod-build/tripod-buildd-windows:", env!("CARGO_PKG_VERSION")))]
+    pub windows_buildd_image: String,
+    /// Address agents in build Pods dial to reach this controller.
+    #[arg(
+        long,
+        env = "TRIPOD_EXECUTOR_ADDRESS",
+        default_value = "tripod.tripod-system.svc:9443"
+    )]
+    pub executor_address: String,
+    /// ServiceAccount of build Pods.
+    #[arg(long, env = "TRIPOD_BUILD_SERVICE_ACCOUNT")]
+    pub build_service_account: Option<String>,
+}
+
+impl ControllerConfig {
+    fn pod_settings(&self) -> PodSettings {
+        PodSettings {
+            agent_image: self.agent_image.clone(),
+            buildd_image: self.buildd_image.clone(),
+            windows_buildd_image: self.windows_buildd_image.clone(),
+            executor_address: self.executor_address.clone(),
+            service_account: self.build_service_account.clone(),
+        }
+    }
+}
+
+/// Shared state of reconciles.
+pub struct Context {
+    client: Client,
+    settings: PodSettings,
+    metrics: Metrics,
+    recorder: Recorder,
+    builds: Store<ImageBuild>,
+    runners: Store<BuildRunner>,
+    failures: Mutex<HashMap<ObjectRef<ImageBuild>, u32>>,
+}
+
+/// Runs the controller until SIGTERM/SIGINT, or until leadership is lost.
+pub async fn run(cfg: ControllerConfig) -> Result<(), ControllerError> {
+    let client = Client::try_default()
+        .await
+        .map_err(ControllerError::Client)?;
+    let metrics = Metrics::new()?;
+    let ready = Arc::new(AtomicBool::new(false));
+    let bound = http::serve(
+        cfg.metrics_address,
+        Health {
+            ready: ready.clone(),
+            metrics: metrics.clone(),
+        },
+    )
+    .await?;
+    tracing::info!(%bound, "serving /metrics, /healthz, /readyz");
+
+    let identity = cfg.identity.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "tripod".into());
+        format!("{host}-{}", std::process::id())
+    });
+    let lease_namespace = cfg
+        .lease_namespace
+        .clone()
+        .or_else(|| cfg.namespace.clone())
+        .unwrap_or_else(|| "default".into());
+    let elector = LeaderElector::new(
+        client.clone(),
+        LeaseConfig {
+            namespace: lease_namespace,
+            name: cfg.lease_name.clone(),
+            identity: identity.clone(),
+            lease_duration: Duration::from_secs(cfg.lease_duration_seconds.max(2)),
+            renew_every: Duration::from_secs(
+                cfg.lease_renew_seconds
+                    .clamp(1, cfg.lease_duration_seconds.max(2)),
+            ),
+        },
+    );
+
+    let shutdown = shutdown_signal()?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(
+        async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        }
+        .instrument(tracing::info_span!("signals")),
+    );
+    let mut on_signal = stop_rx.clone();
+    tokio::select! {
+        r = elector.acquire() => r?,
+        _ = on_signal.wait_for(|s| *s) => {
+            tracing::info!("stopping before leadership was acquired");
+            return Ok(());
+        }
+    }
+    tracing::info!(%identity, lease = %cfg.lease_name, "leading");
+
+    let (ib_api, pod_api): (Api<ImageBuild>, Api<Pod>) = match &cfg.namespace {
+        Some(ns) => (
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+        ),
+        None => (Api::all(client.clone()), Api::all(client.clone())),
+    };
+    let runner_api: Api<BuildRunner> = Api::all(client.clone());
+    let (runner_store, runner_writer) = reflector::store();
+    let runner_events = reflector::reflector(
+        runner_writer,
+        watcher(runner_api, watcher::Config::default()),
+    )
+    .default_backoff()
+    .touched_objects()
+    .filter_map(|r| async move {
+        match r {
+            Ok(_) => Some(()),
+            Err(e) => {
+                tracing::warn!(error = %e, "BuildRunner watch failed");
+                None
+            }
+        }
+    });
+
+    let controller = Controller::new(ib_api, watcher::Config::default().any_semantic())
+        .owns(
+            pod_api,
+            watcher::Config::default().labels("app.kubernetes.io/managed-by=tripod"),
+        )
+        .reconcile_all_on(runner_events);
+    let builds = controller.store();
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: FIELD_MANAGER.into(),
+            instance: Some(identity.clone()),
+        },
+    );
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        settings: cfg.pod_settings(),
+        metrics: metrics.clone(),
+        recorder,
+        builds: builds.clone(),
+        runners: runner_store.clone(),
+        failures: Mutex::new(HashMap::new()),
+    });
+
+    {
+        let ready = ready.clone();
+        let builds = builds.clone();
+        let runners = runner_store.clone();
+        tokio::spawn(
+            async move {
+                if builds.wait_until_ready().await.is_ok()
+                    && runners.wait_until_ready().await.is_ok()
+                {
+                    ready.store(true, Ordering::SeqCst);
+                    tracing::info!("watches synced; ready");
+                }
+            }
+            .instrument(tracing::info_span!("readiness")),
+        );
+    }
+
+    let (lost_tx, lost_rx) = tokio::sync::oneshot::channel::<()>();
+    let holder = elector.clone();
+    tokio::spawn(
+        async move {
+            holder.hold().await;
+            let _ = lost_tx.send(());
+        }
+        .instrument(tracing::info_span!("lease")),
+    );
+    let lost = Arc::new(AtomicBool::new(false));
+    let stop = {
+        let lost = lost.clone();
+        let mut on_signal = stop_rx.clone();
+        async move {
+            tokio::select! {
+                _ = on_signal.wait_for(|s| *s) => {}
+                _ = lost_rx => lost.store(true, Ordering::SeqCst),
+            }
+        }
+    };
+
+    controller
+        .graceful_shutdown_on(stop)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                tracing::debug!(error = %e, "reconcile failed");
+            }
+        })
+        .await;
+    ready.store(false, Ordering::SeqCst);
+
+    if lost.load(Ordering::SeqCst) {
+        return Err(ControllerError::LostLeadership(cfg.lease_name));
+    }
+    if let Err(e) = elector.release().await {
+        tracing::warn!(error = %e, "could not release the lease");
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>, ControllerError> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).map_err(ControllerError::Signal)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(ControllerError::Signal)?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    })
+}
+
+fn needs_runners(ib: &ImageBuild) -> bool {
+    ib.spec
+        .platforms
+        .iter()
+        .any(|p| p.parse::<Platform>().is_ok_and(|p| p.os() == Os::Darwin))
+}
+
+async fn reconcile(ib: Arc<ImageBuild>, ctx: Arc<Context>) -> Result<Action, ControllerError> {
+    let span = tracing::info_span!(
+        "reconcile",
+        namespace = field::Empty,
+        name = %ib.name_any(),
+        build_id = field::Empty
+    );
+    let ns = ib
+        .namespace()
+        .ok_or_else(|| ControllerError::NoNamespace(ib.name_any()))?;
+    span.record("namespace", ns.as_str());
+    span.record("build_id", plan::build_id(&ib).as_str());
+    let started = Instant::now();
+    let result = reconcile_inner(&ib, &ns, &ctx).instrument(span).await;
+    ctx.metrics
+        .reconcile_duration
+        .observe(started.elapsed().as_secs_f64());
+    update_gauges(&ctx);
+    if result.is_ok() {
+        if let Ok(mut f) = ctx.failures.lock() {
+            f.remove(&ObjectRef::from_obj(ib.as_ref()));
+        }
+    }
+    result
+}
+
+async fn reconcile_inner(
+    ib: &ImageBuild,
+    ns: &str,
+    ctx: &Context,
+) -> Result<Action, ControllerError> {
+    if ib.metadata.deletion_timestamp.is_some() {
+        // Its Pods go with it: the garbage collector follows their ownerReferences.
+        return Ok(Action::await_change());
+    }
+    let name = ib.name_any();
+    let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+    let uid = ib.uid().unwrap_or_default();
+    let pods: Vec<Pod> = pods_api
+        .list(&ListParams::default().labels(&format!("{LABEL_NAME}={}", name_label(&name))))
+        .await
+        .map_err(kube_err(format!("list Pods of {ns}/{name}")))?
+        .items
+        .into_iter()
+        .filter(|p| p.owner_references().iter().any(|o| o.uid == uid))
+        .collect();
+    let runners: Vec<BuildRunner> = if needs_runners(ib) {
+        ctx.runners.state().iter().map(|r| (**r).clone()).collect()
+    } else {
+        Vec::new()
+    };
+
+    let plan = plan::plan(
+        Observed {
+            build: ib,
+            pods: &pods,
+            runners: &runners,
+            now: jiff::Timestamp::now(),
+        },
+        &ctx.settings,
+    );
+
+    // Apply.
+    let ssa = PatchParams::apply(FIELD_MANAGER).force();
+    for pod in &plan.create {
+        let pod_name = pod.name_any();
+        pods_api
+            .patch(&pod_name, &ssa, &Patch::Apply(pod))
+            .await
+            .map_err(kube_err(format!("create Pod {ns}/{pod_name}")))?;
+        tracing::info!(pod = %pod_name, "created build Pod");
+    }
+    for pod_name in &plan.delete {
+        match pods_api.delete(pod_name, &DeleteParams::default()).await {
+            Ok(_) => tracing::info!(pod = %pod_name, "deleted build Pod"),
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(kube_err(format!("delete Pod {ns}/{pod_name}"))(e)),
+        }
+    }
+
+    // Status.
+    let ib_api: Api<ImageBuild> = Api::namespaced(ctx.client.clone(), ns);
+    let status_patch = serde_json::json!({
+        "apiVersion": ImageBuild::api_version(&()),
+        "kind": ImageBuild::kind(&()),
+        "status": plan.status,
+    });
+    ib_api
+        .patch_status(&name, &ssa, &Patch::Apply(&status_patch))
+        .await
+        .map_err(kube_err(format!("update status of {ns}/{name}")))?;
+
+    // Events and metrics, after the status is written.
+    let reference = ib.object_ref(&());
+    for ev in &plan.events {
+        let event = Event {
+            type_: match ev.kind {
+                EventKind::Normal => EventType::Normal,
+                EventKind::Warning => EventType::Warning,
+            },
+            reason: ev.reason.clone(),
+            note: Some(ev.message.chars().take(1000).collect()),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(e) = ctx.recorder.publish(&event, &reference).await {
+            tracing::warn!(error = %e, reason = %ev.reason, "could not publish event");
+        }
+    }
+    for f in &plan.finished {
+        ctx.metrics
+            .builds_total
+            .with_label_values(&[f.os.as_str(), f.result])
+            .inc();
+        ctx.metrics
+            .build_duration
+            .with_label_values(&[f.os.as_str()])
+            .observe(f.duration.as_secs_f64());
+    }
+    if let Some(invalid) = &plan.invalid {
+        tracing::warn!(%invalid, "invalid spec; waiting for a change");
+        return Ok(Action::await_change());
+    }
+    if let Some(phase) = plan.status.phase {
+        tracing::debug!(%phase, "reconciled");
+    }
+    Ok(match plan.requeue_after {
+        Some(after) => Action::requeue(after.max(Duration::from_secs(1))),
+        None => Action::await_change(),
+    })
+}
+
+fn update_gauges(ctx: &Context) {
+    let mut waiting: HashMap<&'static str, i64> = HashMap::new();
+    for ib in ctx.builds.state() {
+        let Some(status) = ib.status.as_ref() else {
+            continue;
+        };
+        for ps in &status.platforms {
+            if matches!(ps.phase, Phase::Pending | Phase::Scheduling) {
+                if let Ok(p) = ps.platform.parse::<Platform>() {
+                    *waiting.entry(p.os().as_str()).or_default() += 1;
+                }
+            }
+        }
+    }
+    for os in Os::ALL {
+        ctx.metrics
+            .queue_depth
+            .with_label_values(&[os.as_str()])
+            .set(waiting.get(os.as_str()).copied().unwrap_or(0));
+    }
+    let mut phases: HashMap<&'static str, i64> = HashMap::new();
+    for r in ctx.runners.state() {
+        if let Some(phase) = r.status.as_ref().and_then(|s| s.phase) {
+            *phases.entry(phase.as_str()).or_default() += 1;
+        }
+    }
+    for phase in [
+        RunnerPhase::Online,
+        RunnerPhase::Offline,
+        RunnerPhase::Draining,
+    ] {
+        ctx.metrics
+            .runners
+            .with_label_values(&[phase.as_str()])
+            .set(phases.get(phase.as_str()).copied().unwrap_or(0));
+    }
+}
+
+/// Per-object exponential backoff: 1 s, 2 s, 4 s … capped at 5 minutes.
+fn error_policy(ib: Arc<ImageBuild>, error: &ControllerError, ctx: Arc<Context>) -> Action {
+    ctx.metrics.reconcile_errors.inc();
+    let key = ObjectRef::from_obj(ib.as_ref());
+    let failures = match ctx.failures.lock() {
+        Ok(mut f) => {
+            let n = f.entry(key).or_insert(0);
+            *n = n.saturating_add(1);
+            *n
+        }
+        Err(_) => 1,
+    };
+    let delay = backoff(failures);
+    tracing::warn!(
+        namespace = ib.namespace().unwrap_or_default(),
+        name = %ib.name_any(),
+        %error,
+        failures,
+        retry_in_s = delay.as_secs(),
+        "reconcile failed"
+    );
+    Action::requeue(delay)
+}
+
+/// The delay after `failures` consecutive failures.
+pub fn backoff(failures: u32) -> Duration {
+    let exp = failures.saturating_sub(1).min(9);
+    Duration::from_secs((1u64 << exp).min(300))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        assert_eq!(backoff(1), Duration::from_secs(1));
+        assert_eq!(backoff(2), Duration::from_secs(2));
+        assert_eq!(backoff(5), Duration::from_secs(16));
+        assert_eq!(backoff(50), Duration::from_secs(300));
+    }
+}

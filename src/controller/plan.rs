@@ -1,0 +1,733 @@
+//! Plan: the pure heart of the reconciler. Given an ImageBuild and what was
+//! observed of its Pods and of the BuildRunners, decide which Pods to create
+//! and delete, the status to write and the events to emit. No I/O here.
+
+use std::time::Duration;
+
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::ResourceExt;
+
+use super::pod::{PodKey, PodSettings, build_pod, pod_name, short_hash};
+use super::validate::{BuildRequest, InvalidSpec, validate};
+use crate::api::{
+    ANNOTATION_REBUILD, BuildRunner, ExecutorRef, ImageBuild, ImageBuildStatus, ImageStatus,
+    LABEL_BUILD_ID, Phase, PlatformStatus, RunnerOs, RunnerPhase,
+};
+use crate::platform::{Os, Platform};
+
+/// Everything the plan looks at.
+#[derive(Debug, Clone, Copy)]
+pub struct Observed<'a> {
+    /// The ImageBuild, with its current status.
+    pub build: &'a ImageBuild,
+    /// The Pods it owns (of any build).
+    pub pods: &'a [Pod],
+    /// All BuildRunners.
+    pub runners: &'a [BuildRunner],
+    /// The time to plan at.
+    pub now: Timestamp,
+}
+
+/// Kind of a planned Kubernetes Event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    /// Something expected happened.
+    Normal,
+    /// Something went wrong.
+    Warning,
+}
+
+/// A Kubernetes Event to publish about the ImageBuild.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlannedEvent {
+    /// Normal or Warning.
+    pub kind: EventKind,
+    /// PascalCase reason, e.g. `Building`.
+    pub reason: String,
+    /// Human-readable note.
+    pub message: String,
+}
+
+/// A platform that reached a final phase in this plan (for metrics).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finished {
+    /// Its OS.
+    pub os: Os,
+    /// `succeeded`, `failed` or `cancelled`.
+    pub result: &'static str,
+    /// Time from the start of the build.
+    pub duration: Duration,
+}
+
+/// What to do.
+#[derive(Debug, Clone, Default)]
+pub struct Plan {
+    /// Pods to create (server-side apply).
+    pub create: Vec<Pod>,
+    /// Names of Pods to delete.
+    pub delete: Vec<String>,
+    /// The status to write.
+    pub status: ImageBuildStatus,
+    /// Events to publish.
+    pub events: Vec<PlannedEvent>,
+    /// Platforms that finished.
+    pub finished: Vec<Finished>,
+    /// When to look again even if nothing changes.
+    pub requeue_after: Option<Duration>,
+    /// The spec is invalid: do not retry until it changes.
+    pub invalid: Option<InvalidSpec>,
+}
+
+/// Condition types (kstatus).
+pub const READY: &str = "Ready";
+/// kstatus: the object is being worked on.
+pub const RECONCILING: &str = "Reconciling";
+/// kstatus: the object cannot progress without a change.
+pub const STALLED: &str = "Stalled";
+
+/// The build ID of a generation (and rebuild request) of an ImageBuild.
+pub fn build_id(ib: &ImageBuild) -> String {
+    let uid = ib.uid().unwrap_or_default();
+    let generation = ib.metadata.generation.unwrap_or(0);
+    let rebuild = rebuild_value(ib).unwrap_or("");
+    short_hash(&format!("{uid}/{generation}/{rebuild}"), 12)
+}
+
+fn rebuild_value(ib: &ImageBuild) -> Option<&str> {
+    ib.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(ANNOTATION_REBUILD))
+        .map(String::as_str)
+        .filter(|v| !v.is_empty())
+}
+
+fn time(t: Timestamp) -> Time {
+    Time(t)
+}
+
+fn millis_between(from: &Time, to: Timestamp) -> i64 {
+    to.as_millisecond() - from.0.as_millisecond()
+}
+
+fn non_negative(ms: i64) -> Duration {
+    Duration::from_millis(ms.max(0).unsigned_abs())
+}
+
+fn is_terminating(pod: &Pod) -> bool {
+    pod.metadata.deletion_timestamp.is_some()
+}
+
+fn pod_build_id(pod: &Pod) -> Option<&str> {
+    pod.metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(LABEL_BUILD_ID))
+        .map(String::as_str)
+}
+
+/// Plans one reconcile of an ImageBuild.
+pub fn plan(obs: Observed<'_>, settings: &PodSettings) -> Plan {
+    let ib = obs.build;
+    let generation = ib.metadata.generation.unwrap_or(0);
+    let old = ib.status.clone().unwrap_or_default();
+    let id = build_id(ib);
+    let mut out = Plan::default();
+
+    // Pods of older builds are stopped whatever happens next.
+    for pod in obs.pods {
+        if pod_build_id(pod) != Some(id.as_str()) && !is_terminating(pod) {
+            out.delete.push(pod.name_any());
+        }
+    }
+
+    let req = match validate(&ib.spec) {
+        Ok(req) => req,
+        Err(invalid) => {
+            for pod in obs.pods {
+                if !is_terminating(pod) && !out.delete.contains(&pod.name_any()) {
+                    out.delete.push(pod.name_any());
+                }
+            }
+            let mut status = ImageBuildStatus {
+                observed_generation: Some(generation),
+                phase: Some(Phase::Failed),
+                build_id: Some(id),
+                rebuild: rebuild_value(ib).map(str::to_string),
+                start_time: None,
+                completion_time: old.completion_time.clone().or(Some(time(obs.now))),
+                image: None,
+                platforms: Vec::new(),
+                conditions: Vec::new(),
+            };
+            status.conditions = conditions(
+                &old.conditions,
+                generation,
+                Phase::Failed,
+                "InvalidSpec",
+                &invalid.to_string(),
+                obs.now,
+            );
+            if old.phase != Some(Phase::Failed)
+                || condition_message(&old, STALLED) != Some(&invalid.to_string())
+            {
+                out.events.push(PlannedEvent {
+                    kind: EventKind::Warning,
+                    reason: "InvalidSpec".into(),
+                    message: invalid.to_string(),
+                });
+            }
+            out.status = status;
+            out.invalid = Some(invalid);
+            return out;
+        }
+    };
+
+    let new_build = old.build_id.as_deref() != Some(id.as_str());
+    let mut status = if new_build {
+        ImageBuildStatus {
+            observed_generation: Some(generation),
+            phase: Some(Phase::Pending),
+            build_id: Some(id.clone()),
+            rebuild: rebuild_value(ib).map(str::to_string),
+            start_time: Some(time(obs.now)),
+            completion_time: None,
+            image: None,
+            platforms: req
+                .platforms
+                .iter()
+                .map(|p| PlatformStatus {
+                    platform: p.to_string(),
+                    phase: Phase::Pending,
+                    ..Default::default()
+                })
+                .collect(),
+            conditions: old.conditions.clone(),
+        }
+    } else {
+        let mut s = old.clone();
+        s.observed_generation = Some(generation);
+        s
+    };
+    let old_phase = if new_build { None } else { old.phase };
+    let old_platform_phases: Vec<Phase> = status.platforms.iter().map(|p| p.phase).collect();
+    let start = status.start_time.clone().unwrap_or_else(|| time(obs.now));
+    let elapsed = non_negative(millis_between(&start, obs.now));
+
+    let mut reason = "Building".to_string();
+    let current_pods: Vec<&Pod> = obs
+        .pods
+        .iter()
+        .filter(|p| pod_build_id(p) == Some(id.as_str()))
+        .collect();
+
+    let finished_before = status.phase.is_some_and(Phase::is_finished);
+    if !finished_before {
+        if ib.spec.cancel {
+            stop(
+                &mut status,
+                &current_pods,
+                &mut out,
+                Phase::Cancelled,
+                "cancelled by spec.cancel",
+            );
+            reason = "Cancelled".into();
+        } else if elapsed >= req.timeout {
+            let msg = format!(
+                "the build exceeded spec.timeout ({})",
+                ib.spec.timeout.as_deref().unwrap_or("1h")
+            );
+            stop(&mut status, &current_pods, &mut out, Phase::Failed, &msg);
+            reason = "Timeout".into();
+        } else {
+            drive_platforms(
+                ib,
+                &req,
+                &id,
+                &current_pods,
+                obs,
+                settings,
+                &mut status,
+                &mut out,
+            );
+            if let Some(failed) = status.platforms.iter().find(|p| p.phase == Phase::Failed) {
+                let msg = format!("stopped because {} failed", failed.platform);
+                stop(&mut status, &current_pods, &mut out, Phase::Cancelled, &msg);
+                reason = "BuildFailed".into();
+            }
+            let remaining = req.timeout.saturating_sub(elapsed);
+            out.requeue_after = Some(remaining);
+        }
+    } else {
+        reason = finished_reason(&old);
+    }
+
+    // Aggregate.
+    let phase = aggregate(&status, finished_before, old.phase, &reason);
+    if phase == Phase::Succeeded && status.image.is_none() {
+        if let [only] = status.platforms.as_slice() {
+            if let Some(digest) = &only.digest {
+                status.image = Some(ImageStatus {
+                    reference: req.image.to_string(),
+                    digest: digest.clone(),
+                    pinned: req.image.pinned(digest),
+                });
+            }
+        }
+    }
+    status.phase = Some(phase);
+    if phase.is_finished() && status.completion_time.is_none() {
+        status.completion_time = Some(time(obs.now));
+    }
+
+    // Metrics: platforms that reached a final phase now.
+    for (i, ps) in status.platforms.iter().enumerate() {
+        let was_final = old_platform_phases.get(i).is_some_and(|p| p.is_finished());
+        if ps.phase.is_finished() && !was_final {
+            if let Ok(p) = ps.platform.parse::<Platform>() {
+                out.finished.push(Finished {
+                    os: p.os(),
+                    result: match ps.phase {
+                        Phase::Succeeded => "succeeded",
+                        Phase::Failed => "failed",
+                        _ => "cancelled",
+                    },
+                    duration: elapsed,
+                });
+            }
+        }
+    }
+
+    let message = summary(&status, phase, &reason);
+    let cond_reason = match phase {
+        Phase::Failed | Phase::Cancelled => reason.as_str(),
+        other => other.as_str(),
+    };
+    status.conditions = conditions(
+        &old.conditions,
+        generation,
+        phase,
+        cond_reason,
+        &message,
+        obs.now,
+    );
+
+    if old_phase != Some(phase) || new_build {
+        out.events.push(PlannedEvent {
+            kind: if phase == Phase::Failed {
+                EventKind::Warning
+            } else {
+                EventKind::Normal
+            },
+            reason: if phase == Phase::Failed {
+                reason.clone()
+            } else {
+                phase.as_str().to_string()
+            },
+            message: message.clone(),
+        });
+    }
+
+    // Cleanup of finished builds after their TTL.
+    if phase.is_finished() {
+        out.requeue_after = None;
+        if let (Some(ttl), Some(done)) = (req.ttl_after_finished, &status.completion_time) {
+            let since = non_negative(millis_between(done, obs.now));
+            if since >= ttl {
+                for pod in &current_pods {
+                    let name = pod.name_any();
+                    if !is_terminating(pod) && !out.delete.contains(&name) {
+                        out.delete.push(name);
+                    }
+                }
+            } else {
+                out.requeue_after = Some(ttl - since);
+            }
+        }
+    }
+
+    out.status = status;
+    out
+}
+
+fn finished_reason(old: &ImageBuildStatus) -> String {
+    old.conditions
+        .iter()
+        .find(|c| c.type_ == READY)
+        .map(|c| c.reason.clone())
+        .unwrap_or_else(|| old.phase.unwrap_or_default().as_str().to_string())
+}
+
+fn condition_message<'a>(status: &'a ImageBuildStatus, type_: &str) -> Option<&'a String> {
+    status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| &c.message)
+}
+
+/// Stops every unfinished platform with `phase` and deletes their Pods.
+fn stop(status: &mut ImageBuildStatus, pods: &[&Pod], out: &mut Plan, phase: Phase, message: &str) {
+    for ps in status
+        .platforms
+        .iter_mut()
+        .filter(|p| !p.phase.is_finished())
+    {
+        ps.phase = phase;
+        ps.message = Some(message.to_string());
+        ps.step = None;
+    }
+    for pod in pods {
+        let name = pod.name_any();
+        if !is_terminating(pod) && !out.delete.contains(&name) && pod_is_active(pod) {
+            out.delete.push(name);
+        }
+    }
+}
+
+fn pod_is_active(pod: &Pod) -> bool {
+    !matches!(
+        pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+        Some("Succeeded") | Some("Failed")
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn drive_platforms(
+    ib: &ImageBuild,
+    req: &BuildRequest,
+    id: &str,
+    pods: &[&Pod],
+    obs: Observed<'_>,
+    settings: &PodSettings,
+    status: &mut ImageBuildStatus,
+    out: &mut Plan,
+) {
+    let generation = ib.metadata.generation.unwrap_or(0);
+    let rebuild = rebuild_value(ib);
+    for (platform, ps) in req.platforms.iter().zip(status.platforms.iter_mut()) {
+        if ps.phase.is_finished() {
+            continue;
+        }
+        match platform.os() {
+            Os::Linux | Os::Windows => {
+                drive_pod_platform(
+                    ib, req, id, generation, rebuild, platform, pods, obs, settings, ps, out,
+                );
+            }
+            Os::Darwin => drive_runner_platform(ib, platform, obs.runners, ps),
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn drive_pod_platform(
+    ib: &ImageBuild,
+    req: &BuildRequest,
+    id: &str,
+    generation: i64,
+    rebuild: Option<&str>,
+    platform: &Platform,
+    pods: &[&Pod],
+    obs: Observed<'_>,
+    settings: &PodSettings,
+    ps: &mut PlatformStatus,
+    out: &mut Plan,
+) {
+    let max_attempts = req.retries + 1;
+    if ps.attempts <= 0 {
+        ps.attempts = 1;
+        ps.attempt_start_time = Some(time(obs.now));
+    }
+    loop {
+        let attempt = ps.attempts.unsigned_abs();
+        let key = PodKey {
+            platform,
+            build_id: id,
+            attempt,
+        };
+        let name = pod_name(&ib.name_any(), generation, rebuild, &key);
+        ps.executor = Some(ExecutorRef {
+            kind: "Pod".into(),
+            name: name.clone(),
+            node: None,
+        });
+        let Some(pod) = pods.iter().find(|p| p.name_any() == name) else {
+            out.create.push(build_pod(ib, &name, &key, settings));
+            ps.phase = Phase::Scheduling;
+            ps.message = Some(format!(
+                "waiting for a node with kubernetes.io/os={}, kubernetes.io/arch={}",
+                platform.os(),
+                platform.node_arch()
+            ));
+            return;
+        };
+        let node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
+        if let Some(exec) = ps.executor.as_mut() {
+            exec.node = node.clone();
+        }
+        let pod_phase = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.phase.as_deref())
+            .unwrap_or("Pending");
+        let failure = match pod_phase {
+            "Failed" => Some(pod_failure(pod)),
+            "Succeeded" if ps.digest.is_some() => {
+                ps.phase = Phase::Succeeded;
+                ps.step = None;
+                ps.message = None;
+                return;
+            }
+            "Succeeded" => {
+                Some("the executor exited without reporting a pushed digest".to_string())
+            }
+            _ => None,
+        };
+        if let Some(failure) = failure {
+            if attempt < max_attempts {
+                out.events.push(PlannedEvent {
+                    kind: EventKind::Warning,
+                    reason: "Retrying".into(),
+                    message: format!(
+                        "{platform}: attempt {attempt} of {max_attempts} failed: {failure}"
+                    ),
+                });
+                ps.attempts += 1;
+                ps.attempt_start_time = Some(time(obs.now));
+                ps.digest = None;
+                ps.step = None;
+                continue;
+            }
+            ps.phase = Phase::Failed;
+            ps.message = Some(format!(
+                "attempt {attempt} of {max_attempts} failed: {failure}"
+            ));
+            return;
+        }
+        if is_terminating(pod) {
+            ps.phase = Phase::Scheduling;
+            ps.message = Some(format!("Pod {name} is being deleted"));
+            return;
+        }
+        match node {
+            Some(node) => {
+                ps.phase = Phase::Building;
+                ps.message = Some(format!("running on node {node}"));
+            }
+            None => {
+                ps.phase = Phase::Scheduling;
+                ps.message = Some(unschedulable_message(pod).unwrap_or_else(|| {
+                    format!(
+                        "waiting for a node with kubernetes.io/os={}, kubernetes.io/arch={}",
+                        platform.os(),
+                        platform.node_arch()
+                    )
+                }));
+            }
+        }
+        return;
+    }
+}
+
+fn unschedulable_message(pod: &Pod) -> Option<String> {
+    pod.status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == "PodScheduled" && c.status == "False")
+        .and_then(|c| c.message.clone())
+        .map(|m| format!("not scheduled yet: {m}"))
+}
+
+/// Why a Pod failed, from its status and its containers' termination states.
+pub fn pod_failure(pod: &Pod) -> String {
+    let Some(status) = pod.status.as_ref() else {
+        return "the build Pod failed".into();
+    };
+    let mut parts = Vec::new();
+    if let Some(reason) = &status.reason {
+        parts.push(match &status.message {
+            Some(m) => format!("{reason}: {m}"),
+            None => reason.clone(),
+        });
+    }
+    let containers = status
+        .init_container_statuses
+        .iter()
+        .flatten()
+        .chain(status.container_statuses.iter().flatten());
+    for c in containers {
+        if let Some(t) = c.state.as_ref().and_then(|s| s.terminated.as_ref()) {
+            if t.exit_code != 0 {
+                let detail = t
+                    .message
+                    .as_deref()
+                    .and_then(|m| m.trim().lines().last())
+                    .map(|m| format!(": {m}"))
+                    .unwrap_or_default();
+                parts.push(format!(
+                    "container {} exited with code {}{detail}",
+                    c.name, t.exit_code
+                ));
+            }
+        }
+    }
+    if parts.is_empty() {
+        "the build Pod failed".into()
+    } else {
+        parts.join("; ")
+    }
+}
+
+fn drive_runner_platform(
+    ib: &ImageBuild,
+    platform: &Platform,
+    runners: &[BuildRunner],
+    ps: &mut PlatformStatus,
+) {
+    let selector = ib
+        .spec
+        .executor
+        .as_ref()
+        .map(|e| e.runner_selector.clone())
+        .unwrap_or_default();
+    let matching: Vec<&BuildRunner> = runners
+        .iter()
+        .filter(|r| {
+            r.spec.os == RunnerOs::Darwin
+                && r.spec.arch == platform.arch()
+                && selector
+                    .iter()
+                    .all(|(k, v)| r.spec.labels.get(k) == Some(v))
+        })
+        .collect();
+    let online = matching
+        .iter()
+        .filter(|r| r.status.as_ref().and_then(|s| s.phase) == Some(RunnerPhase::Online))
+        .count();
+    let mut wanted = format!("os=darwin, arch={}", platform.arch());
+    for (k, v) in &selector {
+        wanted.push_str(&format!(", {k}={v}"));
+    }
+    ps.phase = Phase::Scheduling;
+    ps.executor = None;
+    ps.message = Some(if matching.is_empty() {
+        format!("waiting for a BuildRunner with {wanted}: none is registered")
+    } else if online == 0 {
+        format!(
+            "waiting for a BuildRunner with {wanted}: {} registered, none Online",
+            matching.len()
+        )
+    } else {
+        format!(
+            "waiting for a BuildRunner with {wanted}: {online} Online, but leasing builds to runners is not available in this version of Tripod"
+        )
+    });
+}
+
+fn aggregate(
+    status: &ImageBuildStatus,
+    finished_before: bool,
+    old: Option<Phase>,
+    reason: &str,
+) -> Phase {
+    if finished_before {
+        return old.unwrap_or(Phase::Failed);
+    }
+    let phases: Vec<Phase> = status.platforms.iter().map(|p| p.phase).collect();
+    if reason == "Cancelled" {
+        return Phase::Cancelled;
+    }
+    if phases.contains(&Phase::Failed) || reason == "Timeout" {
+        return Phase::Failed;
+    }
+    if !phases.is_empty() && phases.iter().all(|p| *p == Phase::Succeeded) {
+        if phases.len() == 1 {
+            return Phase::Succeeded;
+        }
+        // Joining several platforms into one image index comes with the
+        // multi-platform leg; until then such a build stays in Building.
+        return Phase::Building;
+    }
+    if phases.contains(&Phase::Building) {
+        Phase::Building
+    } else if phases.contains(&Phase::Scheduling) {
+        Phase::Scheduling
+    } else {
+        Phase::Pending
+    }
+}
+
+fn summary(status: &ImageBuildStatus, phase: Phase, reason: &str) -> String {
+    if phase == Phase::Succeeded {
+        if let Some(img) = &status.image {
+            return format!("pushed {}", img.pinned);
+        }
+    }
+    let mut parts: Vec<String> = status
+        .platforms
+        .iter()
+        .map(|p| match &p.message {
+            Some(m) => format!("{}: {} ({m})", p.platform, p.phase),
+            None => format!("{}: {}", p.platform, p.phase),
+        })
+        .collect();
+    if phase == Phase::Failed && reason == "Timeout" {
+        parts.insert(0, "timed out".into());
+    }
+    parts.join("; ")
+}
+
+/// The kstatus conditions for a phase, keeping transition times of
+/// conditions whose status did not change.
+pub fn conditions(
+    old: &[Condition],
+    generation: i64,
+    phase: Phase,
+    reason: &str,
+    message: &str,
+    now: Timestamp,
+) -> Vec<Condition> {
+    let (ready, reconciling, stalled) = match phase {
+        Phase::Succeeded => (true, false, false),
+        Phase::Failed => (false, false, true),
+        Phase::Cancelled => (false, false, false),
+        Phase::Pending | Phase::Scheduling | Phase::Building => (false, true, false),
+    };
+    let make = |type_: &str, value: bool| {
+        let status = if value { "True" } else { "False" }.to_string();
+        let last = old
+            .iter()
+            .find(|c| c.type_ == type_ && c.status == status)
+            .map(|c| c.last_transition_time.clone())
+            .unwrap_or_else(|| time(now));
+        Condition {
+            type_: type_.to_string(),
+            status,
+            reason: reason.to_string(),
+            message: truncate(message, 1024),
+            observed_generation: Some(generation),
+            last_transition_time: last,
+        }
+    };
+    vec![
+        make(READY, ready),
+        make(RECONCILING, reconciling),
+        make(STALLED, stalled),
+    ]
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max.saturating_sub(3);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &s[..end])
+}

@@ -1,0 +1,247 @@
+//! Validate: turns an `ImageBuildSpec` into a [`BuildRequest`], or names the
+//! field that is wrong. Catches what the CRD schema cannot (aliases that make
+//! two platforms the same, durations out of range, ...).
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use crate::api::{ImageBuildSpec, default_platforms};
+use crate::duration;
+use crate::platform::Platform;
+use crate::reference::ImageRef;
+
+/// The longest build Tripod accepts.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
+/// The timeout when `spec.timeout` is not set.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// A spec that cannot be built, with the field at fault.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct InvalidSpec {
+    /// JSON path of the field, e.g. `spec.platforms[1]`.
+    pub field: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> InvalidSpec {
+    InvalidSpec {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+/// What a valid spec asks for, in domain terms.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BuildRequest {
+    /// Platforms to build, canonical, in the order written.
+    pub platforms: Vec<Platform>,
+    /// The output image.
+    pub image: ImageRef,
+    /// How long the whole build may take.
+    pub timeout: Duration,
+    /// Extra attempts per platform.
+    pub retries: u32,
+    /// When finished builds' executors are cleaned up.
+    pub ttl_after_finished: Option<Duration>,
+}
+
+/// Validates a spec.
+pub fn validate(spec: &ImageBuildSpec) -> Result<BuildRequest, InvalidSpec> {
+    match (&spec.source.git, &spec.source.inline) {
+        (Some(_), Some(_)) | (None, None) => {
+            return Err(invalid(
+                "spec.source",
+                "exactly one of spec.source.git or spec.source.inline must be set",
+            ));
+        }
+        _ => {}
+    }
+    if let Some(df) = &spec.dockerfile {
+        if df.starts_with('/') || df.split('/').any(|p| p == "..") {
+            return Err(invalid(
+                "spec.dockerfile",
+                format!("{df:?} must be a relative path inside the build context"),
+            ));
+        }
+    }
+
+    let written = if spec.platforms.is_empty() {
+        default_platforms()
+    } else {
+        spec.platforms.clone()
+    };
+    let mut platforms = Vec::with_capacity(written.len());
+    let mut seen = BTreeSet::new();
+    for (i, text) in written.iter().enumerate() {
+        let field = format!("spec.platforms[{i}]");
+        let p: Platform = text.parse().map_err(|e| invalid(&field, format!("{e}")))?;
+        if !seen.insert(p.clone()) {
+            return Err(invalid(
+                field,
+                format!("{text:?} is the same platform as an earlier entry ({p})"),
+            ));
+        }
+        platforms.push(p);
+    }
+
+    let image = ImageRef::parse(&spec.output.image)
+        .map_err(|e| invalid("spec.output.image", e.to_string()))?;
+
+    let timeout = match &spec.timeout {
+        None => DEFAULT_TIMEOUT,
+        Some(t) => {
+            let d = duration::parse(t).map_err(|e| invalid("spec.timeout", e.to_string()))?;
+            if d.is_zero() {
+                return Err(invalid("spec.timeout", "must be greater than zero"));
+            }
+            if d > MAX_TIMEOUT {
+                return Err(invalid("spec.timeout", "must be at most 168h (7 days)"));
+            }
+            d
+        }
+    };
+
+    let retries = match spec.retries {
+        None => 0,
+        Some(r) if (0..=10).contains(&r) => r.unsigned_abs(),
+        Some(r) => return Err(invalid("spec.retries", format!("{r} is outside 0-10"))),
+    };
+
+    let ttl_after_finished = match spec.ttl_seconds_after_finished {
+        None => None,
+        Some(s) if s >= 0 => Some(Duration::from_secs(s.unsigned_abs())),
+        Some(s) => {
+            return Err(invalid(
+                "spec.ttlSecondsAfterFinished",
+                format!("{s} must not be negative"),
+            ));
+        }
+    };
+
+    if let Some(exec) = &spec.executor {
+        for key in ["kubernetes.io/os", "kubernetes.io/arch"] {
+            if exec.node_selector.contains_key(key) {
+                return Err(invalid(
+                    "spec.executor.nodeSelector",
+                    format!("must not set {key}: spec.platforms decides it"),
+                ));
+            }
+        }
+    }
+
+    Ok(BuildRequest {
+        platforms,
+        image,
+        timeout,
+        retries,
+        ttl_after_finished,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{BuildSource, ExecutorSpec, InlineSource, Output};
+
+    fn spec() -> ImageBuildSpec {
+        ImageBuildSpec {
+            source: BuildSource {
+                inline: Some(InlineSource {
+                    dockerfile: "FROM scratch".into(),
+                    ..Default::default()
+                }),
+                git: None,
+            },
+            platforms: vec!["linux/amd64".into()],
+            output: Output {
+                image: "r.io/a:1".into(),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn accepts_a_valid_spec_with_defaults() {
+        let req = validate(&spec()).unwrap();
+        assert_eq!(req.platforms.len(), 1);
+        assert_eq!(req.timeout, DEFAULT_TIMEOUT);
+        assert_eq!(req.retries, 0);
+        assert_eq!(req.image.tag, "1");
+    }
+
+    #[test]
+    fn alias_duplicates_name_the_entry() {
+        let mut s = spec();
+        s.platforms = vec!["linux/amd64".into(), "Linux/x86_64".into()];
+        let e = validate(&s).unwrap_err();
+        assert_eq!(e.field, "spec.platforms[1]");
+        assert!(e.message.contains("linux/amd64"), "{e}");
+    }
+
+    #[test]
+    fn bad_platform_names_index_and_part() {
+        let mut s = spec();
+        s.platforms = vec!["linux/amd64".into(), "linux/sparc".into()];
+        let e = validate(&s).unwrap_err();
+        assert_eq!(e.field, "spec.platforms[1]");
+        assert!(e.message.contains("sparc"), "{e}");
+    }
+
+    #[test]
+    fn empty_platforms_default_to_linux_amd64() {
+        let mut s = spec();
+        s.platforms.clear();
+        let req = validate(&s).unwrap();
+        assert_eq!(req.platforms[0].to_string(), "linux/amd64");
+    }
+
+    #[test]
+    fn timeouts_are_bounded() {
+        let mut s = spec();
+        s.timeout = Some("0s".into());
+        assert_eq!(validate(&s).unwrap_err().field, "spec.timeout");
+        s.timeout = Some("200h".into());
+        assert_eq!(validate(&s).unwrap_err().field, "spec.timeout");
+        s.timeout = Some("soon".into());
+        assert_eq!(validate(&s).unwrap_err().field, "spec.timeout");
+        s.timeout = Some("1h30m".into());
+        assert_eq!(validate(&s).unwrap().timeout, Duration::from_secs(5400));
+    }
+
+    #[test]
+    fn source_must_be_exactly_one() {
+        let mut s = spec();
+        s.source.inline = None;
+        assert_eq!(validate(&s).unwrap_err().field, "spec.source");
+    }
+
+    #[test]
+    fn image_with_digest_is_refused() {
+        let mut s = spec();
+        s.output.image = "r.io/a@sha256:00".into();
+        assert_eq!(validate(&s).unwrap_err().field, "spec.output.image");
+    }
+
+    #[test]
+    fn node_selector_cannot_override_platform() {
+        let mut s = spec();
+        s.executor = Some(ExecutorSpec {
+            node_selector: [("kubernetes.io/arch".to_string(), "arm64".to_string())].into(),
+            ..Default::default()
+        });
+        assert_eq!(
+            validate(&s).unwrap_err().field,
+            "spec.executor.nodeSelector"
+        );
+    }
+
+    #[test]
+    fn dockerfile_must_stay_in_context() {
+        let mut s = spec();
+        s.dockerfile = Some("../Dockerfile".into());
+        assert_eq!(validate(&s).unwrap_err().field, "spec.dockerfile");
+    }
+}
