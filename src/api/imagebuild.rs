@@ -81,9 +81,10 @@ pub struct ImageBuildSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache: Option<Cache>,
 
-    /// How long one build attempt of a platform may take before it is stopped
-    /// and the platform fails with reason `Timeout`, as a duration such as
-    /// `30m`, `1h` or `1h30m`. Default: `1h`.
+    /// How long the whole build may take, from its start to its last
+    /// platform, as a duration such as `30m`, `1h` or `1h30m` (at most
+    /// `168h`). When it runs out the build stops and fails with reason
+    /// `Timeout`. Default: `1h`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 32))]
     #[schemars(extend("x-kubernetes-validations" = [

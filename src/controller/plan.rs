@@ -731,3 +731,391 @@ fn truncate(s: &str, max: usize) -> String {
     }
     format!("{}...", &s[..end])
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{
+        BuildRunnerSpec, BuildRunnerStatus, BuildSource, ExecutorSpec, ImageBuildSpec,
+        InlineSource, Output,
+    };
+    use k8s_openapi::api::core::v1::{
+        ContainerState, ContainerStateTerminated, ContainerStatus, PodSpec, PodStatus,
+    };
+    use std::collections::BTreeMap;
+
+    fn settings() -> PodSettings {
+        PodSettings {
+            agent_image: "a".into(),
+            buildd_image: "b".into(),
+            windows_buildd_image: "w".into(),
+            executor_address: "x:1".into(),
+            service_account: None,
+        }
+    }
+
+    fn ib(platforms: &[&str]) -> ImageBuild {
+        let mut ib = ImageBuild::new(
+            "app",
+            ImageBuildSpec {
+                source: BuildSource {
+                    inline: Some(InlineSource {
+                        dockerfile: "FROM scratch".into(),
+                        files: BTreeMap::new(),
+                    }),
+                    git: None,
+                },
+                platforms: platforms.iter().map(|s| s.to_string()).collect(),
+                output: Output {
+                    image: "registry.local/team/app:1".into(),
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+        );
+        ib.metadata.namespace = Some("ns".into());
+        ib.metadata.uid = Some("uid".into());
+        ib.metadata.generation = Some(1);
+        ib
+    }
+
+    fn at(secs: i64) -> Timestamp {
+        Timestamp::from_second(1_700_000_000 + secs).unwrap()
+    }
+
+    fn run(ib: &ImageBuild, pods: &[Pod], runners: &[BuildRunner], now: Timestamp) -> Plan {
+        plan(
+            Observed {
+                build: ib,
+                pods,
+                runners,
+                now,
+            },
+            &settings(),
+        )
+    }
+
+    /// Applies a plan the way the API server would: status written, Pods created/deleted.
+    fn apply(ib: &mut ImageBuild, pods: &mut Vec<Pod>, plan: &Plan) {
+        ib.status = Some(plan.status.clone());
+        pods.retain(|p| !plan.delete.contains(&p.name_any()));
+        pods.extend(plan.create.iter().cloned());
+    }
+
+    fn cond<'a>(status: &'a ImageBuildStatus, t: &str) -> &'a Condition {
+        status.conditions.iter().find(|c| c.type_ == t).unwrap()
+    }
+
+    fn set_pod(pod: &mut Pod, node: Option<&str>, phase: &str) {
+        pod.spec.get_or_insert_with(PodSpec::default).node_name = node.map(str::to_string);
+        pod.status = Some(PodStatus {
+            phase: Some(phase.into()),
+            ..Default::default()
+        });
+    }
+
+    #[test]
+    fn new_build_creates_pods_and_darwin_waits_for_a_runner() {
+        let b = ib(&["linux/amd64", "windows/amd64", "darwin/arm64"]);
+        let p = run(&b, &[], &[], at(0));
+        assert_eq!(p.create.len(), 2);
+        let names: Vec<String> = p.create.iter().map(|p| p.name_any()).collect();
+        assert_eq!(names, ["app-1-linux-amd64-1", "app-1-windows-amd64-1"]);
+        assert_eq!(p.status.phase, Some(Phase::Scheduling));
+        assert_eq!(p.status.observed_generation, Some(1));
+        let darwin = &p.status.platforms[2];
+        assert_eq!(darwin.phase, Phase::Scheduling);
+        let msg = darwin.message.as_deref().unwrap();
+        assert!(
+            msg.contains("os=darwin, arch=arm64") && msg.contains("none is registered"),
+            "{msg}"
+        );
+        assert_eq!(cond(&p.status, RECONCILING).status, "True");
+        assert_eq!(cond(&p.status, READY).status, "False");
+        assert_eq!(cond(&p.status, STALLED).status, "False");
+        assert_eq!(p.events.len(), 1);
+        assert_eq!(p.events[0].reason, "Scheduling");
+        assert_eq!(p.requeue_after, Some(Duration::from_secs(3600)));
+    }
+
+    #[test]
+    fn offline_runner_is_named_in_the_message() {
+        let b = ib(&["darwin/arm64"]);
+        let mut r = BuildRunner::new(
+            "mac-1",
+            BuildRunnerSpec {
+                os: RunnerOs::Darwin,
+                arch: "arm64".into(),
+                capacity: 1,
+                labels: BTreeMap::new(),
+            },
+        );
+        r.status = Some(BuildRunnerStatus {
+            phase: Some(RunnerPhase::Offline),
+            ..Default::default()
+        });
+        let p = run(&b, &[], &[r], at(0));
+        let msg = p.status.platforms[0].message.clone().unwrap();
+        assert!(msg.contains("1 registered, none Online"), "{msg}");
+        assert!(p.create.is_empty());
+    }
+
+    #[test]
+    fn bound_pod_moves_platform_to_building_without_new_pods() {
+        let mut b = ib(&["linux/arm64"]);
+        let mut pods = Vec::new();
+        let p = run(&b, &pods, &[], at(0));
+        apply(&mut b, &mut pods, &p);
+        set_pod(&mut pods[0], Some("node-a"), "Running");
+        let p = run(&b, &pods, &[], at(5));
+        assert!(p.create.is_empty() && p.delete.is_empty());
+        assert_eq!(p.status.phase, Some(Phase::Building));
+        let exec = p.status.platforms[0].executor.clone().unwrap();
+        assert_eq!(exec.node.as_deref(), Some("node-a"));
+        assert_eq!(exec.kind, "Pod");
+        assert_eq!(p.events[0].reason, "Building");
+        // The start time stays that of the build.
+        assert_eq!(p.status.start_time, Some(Time(at(0))));
+    }
+
+    #[test]
+    fn failed_attempt_is_retried_then_fails_and_stalls() {
+        let mut b = ib(&["linux/amd64", "linux/arm64"]);
+        b.spec.retries = Some(1);
+        let mut pods = Vec::new();
+        let p = run(&b, &pods, &[], at(0));
+        apply(&mut b, &mut pods, &p);
+        set_pod(&mut pods[0], Some("n"), "Failed");
+        pods[0].status.as_mut().unwrap().container_statuses = Some(vec![ContainerStatus {
+            name: "agent".into(),
+            state: Some(ContainerState {
+                terminated: Some(ContainerStateTerminated {
+                    exit_code: 2,
+                    message: Some("step 2 failed\nRUN make: exit 2".into()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }]);
+        let p = run(&b, &pods, &[], at(10));
+        assert_eq!(p.create.len(), 1);
+        assert_eq!(p.create[0].name_any(), "app-1-linux-amd64-2");
+        assert_eq!(p.status.platforms[0].attempts, 2);
+        assert!(
+            p.events
+                .iter()
+                .any(|e| e.reason == "Retrying" && e.message.contains("RUN make"))
+        );
+        apply(&mut b, &mut pods, &p);
+        let second = pods
+            .iter_mut()
+            .find(|p| p.name_any() == "app-1-linux-amd64-2")
+            .unwrap();
+        set_pod(second, Some("n"), "Failed");
+        let p = run(&b, &pods, &[], at(20));
+        assert!(p.create.is_empty());
+        assert_eq!(p.status.phase, Some(Phase::Failed));
+        assert_eq!(p.status.platforms[0].phase, Phase::Failed);
+        assert!(
+            p.status.platforms[0]
+                .message
+                .as_deref()
+                .unwrap()
+                .contains("attempt 2 of 2")
+        );
+        // The other platform is stopped, its Pod deleted.
+        assert_eq!(p.status.platforms[1].phase, Phase::Cancelled);
+        assert_eq!(p.delete, ["app-1-linux-arm64-1"]);
+        assert_eq!(cond(&p.status, STALLED).status, "True");
+        assert_eq!(cond(&p.status, STALLED).reason, "BuildFailed");
+        assert_eq!(cond(&p.status, READY).status, "False");
+        assert!(p.status.completion_time.is_some());
+        assert_eq!(p.finished.len(), 2);
+        assert!(
+            p.finished
+                .iter()
+                .any(|f| f.result == "failed" && f.os == Os::Linux)
+        );
+        assert_eq!(p.events.last().unwrap().kind, EventKind::Warning);
+    }
+
+    #[test]
+    fn new_generation_replaces_pods() {
+        let mut b = ib(&["linux/amd64"]);
+        let mut pods = Vec::new();
+        let p = run(&b, &pods, &[], at(0));
+        apply(&mut b, &mut pods, &p);
+        b.metadata.generation = Some(2);
+        b.spec.target = Some("release".into());
+        let p = run(&b, &pods, &[], at(5));
+        assert_eq!(p.delete, ["app-1-linux-amd64-1"]);
+        assert_eq!(p.create[0].name_any(), "app-2-linux-amd64-1");
+        assert_eq!(p.status.observed_generation, Some(2));
+        assert_ne!(p.status.build_id, b.status.as_ref().unwrap().build_id);
+        assert_eq!(p.status.start_time, Some(Time(at(5))));
+        assert_eq!(cond(&p.status, READY).observed_generation, Some(2));
+    }
+
+    #[test]
+    fn rebuild_annotation_starts_a_new_build_of_the_same_generation() {
+        let mut b = ib(&["linux/amd64"]);
+        let mut pods = Vec::new();
+        let p = run(&b, &pods, &[], at(0));
+        apply(&mut b, &mut pods, &p);
+        b.metadata.annotations = Some([(ANNOTATION_REBUILD.to_string(), "1".to_string())].into());
+        let p = run(&b, &pods, &[], at(5));
+        assert_eq!(p.delete, ["app-1-linux-amd64-1"]);
+        assert_eq!(p.create.len(), 1);
+        assert_ne!(p.create[0].name_any(), "app-1-linux-amd64-1");
+        assert_eq!(p.status.rebuild.as_deref(), Some("1"));
+    }
+
+    #[test]
+    fn cancel_stops_pods_and_reports_cancelled() {
+        let mut b = ib(&["linux/amd64", "darwin/arm64"]);
+        let mut pods = Vec::new();
+        let p = run(&b, &pods, &[], at(0));
+        apply(&mut b, &mut pods, &p);
+        b.spec.cancel = true;
+        let p = run(&b, &pods, &[], at(5));
+        assert_eq!(p.status.phase, Some(Phase::Cancelled));
+        assert_eq!(p.delete, ["app-1-linux-amd64-1"]);
+        assert!(
+            p.status
+                .platforms
+                .iter()
+                .all(|s| s.phase == Phase::Cancelled)
+        );
+        assert_eq!(cond(&p.status, READY).reason, "Cancelled");
+        assert_eq!(cond(&p.status, STALLED).status, "False");
+        assert_eq!(cond(&p.status, RECONCILING).status, "False");
+        assert!(p.events.iter().any(|e| e.reason == "Cancelled"));
+        // Nothing more happens afterwards.
+        apply(&mut b, &mut pods, &p);
+        let again = run(&b, &pods, &[], at(10));
+        assert!(again.create.is_empty() && again.delete.is_empty() && again.events.is_empty());
+    }
+
+    #[test]
+    fn timeout_fails_the_build() {
+        let mut b = ib(&["linux/amd64"]);
+        b.spec.timeout = Some("10m".into());
+        let mut pods = Vec::new();
+        let p = run(&b, &pods, &[], at(0));
+        assert_eq!(p.requeue_after, Some(Duration::from_secs(600)));
+        apply(&mut b, &mut pods, &p);
+        let p = run(&b, &pods, &[], at(601));
+        assert_eq!(p.status.phase, Some(Phase::Failed));
+        assert_eq!(cond(&p.status, STALLED).reason, "Timeout");
+        assert!(
+            p.status.platforms[0]
+                .message
+                .as_deref()
+                .unwrap()
+                .contains("spec.timeout (10m)")
+        );
+        assert_eq!(p.delete, ["app-1-linux-amd64-1"]);
+    }
+
+    #[test]
+    fn invalid_spec_stalls_with_the_field_named() {
+        let mut b = ib(&["linux/amd64", "linux/x86_64"]);
+        let p = run(&b, &[], &[], at(0));
+        assert!(p.create.is_empty());
+        let invalid = p.invalid.clone().unwrap();
+        assert_eq!(invalid.field, "spec.platforms[1]");
+        assert_eq!(cond(&p.status, STALLED).status, "True");
+        assert_eq!(cond(&p.status, STALLED).reason, "InvalidSpec");
+        assert!(
+            cond(&p.status, STALLED)
+                .message
+                .contains("spec.platforms[1]")
+        );
+        assert_eq!(p.events.len(), 1);
+        // A second look changes nothing and emits no event.
+        b.status = Some(p.status.clone());
+        let again = run(&b, &[], &[], at(5));
+        assert!(again.events.is_empty());
+        assert_eq!(
+            cond(&again.status, STALLED).last_transition_time,
+            cond(&p.status, STALLED).last_transition_time
+        );
+    }
+
+    #[test]
+    fn success_with_digest_pins_the_image_and_ttl_cleans_up() {
+        let mut b = ib(&["linux/amd64"]);
+        b.spec.ttl_seconds_after_finished = Some(60);
+        let mut pods = Vec::new();
+        let p = run(&b, &pods, &[], at(0));
+        apply(&mut b, &mut pods, &p);
+        set_pod(&mut pods[0], Some("n"), "Succeeded");
+        b.status.as_mut().unwrap().platforms[0].digest = Some("sha256:abc".into());
+        let p = run(&b, &pods, &[], at(30));
+        assert_eq!(p.status.phase, Some(Phase::Succeeded));
+        let image = p.status.image.clone().unwrap();
+        assert_eq!(image.pinned, "registry.local/team/app@sha256:abc");
+        assert_eq!(cond(&p.status, READY).status, "True");
+        assert_eq!(p.requeue_after, Some(Duration::from_secs(60)));
+        assert!(p.delete.is_empty());
+        apply(&mut b, &mut pods, &p);
+        let p = run(&b, &pods, &[], at(95));
+        assert_eq!(p.delete, ["app-1-linux-amd64-1"]);
+        assert_eq!(p.status.phase, Some(Phase::Succeeded));
+    }
+
+    #[test]
+    fn succeeded_pod_without_digest_is_a_failed_attempt() {
+        let mut b = ib(&["linux/amd64"]);
+        let mut pods = Vec::new();
+        let p = run(&b, &pods, &[], at(0));
+        apply(&mut b, &mut pods, &p);
+        set_pod(&mut pods[0], Some("n"), "Succeeded");
+        let p = run(&b, &pods, &[], at(5));
+        assert_eq!(p.status.phase, Some(Phase::Failed));
+        assert!(
+            p.status.platforms[0]
+                .message
+                .as_deref()
+                .unwrap()
+                .contains("without reporting")
+        );
+    }
+
+    #[test]
+    fn unschedulable_reason_reaches_the_platform_message() {
+        let mut b = ib(&["linux/arm64"]);
+        b.spec.executor = Some(ExecutorSpec::default());
+        let mut pods = Vec::new();
+        let p = run(&b, &pods, &[], at(0));
+        apply(&mut b, &mut pods, &p);
+        pods[0].status = Some(PodStatus {
+            phase: Some("Pending".into()),
+            conditions: Some(vec![k8s_openapi::api::core::v1::PodCondition {
+                type_: "PodScheduled".into(),
+                status: "False".into(),
+                message: Some("0/3 nodes are available".into()),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        });
+        let p = run(&b, &pods, &[], at(5));
+        let msg = p.status.platforms[0].message.clone().unwrap();
+        assert!(msg.contains("0/3 nodes are available"), "{msg}");
+    }
+
+    #[test]
+    fn transition_times_are_kept_while_status_is_unchanged() {
+        let mut b = ib(&["linux/amd64"]);
+        let mut pods = Vec::new();
+        let p = run(&b, &pods, &[], at(0));
+        apply(&mut b, &mut pods, &p);
+        let p2 = run(&b, &pods, &[], at(50));
+        assert_eq!(
+            cond(&p2.status, RECONCILING).last_transition_time,
+            Time(at(0))
+        );
+        assert!(p2.events.is_empty());
+    }
+}
