@@ -31,7 +31,7 @@ pub enum LogFormat {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the controller: reconciler, leader election, /metrics, /healthz, /readyz.
-    Controller(ControllerConfig),
+    Controller(Box<ControllerConfig>),
     /// Print the CustomResourceDefinitions as YAML.
     Crds,
     /// A local Tripod on this machine: control plane, nodes and controller.
@@ -53,9 +53,6 @@ pub enum DevCommand {
         /// Directory for state, logs and the env file.
         #[arg(long, default_value = ".tripod/dev")]
         dir: PathBuf,
-        /// Example ImageBuild to apply once everything runs (none: skip).
-        #[arg(long)]
-        example: Option<PathBuf>,
     },
     /// Stop everything `tripod dev up` started.
     Down {
@@ -82,9 +79,10 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Crds => crate::api::crds_yaml()
             .map(|y| print!("{y}"))
             .map_err(Into::into),
-        Command::Controller(cfg) => {
-            runtime().and_then(|rt| rt.block_on(crate::controller::run(cfg)).map_err(Into::into))
-        }
+        Command::Controller(cfg) => runtime().and_then(|rt| {
+            rt.block_on(crate::controller::run(*cfg))
+                .map_err(Into::into)
+        }),
         Command::Dev(args) => runtime().and_then(|rt| {
             rt.block_on(crate::dev::run(args.command))
                 .map_err(Into::into)

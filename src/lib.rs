@@ -12,3 +12,4 @@ pub mod metrics;
 pub mod platform;
 pub mod reference;
 pub mod telemetry;
+pub mod testenv;

@@ -1,3 +1,4 @@
+#![allow(clippy::duplicated_attributes)] // several printcolumn(type_ = ...) in one derive
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};

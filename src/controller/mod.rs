@@ -260,12 +260,16 @@ pub async fn run(cfg: ControllerConfig) -> Result<(), ControllerError> {
         let runners = runner_store.clone();
         tokio::spawn(
             async move {
-                if builds.wait_until_ready().await.is_ok()
-                    && runners.wait_until_ready().await.is_ok()
-                {
-                    ready.store(true, Ordering::SeqCst);
-                    tracing::info!("watches synced; ready");
+                if let Err(e) = synced(&builds).await {
+                    tracing::error!(error = %e, "ImageBuild cache never synced");
+                    return;
                 }
+                if let Err(e) = synced(&runners).await {
+                    tracing::error!(error = %e, "BuildRunner cache never synced");
+                    return;
+                }
+                ready.store(true, Ordering::SeqCst);
+                tracing::info!("watches synced; ready");
             }
             .instrument(tracing::info_span!("readiness")),
         );
@@ -313,6 +317,23 @@ pub async fn run(cfg: ControllerConfig) -> Result<(), ControllerError> {
     Ok(())
 }
 
+/// Waits until a store has seen its initial list. `Store::wait_until_ready`
+/// wakes only the last of several concurrent waiters (the controller waits on
+/// the same store), so poll it in short rounds rather than once.
+async fn synced<K>(store: &Store<K>) -> Result<(), reflector::store::WriterDropped>
+where
+    K: kube::Resource + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    loop {
+        if let Ok(res) =
+            tokio::time::timeout(Duration::from_millis(250), store.wait_until_ready()).await
+        {
+            return res;
+        }
+    }
+}
+
 fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>, ControllerError> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).map_err(ControllerError::Signal)?;
@@ -350,10 +371,10 @@ async fn reconcile(ib: Arc<ImageBuild>, ctx: Arc<Context>) -> Result<Action, Con
         .reconcile_duration
         .observe(started.elapsed().as_secs_f64());
     update_gauges(&ctx);
-    if result.is_ok() {
-        if let Ok(mut f) = ctx.failures.lock() {
-            f.remove(&ObjectRef::from_obj(ib.as_ref()));
-        }
+    if result.is_ok()
+        && let Ok(mut f) = ctx.failures.lock()
+    {
+        f.remove(&ObjectRef::from_obj(ib.as_ref()));
     }
     result
 }
@@ -471,10 +492,10 @@ fn update_gauges(ctx: &Context) {
             continue;
         };
         for ps in &status.platforms {
-            if matches!(ps.phase, Phase::Pending | Phase::Scheduling) {
-                if let Ok(p) = ps.platform.parse::<Platform>() {
-                    *waiting.entry(p.os().as_str()).or_default() += 1;
-                }
+            if matches!(ps.phase, Phase::Pending | Phase::Scheduling)
+                && let Ok(p) = ps.platform.parse::<Platform>()
+            {
+                *waiting.entry(p.os().as_str()).or_default() += 1;
             }
         }
     }

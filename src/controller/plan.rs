@@ -266,16 +266,16 @@ pub fn plan(obs: Observed<'_>, settings: &PodSettings) -> Plan {
 
     // Aggregate.
     let phase = aggregate(&status, finished_before, old.phase, &reason);
-    if phase == Phase::Succeeded && status.image.is_none() {
-        if let [only] = status.platforms.as_slice() {
-            if let Some(digest) = &only.digest {
-                status.image = Some(ImageStatus {
-                    reference: req.image.to_string(),
-                    digest: digest.clone(),
-                    pinned: req.image.pinned(digest),
-                });
-            }
-        }
+    if phase == Phase::Succeeded
+        && status.image.is_none()
+        && let [only] = status.platforms.as_slice()
+        && let Some(digest) = &only.digest
+    {
+        status.image = Some(ImageStatus {
+            reference: req.image.to_string(),
+            digest: digest.clone(),
+            pinned: req.image.pinned(digest),
+        });
     }
     status.phase = Some(phase);
     if phase.is_finished() && status.completion_time.is_none() {
@@ -285,18 +285,19 @@ pub fn plan(obs: Observed<'_>, settings: &PodSettings) -> Plan {
     // Metrics: platforms that reached a final phase now.
     for (i, ps) in status.platforms.iter().enumerate() {
         let was_final = old_platform_phases.get(i).is_some_and(|p| p.is_finished());
-        if ps.phase.is_finished() && !was_final {
-            if let Ok(p) = ps.platform.parse::<Platform>() {
-                out.finished.push(Finished {
-                    os: p.os(),
-                    result: match ps.phase {
-                        Phase::Succeeded => "succeeded",
-                        Phase::Failed => "failed",
-                        _ => "cancelled",
-                    },
-                    duration: elapsed,
-                });
-            }
+        if ps.phase.is_finished()
+            && !was_final
+            && let Ok(p) = ps.platform.parse::<Platform>()
+        {
+            out.finished.push(Finished {
+                os: p.os(),
+                result: match ps.phase {
+                    Phase::Succeeded => "succeeded",
+                    Phase::Failed => "failed",
+                    _ => "cancelled",
+                },
+                duration: elapsed,
+            });
         }
     }
 
@@ -561,19 +562,19 @@ pub fn pod_failure(pod: &Pod) -> String {
         .flatten()
         .chain(status.container_statuses.iter().flatten());
     for c in containers {
-        if let Some(t) = c.state.as_ref().and_then(|s| s.terminated.as_ref()) {
-            if t.exit_code != 0 {
-                let detail = t
-                    .message
-                    .as_deref()
-                    .and_then(|m| m.trim().lines().last())
-                    .map(|m| format!(": {m}"))
-                    .unwrap_or_default();
-                parts.push(format!(
-                    "container {} exited with code {}{detail}",
-                    c.name, t.exit_code
-                ));
-            }
+        if let Some(t) = c.state.as_ref().and_then(|s| s.terminated.as_ref())
+            && t.exit_code != 0
+        {
+            let detail = t
+                .message
+                .as_deref()
+                .and_then(|m| m.trim().lines().last())
+                .map(|m| format!(": {m}"))
+                .unwrap_or_default();
+            parts.push(format!(
+                "container {} exited with code {}{detail}",
+                c.name, t.exit_code
+            ));
         }
     }
     if parts.is_empty() {
@@ -663,10 +664,10 @@ fn aggregate(
 }
 
 fn summary(status: &ImageBuildStatus, phase: Phase, reason: &str) -> String {
-    if phase == Phase::Succeeded {
-        if let Some(img) = &status.image {
-            return format!("pushed {}", img.pinned);
-        }
+    if phase == Phase::Succeeded
+        && let Some(img) = &status.image
+    {
+        return format!("pushed {}", img.pinned);
     }
     let mut parts: Vec<String> = status
         .platforms

@@ -58,13 +58,13 @@ pub fn validate(spec: &ImageBuildSpec) -> Result<BuildRequest, InvalidSpec> {
         }
         _ => {}
     }
-    if let Some(df) = &spec.dockerfile {
-        if df.starts_with('/') || df.split('/').any(|p| p == "..") {
-            return Err(invalid(
-                "spec.dockerfile",
-                format!("{df:?} must be a relative path inside the build context"),
-            ));
-        }
+    if let Some(df) = &spec.dockerfile
+        && (df.starts_with('/') || df.split('/').any(|p| p == ".."))
+    {
+        return Err(invalid(
+            "spec.dockerfile",
+            format!("{df:?} must be a relative path inside the build context"),
+        ));
     }
 
     let written = if spec.platforms.is_empty() {

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Runs every Tripod test: unit tests, the CRD drift test and the end-to-end
+# tests against a real control plane (built once from the Kubernetes Go
+# modules into ~/.cache/tripod/testenv). Installs what it needs.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/tripod/target}"
+
+need_apt=()
+command -v setpriv >/dev/null || need_apt+=(util-linux)
+command -v git >/dev/null || need_apt+=(git)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
+  else
+    echo "missing packages: ${need_apt[*]} (install them with apt-get)" >&2; exit 1
+  fi
+fi
+command -v go >/dev/null || { echo "Go (1.26 or newer) is required to build the control plane" >&2; exit 1; }
+command -v cargo >/dev/null || { echo "Rust (cargo) is required" >&2; exit 1; }
+
+# The control plane: seconds when cached, ~15 minutes the first time.
+bash testenv/build.sh >/dev/null
+
+cargo test --locked --all-targets -- --test-threads "${TRIPOD_TEST_THREADS:-4}"

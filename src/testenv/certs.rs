@@ -1,0 +1,162 @@
+//! The control plane's PKI, generated with rcgen (no openssl).
+
+use std::fs;
+use std::io::Write;
+use std::net::{IpAddr, Ipv4Addr};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+
+use super::Error;
+
+/// Common name of the admin client certificate.
+pub const ADMIN_USER: &str = "tripod-admin";
+/// Organization (group) of the admin client certificate: cluster-admin.
+pub const ADMIN_GROUP: &str = "system:masters";
+
+/// Paths of the certificate and key files [`ControlPlane::start`](super::ControlPlane::start)
+/// writes under `<dir>/pki`.
+#[derive(Debug, Clone)]
+pub struct Pki {
+    /// CA certificate (PEM); the apiserver's `--client-ca-file` too.
+    pub ca_cert: PathBuf,
+    /// CA private key (PKCS#8 PEM).
+    pub ca_key: PathBuf,
+    /// kube-apiserver serving certificate (PEM).
+    pub apiserver_cert: PathBuf,
+    /// kube-apiserver serving key (PKCS#8 PEM).
+    pub apiserver_key: PathBuf,
+    /// Admin client certificate, `CN=tripod-admin, O=system:masters` (PEM).
+    pub admin_cert: PathBuf,
+    /// Admin client key (PKCS#8 PEM).
+    pub admin_key: PathBuf,
+    /// Service-account token signing key, ECDSA P-256 (PKCS#8 PEM).
+    pub sa_key: PathBuf,
+    /// Service-account token verification key (SPKI `PUBLIC KEY` PEM).
+    pub sa_pub: PathBuf,
+}
+
+/// Generates a fresh CA, apiserver serving certificate, admin client
+/// certificate and service-account key pair under `dir` (created if
+/// missing). Private keys get mode 0600.
+pub fn generate(dir: &Path) -> Result<Pki, Error> {
+    fs::create_dir_all(dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
+    let pki = Pki {
+        ca_cert: dir.join("ca.crt"),
+        ca_key: dir.join("ca.key"),
+        apiserver_cert: dir.join("apiserver.crt"),
+        apiserver_key: dir.join("apiserver.key"),
+        admin_cert: dir.join("admin.crt"),
+        admin_key: dir.join("admin.key"),
+        sa_key: dir.join("sa.key"),
+        sa_pub: dir.join("sa.pub"),
+    };
+
+    // CA.
+    let ca_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "tripod-testenv-ca");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca_cert = ca_params.self_signed(&ca_key)?;
+    write_file(&pki.ca_cert, ca_cert.pem().as_bytes(), false)?;
+    write_file(&pki.ca_key, ca_key.serialize_pem().as_bytes(), true)?;
+    let issuer = Issuer::new(ca_params, ca_key);
+
+    // kube-apiserver serving certificate.
+    let mut params = CertificateParams::new(vec![
+        "localhost".to_string(),
+        "kubernetes".to_string(),
+        "kubernetes.default".to_string(),
+        "kubernetes.default.svc".to_string(),
+        "kubernetes.default.svc.cluster.local".to_string(),
+    ])?;
+    params
+        .subject_alt_names
+        .push(SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)));
+    // First address of --service-cluster-ip-range: the `kubernetes` Service.
+    params
+        .subject_alt_names
+        .push(SanType::IpAddress(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1))));
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "kube-apiserver");
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    params.use_authority_key_identifier_extension = true;
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let cert = params.signed_by(&key, &issuer)?;
+    write_file(&pki.apiserver_cert, cert.pem().as_bytes(), false)?;
+    write_file(&pki.apiserver_key, key.serialize_pem().as_bytes(), true)?;
+
+    // Admin client certificate.
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params
+        .distinguished_name
+        .push(DnType::CommonName, ADMIN_USER);
+    params
+        .distinguished_name
+        .push(DnType::OrganizationName, ADMIN_GROUP);
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    params.use_authority_key_identifier_extension = true;
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let cert = params.signed_by(&key, &issuer)?;
+    write_file(&pki.admin_cert, cert.pem().as_bytes(), false)?;
+    write_file(&pki.admin_key, key.serialize_pem().as_bytes(), true)?;
+
+    // Service-account token signing key pair.
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    write_file(&pki.sa_key, key.serialize_pem().as_bytes(), true)?;
+    write_file(&pki.sa_pub, key.public_key_pem().as_bytes(), false)?;
+
+    Ok(pki)
+}
+
+/// Writes `data` to `path`, replacing it; `secret` files get mode 0600
+/// (also when the file already existed with another mode).
+fn write_file(path: &Path, data: &[u8], secret: bool) -> Result<(), Error> {
+    let ctx = || format!("write {}", path.display());
+    let mode = if secret { 0o600 } else { 0o644 };
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(path)
+        .map_err(|e| Error::io(ctx(), e))?;
+    file.set_permissions(fs::Permissions::from_mode(mode))
+        .map_err(|e| Error::io(ctx(), e))?;
+    file.write_all(data).map_err(|e| Error::io(ctx(), e))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_keys_private() {
+        let dir = std::env::temp_dir().join(format!("tripod-certs-{}", std::process::id()));
+        let pki = generate(&dir).unwrap();
+        for key in [&pki.ca_key, &pki.apiserver_key, &pki.admin_key, &pki.sa_key] {
+            let mode = fs::metadata(key).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{}", key.display());
+            let pem = fs::read_to_string(key).unwrap();
+            assert!(pem.starts_with("-----BEGIN PRIVATE KEY-----"), "{pem}");
+        }
+        let public = fs::read_to_string(&pki.sa_pub).unwrap();
+        assert!(public.starts_with("-----BEGIN PUBLIC KEY-----"), "{public}");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,752 @@
+//! A real, local Kubernetes control plane for tests and `tripod dev`.
+//!
+//! [`ControlPlane::start`] runs the genuine Kubernetes binaries (built by
+//! `testenv/build.sh`, see [`ensure_binaries`]) as child processes on
+//! loopback ports:
+//!
+//! * **etcd** (fsync disabled, fresh data directory on every start);
+//! * **kube-apiserver** with TLS, client-certificate authentication, RBAC
+//!   authorization and the default admission chain except `ServiceAccount`
+//!   (no token controller runs, so Pods get no token volume) and
+//!   `TaintNodesByCondition` (it would taint new nodes `not-ready`), and
+//!   with `--endpoint-reconciler-type=none` (the reconciler refuses a
+//!   loopback advertise address), so the `kubernetes` Service has no
+//!   endpoints;
+//! * **kube-controller-manager** with only the garbage collector, namespace
+//!   and service-account controllers: ownerReference cascades, namespace
+//!   deletion and each namespace's `default` ServiceAccount behave as in a
+//!   real cluster. Workload controllers (Deployment, Job, ...) do not run,
+//!   and neither does node lifecycle, which would evict Pods from nodes
+//!   without a kubelet;
+//! * **kube-scheduler**, unmodified: Pods are scheduled by the real
+//!   filters and scores (node selectors, affinity, taints and tolerations,
+//!   resources).
+//!
+//! What is replaced: there are no kubelets and no container runtime.
+//! [`create_nodes`] registers three fake Nodes (`linux/amd64`,
+//! `linux/arm64`, and `windows/amd64` tainted `os=windows:NoSchedule`)
+//! whose status reports `Ready` and plenty of capacity, and
+//! [`spawn_node_keeper`] stands in for their kubelets: it renews the
+//! `Ready` heartbeat and finishes the deletion of Pods bound to those nodes
+//! (a kubelet deletes a terminating Pod with grace period 0 once its
+//! containers stopped). **Containers never run**: a Pod scheduled to a fake
+//! node is bound (`spec.nodeName` is set, condition `PodScheduled=True`)
+//! but stays in phase `Pending` forever, with no container statuses. A real
+//! node runner will replace the keeper later.
+//!
+//! Everything lives under [`Options::dir`]: `pki/` (certificates and
+//! keys), `etcd/` (data), `logs/<binary>.log` (each child's stdout and
+//! stderr) and `kubeconfig` (cluster-admin, `CN=tripod-admin,
+//! O=system:masters`). Children are started through [`spawn_supervised`],
+//! so they are killed when the test process dies, even without
+//! [`ControlPlane::stop`].
+
+mod certs;
+mod nodes;
+mod process;
+
+use std::fs;
+use std::io;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+pub use certs::{ADMIN_GROUP, ADMIN_USER, Pki};
+pub use nodes::{
+    LINUX_AMD64, LINUX_ARM64, WINDOWS_AMD64, WINDOWS_BUILD, create_nodes, spawn_node_keeper,
+};
+pub use process::{spawn_supervised, supervised_command};
+
+/// Kubernetes version of the binaries `testenv/build.sh` builds; reported by
+/// the fake nodes as their kubelet version.
+pub const KUBERNETES_VERSION: &str = "v1.37.2";
+
+/// How long kube-apiserver may take to report `/readyz` OK.
+const APISERVER_TIMEOUT: Duration = Duration::from_secs(90);
+/// How long etcd, kube-controller-manager and kube-scheduler may take to
+/// report healthy.
+const COMPONENT_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long [`ControlPlane::stop`] waits after `SIGTERM` before `SIGKILL`.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+/// Lines of a component's log quoted in errors.
+const LOG_TAIL_LINES: usize = 20;
+
+/// Errors of the test environment.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file system or process operation failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// `testenv/build.sh` exited unsuccessfully or printed no directory.
+    #[error("{script} failed ({status}); its output is above")]
+    Build {
+        /// The script that was run.
+        script: PathBuf,
+        /// Its exit status.
+        status: ExitStatus,
+    },
+    /// Generating the certificates or keys failed.
+    #[error("generating testenv certificates: {0}")]
+    Certs(#[from] rcgen::Error),
+    /// A control-plane binary could not be started.
+    #[error("starting {name} ({}): {source}", .binary.display())]
+    Spawn {
+        /// Component name, e.g. `kube-apiserver`.
+        name: &'static str,
+        /// The binary that was run.
+        binary: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// A component exited while the control plane was starting.
+    #[error(
+        "{name} exited ({status}) before it became ready\n--- last lines of {} ---\n{log_tail}",
+        .log.display()
+    )]
+    Exited {
+        /// Component name.
+        name: &'static str,
+        /// Its exit status.
+        status: ExitStatus,
+        /// Its log file.
+        log: PathBuf,
+        /// The last lines of its log file.
+        log_tail: String,
+    },
+    /// A component did not become ready in time.
+    #[error(
+        "{name} did not become ready within {}s (last probe: {last_probe})\n--- last lines of {} ---\n{log_tail}",
+        .waited.as_secs(),
+        .log.display()
+    )]
+    NotReady {
+        /// Component name.
+        name: &'static str,
+        /// How long it was given.
+        waited: Duration,
+        /// The last readiness probe's error.
+        last_probe: String,
+        /// Its log file.
+        log: PathBuf,
+        /// The last lines of its log file.
+        log_tail: String,
+    },
+    /// The kubeconfig could not be read or turned into a client config.
+    #[error("kubeconfig {}: {source}", .path.display())]
+    Kubeconfig {
+        /// The kubeconfig file.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: kube::config::KubeconfigError,
+    },
+    /// A Kubernetes API call (or building a client) failed.
+    #[error("kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+}
+
+impl Error {
+    fn io(context: impl Into<String>, source: io::Error) -> Self {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+/// Where the control plane keeps its state and finds its binaries.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// State directory: `pki/`, `etcd/`, `logs/`, `kubeconfig`. Created if
+    /// missing; its `etcd/` is wiped on every start. Relative paths are made
+    /// absolute against the current directory.
+    pub dir: PathBuf,
+    /// Directory holding `etcd`, `kube-apiserver`,
+    /// `kube-controller-manager`, `kube-scheduler` and `kubectl`, as
+    /// returned by [`ensure_binaries`].
+    pub bin_dir: PathBuf,
+}
+
+/// Builds the control-plane binaries if needed by running
+/// `bash <repo_root>/testenv/build.sh` and returns their directory (the
+/// script's trimmed stdout). The script's stderr is passed through so that
+/// build progress shows; a cached build returns at once.
+pub fn ensure_binaries(repo_root: &Path) -> Result<PathBuf, Error> {
+    let script = repo_root.join("testenv").join("build.sh");
+    let out = std::process::Command::new("bash")
+        .arg(&script)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| Error::io(format!("run bash {}", script.display()), e))?;
+    let dir = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    if !out.status.success() || dir.is_empty() {
+        return Err(Error::Build {
+            script,
+            status: out.status,
+        });
+    }
+    Ok(PathBuf::from(dir))
+}
+
+/// One running child process.
+#[derive(Debug)]
+struct Component {
+    name: &'static str,
+    child: Child,
+    log: PathBuf,
+}
+
+/// A running etcd + kube-apiserver + kube-controller-manager +
+/// kube-scheduler. See the [module docs](self).
+///
+/// Stop it with [`ControlPlane::stop`]; dropping it kills the children
+/// (`SIGKILL`) as a fallback.
+#[derive(Debug)]
+pub struct ControlPlane {
+    dir: PathBuf,
+    bin_dir: PathBuf,
+    kubeconfig: PathBuf,
+    api_port: u16,
+    /// In start order.
+    components: Vec<Component>,
+}
+
+/// Loopback ports for the control plane, all free at the time of asking.
+struct Ports {
+    etcd_client: u16,
+    etcd_peer: u16,
+    apiserver: u16,
+    controller_manager: u16,
+    scheduler: u16,
+}
+
+impl ControlPlane {
+    /// Generates certificates, starts etcd, kube-apiserver,
+    /// kube-controller-manager and kube-scheduler, and returns once each of
+    /// them reports healthy (kube-apiserver: `/readyz`).
+    ///
+    /// On error every child started so far is killed, and the error names
+    /// the component at fault and quotes the end of its log.
+    pub async fn start(opts: Options) -> Result<ControlPlane, Error> {
+        let started = Instant::now();
+        let dir = std::path::absolute(&opts.dir)
+            .map_err(|e| Error::io(format!("resolve {}", opts.dir.display()), e))?;
+        let bin_dir = std::path::absolute(&opts.bin_dir)
+            .map_err(|e| Error::io(format!("resolve {}", opts.bin_dir.display()), e))?;
+        let etcd_dir = dir.join("etcd");
+        match fs::remove_dir_all(&etcd_dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(format!("remove {}", etcd_dir.display()), e)),
+        }
+        for sub in ["logs", "etcd"] {
+            let d = dir.join(sub);
+            fs::create_dir_all(&d).map_err(|e| Error::io(format!("create {}", d.display()), e))?;
+        }
+        fs::set_permissions(
+            &etcd_dir,
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        )
+        .map_err(|e| Error::io(format!("chmod {}", etcd_dir.display()), e))?;
+        let pki = certs::generate(&dir.join("pki"))?;
+        let ports = free_ports()?;
+        let kubeconfig = dir.join("kubeconfig");
+        write_kubeconfig(&kubeconfig, ports.apiserver, &pki)?;
+
+        let mut cp = ControlPlane {
+            dir,
+            bin_dir,
+            kubeconfig,
+            api_port: ports.apiserver,
+            components: Vec::new(),
+        };
+        // From here on an early return drops `cp`, which kills the children.
+
+        let etcd_url = format!("http://127.0.0.1:{}", ports.etcd_client);
+        let peer_url = format!("http://127.0.0.1:{}", ports.etcd_peer);
+        cp.spawn(
+            "etcd",
+            vec![
+                format!("--data-dir={}", etcd_dir.display()),
+                format!("--listen-client-urls={etcd_url}"),
+                format!("--advertise-client-urls={etcd_url}"),
+                format!("--listen-peer-urls={peer_url}"),
+                format!("--initial-advertise-peer-urls={peer_url}"),
+                format!("--initial-cluster=default={peer_url}"),
+                "--unsafe-no-fsync=true".into(),
+                "--log-level=warn".into(),
+            ],
+        )?;
+        let etcd_port = ports.etcd_client;
+        cp.wait_ready(0, COMPONENT_TIMEOUT, || etcd_health(etcd_port))
+            .await?;
+        tracing::debug!(elapsed = ?started.elapsed(), "etcd healthy");
+
+        let api_url = cp.api_url();
+        let p = |path: &Path| path.display().to_string();
+        cp.spawn(
+            "kube-apiserver",
+            vec![
+                format!("--etcd-servers={etcd_url}"),
+                "--bind-address=127.0.0.1".into(),
+                "--advertise-address=127.0.0.1".into(),
+                // The endpoint reconciler rejects loopback advertise
+                // addresses; nothing in the cluster reaches the `kubernetes`
+                // Service anyway (no Pod runs).
+                "--endpoint-reconciler-type=none".into(),
+                format!("--secure-port={}", ports.apiserver),
+                format!(
+                    "--cert-dir={}",
+                    cp.dir.join("pki").join("apiserver").display()
+                ),
+                format!("--tls-cert-file={}", p(&pki.apiserver_cert)),
+                format!("--tls-private-key-file={}", p(&pki.apiserver_key)),
+                format!("--client-ca-file={}", p(&pki.ca_cert)),
+                "--authorization-mode=RBAC".into(),
+                "--service-cluster-ip-range=10.0.0.0/24".into(),
+                "--allow-privileged=true".into(),
+                "--disable-admission-plugins=ServiceAccount,TaintNodesByCondition".into(),
+                format!("--service-account-issuer={api_url}"),
+                format!("--service-account-key-file={}", p(&pki.sa_pub)),
+                format!("--service-account-signing-key-file={}", p(&pki.sa_key)),
+            ],
+        )?;
+        let client = cp.client().await?;
+        cp.wait_ready(1, APISERVER_TIMEOUT, || {
+            let client = client.clone();
+            async move {
+                client
+                    .request_text(
+                        kube::core::Request::new("")
+                            .get("readyz", &Default::default())
+                            .map_err(|e| e.to_string())?,
+                    )
+                    .await
+                    .map(drop)
+                    .map_err(|e| e.to_string())
+            }
+        })
+        .await?;
+        tracing::debug!(elapsed = ?started.elapsed(), "kube-apiserver ready");
+
+        let kc = p(&cp.kubeconfig);
+        let kcm_certs = cp.dir.join("pki").join("kube-controller-manager");
+        cp.spawn(
+            "kube-controller-manager",
+            vec![
+                format!("--kubeconfig={kc}"),
+                format!("--authentication-kubeconfig={kc}"),
+                format!("--authorization-kubeconfig={kc}"),
+                "--leader-elect=false".into(),
+                "--bind-address=127.0.0.1".into(),
+                format!("--secure-port={}", ports.controller_manager),
+                format!("--cert-dir={}", kcm_certs.display()),
+                // Authenticate client certificates against our CA directly
+                // instead of reading kube-system/extension-apiserver-
+                // authentication, which lacks the request-header CA here
+                // and makes the lookup log errors every few seconds.
+                "--authentication-skip-lookup=true".into(),
+                format!("--client-ca-file={}", p(&pki.ca_cert)),
+                "--controllers=garbage-collector-controller,namespace-controller,serviceaccount-controller".into(),
+                "--use-service-account-credentials=false".into(),
+            ],
+        )?;
+        let sched_certs = cp.dir.join("pki").join("kube-scheduler");
+        cp.spawn(
+            "kube-scheduler",
+            vec![
+                format!("--kubeconfig={kc}"),
+                format!("--authentication-kubeconfig={kc}"),
+                format!("--authorization-kubeconfig={kc}"),
+                "--leader-elect=false".into(),
+                "--bind-address=127.0.0.1".into(),
+                format!("--secure-port={}", ports.scheduler),
+                format!("--cert-dir={}", sched_certs.display()),
+                // Authenticate client certificates against our CA directly
+                // instead of reading kube-system/extension-apiserver-
+                // authentication, which lacks the request-header CA here
+                // and makes the lookup log errors every few seconds.
+                "--authentication-skip-lookup=true".into(),
+                format!("--client-ca-file={}", p(&pki.ca_cert)),
+            ],
+        )?;
+        for (index, port) in [(2, ports.controller_manager), (3, ports.scheduler)] {
+            let probe = insecure_client(port)?;
+            cp.wait_ready(index, COMPONENT_TIMEOUT, || {
+                let probe = probe.clone();
+                async move {
+                    probe
+                        .request_text(
+                            kube::core::Request::new("")
+                                .get("healthz", &Default::default())
+                                .map_err(|e| e.to_string())?,
+                        )
+                        .await
+                        .map(drop)
+                        .map_err(|e| e.to_string())
+                }
+            })
+            .await?;
+        }
+        tracing::info!(
+            elapsed = ?started.elapsed(),
+            api = %cp.api_url(),
+            dir = %cp.dir.display(),
+            "testenv control plane ready"
+        );
+        Ok(cp)
+    }
+
+    /// The admin kubeconfig (client certificate `CN=tripod-admin,
+    /// O=system:masters`; server `https://127.0.0.1:<port>`).
+    pub fn kubeconfig(&self) -> &Path {
+        &self.kubeconfig
+    }
+
+    /// The `kubectl` binary matching the control plane. Use it with
+    /// `--kubeconfig` [`ControlPlane::kubeconfig`].
+    pub fn kubectl(&self) -> PathBuf {
+        self.bin_dir.join("kubectl")
+    }
+
+    /// The directory holding the control-plane binaries.
+    pub fn bin_dir(&self) -> &Path {
+        &self.bin_dir
+    }
+
+    /// The state directory (absolute).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The log file of a component (`etcd`, `kube-apiserver`,
+    /// `kube-controller-manager`, `kube-scheduler`).
+    pub fn log_file(&self, name: &str) -> PathBuf {
+        self.dir.join("logs").join(format!("{name}.log"))
+    }
+
+    /// The API server's URL, `https://127.0.0.1:<port>`.
+    pub fn api_url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.api_port)
+    }
+
+    /// A cluster-admin client built from [`ControlPlane::kubeconfig`].
+    pub async fn client(&self) -> Result<kube::Client, Error> {
+        let kubeconfig_error = |source| Error::Kubeconfig {
+            path: self.kubeconfig.clone(),
+            source,
+        };
+        let kc = Kubeconfig::read_from(&self.kubeconfig).map_err(kubeconfig_error)?;
+        let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+            .await
+            .map_err(kubeconfig_error)?;
+        Ok(kube::Client::try_from(config)?)
+    }
+
+    /// Process ids of the running children, in start order.
+    pub fn pids(&self) -> Vec<u32> {
+        self.components.iter().map(|c| c.child.id()).collect()
+    }
+
+    /// Stops the children in reverse start order: `SIGTERM` (through the
+    /// `kill` command), up to 10 s to exit, then `SIGKILL`. Idempotent.
+    pub async fn stop(&mut self) {
+        while let Some(mut component) = self.components.pop() {
+            terminate(&mut component).await;
+        }
+    }
+
+    fn spawn(&mut self, name: &'static str, args: Vec<String>) -> Result<(), Error> {
+        let binary = self.bin_dir.join(name);
+        let log = self.log_file(name);
+        let file = fs::File::create(&log)
+            .map_err(|e| Error::io(format!("create {}", log.display()), e))?;
+        let file2 = file
+            .try_clone()
+            .map_err(|e| Error::io(format!("dup {}", log.display()), e))?;
+        let mut cmd = supervised_command(&binary);
+        cmd.args(&args)
+            .current_dir(&self.dir)
+            .stdin(Stdio::null())
+            .stdout(file)
+            .stderr(file2);
+        let child = spawn_supervised(cmd).map_err(|source| Error::Spawn {
+            name,
+            binary: binary.clone(),
+            source,
+        })?;
+        tracing::debug!(name, pid = child.id(), log = %log.display(), "started");
+        self.components.push(Component { name, child, log });
+        Ok(())
+    }
+
+    /// Polls `probe` until it succeeds, the component exits, or `timeout`.
+    async fn wait_ready<F, Fut>(
+        &mut self,
+        index: usize,
+        timeout: Duration,
+        mut probe: F,
+    ) -> Result<(), Error>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<(), String>>,
+    {
+        let started = Instant::now();
+        let Some(component) = self.components.get_mut(index) else {
+            return Err(Error::io(
+                "wait for a component",
+                io::Error::other(format!("no component #{index}")),
+            ));
+        };
+        loop {
+            match component.child.try_wait() {
+                Ok(Some(status)) => {
+                    return Err(Error::Exited {
+                        name: component.name,
+                        status,
+                        log_tail: log_tail(&component.log),
+                        log: component.log.clone(),
+                    });
+                }
+                Ok(None) => {}
+                Err(e) => return Err(Error::io(format!("wait for {}", component.name), e)),
+            }
+            let last_probe = match tokio::time::timeout(Duration::from_secs(5), probe()).await {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(e)) => e,
+                Err(_) => "probe timed out after 5s".to_string(),
+            };
+            if started.elapsed() >= timeout {
+                return Err(Error::NotReady {
+                    name: component.name,
+                    waited: timeout,
+                    last_probe,
+                    log_tail: log_tail(&component.log),
+                    log: component.log.clone(),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for ControlPlane {
+    /// Best effort: `SIGKILL` every child still running and reap it.
+    fn drop(&mut self) {
+        while let Some(mut component) = self.components.pop() {
+            if let Ok(None) = component.child.try_wait() {
+                let _ = component.child.kill();
+                let _ = component.child.wait();
+            }
+        }
+    }
+}
+
+/// `SIGTERM`, wait up to [`STOP_GRACE`], then `SIGKILL`.
+async fn terminate(component: &mut Component) {
+    let child = &mut component.child;
+    if !matches!(child.try_wait(), Ok(None)) {
+        return; // Exited (and reaped) already, or cannot be waited on.
+    }
+    // The child is not reaped yet, so its pid cannot have been reused.
+    let pid = child.id().to_string();
+    let term = tokio::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .await;
+    if term.is_ok_and(|s| s.success()) {
+        let deadline = Instant::now() + STOP_GRACE;
+        while Instant::now() < deadline {
+            match child.try_wait() {
+                Ok(None) => tokio::time::sleep(Duration::from_millis(50)).await,
+                Ok(Some(_)) | Err(_) => return,
+            }
+        }
+        tracing::warn!(name = component.name, "no exit 10s after SIGTERM; killing");
+    }
+    let _ = child.kill();
+    for _ in 0..100 {
+        match child.try_wait() {
+            Ok(None) => tokio::time::sleep(Duration::from_millis(50)).await,
+            Ok(Some(_)) | Err(_) => return,
+        }
+    }
+}
+
+/// Distinct loopback ports that were free a moment ago: bind port 0 and
+/// read what the kernel chose, holding all listeners until each is chosen.
+fn free_ports() -> Result<Ports, Error> {
+    let mut listeners = Vec::new();
+    let mut ports = Vec::new();
+    for _ in 0..5 {
+        let l = TcpListener::bind("127.0.0.1:0")
+            .map_err(|e| Error::io("bind a free loopback port", e))?;
+        let port = l
+            .local_addr()
+            .map_err(|e| Error::io("read a free loopback port", e))?
+            .port();
+        listeners.push(l);
+        ports.push(port);
+    }
+    Ok(Ports {
+        etcd_client: ports[0],
+        etcd_peer: ports[1],
+        apiserver: ports[2],
+        controller_manager: ports[3],
+        scheduler: ports[4],
+    })
+}
+
+/// Writes the admin kubeconfig, referring to the PKI files by path.
+fn write_kubeconfig(path: &Path, api_port: u16, pki: &Pki) -> Result<(), Error> {
+    // JSON strings are YAML strings: this quotes any path safely.
+    let q = |p: &Path| serde_json::Value::String(p.display().to_string()).to_string();
+    let text = format!(
+        "apiVersion: v1
+kind: Config
+clusters:
+- name: tripod-testenv
+  cluster:
+    server: https://127.0.0.1:{api_port}
+    certificate-authority: {ca}
+users:
+- name: {ADMIN_USER}
+  user:
+    client-certificate: {cert}
+    client-key: {key}
+contexts:
+- name: tripod-testenv
+  context:
+    cluster: tripod-testenv
+    user: {ADMIN_USER}
+    namespace: default
+current-context: tripod-testenv
+",
+        ca = q(&pki.ca_cert),
+        cert = q(&pki.admin_cert),
+        key = q(&pki.admin_key),
+    );
+    fs::write(path, text).map_err(|e| Error::io(format!("write {}", path.display()), e))?;
+    fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .map_err(|e| Error::io(format!("chmod {}", path.display()), e))
+}
+
+/// A client for a component's own HTTPS port (self-signed, anonymous).
+fn insecure_client(port: u16) -> Result<kube::Client, Error> {
+    let url = format!("https://127.0.0.1:{port}");
+    let uri = url.parse().map_err(|e| {
+        Error::io(
+            format!("parse {url}"),
+            io::Error::new(io::ErrorKind::InvalidInput, e),
+        )
+    })?;
+    let mut config = kube::Config::new(uri);
+    config.accept_invalid_certs = true;
+    Ok(kube::Client::try_from(config)?)
+}
+
+/// `GET /health` on etcd's client port with a hand-written HTTP/1.0 request.
+async fn etcd_health(port: u16) -> Result<(), String> {
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    stream
+        .write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        .await
+        .map_err(|e| format!("send: {e}"))?;
+    let mut response = Vec::new();
+    stream
+        .read_to_end(&mut response)
+        .await
+        .map_err(|e| format!("receive: {e}"))?;
+    let response = String::from_utf8_lossy(&response);
+    let status_ok = response
+        .lines()
+        .next()
+        .is_some_and(|l| l.split_whitespace().nth(1) == Some("200"));
+    if status_ok && response.contains(r#""health":"true""#) {
+        Ok(())
+    } else {
+        Err(format!("unhealthy: {}", response.trim()))
+    }
+}
+
+/// The last [`LOG_TAIL_LINES`] lines of a log file.
+fn log_tail(path: &Path) -> String {
+    match fs::read(path) {
+        Ok(bytes) => {
+            let text = String::from_utf8_lossy(&bytes);
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n")
+        }
+        Err(e) => format!("(cannot read {}: {e})", path.display()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_ports_are_distinct() {
+        let p = free_ports().unwrap();
+        let mut all = vec![
+            p.etcd_client,
+            p.etcd_peer,
+            p.apiserver,
+            p.controller_manager,
+            p.scheduler,
+        ];
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(all.len(), 5);
+    }
+
+    #[tokio::test]
+    async fn missing_binary_is_reported_with_its_name() {
+        let dir = std::env::temp_dir().join(format!("tripod-nobin-{}", std::process::id()));
+        let err = ControlPlane::start(Options {
+            dir: dir.clone(),
+            bin_dir: PathBuf::from("/nonexistent/tripod-bin"),
+        })
+        .await
+        .unwrap_err();
+        let text = err.to_string();
+        assert!(
+            matches!(
+                err,
+                Error::Spawn { name: "etcd", .. } | Error::Exited { name: "etcd", .. }
+            ),
+            "{text}"
+        );
+        assert!(text.contains("etcd"), "{text}");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn log_tail_keeps_last_lines() {
+        let path = std::env::temp_dir().join(format!("tripod-tail-{}.log", std::process::id()));
+        let text: String = (1..=30).map(|i| format!("line {i}\n")).collect();
+        fs::write(&path, text).unwrap();
+        let tail = log_tail(&path);
+        assert!(tail.starts_with("line 11\n"), "{tail}");
+        assert!(tail.ends_with("line 30"), "{tail}");
+        fs::remove_file(&path).unwrap();
+    }
+}

@@ -1,0 +1,432 @@
+//! The reconciler against the real API server, scheduler and garbage collector.
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::ResourceExt;
+use kube::api::{DeleteParams, Patch, PatchParams};
+use tripod::api::{ImageBuild, Phase};
+
+use crate::common::{TestEnv, eventually, http_get, manifest, metric};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+async fn status_of(env: &TestEnv, name: &str) -> Option<tripod::api::ImageBuildStatus> {
+    env.builds().get(name).await.ok()?.status
+}
+
+fn node_of(pod: &Pod) -> Option<String> {
+    pod.spec.as_ref()?.node_name.clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_platform_is_scheduled_on_a_matching_node() {
+    let mut env = TestEnv::new("schedule").await;
+    env.start_controller("c1");
+    let (ok, out) = env.kubectl(
+        &["apply", "-f", "-"],
+        Some(&manifest(
+            "multi",
+            &[
+                "linux/amd64",
+                "linux/aarch64",
+                "windows/amd64",
+                "darwin/arm64",
+            ],
+            "",
+        )),
+    );
+    assert!(ok, "{out}");
+    let pods = eventually("three bound build Pods", WAIT, || async {
+        let pods = env.pods_of("multi").await;
+        (pods.len() == 3 && pods.iter().all(|p| node_of(p).is_some())).then_some(pods)
+    })
+    .await;
+    let mut bound: Vec<(String, String)> = pods
+        .iter()
+        .map(|p| (p.name_any(), node_of(p).unwrap_or_default()))
+        .collect();
+    bound.sort();
+    assert_eq!(
+        bound,
+        [
+            (
+                "multi-1-linux-amd64-1".to_string(),
+                "tripod-linux-amd64".to_string()
+            ),
+            (
+                "multi-1-linux-arm64-1".to_string(),
+                "tripod-linux-arm64".to_string()
+            ),
+            (
+                "multi-1-windows-amd64-1".to_string(),
+                "tripod-windows-amd64".to_string()
+            ),
+        ]
+    );
+    for pod in &pods {
+        let spec = pod.spec.as_ref().unwrap();
+        assert_eq!(spec.restart_policy.as_deref(), Some("Never"));
+        assert_eq!(pod.owner_references()[0].kind, "ImageBuild");
+        let all = spec
+            .containers
+            .iter()
+            .chain(spec.init_containers.iter().flatten());
+        for c in all {
+            let privileged = c.security_context.as_ref().and_then(|s| s.privileged);
+            assert_ne!(privileged, Some(true), "{} is privileged", c.name);
+        }
+    }
+    let status = eventually("status naming the missing runner", WAIT, || async {
+        let s = status_of(&env, "multi").await?;
+        let darwin = s.platforms.iter().find(|p| p.platform == "darwin/arm64")?;
+        let building = s
+            .platforms
+            .iter()
+            .filter(|p| p.phase == Phase::Building)
+            .count();
+        (building == 3 && darwin.message.is_some()).then_some(s)
+    })
+    .await;
+    assert_eq!(status.phase, Some(Phase::Scheduling));
+    let darwin = status
+        .platforms
+        .iter()
+        .find(|p| p.platform == "darwin/arm64")
+        .unwrap();
+    let msg = darwin.message.clone().unwrap();
+    assert!(
+        msg.contains("os=darwin, arch=arm64") && msg.contains("none is registered"),
+        "{msg}"
+    );
+    let linux = status
+        .platforms
+        .iter()
+        .find(|p| p.platform == "linux/arm64")
+        .unwrap();
+    assert_eq!(
+        linux
+            .executor
+            .as_ref()
+            .and_then(|e| e.node.clone())
+            .as_deref(),
+        Some("tripod-linux-arm64")
+    );
+
+    // kubectl wait on the conditions Tripod sets.
+    let (ok, out) = env.kubectl(
+        &[
+            "wait",
+            "--for=condition=Reconciling",
+            "--timeout=30s",
+            "imagebuild/multi",
+        ],
+        None,
+    );
+    assert!(ok, "{out}");
+    let (ok, out) = env.kubectl(
+        &[
+            "wait",
+            "--for=condition=Ready=false",
+            "--timeout=30s",
+            "ib/multi",
+        ],
+        None,
+    );
+    assert!(ok, "{out}");
+
+    // A runner that registers but is not online changes the message.
+    let runner = format!(
+        "apiVersion: build.tripod.dev/v1alpha1\nkind: BuildRunner\nmetadata:\n  name: mac-{}\nspec:\n  os: darwin\n  arch: arm64\n",
+        env.ns
+    );
+    let (ok, out) = env.kubectl(&["apply", "-f", "-"], Some(&runner));
+    assert!(ok, "{out}");
+    eventually("message about the offline runner", WAIT, || async {
+        let s = status_of(&env, "multi").await?;
+        let d = s.platforms.iter().find(|p| p.platform == "darwin/arm64")?;
+        d.message
+            .as_deref()?
+            .contains("registered, none Online")
+            .then_some(())
+    })
+    .await;
+    let _ = env.kubectl(&["delete", "buildrunner", &format!("mac-{}", env.ns)], None);
+
+    // Metrics: darwin waits in the queue; reconciles are counted.
+    let port = env.controller(0).metrics_port;
+    let (code, body) = http_get(port, "/metrics").await.expect("metrics");
+    assert_eq!(code, 200);
+    assert!(
+        metric(&body, "tripod_queue_depth{os=\"darwin\"}").unwrap_or(0.0) >= 1.0,
+        "{body}"
+    );
+    let before = metric(&body, "tripod_reconcile_duration_seconds_count").unwrap_or(0.0);
+    assert!(before > 0.0, "{body}");
+    let (ok, out) = env.kubectl(&["annotate", "ib/multi", "example.com/touch=1"], None);
+    assert!(ok, "{out}");
+    eventually("reconcile counter moves", WAIT, || async {
+        let (_, body) = http_get(port, "/metrics").await?;
+        (metric(&body, "tripod_reconcile_duration_seconds_count")? > before).then_some(())
+    })
+    .await;
+    assert_eq!(http_get(port, "/healthz").await.map(|r| r.0), Some(200));
+    assert_eq!(http_get(port, "/readyz").await.map(|r| r.0), Some(200));
+
+    // Cancelling counts the platforms as cancelled.
+    let (ok, out) = env.kubectl(
+        &[
+            "patch",
+            "ib/multi",
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"cancel":true}}"#,
+        ],
+        None,
+    );
+    assert!(ok, "{out}");
+    let (ok, out) = env.kubectl(
+        &[
+            "wait",
+            "--for=jsonpath={.status.phase}=Cancelled",
+            "--timeout=60s",
+            "ib/multi",
+        ],
+        None,
+    );
+    assert!(ok, "{out}");
+    eventually("Pods of the cancelled build are gone", WAIT, || async {
+        env.pods_of("multi").await.is_empty().then_some(())
+    })
+    .await;
+    eventually("cancelled builds counted", WAIT, || async {
+        let (_, body) = http_get(port, "/metrics").await?;
+        (metric(
+            &body,
+            "tripod_builds_total{os=\"linux\",result=\"cancelled\"}",
+        )? >= 2.0)
+            .then_some(())
+    })
+    .await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_node_selector_and_tolerations_are_merged() {
+    let mut env = TestEnv::new("merge").await;
+    env.start_controller("c1");
+    let extra = r#"  executor:
+    nodeSelector:
+      node.kubernetes.io/windows-build: "10.0.20348"
+      tripod.dev/pool: builders
+    tolerations:
+      - {key: dedicated, operator: Exists, effect: NoSchedule}
+"#;
+    let (ok, out) = env.kubectl(
+        &["apply", "-f", "-"],
+        Some(&manifest(
+            "merged",
+            &["linux/amd64", "windows/amd64"],
+            extra,
+        )),
+    );
+    assert!(ok, "{out}");
+    let pods = eventually("two Pods", WAIT, || async {
+        let pods = env.pods_of("merged").await;
+        (pods.len() == 2).then_some(pods)
+    })
+    .await;
+    for pod in &pods {
+        let spec = pod.spec.as_ref().unwrap();
+        let sel = spec.node_selector.clone().unwrap();
+        assert_eq!(sel["tripod.dev/pool"], "builders");
+        let tol = spec.tolerations.clone().unwrap_or_default();
+        assert!(tol.iter().any(|t| t.key.as_deref() == Some("dedicated")));
+        if pod.name_any().contains("windows") {
+            assert_eq!(sel["node.kubernetes.io/windows-build"], "10.0.20348");
+            assert!(
+                tol.iter().any(
+                    |t| t.key.as_deref() == Some("os") && t.value.as_deref() == Some("windows")
+                )
+            );
+        } else {
+            assert!(!sel.contains_key("node.kubernetes.io/windows-build"));
+        }
+    }
+    // No node has the pool label: the scheduler leaves them, and the status says why.
+    let s = eventually("unschedulable reason in status", WAIT, || async {
+        let s = status_of(&env, "merged").await?;
+        s.platforms
+            .iter()
+            .all(|p| {
+                p.message
+                    .as_deref()
+                    .is_some_and(|m| m.contains("not scheduled yet"))
+            })
+            .then_some(s)
+    })
+    .await;
+    assert_eq!(s.phase, Some(Phase::Scheduling));
+    for pod in env.pods_of("merged").await {
+        assert_eq!(node_of(&pod), None, "{} was bound", pod.name_any());
+    }
+
+    // Dropping the pool selector is a new generation: new Pods that bind.
+    let (ok, out) = env.kubectl(
+        &[
+            "patch",
+            "ib/merged",
+            "--type=json",
+            "-p",
+            r#"[{"op":"remove","path":"/spec/executor/nodeSelector/tripod.dev~1pool"}]"#,
+        ],
+        None,
+    );
+    assert!(ok, "{out}");
+    let pods = eventually("generation-2 Pods bound", WAIT, || async {
+        let pods = env.pods_of("merged").await;
+        (pods.len() == 2
+            && pods
+                .iter()
+                .all(|p| p.name_any().starts_with("merged-2-") && node_of(p).is_some()))
+        .then_some(pods)
+    })
+    .await;
+    assert!(
+        pods.iter()
+            .any(|p| node_of(p).as_deref() == Some("tripod-windows-amd64"))
+    );
+    let s = eventually("observedGeneration 2", WAIT, || async {
+        let s = status_of(&env, "merged").await?;
+        (s.observed_generation == Some(2) && s.phase == Some(Phase::Building)).then_some(s)
+    })
+    .await;
+    assert!(
+        s.conditions
+            .iter()
+            .all(|c| c.observed_generation == Some(2))
+    );
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebuild_retry_and_garbage_collection() {
+    let mut env = TestEnv::new("lifecycle").await;
+    env.start_controller("c1");
+    let (ok, out) = env.kubectl(
+        &["apply", "-f", "-"],
+        Some(&manifest("life", &["linux/amd64"], "  retries: 1\n")),
+    );
+    assert!(ok, "{out}");
+    let first = eventually("first Pod bound", WAIT, || async {
+        let pods = env.pods_of("life").await;
+        (pods.len() == 1 && node_of(&pods[0]).is_some()).then(|| pods[0].clone())
+    })
+    .await;
+
+    // The Pod fails (as a kubelet would report): a second attempt starts.
+    let status = serde_json::json!({"status": {"phase": "Failed", "reason": "Error",
+        "message": "agent exited: RUN make failed"}});
+    env.pods()
+        .patch_status(
+            &first.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&status),
+        )
+        .await
+        .expect("fail the pod");
+    let s = eventually("attempt 2", WAIT, || async {
+        let s = status_of(&env, "life").await?;
+        (s.platforms.first()?.attempts == 2).then_some(s)
+    })
+    .await;
+    assert_eq!(
+        s.platforms[0].executor.as_ref().map(|e| e.name.as_str()),
+        Some("life-1-linux-amd64-2")
+    );
+    eventually("attempt-2 Pod exists", WAIT, || async {
+        env.pods_of("life")
+            .await
+            .iter()
+            .any(|p| p.name_any() == "life-1-linux-amd64-2")
+            .then_some(())
+    })
+    .await;
+
+    // The rebuild annotation starts a new build of the same generation.
+    let old_id = s.build_id.clone();
+    let (ok, out) = env.kubectl(
+        &["annotate", "ib/life", "build.tripod.dev/rebuild=now"],
+        None,
+    );
+    assert!(ok, "{out}");
+    let s = eventually("a new build", WAIT, || async {
+        let s = status_of(&env, "life").await?;
+        (s.build_id != old_id && s.platforms.first()?.attempts == 1).then_some(s)
+    })
+    .await;
+    assert_eq!(s.observed_generation, Some(1));
+    let pods = eventually("only the new build's Pod", WAIT, || async {
+        let pods = env.pods_of("life").await;
+        (pods.len() == 1).then_some(pods)
+    })
+    .await;
+    assert_eq!(
+        pods[0].labels().get("build.tripod.dev/build-id"),
+        s.build_id.as_ref()
+    );
+
+    // Deleting the ImageBuild removes its Pods through the garbage collector.
+    env.kill_controller(0);
+    env.builds()
+        .delete("life", &DeleteParams::background())
+        .await
+        .expect("delete");
+    eventually("Pods collected", WAIT, || async {
+        env.pods_of("life").await.is_empty().then_some(())
+    })
+    .await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_spec_stalls_and_kubectl_wait_sees_it() {
+    let mut env = TestEnv::new("stalled").await;
+    env.start_controller("c1");
+    // Distinct strings (the API server accepts them), the same platform.
+    let (ok, out) = env.kubectl(
+        &["apply", "-f", "-"],
+        Some(&manifest("dup", &["linux/amd64", "linux/x86_64"], "")),
+    );
+    assert!(ok, "{out}");
+    let (ok, out) = env.kubectl(
+        &["wait", "--for=condition=Stalled", "--timeout=60s", "ib/dup"],
+        None,
+    );
+    assert!(ok, "{out}");
+    let ib: ImageBuild = env.builds().get("dup").await.expect("get");
+    let s = ib.status.expect("status");
+    let stalled = s.conditions.iter().find(|c| c.type_ == "Stalled").unwrap();
+    assert_eq!(stalled.reason, "InvalidSpec");
+    assert!(
+        stalled.message.contains("spec.platforms[1]"),
+        "{}",
+        stalled.message
+    );
+    assert_eq!(s.phase, Some(Phase::Failed));
+    assert!(env.pods_of("dup").await.is_empty());
+    // An Event says so too.
+    let (ok, out) = env.kubectl(
+        &[
+            "get",
+            "events",
+            "--field-selector",
+            "reason=InvalidSpec",
+            "-o",
+            "name",
+        ],
+        None,
+    );
+    assert!(ok && !out.trim().is_empty(), "{out}");
+    env.cleanup().await;
+}

@@ -1,0 +1,127 @@
+//! Restarts and leader election with real processes.
+
+use std::time::Duration;
+
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::events::v1::Event;
+use kube::api::ListParams;
+use kube::{Api, ResourceExt};
+
+use crate::common::{TestEnv, eventually, http_get, manifest};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+async fn holder(env: &TestEnv) -> Option<String> {
+    let api: Api<Lease> = Api::namespaced(env.client.clone(), &env.ns);
+    api.get_opt("tripod-controller")
+        .await
+        .ok()??
+        .spec?
+        .holder_identity
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarted_controller_creates_no_duplicate_pod() {
+    let mut env = TestEnv::new("restart").await;
+    let c = env.start_controller("first");
+    let (ok, out) = env.kubectl(
+        &["apply", "-f", "-"],
+        Some(&manifest("rs", &["linux/amd64"], "")),
+    );
+    assert!(ok, "{out}");
+    let pod = eventually("one Pod", WAIT, || async {
+        let pods = env.pods_of("rs").await;
+        (pods.len() == 1).then(|| pods[0].clone())
+    })
+    .await;
+    env.kill_controller(c);
+    let c2 = env.start_controller("second");
+    let port = env.controller(c2).metrics_port;
+    eventually("the new controller leads and is ready", WAIT, || async {
+        (http_get(port, "/readyz").await?.0 == 200).then_some(())
+    })
+    .await;
+    // Let it reconcile, then look: the same single Pod.
+    let (ok, out) = env.kubectl(&["annotate", "ib/rs", "example.com/poke=1"], None);
+    assert!(ok, "{out}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let pods = env.pods_of("rs").await;
+    assert_eq!(
+        pods.len(),
+        1,
+        "{:?}",
+        pods.iter().map(|p| p.name_any()).collect::<Vec<_>>()
+    );
+    assert_eq!(pods[0].uid(), pod.uid());
+    assert_eq!(holder(&env).await.as_deref(), Some("second"));
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_leader_writes_and_a_standby_takes_over() {
+    let mut env = TestEnv::new("leader").await;
+    let a = env.start_controller("replica-a");
+    let port_a = env.controller(a).metrics_port;
+    eventually("replica-a leads", WAIT, || async {
+        (http_get(port_a, "/readyz").await?.0 == 200).then_some(())
+    })
+    .await;
+    let b = env.start_controller("replica-b");
+    let port_b = env.controller(b).metrics_port;
+    eventually("replica-b serves health", WAIT, || async {
+        (http_get(port_b, "/healthz").await?.0 == 200).then_some(())
+    })
+    .await;
+    assert_eq!(http_get(port_b, "/readyz").await.map(|r| r.0), Some(503));
+    assert_eq!(holder(&env).await.as_deref(), Some("replica-a"));
+
+    let (ok, out) = env.kubectl(
+        &["apply", "-f", "-"],
+        Some(&manifest("ld", &["linux/amd64"], "")),
+    );
+    assert!(ok, "{out}");
+    eventually("one Pod", WAIT, || async {
+        (env.pods_of("ld").await.len() == 1).then_some(())
+    })
+    .await;
+    let events: Api<Event> = Api::namespaced(env.client.clone(), &env.ns);
+    let evs = eventually("events", WAIT, || async {
+        let evs = events.list(&ListParams::default()).await.ok()?.items;
+        (!evs.is_empty()).then_some(evs)
+    })
+    .await;
+    for ev in &evs {
+        assert_eq!(
+            ev.reporting_instance.as_deref(),
+            Some("replica-a"),
+            "{ev:?}"
+        );
+    }
+    // The standby wrote nothing: its log shows no reconcile.
+    assert!(!env.controller_log(b).contains("created build Pod"));
+
+    // The leader dies; the standby takes over and handles a change.
+    env.kill_controller(a);
+    eventually("replica-b leads", WAIT, || async {
+        (http_get(port_b, "/readyz").await?.0 == 200).then_some(())
+    })
+    .await;
+    assert_eq!(holder(&env).await.as_deref(), Some("replica-b"));
+    let (ok, out) = env.kubectl(
+        &[
+            "patch",
+            "ib/ld",
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"target":"final"}}"#,
+        ],
+        None,
+    );
+    assert!(ok, "{out}");
+    eventually("generation-2 Pod from replica-b", WAIT, || async {
+        let pods = env.pods_of("ld").await;
+        (pods.len() == 1 && pods[0].name_any() == "ld-2-linux-amd64-1").then_some(())
+    })
+    .await;
+    env.cleanup().await;
+}

@@ -1,0 +1,10 @@
+//! End-to-end tests against a real control plane: etcd, kube-apiserver,
+//! kube-scheduler and kube-controller-manager (garbage collector) built from
+//! the Kubernetes Go modules, with fake nodes. Each test has its own
+//! namespace and starts its own `tripod controller` process(es).
+
+mod common;
+
+mod api_validation;
+mod controller;
+mod leadership;
