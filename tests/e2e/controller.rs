@@ -88,12 +88,15 @@ async fn each_platform_is_scheduled_on_a_matching_node() {
         (building == 3 && darwin.message.is_some()).then_some(s)
     })
     .await;
-    assert_eq!(status.phase, Some(Phase::Scheduling));
+    // Three platforms build, darwin waits for a runner.
+    assert_eq!(status.phase, Some(Phase::Building));
     let darwin = status
         .platforms
         .iter()
         .find(|p| p.platform == "darwin/arm64")
         .unwrap();
+    assert_eq!(darwin.phase, Phase::Scheduling);
+    assert!(darwin.executor.is_none());
     let msg = darwin.message.clone().unwrap();
     assert!(
         msg.contains("os=darwin, arch=arm64") && msg.contains("none is registered"),

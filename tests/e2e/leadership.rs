@@ -87,10 +87,17 @@ async fn only_the_leader_writes_and_a_standby_takes_over() {
     let events: Api<Event> = Api::namespaced(env.client.clone(), &env.ns);
     let evs = eventually("events", WAIT, || async {
         let evs = events.list(&ListParams::default()).await.ok()?.items;
-        (!evs.is_empty()).then_some(evs)
+        evs.iter()
+            .any(|e| e.reporting_controller.as_deref() == Some("tripod-controller"))
+            .then_some(evs)
     })
     .await;
-    for ev in &evs {
+    let ours: Vec<&Event> = evs
+        .iter()
+        .filter(|e| e.reporting_controller.as_deref() == Some("tripod-controller"))
+        .collect();
+    assert!(!ours.is_empty(), "no Event from tripod-controller: {evs:?}");
+    for ev in ours {
         assert_eq!(
             ev.reporting_instance.as_deref(),
             Some("replica-a"),
