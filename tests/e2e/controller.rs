@@ -418,6 +418,24 @@ async fn invalid_spec_stalls_and_kubectl_wait_sees_it() {
     );
     assert_eq!(s.phase, Some(Phase::Failed));
     assert!(env.pods_of("dup").await.is_empty());
+    // The status is owned by one field manager, through server-side apply.
+    let managers: Vec<(String, String)> = ib
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .filter(|m| m.subresource.as_deref() == Some("status"))
+        .map(|m| {
+            (
+                m.manager.clone().unwrap_or_default(),
+                m.operation.clone().unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        managers,
+        [("tripod-controller".to_string(), "Apply".to_string())]
+    );
     // An Event says so too.
     let (ok, out) = env.kubectl(
         &[
