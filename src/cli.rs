@@ -34,8 +34,55 @@ pub enum Command {
     Controller(Box<ControllerConfig>),
     /// Print the CustomResourceDefinitions as YAML.
     Crds,
+    /// Run the builder: a gRPC server (mTLS on loopback) around buildah.
+    Buildd(BuilddArgs),
     /// A local Tripod on this machine: control plane, nodes and controller.
     Dev(DevArgs),
+}
+
+/// `tripod buildd`.
+#[derive(Args, Debug)]
+pub struct BuilddArgs {
+    /// Address to listen on (loopback; port 0 picks a free one).
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    pub listen: std::net::SocketAddr,
+    /// TLS directory (mode 0700): CA, server and client certificates, created
+    /// when empty. Default: `$TRIPOD_WORKSPACE/.buildd-tls`.
+    #[arg(long, env = "TRIPOD_BUILDD_TLS_DIR")]
+    pub tls_dir: Option<PathBuf>,
+    /// The build backend.
+    #[arg(long, value_enum, default_value_t = BackendKind::Buildah)]
+    pub backend: BackendKind,
+    /// The buildah program.
+    #[arg(long, default_value = "buildah")]
+    pub buildah: PathBuf,
+    /// Image storage root.
+    #[arg(
+        long,
+        env = "TRIPOD_BUILDAH_ROOT",
+        default_value = "/var/lib/containers/storage"
+    )]
+    pub storage_root: PathBuf,
+    /// Runtime state root.
+    #[arg(
+        long,
+        env = "TRIPOD_BUILDAH_RUNROOT",
+        default_value = "/run/containers/storage"
+    )]
+    pub runroot: PathBuf,
+    /// Storage driver: vfs or overlay.
+    #[arg(long, default_value = "vfs")]
+    pub storage_driver: String,
+    /// Scratch directory for per-build files. Default: a directory under the TLS directory's parent.
+    #[arg(long)]
+    pub work_dir: Option<PathBuf>,
+}
+
+/// Build backends.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendKind {
+    /// buildah (Linux).
+    Buildah,
 }
 
 /// `tripod dev`.
@@ -83,6 +130,9 @@ pub fn run(cli: Cli) -> ExitCode {
             rt.block_on(crate::controller::run(*cfg))
                 .map_err(Into::into)
         }),
+        Command::Buildd(args) => {
+            runtime().and_then(|rt| rt.block_on(crate::buildd::run(args)).map_err(Into::into))
+        }
         Command::Dev(args) => runtime().and_then(|rt| {
             rt.block_on(crate::dev::run(args.command))
                 .map_err(Into::into)

@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod buildd;
 pub mod cli;
 pub mod controller;
 pub mod dev;
@@ -10,6 +11,8 @@ pub mod http;
 pub mod leader;
 pub mod metrics;
 pub mod platform;
+pub mod proto;
 pub mod reference;
 pub mod telemetry;
 pub mod testenv;
+pub mod tls;

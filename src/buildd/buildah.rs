@@ -1,0 +1,420 @@
+//! The buildah backend: `buildah bud` with chroot isolation, then `buildah
+//! push` with a digest file. Runs without `privileged` and without
+//! CAP_SYS_ADMIN (chroot isolation, vfs or overlay storage).
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Command;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::{Backend, BuildEvent, BuildFailure, BuildOutput, BuildSpec, parse_step};
+use crate::platform::Os;
+
+const LAST_LINES: usize = 20;
+
+/// Settings of the buildah backend.
+#[derive(Debug, Clone)]
+pub struct Buildah {
+    /// The `buildah` program.
+    pub program: PathBuf,
+    /// Image storage root (`--root`).
+    pub root: PathBuf,
+    /// Runtime state root (`--runroot`).
+    pub runroot: PathBuf,
+    /// Storage driver: `vfs` (works everywhere) or `overlay`.
+    pub storage_driver: String,
+    /// Scratch space for per-build files (credentials).
+    pub work_dir: PathBuf,
+}
+
+impl Buildah {
+    fn command(&self) -> Command {
+        let mut cmd = Command::new(&self.program);
+        cmd.arg("--root")
+            .arg(&self.root)
+            .arg("--runroot")
+            .arg(&self.runroot)
+            .arg("--storage-driver")
+            .arg(&self.storage_driver);
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(true);
+        cmd
+    }
+
+    /// The `bud` arguments of a build (after the global options).
+    pub fn bud_args(spec: &BuildSpec, authfile: Option<&Path>) -> Vec<String> {
+        let mut args = vec![
+            "bud".to_string(),
+            "--isolation".into(),
+            "chroot".into(),
+            "--layers".into(),
+            "--platform".into(),
+            spec.platform.to_string(),
+            "-f".into(),
+            dockerfile_path(spec).display().to_string(),
+        ];
+        if let Some(t) = &spec.target {
+            args.push("--target".into());
+            args.push(t.clone());
+        }
+        for (k, v) in &spec.build_args {
+            args.push("--build-arg".into());
+            args.push(format!("{k}={v}"));
+        }
+        for (k, v) in &spec.labels {
+            args.push("--label".into());
+            args.push(format!("{k}={v}"));
+        }
+        if let Some(cache) = &spec.cache_image {
+            args.extend([
+                "--cache-from".into(),
+                cache.clone(),
+                "--cache-to".into(),
+                cache.clone(),
+            ]);
+        }
+        if spec.insecure {
+            args.push("--tls-verify=false".into());
+        }
+        if let Some(a) = authfile {
+            args.push("--authfile".into());
+            args.push(a.display().to_string());
+        }
+        for tag in &spec.tags {
+            args.push("-t".into());
+            args.push(tag.clone());
+        }
+        args.push(spec.context_dir.display().to_string());
+        args
+    }
+}
+
+fn dockerfile_path(spec: &BuildSpec) -> PathBuf {
+    if spec.dockerfile.is_absolute() {
+        spec.dockerfile.clone()
+    } else {
+        spec.context_dir.join(&spec.dockerfile)
+    }
+}
+
+/// Output of one buildah run.
+struct Run {
+    ok: bool,
+    cancelled: bool,
+    code: Option<i32>,
+    last_lines: Vec<String>,
+    last_step: Option<String>,
+}
+
+async fn run(
+    mut cmd: Command,
+    events: &mpsc::Sender<BuildEvent>,
+    cancel: &CancellationToken,
+) -> Result<Run, BuildFailure> {
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| BuildFailure::Internal(format!("cannot run buildah: {e}")))?;
+    let pid = child.id();
+    let (line_tx, mut line_rx) = mpsc::channel::<String>(256);
+    if let Some(out) = child.stdout.take() {
+        let tx = line_tx.clone();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(out).lines();
+            while let Ok(Some(l)) = lines.next_line().await {
+                if tx.send(l).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    if let Some(err) = child.stderr.take() {
+        let tx = line_tx.clone();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(err).lines();
+            while let Ok(Some(l)) = lines.next_line().await {
+                if tx.send(l).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    drop(line_tx);
+    let mut last: VecDeque<String> = VecDeque::with_capacity(LAST_LINES);
+    let mut last_step = None;
+    let mut cancelled = false;
+    loop {
+        tokio::select! {
+            line = line_rx.recv() => {
+                let Some(line) = line else { break };
+                if let Some(step @ BuildEvent::Step { .. }) = parse_step(&line) {
+                    if let BuildEvent::Step { text, .. } = &step {
+                        last_step = Some(text.clone());
+                    }
+                    let _ = events.send(step).await;
+                }
+                if last.len() == LAST_LINES {
+                    last.pop_front();
+                }
+                last.push_back(line.clone());
+                let _ = events.send(BuildEvent::Log(line)).await;
+            }
+            _ = cancel.cancelled(), if !cancelled => {
+                cancelled = true;
+                if let Some(pid) = pid {
+                    terminate_group(pid).await;
+                }
+            }
+        }
+    }
+    let status = child
+        .wait()
+        .await
+        .map_err(|e| BuildFailure::Internal(format!("waiting for buildah: {e}")))?;
+    Ok(Run {
+        ok: status.success(),
+        cancelled,
+        code: status.code(),
+        last_lines: last.into_iter().collect(),
+        last_step,
+    })
+}
+
+/// SIGTERM to the process group, SIGKILL after 10 s.
+async fn terminate_group(pid: u32) {
+    let group = format!("-{pid}");
+    let _ = Command::new("kill")
+        .args(["-TERM", "--", &group])
+        .status()
+        .await;
+    let alive = || Path::new(&format!("/proc/{pid}")).exists();
+    for _ in 0..100 {
+        if !alive() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = Command::new("kill")
+        .args(["-KILL", "--", &group])
+        .status()
+        .await;
+}
+
+fn failure_message(run: &Run) -> String {
+    run.last_lines
+        .iter()
+        .rev()
+        .find(|l| l.to_lowercase().contains("error"))
+        .cloned()
+        .unwrap_or_else(|| format!("buildah exited with code {}", run.code.unwrap_or(-1)))
+}
+
+impl Backend for Buildah {
+    async fn build(
+        &self,
+        spec: BuildSpec,
+        events: mpsc::Sender<BuildEvent>,
+        cancel: CancellationToken,
+    ) -> Result<BuildOutput, BuildFailure> {
+        if spec.platform.os() != Os::Linux {
+            return Err(BuildFailure::Invalid(format!(
+                "platform {}: the buildah backend builds linux platforms only",
+                spec.platform
+            )));
+        }
+        if spec.tags.is_empty() {
+            return Err(BuildFailure::Invalid(
+                "tags: at least one reference to push".into(),
+            ));
+        }
+        if !spec.context_dir.is_dir() {
+            return Err(BuildFailure::Invalid(format!(
+                "context_dir: {} is not a directory",
+                spec.context_dir.display()
+            )));
+        }
+        let dockerfile = dockerfile_path(&spec);
+        if !dockerfile.is_file() {
+            return Err(BuildFailure::Invalid(format!(
+                "dockerfile: {} does not exist",
+                dockerfile.display()
+            )));
+        }
+        let work = self.work_dir.join(sanitize(&spec.build_id));
+        std::fs::create_dir_all(&work)
+            .map_err(|e| BuildFailure::Internal(format!("create {}: {e}", work.display())))?;
+        let result = self.build_in(&spec, &work, &events, &cancel).await;
+        let _ = std::fs::remove_dir_all(&work);
+        result
+    }
+}
+
+impl Buildah {
+    async fn build_in(
+        &self,
+        spec: &BuildSpec,
+        work: &Path,
+        events: &mpsc::Sender<BuildEvent>,
+        cancel: &CancellationToken,
+    ) -> Result<BuildOutput, BuildFailure> {
+        let authfile = match &spec.docker_config_json {
+            Some(json) => {
+                let path = work.join("auth.json");
+                write_private(&path, json)?;
+                Some(path)
+            }
+            None => None,
+        };
+        let mut bud = self.command();
+        bud.args(Self::bud_args(spec, authfile.as_deref()));
+        let run_bud = run(bud, events, cancel).await?;
+        if run_bud.cancelled {
+            return Err(BuildFailure::Cancelled);
+        }
+        if !run_bud.ok {
+            return Err(BuildFailure::StepFailed {
+                step: run_bud.last_step.clone().unwrap_or_else(|| "build".into()),
+                message: failure_message(&run_bud),
+                last_lines: run_bud.last_lines,
+            });
+        }
+
+        let mut first_digest = None;
+        for (i, tag) in spec.tags.iter().enumerate() {
+            let digest_file = work.join(format!("digest-{i}"));
+            let mut push = self.command();
+            push.arg("push").arg("--digestfile").arg(&digest_file);
+            if spec.insecure {
+                push.arg("--tls-verify=false");
+            }
+            if let Some(a) = &authfile {
+                push.arg("--authfile").arg(a);
+            }
+            push.arg(tag).arg(format!("docker://{tag}"));
+            let _ = events.send(BuildEvent::Log(format!("pushing {tag}"))).await;
+            let r = run(push, events, cancel).await?;
+            if r.cancelled {
+                return Err(BuildFailure::Cancelled);
+            }
+            if !r.ok {
+                return Err(BuildFailure::PushFailed {
+                    reference: tag.clone(),
+                    message: failure_message(&r),
+                    last_lines: r.last_lines,
+                });
+            }
+            if first_digest.is_none() {
+                let d = std::fs::read_to_string(&digest_file).map_err(|e| {
+                    BuildFailure::Internal(format!(
+                        "read digest file {}: {e}",
+                        digest_file.display()
+                    ))
+                })?;
+                first_digest = Some(d.trim().to_string());
+            }
+        }
+        let digest = first_digest.unwrap_or_default();
+        if !digest.starts_with("sha256:") {
+            return Err(BuildFailure::Internal(format!(
+                "buildah reported no digest ({digest:?})"
+            )));
+        }
+        let size = self.image_size(&spec.tags[0]).await.unwrap_or(0);
+        Ok(BuildOutput {
+            digest,
+            size,
+            reference: spec.tags[0].clone(),
+        })
+    }
+
+    /// Sum of config and layer sizes in the local manifest of `image`.
+    async fn image_size(&self, image: &str) -> Option<i64> {
+        let mut cmd = self.command();
+        cmd.args(["inspect", "--type", "image", image]);
+        let out = cmd.output().await.ok()?;
+        let info: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        let manifest: serde_json::Value =
+            serde_json::from_str(info.get("Manifest")?.as_str()?).ok()?;
+        let config = manifest.pointer("/config/size")?.as_i64()?;
+        let layers: i64 = manifest
+            .get("layers")?
+            .as_array()?
+            .iter()
+            .filter_map(|l| l.get("size")?.as_i64())
+            .sum();
+        Some(config + layers)
+    }
+}
+
+fn sanitize(id: &str) -> String {
+    let s: String = id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(64)
+        .collect();
+    if s.is_empty() { "build".into() } else { s }
+}
+
+fn write_private(path: &Path, data: &[u8]) -> Result<(), BuildFailure> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| BuildFailure::Internal(format!("write {}: {e}", path.display())))?;
+    f.write_all(data)
+        .map_err(|e| BuildFailure::Internal(format!("write {}: {e}", path.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn bud_arguments_carry_the_request() {
+        let spec = BuildSpec {
+            build_id: "b".into(),
+            context_dir: "/ctx".into(),
+            dockerfile: "sub/Dockerfile".into(),
+            target: Some("final".into()),
+            build_args: vec![("VERSION".into(), "1.2".into())],
+            labels: BTreeMap::from([("org.opencontainers.image.source".into(), "x".into())]),
+            platform: "linux/arm64".parse().unwrap(),
+            tags: vec!["r/a:1".into(), "r/a:latest".into()],
+            cache_image: Some("r/cache".into()),
+            docker_config_json: None,
+            insecure: true,
+        };
+        let args = Buildah::bud_args(&spec, Some(Path::new("/w/auth.json")));
+        let joined = args.join(" ");
+        for want in [
+            "bud --isolation chroot --layers --platform linux/arm64 -f /ctx/sub/Dockerfile",
+            "--target final",
+            "--build-arg VERSION=1.2",
+            "--label org.opencontainers.image.source=x",
+            "--cache-from r/cache --cache-to r/cache",
+            "--tls-verify=false",
+            "--authfile /w/auth.json",
+            "-t r/a:1 -t r/a:latest /ctx",
+        ] {
+            assert!(joined.contains(want), "{want} missing in {joined}");
+        }
+    }
+}

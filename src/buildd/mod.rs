@@ -1,0 +1,187 @@
+//! `tripod buildd`: the builder. A gRPC server (`tripod.buildd.v1.Builder`,
+//! mTLS on loopback) around a backend; buildah on Linux.
+//!
+//! Domain types here are free of proto: [`server`] converts.
+
+pub mod buildah;
+pub mod server;
+pub mod spawn;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use crate::platform::Platform;
+
+/// One build, as buildd understands it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BuildSpec {
+    /// Unique ID of the build attempt.
+    pub build_id: String,
+    /// Directory holding the build context.
+    pub context_dir: PathBuf,
+    /// Dockerfile path (absolute, or relative to the context).
+    pub dockerfile: PathBuf,
+    /// Multi-stage target.
+    pub target: Option<String>,
+    /// Build arguments, in order.
+    pub build_args: Vec<(String, String)>,
+    /// Labels for the image config.
+    pub labels: BTreeMap<String, String>,
+    /// The platform to build.
+    pub platform: Platform,
+    /// References to push; the first one's digest is the result.
+    pub tags: Vec<String>,
+    /// Layer cache repository.
+    pub cache_image: Option<String>,
+    /// A docker config.json with credentials.
+    pub docker_config_json: Option<Vec<u8>>,
+    /// Plain HTTP / no TLS verification to registries.
+    pub insecure: bool,
+}
+
+/// Progress of a build.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BuildEvent {
+    /// A Dockerfile step started.
+    Step {
+        /// e.g. `STEP 3/7: RUN make`.
+        text: String,
+        /// 1-based index.
+        index: u32,
+        /// Number of steps.
+        total: u32,
+    },
+    /// A line of builder output.
+    Log(String),
+}
+
+/// A pushed image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuildOutput {
+    /// Manifest digest reported by the push.
+    pub digest: String,
+    /// Compressed size of config and layers.
+    pub size: i64,
+    /// The first pushed reference.
+    pub reference: String,
+}
+
+/// Why a build did not produce an image.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BuildFailure {
+    /// A Dockerfile step failed.
+    #[error("{step}: {message}")]
+    StepFailed {
+        /// The step, e.g. `STEP 2/3: RUN false`.
+        step: String,
+        /// What the builder said.
+        message: String,
+        /// The last lines of output.
+        last_lines: Vec<String>,
+    },
+    /// Pushing to the registry failed.
+    #[error("push to {reference} failed: {message}")]
+    PushFailed {
+        /// The reference being pushed.
+        reference: String,
+        /// What the builder said.
+        message: String,
+        /// The last lines of output.
+        last_lines: Vec<String>,
+    },
+    /// The request cannot be built.
+    #[error("invalid build request: {0}")]
+    Invalid(String),
+    /// The build was cancelled.
+    #[error("cancelled")]
+    Cancelled,
+    /// The builder itself failed.
+    #[error("builder failure: {0}")]
+    Internal(String),
+}
+
+/// A way to build images.
+pub trait Backend: Send + Sync + 'static {
+    /// Builds and pushes `spec`, sending progress to `events`, until done or
+    /// `cancel` fires.
+    fn build(
+        &self,
+        spec: BuildSpec,
+        events: tokio::sync::mpsc::Sender<BuildEvent>,
+        cancel: tokio_util::sync::CancellationToken,
+    ) -> impl std::future::Future<Output = Result<BuildOutput, BuildFailure>> + Send;
+}
+
+/// Parses buildah's `STEP n/m: text` progress lines.
+pub fn parse_step(line: &str) -> Option<BuildEvent> {
+    let rest = line.strip_prefix("STEP ")?;
+    let (counts, _) = rest.split_once(':')?;
+    let (index, total) = counts.split_once('/')?;
+    Some(BuildEvent::Step {
+        text: line.trim().to_string(),
+        index: index.trim().parse().ok()?,
+        total: total.trim().parse().ok()?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_steps() {
+        assert_eq!(
+            parse_step("STEP 2/5: RUN make all"),
+            Some(BuildEvent::Step {
+                text: "STEP 2/5: RUN make all".into(),
+                index: 2,
+                total: 5
+            })
+        );
+        assert_eq!(parse_step("STEP x/5: RUN"), None);
+        assert_eq!(parse_step("Writing manifest"), None);
+    }
+}
+
+/// Errors of `tripod buildd`.
+#[derive(Debug, thiserror::Error)]
+pub enum BuilddError {
+    /// No TLS directory was given or derivable.
+    #[error("--tls-dir is required (or set TRIPOD_WORKSPACE)")]
+    NoTlsDir,
+    /// The server failed.
+    #[error(transparent)]
+    Serve(#[from] server::ServeError),
+}
+
+/// Runs `tripod buildd`.
+pub async fn run(args: crate::cli::BuilddArgs) -> Result<(), BuilddError> {
+    let tls_dir = match args.tls_dir {
+        Some(d) => d,
+        None => std::env::var_os("TRIPOD_WORKSPACE")
+            .map(|w| PathBuf::from(w).join(".buildd-tls"))
+            .ok_or(BuilddError::NoTlsDir)?,
+    };
+    let work_dir = args.work_dir.unwrap_or_else(|| {
+        tls_dir
+            .parent()
+            .map(|p| p.join(".buildd-work"))
+            .unwrap_or_else(|| PathBuf::from("/tmp/tripod-buildd-work"))
+    });
+    let backend = match args.backend {
+        crate::cli::BackendKind::Buildah => buildah::Buildah {
+            program: args.buildah,
+            root: args.storage_root,
+            runroot: args.runroot,
+            storage_driver: args.storage_driver,
+            work_dir,
+        },
+    };
+    server::serve(
+        args.listen,
+        crate::tls::TlsDir::new(tls_dir),
+        server::BuilderService::new(backend),
+    )
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,574 @@
+//! `tripod buildd` with real buildah and a real registry (Debian's
+//! docker-registry): builds, pushes, reports digests the registry confirms,
+//! fails with the failing step, refuses wrong credentials, cancels.
+#![allow(clippy::zombie_processes)] // fixture processes live as long as the test binary
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use tokio_stream::StreamExt;
+use tripod::buildd::spawn;
+use tripod::proto::buildd::v1 as pb;
+use tripod::tls::TlsDir;
+
+struct Fixture {
+    dir: PathBuf,
+    registry: String,
+    auth_registry: String,
+    buildd: SocketAddr,
+    tls: TlsDir,
+    base: String,
+    _children: Vec<Child>,
+}
+
+static FIXTURE: OnceLock<Fixture> = OnceLock::new();
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("port")
+}
+
+fn start_registry(dir: &Path, name: &str, htpasswd: Option<&Path>) -> (String, Child) {
+    let port = free_port();
+    let data = dir.join(format!("{name}-data"));
+    std::fs::create_dir_all(&data).expect("registry dir");
+    let auth = htpasswd
+        .map(|p| {
+            format!(
+                "auth:\n  htpasswd:\n    realm: tripod\n    path: {}\n",
+                p.display()
+            )
+        })
+        .unwrap_or_default();
+    let config = format!(
+        "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n{auth}",
+        data.display()
+    );
+    let cfg = dir.join(format!("{name}.yml"));
+    std::fs::write(&cfg, config).expect("registry config");
+    let log = std::fs::File::create(dir.join(format!("{name}.log"))).expect("log");
+    let mut cmd = tripod::testenv::supervised_command("docker-registry");
+    cmd.arg("serve")
+        .arg(&cfg)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log);
+    let child = tripod::testenv::spawn_supervised(cmd).expect("start docker-registry");
+    let addr = format!("127.0.0.1:{port}");
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(&addr).is_ok() {
+            return (addr, child);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("registry {name} did not listen");
+}
+
+/// A plain HTTP request to a registry: (status, headers, body).
+fn http(addr: &str, method: &str, path: &str, accept: &str) -> (u16, String, Vec<u8>) {
+    let mut s = std::net::TcpStream::connect(addr).expect("connect registry");
+    write!(
+        s,
+        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nAccept: {accept}\r\n\r\n"
+    )
+    .expect("write");
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).expect("read");
+    let split = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or(buf.len());
+    let head = String::from_utf8_lossy(&buf[..split]).to_string();
+    let body = buf.get(split + 4..).unwrap_or_default().to_vec();
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (code, head, body)
+}
+
+const MANIFEST_TYPES: &str = "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json";
+
+/// The digest the registry answers for `repo:tag`.
+fn registry_digest(addr: &str, repo: &str, tag: &str) -> Option<String> {
+    let (code, head, _) = http(
+        addr,
+        "HEAD",
+        &format!("/v2/{repo}/manifests/{tag}"),
+        MANIFEST_TYPES,
+    );
+    if code != 200 {
+        return None;
+    }
+    head.lines()
+        .find_map(|l| {
+            l.strip_prefix("Docker-Content-Digest: ")
+                .or_else(|| l.strip_prefix("docker-content-digest: "))
+        })
+        .map(|d| d.trim().to_string())
+}
+
+/// The image config JSON of `repo:tag`.
+fn image_config(addr: &str, repo: &str, tag: &str) -> serde_json::Value {
+    let (code, _, body) = http(
+        addr,
+        "GET",
+        &format!("/v2/{repo}/manifests/{tag}"),
+        MANIFEST_TYPES,
+    );
+    assert_eq!(code, 200);
+    let manifest: serde_json::Value = serde_json::from_slice(&body).expect("manifest json");
+    let config = manifest["config"]["digest"]
+        .as_str()
+        .expect("config digest");
+    let (code, _, body) = http(addr, "GET", &format!("/v2/{repo}/blobs/{config}"), "*/*");
+    assert_eq!(code, 200);
+    serde_json::from_slice(&body).expect("config json")
+}
+
+fn fixture() -> &'static Fixture {
+    FIXTURE.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("tripod-buildd-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("fixture dir");
+        let (registry, r1) = start_registry(&dir, "registry", None);
+        let htpasswd = dir.join("htpasswd");
+        let out = Command::new("htpasswd")
+            .args(["-Bbn", "builder", "s3cret"])
+            .output()
+            .expect("htpasswd (apache2-utils)");
+        std::fs::write(&htpasswd, &out.stdout).expect("htpasswd file");
+        let (auth_registry, r2) = start_registry(&dir, "auth-registry", Some(&htpasswd));
+
+        let tls_dir = dir.join("tls");
+        let mut cmd = tripod::testenv::supervised_command(env!("CARGO_BIN_EXE_tripod"));
+        cmd.args(["buildd", "--listen", "127.0.0.1:0", "--tls-dir"])
+            .arg(&tls_dir)
+            .arg("--storage-root")
+            .arg(dir.join("storage"))
+            .arg("--runroot")
+            .arg(dir.join("run"))
+            .arg("--work-dir")
+            .arg(dir.join("work"))
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(dir.join("buildd.log")).expect("log"));
+        let mut child = tripod::testenv::spawn_supervised(cmd).expect("start buildd");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let buildd = loop {
+            let line = lines
+                .next()
+                .expect("buildd exited before LISTENING")
+                .expect("read");
+            if let Some(addr) = spawn::parse_listening(&line) {
+                break addr;
+            }
+        };
+        std::thread::spawn(move || for _ in lines {});
+
+        // A base image with a shell: busybox from Debian's busybox-static.
+        let ctx = dir.join("base-ctx");
+        std::fs::create_dir_all(ctx.join("rootfs/bin")).expect("rootfs");
+        std::fs::copy("/bin/busybox", ctx.join("rootfs/bin/busybox")).expect("busybox-static");
+        for applet in ["sh", "echo", "cat", "false", "true", "sleep", "test", "ls"] {
+            std::os::unix::fs::symlink("busybox", ctx.join("rootfs/bin").join(applet))
+                .expect("symlink");
+        }
+        std::fs::write(
+            ctx.join("Dockerfile"),
+            "FROM scratch\nCOPY rootfs/ /\nENV PATH=/bin\n",
+        )
+        .expect("Dockerfile");
+        let base = format!("{registry}/base/busybox:1");
+        let fx = Fixture {
+            dir,
+            registry,
+            auth_registry,
+            buildd,
+            tls: TlsDir::new(tls_dir),
+            base: base.clone(),
+            _children: vec![r1, r2, child],
+        };
+        // Built on a thread of its own: tests call this from inside their runtime.
+        let req = request(&fx, "base", &ctx, vec![base]);
+        let (buildd, tls) = (fx.buildd, fx.tls.clone());
+        let outcome = std::thread::spawn(move || {
+            let rt = tokio::runtime::Runtime::new().expect("runtime");
+            rt.block_on(build_at(buildd, &tls, req))
+        })
+        .join()
+        .expect("base build thread");
+        assert!(outcome.result.is_some(), "base image: {outcome:?}");
+        fx
+    })
+}
+
+fn request(fx: &Fixture, id: &str, ctx: &Path, tags: Vec<String>) -> pb::BuildRequest {
+    let _ = fx;
+    pb::BuildRequest {
+        build_id: format!("{id}-{}", std::process::id()),
+        context_dir: ctx.display().to_string(),
+        dockerfile: "Dockerfile".into(),
+        platform: "linux/amd64".into(),
+        tags,
+        insecure: true,
+        ..Default::default()
+    }
+}
+
+fn context(fx: &Fixture, name: &str, dockerfile: &str, files: &[(&str, &str)]) -> PathBuf {
+    let ctx = fx.dir.join(format!("ctx-{name}"));
+    std::fs::create_dir_all(&ctx).expect("ctx");
+    std::fs::write(ctx.join("Dockerfile"), dockerfile.replace("BASE", &fx.base))
+        .expect("Dockerfile");
+    for (n, c) in files {
+        std::fs::write(ctx.join(n), c).expect("file");
+    }
+    ctx
+}
+
+#[derive(Debug, Default)]
+struct Outcome {
+    steps: Vec<String>,
+    logs: Vec<String>,
+    result: Option<pb::BuildResult>,
+    failure: Option<pb::BuildFailure>,
+}
+
+async fn build(fx: &Fixture, req: pb::BuildRequest) -> Outcome {
+    build_at(fx.buildd, &fx.tls, req).await
+}
+
+async fn build_at(addr: SocketAddr, tls: &TlsDir, req: pb::BuildRequest) -> Outcome {
+    let mut client = spawn::connect(addr, tls).await.expect("mTLS connect");
+    let mut stream = client.build(req).await.expect("Build").into_inner();
+    let mut out = Outcome::default();
+    while let Some(ev) = stream.next().await {
+        match ev.expect("event").event {
+            Some(pb::build_event::Event::Step(s)) => out.steps.push(s.text),
+            Some(pb::build_event::Event::Log(l)) => out.logs.push(l.line),
+            Some(pb::build_event::Event::Result(r)) => out.result = Some(r),
+            Some(pb::build_event::Event::Failure(f)) => out.failure = Some(f),
+            None => {}
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn inline_build_digest_is_what_the_registry_answers() {
+    let fx = fixture();
+    let ctx = context(
+        fx,
+        "hello",
+        "FROM scratch\nCOPY hello.txt /hello.txt\n",
+        &[("hello.txt", "hi\n")],
+    );
+    let tag = format!("{}/team/hello:1", fx.registry);
+    let mut req = request(
+        fx,
+        "hello",
+        &ctx,
+        vec![tag.clone(), format!("{}/team/hello:latest", fx.registry)],
+    );
+    req.labels
+        .insert("org.opencontainers.image.title".into(), "hello".into());
+    let out = build(fx, req).await;
+    let result = out
+        .result
+        .unwrap_or_else(|| panic!("no result: {:?}", out.failure));
+    assert!(
+        out.steps.iter().any(|s| s.contains("COPY hello.txt")),
+        "{:?}",
+        out.steps
+    );
+    assert_eq!(result.reference, tag);
+    assert!(result.size > 0);
+    let confirmed = registry_digest(&fx.registry, "team/hello", "1");
+    assert_eq!(confirmed.as_deref(), Some(result.digest.as_str()));
+    assert_eq!(
+        registry_digest(&fx.registry, "team/hello", "latest").as_deref(),
+        Some(result.digest.as_str())
+    );
+    let config = image_config(&fx.registry, "team/hello", "1");
+    assert_eq!(
+        config["config"]["Labels"]["org.opencontainers.image.title"],
+        "hello"
+    );
+}
+
+#[tokio::test]
+async fn multi_stage_target_and_build_args_reach_the_image() {
+    let fx = fixture();
+    let dockerfile = "FROM BASE AS build\nARG VERSION=0\nRUN echo \"version=$VERSION\" > /version\n\
+                      FROM BASE AS final\nARG VERSION=0\nLABEL app.version=$VERSION\nENV APP_VERSION=$VERSION\nCOPY --from=build /version /version\n\
+                      FROM BASE AS broken\nRUN false\n";
+    let ctx = context(fx, "multi", dockerfile, &[]);
+    let mut req = request(
+        fx,
+        "multi",
+        &ctx,
+        vec![format!("{}/team/multi:1", fx.registry)],
+    );
+    req.target = "final".into();
+    req.build_args.push(pb::BuildArg {
+        name: "VERSION".into(),
+        value: "1.2.3".into(),
+    });
+    let out = build(fx, req).await;
+    let result = out
+        .result
+        .unwrap_or_else(|| panic!("no result: {:?} {:?}", out.failure, out.logs));
+    assert_eq!(
+        registry_digest(&fx.registry, "team/multi", "1").as_deref(),
+        Some(result.digest.as_str())
+    );
+    let config = image_config(&fx.registry, "team/multi", "1");
+    assert_eq!(
+        config["config"]["Labels"]["app.version"], "1.2.3",
+        "{config}"
+    );
+    let env = config["config"]["Env"].to_string();
+    assert!(env.contains("APP_VERSION=1.2.3"), "{env}");
+    assert!(
+        !out.steps.iter().any(|s| s.contains("RUN false")),
+        "the broken stage was built: {:?}",
+        out.steps
+    );
+}
+
+#[tokio::test]
+async fn failing_run_names_the_step() {
+    let fx = fixture();
+    let ctx = context(
+        fx,
+        "fail",
+        "FROM BASE\nRUN echo about to fail && false\nRUN echo never\n",
+        &[],
+    );
+    let out = build(
+        fx,
+        request(
+            fx,
+            "fail",
+            &ctx,
+            vec![format!("{}/team/fail:1", fx.registry)],
+        ),
+    )
+    .await;
+    assert!(out.result.is_none());
+    let f = out.failure.expect("failure");
+    assert_eq!(f.reason(), pb::FailureReason::StepFailed);
+    assert!(f.step.contains("RUN echo about to fail && false"), "{f:?}");
+    assert!(
+        f.last_lines.iter().any(|l| l.contains("about to fail")),
+        "{f:?}"
+    );
+    assert!(registry_digest(&fx.registry, "team/fail", "1").is_none());
+}
+
+#[tokio::test]
+async fn wrong_credentials_fail_the_push_and_right_ones_succeed() {
+    let fx = fixture();
+    let ctx = context(fx, "auth", "FROM scratch\nCOPY a /a\n", &[("a", "a")]);
+    let creds = |user: &str, pass: &str| {
+        use std::fmt::Write as _;
+        let token = base64(&format!("{user}:{pass}"));
+        let mut s = String::new();
+        let _ = write!(
+            s,
+            r#"{{"auths":{{"{}":{{"auth":"{token}"}}}}}}"#,
+            fx.auth_registry
+        );
+        s.into_bytes()
+    };
+    let tag = format!("{}/team/private:1", fx.auth_registry);
+    let mut req = request(fx, "auth-bad", &ctx, vec![tag.clone()]);
+    req.docker_config_json = creds("builder", "wrong");
+    let out = build(fx, req).await;
+    let f = out.failure.expect("push must fail");
+    assert_eq!(f.reason(), pb::FailureReason::PushFailed);
+    let text = format!("{} {}", f.message, f.last_lines.join(" ")).to_lowercase();
+    assert!(
+        text.contains("unauthorized") || text.contains("authentication required"),
+        "{f:?}"
+    );
+
+    let mut req = request(fx, "auth-good", &ctx, vec![tag]);
+    req.docker_config_json = creds("builder", "s3cret");
+    let out = build(fx, req).await;
+    assert!(out.result.is_some(), "{:?}", out.failure);
+}
+
+fn base64(s: &str) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let b = s.as_bytes();
+    let mut out = String::new();
+    for chunk in b.chunks(3) {
+        let n = (u32::from(chunk[0]) << 16)
+            | (u32::from(*chunk.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*chunk.get(2).unwrap_or(&0));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(T[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn cancel_stops_the_build() {
+    let fx = fixture();
+    let ctx = context(
+        fx,
+        "slow",
+        "FROM BASE\nRUN echo started-slow && sleep 120\n",
+        &[],
+    );
+    let req = request(
+        fx,
+        "slow",
+        &ctx,
+        vec![format!("{}/team/slow:1", fx.registry)],
+    );
+    let id = req.build_id.clone();
+    let mut client = spawn::connect(fx.buildd, &fx.tls).await.expect("connect");
+    let mut stream = client.build(req).await.expect("Build").into_inner();
+    let started = std::time::Instant::now();
+    let mut failure = None;
+    let mut cancelled = false;
+    while let Some(ev) = stream.next().await {
+        match ev.expect("event").event {
+            Some(pb::build_event::Event::Log(l))
+                if l.line.contains("started-slow") && !cancelled =>
+            {
+                let r = client
+                    .cancel(pb::CancelRequest {
+                        build_id: id.clone(),
+                    })
+                    .await
+                    .expect("Cancel");
+                assert!(r.into_inner().cancelled);
+                cancelled = true;
+            }
+            Some(pb::build_event::Event::Failure(f)) => failure = Some(f),
+            Some(pb::build_event::Event::Result(r)) => panic!("cancelled build succeeded: {r:?}"),
+            _ => {}
+        }
+    }
+    assert!(cancelled, "the RUN step never started");
+    assert_eq!(
+        failure.expect("failure").reason(),
+        pb::FailureReason::Cancelled
+    );
+    assert!(started.elapsed() < Duration::from_secs(60));
+    // No sleep of that build is left.
+    let ps = Command::new("ps")
+        .args(["-eo", "args"])
+        .output()
+        .expect("ps");
+    assert!(!String::from_utf8_lossy(&ps.stdout).contains("sleep 120"));
+    let again = client
+        .cancel(pb::CancelRequest { build_id: id })
+        .await
+        .expect("Cancel");
+    assert!(!again.into_inner().cancelled);
+}
+
+#[tokio::test]
+async fn invalid_requests_name_the_field() {
+    let fx = fixture();
+    let mut client = spawn::connect(fx.buildd, &fx.tls).await.expect("connect");
+    let mut req = request(fx, "bad", &fx.dir, vec![format!("{}/a:1", fx.registry)]);
+    req.platform = "linux/sparc".into();
+    let err = client.build(req).await.expect_err("refused");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().starts_with("platform:"), "{}", err.message());
+}
+
+#[tokio::test]
+async fn spawned_buildd_handshakes_requires_client_certs_and_stops_on_sigterm() {
+    let dir = std::env::temp_dir().join(format!("tripod-buildd-spawn-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let tls_dir = dir.join("tls");
+    let child = spawn::spawn(
+        Path::new(env!("CARGO_BIN_EXE_tripod")),
+        &tls_dir,
+        &[
+            "--storage-root".into(),
+            dir.join("storage").display().to_string(),
+            "--runroot".into(),
+            dir.join("run").display().to_string(),
+        ],
+        Duration::from_secs(30),
+    )
+    .await
+    .expect("spawn buildd");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&tls_dir)
+        .expect("tls dir")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o700);
+    assert!(child.addr.ip().is_loopback());
+    let mut client = child.connect().await.expect("mTLS");
+    let r = client
+        .cancel(pb::CancelRequest {
+            build_id: "none".into(),
+        })
+        .await
+        .expect("Cancel");
+    assert!(!r.into_inner().cancelled);
+
+    // Without a client certificate the server refuses the connection.
+    let ca = std::fs::read(tls_dir.join("ca.crt")).expect("ca");
+    let no_cert = tonic::transport::ClientTlsConfig::new()
+        .domain_name("localhost")
+        .ca_certificate(tonic::transport::Certificate::from_pem(ca));
+    let refused = async {
+        let ch = tonic::transport::Endpoint::from_shared(format!("https://{}", child.addr))
+            .ok()?
+            .tls_config(no_cert)
+            .ok()?
+            .connect()
+            .await
+            .ok()?;
+        let mut c = pb::builder_client::BuilderClient::new(ch);
+        c.cancel(pb::CancelRequest {
+            build_id: "x".into(),
+        })
+        .await
+        .ok()
+    }
+    .await;
+    assert!(
+        refused.is_none(),
+        "a client without a certificate was served"
+    );
+
+    let pid = child.pid().expect("pid");
+    assert!(
+        child.shutdown(Duration::from_secs(10)).await,
+        "buildd ignored SIGTERM"
+    );
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists() || {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            stat.contains(") Z ")
+        }
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
