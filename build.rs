@@ -2,7 +2,10 @@
 //! `protoc` shipped by the protoc-bin-vendored crate (no system protoc needed).
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/tripod/buildd/v1/builder.proto"];
+    let protos = [
+        "proto/tripod/buildd/v1/builder.proto",
+        "proto/tripod/executor/v1/executor.proto",
+    ];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
     }

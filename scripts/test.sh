@@ -9,6 +9,10 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/tripod/target}"
 need_apt=()
 command -v setpriv >/dev/null || need_apt+=(util-linux)
 command -v git >/dev/null || need_apt+=(git)
+command -v buildah >/dev/null || need_apt+=(buildah)
+command -v docker-registry >/dev/null || need_apt+=(docker-registry)
+[ -x /bin/busybox ] || need_apt+=(busybox-static)
+command -v htpasswd >/dev/null || need_apt+=(apache2-utils)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"

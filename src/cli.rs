@@ -36,8 +36,18 @@ pub enum Command {
     Crds,
     /// Run the builder: a gRPC server (mTLS on loopback) around buildah.
     Buildd(BuilddArgs),
+    /// Run an executor: `--once` inside a build Pod.
+    Agent(AgentArgs),
     /// A local Tripod on this machine: control plane, nodes and controller.
     Dev(DevArgs),
+}
+
+/// `tripod agent`.
+#[derive(Args, Debug)]
+pub struct AgentArgs {
+    /// Run one build (the build Pod form) and exit with its result.
+    #[arg(long)]
+    pub once: bool,
 }
 
 /// `tripod buildd`.
@@ -130,6 +140,20 @@ pub fn run(cli: Cli) -> ExitCode {
             rt.block_on(crate::controller::run(*cfg))
                 .map_err(Into::into)
         }),
+        Command::Agent(args) => {
+            if args.once {
+                crate::agent::AgentConfig::from_env()
+                    .and_then(|cfg| {
+                        runtime()
+                            .map_err(|e| crate::agent::AgentError::Env(e.to_string()))
+                            .map(|rt| (cfg, rt))
+                    })
+                    .and_then(|(cfg, rt)| rt.block_on(crate::agent::run_once(cfg)))
+                    .map_err(Into::into)
+            } else {
+                Err("runner mode (long-lived agents on macOS BuildRunners) is not available in this version; use --once".into())
+            }
+        }
         Command::Buildd(args) => {
             runtime().and_then(|rt| rt.block_on(crate::buildd::run(args)).map_err(Into::into))
         }

@@ -1,18 +1,23 @@
 //! Tripod builds container images natively on the OS they target.
 #![forbid(unsafe_code)]
 
+pub mod agent;
 pub mod api;
 pub mod buildd;
 pub mod cli;
 pub mod controller;
 pub mod dev;
 pub mod duration;
+pub mod executor;
 pub mod http;
 pub mod leader;
 pub mod metrics;
+pub mod noderunner;
 pub mod platform;
 pub mod proto;
 pub mod reference;
+pub mod registry;
+pub mod source;
 pub mod telemetry;
 pub mod testenv;
 pub mod tls;

@@ -9,3 +9,12 @@ pub mod buildd {
         tonic::include_proto!("tripod.buildd.v1");
     }
 }
+
+/// `tripod.executor.v1`: the controller's API for executors.
+pub mod executor {
+    /// Version 1.
+    #[allow(missing_docs, clippy::all, clippy::pedantic)]
+    pub mod v1 {
+        tonic::include_proto!("tripod.executor.v1");
+    }
+}

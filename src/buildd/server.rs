@@ -17,6 +17,9 @@ use crate::platform::Platform;
 use crate::proto::buildd::v1 as pb;
 use crate::tls::TlsDir;
 
+/// File in the TLS directory holding buildd's `host:port` once it listens.
+pub const ADDRESS_FILE: &str = "address";
+
 /// Errors of the buildd server.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -257,6 +260,16 @@ pub async fn serve<B: Backend>(
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "LISTENING {bound}");
         let _ = out.flush();
+    }
+    // The address file tells a sidecar's agent where to dial: buildd listens
+    // on a free port, since Pods with hostNetwork (Windows HostProcess) or a
+    // node runner share the host's ports.
+    let address_file = tls.path().join(ADDRESS_FILE);
+    let tmp = tls.path().join(".address.tmp");
+    if let Err(e) =
+        std::fs::write(&tmp, bound.to_string()).and_then(|()| std::fs::rename(&tmp, &address_file))
+    {
+        tracing::warn!(error = %e, file = %address_file.display(), "cannot write the address file");
     }
     tracing::info!(%bound, tls = %tls.path().display(), "buildd listening");
     let handle = service.handle();

@@ -15,8 +15,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Pod;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use std::collections::BTreeMap;
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -62,6 +65,12 @@ pub enum ControllerError {
     /// Another replica took the Lease: this one stops so it restarts clean.
     #[error("lost leadership of lease {0}")]
     LostLeadership(String),
+    /// The executor TLS material could not be prepared.
+    #[error(transparent)]
+    ExecutorTls(#[from] crate::executor::tls::ExecutorTlsError),
+    /// A token could not be generated.
+    #[error("cannot generate a build token: {0}")]
+    Token(#[source] std::io::Error),
     /// A signal handler could not be installed.
     #[error("cannot install signal handler: {0}")]
     Signal(#[source] std::io::Error),
@@ -119,6 +128,17 @@ pub struct ControllerConfig {
     /// ServiceAccount of build Pods.
     #[arg(long, env = "TRIPOD_BUILD_SERVICE_ACCOUNT")]
     pub build_service_account: Option<String>,
+    /// Address the executor gRPC service (TLS) listens on.
+    #[arg(long, default_value = "0.0.0.0:9443", env = "TRIPOD_EXECUTOR_LISTEN")]
+    pub executor_listen: SocketAddr,
+    /// DNS names and IP addresses of the executor serving certificate, used
+    /// when the controller creates its TLS Secret (default: tripod,
+    /// tripod.<namespace>.svc, localhost, 127.0.0.1).
+    #[arg(long = "executor-tls-san")]
+    pub executor_tls_sans: Vec<String>,
+    /// Least milliseconds between two writes of a platform's current step.
+    #[arg(long, default_value_t = 2000)]
+    pub step_interval_ms: u64,
 }
 
 impl ControllerConfig {
@@ -142,6 +162,7 @@ pub struct Context {
     builds: Store<ImageBuild>,
     runners: Store<BuildRunner>,
     failures: Mutex<HashMap<ObjectRef<ImageBuild>, u32>>,
+    executor_ca: String,
 }
 
 /// Runs the controller until SIGTERM/SIGINT, or until leadership is lost.
@@ -205,6 +226,41 @@ pub async fn run(cfg: ControllerConfig) -> Result<(), ControllerError> {
     }
     tracing::info!(%identity, lease = %cfg.lease_name, "leading");
 
+    let tls_namespace = elector.config().namespace.clone();
+    let sans = if cfg.executor_tls_sans.is_empty() {
+        vec![
+            "tripod".to_string(),
+            format!("tripod.{tls_namespace}.svc"),
+            format!("tripod.{tls_namespace}.svc.cluster.local"),
+            "localhost".to_string(),
+            "127.0.0.1".to_string(),
+        ]
+    } else {
+        cfg.executor_tls_sans.clone()
+    };
+    let executor_tls = crate::executor::tls::ensure(&client, &tls_namespace, &sans).await?;
+    {
+        let service = crate::executor::grpc::ExecutorService::new(
+            crate::executor::Executors::new(client.clone()),
+            Duration::from_millis(cfg.step_interval_ms),
+        );
+        let mut stop = stop_rx.clone();
+        let tls = executor_tls.clone();
+        let addr = cfg.executor_listen;
+        tokio::spawn(
+            async move {
+                let shutdown = async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                };
+                tracing::info!(%addr, "serving the executor service");
+                if let Err(e) = crate::executor::grpc::serve(addr, &tls, service, shutdown).await {
+                    tracing::error!(error = %e, "executor service stopped");
+                }
+            }
+            .instrument(tracing::info_span!("executor_service")),
+        );
+    }
+
     let (ib_api, pod_api): (Api<ImageBuild>, Api<Pod>) = match &cfg.namespace {
         Some(ns) => (
             Api::namespaced(client.clone(), ns),
@@ -252,6 +308,7 @@ pub async fn run(cfg: ControllerConfig) -> Result<(), ControllerError> {
         builds: builds.clone(),
         runners: runner_store.clone(),
         failures: Mutex::new(HashMap::new()),
+        executor_ca: executor_tls.ca_pem.clone(),
     });
 
     {
@@ -417,8 +474,30 @@ async fn reconcile_inner(
 
     // Apply.
     let ssa = PatchParams::apply(FIELD_MANAGER).force();
+    let secrets_api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
     for pod in &plan.create {
         let pod_name = pod.name_any();
+        let mut secret = pod::token_secret(pod);
+        secret.data = Some(BTreeMap::from([
+            (
+                crate::executor::token::TOKEN_KEY.to_string(),
+                ByteString(
+                    crate::executor::token::generate()
+                        .map_err(ControllerError::Token)?
+                        .into_bytes(),
+                ),
+            ),
+            (
+                crate::executor::token::CA_KEY.to_string(),
+                ByteString(ctx.executor_ca.clone().into_bytes()),
+            ),
+        ]));
+        // Created once: a second create must not replace the token.
+        match secrets_api.create(&PostParams::default(), &secret).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 409 => {}
+            Err(e) => return Err(kube_err(format!("create token Secret {ns}/{pod_name}"))(e)),
+        }
         pods_api
             .patch(&pod_name, &ssa, &Patch::Apply(pod))
             .await
@@ -430,6 +509,11 @@ async fn reconcile_inner(
             Ok(_) => tracing::info!(pod = %pod_name, "deleted build Pod"),
             Err(kube::Error::Api(s)) if s.code == 404 => {}
             Err(e) => return Err(kube_err(format!("delete Pod {ns}/{pod_name}"))(e)),
+        }
+        match secrets_api.delete(pod_name, &DeleteParams::default()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(kube_err(format!("delete token Secret {ns}/{pod_name}"))(e)),
         }
     }
 

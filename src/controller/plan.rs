@@ -474,15 +474,21 @@ fn drive_pod_platform(
             .as_ref()
             .and_then(|s| s.phase.as_deref())
             .unwrap_or("Pending");
-        let failure = match pod_phase {
-            "Failed" => Some(pod_failure(pod)),
-            "Succeeded" if ps.digest.is_some() => {
-                ps.phase = Phase::Succeeded;
-                ps.step = None;
-                ps.message = None;
-                return;
-            }
-            "Succeeded" => {
+        let reported = ExecutorReport::from_pod(pod);
+        if let Some(pushed) = &reported.pushed {
+            ps.digest = Some(pushed.digest.clone());
+            ps.phase = Phase::Succeeded;
+            ps.step = None;
+            ps.message = None;
+            return;
+        }
+        if let Some(step) = &reported.step {
+            ps.step = Some(step.clone());
+        }
+        let failure = match (&reported.failed, pod_phase) {
+            (Some(f), _) => Some(f.to_string()),
+            (None, "Failed") => Some(pod_failure(pod)),
+            (None, "Succeeded") => {
                 Some("the executor exited without reporting a pushed digest".to_string())
             }
             _ => None,
@@ -542,6 +548,64 @@ fn unschedulable_message(pod: &Pod) -> Option<String> {
         .find(|c| c.type_ == "PodScheduled" && c.status == "False")
         .and_then(|c| c.message.clone())
         .map(|m| format!("not scheduled yet: {m}"))
+}
+
+/// Annotation on a build Pod: the outcome the controller accepted from its
+/// executor, after the registry confirmed the digest (`{"digest", "size"}`).
+pub const ANNOTATION_RESULT: &str = "build.tripod.dev/result";
+/// Annotation on a build Pod: the failure its executor reported (`{"reason", "message"}`).
+pub const ANNOTATION_FAILURE: &str = "build.tripod.dev/failure";
+/// Annotation on a build Pod: the build step its executor runs.
+pub const ANNOTATION_STEP: &str = "build.tripod.dev/step";
+
+/// A pushed image an executor reported and the registry confirmed.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Pushed {
+    /// Manifest digest.
+    pub digest: String,
+    /// Size in bytes.
+    #[serde(default)]
+    pub size: i64,
+}
+
+/// A failure an executor reported (or the controller found, e.g. a digest
+/// the registry did not confirm).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Failed {
+    /// PascalCase reason, e.g. `StepFailed`, `PushFailed`, `DigestNotConfirmed`.
+    pub reason: String,
+    /// What happened.
+    pub message: String,
+}
+
+impl std::fmt::Display for Failed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.reason, self.message)
+    }
+}
+
+/// What the controller recorded on a build Pod from its executor.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExecutorReport {
+    /// The accepted result.
+    pub pushed: Option<Pushed>,
+    /// The reported failure.
+    pub failed: Option<Failed>,
+    /// The current step.
+    pub step: Option<String>,
+}
+
+impl ExecutorReport {
+    /// Reads the report annotations of a Pod.
+    pub fn from_pod(pod: &Pod) -> Self {
+        let a = pod.metadata.annotations.as_ref();
+        let get = |k: &str| a.and_then(|a| a.get(k));
+        Self {
+            pushed: get(ANNOTATION_RESULT).and_then(|v| serde_json::from_str(v).ok()),
+            failed: get(ANNOTATION_FAILURE).and_then(|v| serde_json::from_str(v).ok()),
+            step: get(ANNOTATION_STEP).cloned(),
+        }
+    }
 }
 
 /// Why a Pod failed, from its status and its containers' termination states.
@@ -1052,7 +1116,13 @@ mod tests {
         let p = run(&b, &pods, &[], at(0));
         apply(&mut b, &mut pods, &p);
         set_pod(&mut pods[0], Some("n"), "Succeeded");
-        b.status.as_mut().unwrap().platforms[0].digest = Some("sha256:abc".into());
+        pods[0].metadata.annotations = Some(
+            [(
+                ANNOTATION_RESULT.to_string(),
+                r#"{"digest":"sha256:abc","size":10}"#.to_string(),
+            )]
+            .into(),
+        );
         let p = run(&b, &pods, &[], at(30));
         assert_eq!(p.status.phase, Some(Phase::Succeeded));
         let image = p.status.image.clone().unwrap();
@@ -1064,6 +1134,37 @@ mod tests {
         let p = run(&b, &pods, &[], at(95));
         assert_eq!(p.delete, ["app-1-linux-amd64-1"]);
         assert_eq!(p.status.phase, Some(Phase::Succeeded));
+    }
+
+    #[test]
+    fn reported_failure_and_step_reach_the_status() {
+        let mut b = ib(&["linux/amd64"]);
+        let mut pods = Vec::new();
+        let p = run(&b, &pods, &[], at(0));
+        apply(&mut b, &mut pods, &p);
+        set_pod(&mut pods[0], Some("n"), "Running");
+        pods[0].metadata.annotations = Some(
+            [(
+                ANNOTATION_STEP.to_string(),
+                "STEP 2/3: RUN make".to_string(),
+            )]
+            .into(),
+        );
+        let p = run(&b, &pods, &[], at(5));
+        assert_eq!(
+            p.status.platforms[0].step.as_deref(),
+            Some("STEP 2/3: RUN make")
+        );
+        assert_eq!(p.status.phase, Some(Phase::Building));
+        apply(&mut b, &mut pods, &p);
+        pods[0].metadata.annotations.as_mut().unwrap().insert(
+            ANNOTATION_FAILURE.to_string(),
+            r#"{"reason":"StepFailed","message":"STEP 2/3: RUN make: exit status 2"}"#.to_string(),
+        );
+        let p = run(&b, &pods, &[], at(6));
+        assert_eq!(p.status.phase, Some(Phase::Failed));
+        let msg = p.status.platforms[0].message.clone().unwrap();
+        assert!(msg.contains("StepFailed: STEP 2/3: RUN make"), "{msg}");
     }
 
     #[test]

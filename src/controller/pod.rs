@@ -3,9 +3,10 @@
 
 use std::collections::BTreeMap;
 
+use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, EmptyDirVolumeSource, EnvVar, Pod, PodSecurityContext, PodSpec,
-    SeccompProfile, SecurityContext, Toleration, Volume, VolumeMount,
+    SeccompProfile, SecretVolumeSource, SecurityContext, Toleration, Volume, VolumeMount,
     WindowsSecurityContextOptions,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
@@ -19,8 +20,8 @@ use crate::platform::{Os, Platform};
 pub const WINDOWS_BUILD_LABEL: &str = "node.kubernetes.io/windows-build";
 /// Annotation on build Pods with the canonical platform.
 pub const ANNOTATION_PLATFORM: &str = "build.tripod.dev/platform";
-/// The port buildd listens on inside a build Pod (loopback only).
-pub const BUILDD_PORT: u16 = 7070;
+/// Where the agent container finds its token Secret (`token`, `ca.crt`).
+pub const TOKEN_DIR: &str = "/var/run/tripod/executor";
 
 /// Controller-wide settings for build Pods.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -156,8 +157,8 @@ pub fn build_pod(ib: &ImageBuild, name: &str, key: &PodKey<'_>, settings: &PodSe
         env("TRIPOD_BUILD_ID", key.build_id),
         env("TRIPOD_PLATFORM", &platform.to_string()),
         env("TRIPOD_ATTEMPT", &key.attempt.to_string()),
-        env("TRIPOD_BUILDD_ADDRESS", &format!("127.0.0.1:{BUILDD_PORT}")),
         env("TRIPOD_WORKSPACE", workspace_path(windows)),
+        env("TRIPOD_TOKEN_DIR", token_dir(windows)),
     ];
     let workspace_mount = VolumeMount {
         name: "workspace".into(),
@@ -174,7 +175,9 @@ pub fn build_pod(ib: &ImageBuild, name: &str, key: &PodKey<'_>, settings: &PodSe
                 "--backend".into(),
                 "buildkit".into(),
                 "--listen".into(),
-                format!("127.0.0.1:{BUILDD_PORT}"),
+                "127.0.0.1:0".into(),
+                "--tls-dir".into(),
+                "C:\\workspace\\.buildd-tls".into(),
             ],
         )
     } else {
@@ -186,16 +189,35 @@ pub fn build_pod(ib: &ImageBuild, name: &str, key: &PodKey<'_>, settings: &PodSe
                 "--backend".into(),
                 "buildah".into(),
                 "--listen".into(),
-                format!("127.0.0.1:{BUILDD_PORT}"),
+                "127.0.0.1:0".into(),
+                "--tls-dir".into(),
+                "/workspace/.buildd-tls".into(),
+                "--work-dir".into(),
+                "/workspace/.buildd-work".into(),
+                "--storage-root".into(),
+                "/var/lib/containers/storage".into(),
+                "--runroot".into(),
+                "/var/lib/containers/runroot".into(),
             ],
         )
     };
 
-    let mut volumes = vec![Volume {
-        name: "workspace".into(),
-        empty_dir: Some(EmptyDirVolumeSource::default()),
-        ..Default::default()
-    }];
+    let mut volumes = vec![
+        Volume {
+            name: "workspace".into(),
+            empty_dir: Some(EmptyDirVolumeSource::default()),
+            ..Default::default()
+        },
+        Volume {
+            name: "token".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(name.to_string()),
+                default_mode: Some(0o440),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    ];
     let mut buildd_mounts = vec![workspace_mount.clone()];
     if !windows {
         volumes.push(Volume {
@@ -215,7 +237,15 @@ pub fn build_pod(ib: &ImageBuild, name: &str, key: &PodKey<'_>, settings: &PodSe
         image: Some(settings.agent_image.clone()),
         command: Some(agent_cmd),
         env: Some(env.clone()),
-        volume_mounts: Some(vec![workspace_mount]),
+        volume_mounts: Some(vec![
+            workspace_mount,
+            VolumeMount {
+                name: "token".into(),
+                mount_path: token_dir(windows).into(),
+                read_only: Some(true),
+                ..Default::default()
+            },
+        ]),
         security_context: (!windows).then(agent_security_context),
         termination_message_policy: Some("FallbackToLogsOnError".into()),
         ..Default::default()
@@ -288,6 +318,14 @@ pub fn build_pod(ib: &ImageBuild, name: &str, key: &PodKey<'_>, settings: &PodSe
     }
 }
 
+fn token_dir(windows: bool) -> &'static str {
+    if windows {
+        "C:\\var\\run\\tripod\\executor"
+    } else {
+        TOKEN_DIR
+    }
+}
+
 fn workspace_path(windows: bool) -> &'static str {
     if windows {
         "C:\\workspace"
@@ -326,6 +364,23 @@ fn buildd_security_context() -> SecurityContext {
         privileged: Some(false),
         run_as_user: Some(0),
         allow_privilege_escalation: Some(false),
+        ..Default::default()
+    }
+}
+
+/// The token Secret of one build Pod (same name), without its data: the
+/// controller fills in `token` and `ca.crt` when it creates it. Owned by the
+/// ImageBuild, mounted into the agent container only.
+pub fn token_secret(pod: &Pod) -> Secret {
+    Secret {
+        metadata: ObjectMeta {
+            name: pod.metadata.name.clone(),
+            namespace: pod.metadata.namespace.clone(),
+            labels: pod.metadata.labels.clone(),
+            owner_references: pod.metadata.owner_references.clone(),
+            ..Default::default()
+        },
+        type_: Some("Opaque".into()),
         ..Default::default()
     }
 }

@@ -16,8 +16,10 @@ pub(crate) const LOOPBACK: &str = "127.0.0.1";
 /// Everything needed to start one container's process.
 #[derive(Debug, Clone)]
 pub(crate) struct Launch {
-    /// The executable (absolute, or relative to `cwd` as given).
-    pub program: PathBuf,
+    /// The executable (absolute, or relative to `cwd` as given), or why
+    /// there is none (the container then fails with `StartError`, as when
+    /// a runtime cannot exec it).
+    pub program: Result<PathBuf, String>,
     /// `command[1..]` then `args`, expanded and path-mapped.
     pub args: Vec<String>,
     /// The whole environment of the process.
@@ -133,7 +135,10 @@ pub(crate) async fn resolve(
     let mut env: Vec<(String, String)> = vec![
         ("PATH".into(), dirs.path_env.to_string()),
         ("HOME".into(), dirs.pod_dir.to_string_lossy().into_owned()),
-        ("HOSTNAME".into(), pod.metadata.name.clone().unwrap_or_default()),
+        (
+            "HOSTNAME".into(),
+            pod.metadata.name.clone().unwrap_or_default(),
+        ),
     ];
     for (name, value) in &pod_env {
         set(&mut env, name, paths.rewrite(value));
@@ -143,7 +148,7 @@ pub(crate) async fn resolve(
         .find(|(k, _)| k == "PATH")
         .map(|(_, v)| v.clone())
         .unwrap_or_default();
-    let program = spec::resolve_program(&program, dirs.tripod_binary, &path_env, &cwd)?;
+    let program = spec::resolve_program(&program, dirs.tripod_binary, &path_env, &cwd);
 
     Ok(Launch {
         program,
@@ -206,9 +211,7 @@ async fn environment(
     for var in container.env.iter().flatten() {
         let value = match (&var.value, &var.value_from) {
             (Some(value), _) => spec::expand(value, |name| {
-                env.iter()
-                    .find(|(k, _)| k == name)
-                    .map(|(_, v)| v.clone())
+                env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
             }),
             (None, Some(source)) => match value_from(pod, source, refs).await {
                 Ok(Some(value)) => value,

@@ -29,7 +29,8 @@ impl PathMap {
         }
         self.entries.retain(|(c, _)| c != path);
         self.entries.push((path.to_string(), host));
-        self.entries.sort_by_key(|(c, _)| std::cmp::Reverse(c.len()));
+        self.entries
+            .sort_by_key(|(c, _)| std::cmp::Reverse(c.len()));
     }
 
     /// The host path of `value` if it is a mapped container path or lies
@@ -131,7 +132,9 @@ pub(crate) fn resolve_program(
         .filter(|dir| !dir.is_empty())
         .map(|dir| Path::new(dir).join(program))
         .find(|path| is_executable(path))
-        .ok_or_else(|| format!("exec: {program:?}: executable file not found in $PATH ({path_env})"))
+        .ok_or_else(|| {
+            format!("exec: {program:?}: executable file not found in $PATH ({path_env})")
+        })
 }
 
 fn is_executable(path: &Path) -> bool {
@@ -166,7 +169,10 @@ mod tests {
         assert_eq!(m.map("/workspace").as_deref(), Some("/host/ws"));
         assert_eq!(m.map("/workspace/").as_deref(), Some("/host/ws/"));
         assert_eq!(m.map("/workspace/a/b").as_deref(), Some("/host/ws/a/b"));
-        assert_eq!(m.map("/workspace/cache/x").as_deref(), Some("/host/cache/x"));
+        assert_eq!(
+            m.map("/workspace/cache/x").as_deref(),
+            Some("/host/cache/x")
+        );
         assert_eq!(m.map("/workspaces"), None);
         assert_eq!(m.map("workspace"), None);
         assert_eq!(m.map("--dir=/workspace"), None);

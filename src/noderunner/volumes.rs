@@ -114,7 +114,8 @@ fn volume_kind(volume: &Volume) -> String {
 }
 
 fn create_dir(dir: &Path) -> std::io::Result<()> {
-    fs::create_dir_all(dir).map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", dir.display())))
+    fs::create_dir_all(dir)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", dir.display())))
 }
 
 /// Writes every key of `data` (or only `items`, key → path) as a file of
@@ -135,7 +136,9 @@ fn write_keys(
         Some(items) => {
             for item in items {
                 match data.get(&item.key) {
-                    Some(bytes) => files.push((relative_path(&item.path)?, bytes, mode_of(item.mode))),
+                    Some(bytes) => {
+                        files.push((relative_path(&item.path)?, bytes, mode_of(item.mode)))
+                    }
                     None if optional => {}
                     None => return Err(format!("key {:?} not found", item.key)),
                 }
@@ -191,6 +194,7 @@ mod tests {
             key: "b".into(),
             path: "sub/b.txt".into(),
             mode: Some(0o400),
+            ..Default::default()
         }];
         write_keys(&dir, &data, Some(&items), None, false).unwrap();
         assert_eq!(fs::read(dir.join("sub/b.txt")).unwrap(), b"B");
@@ -198,14 +202,14 @@ mod tests {
         let missing = [KeyToPath {
             key: "zz".into(),
             path: "zz".into(),
-            mode: None,
+            ..Default::default()
         }];
         assert!(write_keys(&dir, &data, Some(&missing), None, false).is_err());
         write_keys(&dir, &data, Some(&missing), None, true).unwrap();
         let escaping = [KeyToPath {
             key: "a".into(),
             path: "../a".into(),
-            mode: None,
+            ..Default::default()
         }];
         assert!(write_keys(&dir, &data, Some(&escaping), None, false).is_err());
         fs::remove_dir_all(&dir).unwrap();

@@ -19,9 +19,12 @@ pub struct Shared {
     pub kubeconfig: PathBuf,
     pub kubectl: PathBuf,
     pub dir: PathBuf,
+    /// With the node runner on tripod-linux-amd64: a registry on loopback.
+    pub registry: Option<String>,
 }
 
 static SHARED: OnceLock<Result<Shared, String>> = OnceLock::new();
+static BUILD_SHARED: OnceLock<Result<Shared, String>> = OnceLock::new();
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 fn repo_root() -> PathBuf {
@@ -31,7 +34,17 @@ fn repo_root() -> PathBuf {
 /// Starts the control plane once, on a thread of its own that lives as long
 /// as the test process (its children die with the process).
 fn shared() -> &'static Shared {
-    let res = SHARED.get_or_init(|| {
+    started(&SHARED, false)
+}
+
+/// A second control plane whose tripod-linux-amd64 node runs its Pods (the
+/// node runner), with a registry: where builds really happen.
+fn build_shared() -> &'static Shared {
+    started(&BUILD_SHARED, true)
+}
+
+fn started(cell: &'static OnceLock<Result<Shared, String>>, builds: bool) -> &'static Shared {
+    let res = cell.get_or_init(|| {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::Builder::new()
             .name("control-plane".into())
@@ -48,7 +61,7 @@ fn shared() -> &'static Shared {
                     }
                 };
                 rt.block_on(async move {
-                    match start().await {
+                    match start(builds).await {
                         Ok((cp, shared)) => {
                             let _ = tx.send(Ok(shared));
                             // Keep the control plane (and the node keeper) alive.
@@ -70,9 +83,13 @@ fn shared() -> &'static Shared {
     }
 }
 
-async fn start() -> Result<(testenv::ControlPlane, Shared), String> {
+async fn start(builds: bool) -> Result<(testenv::ControlPlane, Shared), String> {
     let bin_dir = testenv::ensure_binaries(&repo_root()).map_err(|e| e.to_string())?;
-    let dir = std::env::temp_dir().join(format!("tripod-e2e-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!(
+        "tripod-e2e{}-{}",
+        if builds { "-builds" } else { "" },
+        std::process::id()
+    ));
     let _ = std::fs::remove_dir_all(&dir);
     let started = Instant::now();
     let cp = testenv::ControlPlane::start(testenv::Options {
@@ -85,9 +102,25 @@ async fn start() -> Result<(testenv::ControlPlane, Shared), String> {
     tripod::dev::install_crds(&client)
         .await
         .map_err(|e| e.to_string())?;
-    let nodes = testenv::create_nodes(&client)
+    let mut nodes = testenv::create_nodes(&client)
         .await
         .map_err(|e| e.to_string())?;
+    let mut registry = None;
+    if builds {
+        nodes.retain(|n| n != testenv::LINUX_AMD64);
+        let _runner = tripod::noderunner::spawn(
+            client.clone(),
+            tripod::noderunner::NodeRunnerConfig {
+                node_name: testenv::LINUX_AMD64.to_string(),
+                root: dir.join("node"),
+                tripod_binary: PathBuf::from(env!("CARGO_BIN_EXE_tripod")),
+                max_grace: Duration::from_secs(10),
+            },
+        );
+        let reg = start_registry(&dir)?;
+        push_base_image(&dir, &reg)?;
+        registry = Some(reg);
+    }
     let _keeper = testenv::spawn_node_keeper(client, nodes);
     eprintln!(
         "control plane ready in {:.1}s ({})",
@@ -98,8 +131,87 @@ async fn start() -> Result<(testenv::ControlPlane, Shared), String> {
         kubeconfig: cp.kubeconfig().to_path_buf(),
         kubectl: cp.kubectl(),
         dir,
+        registry,
     };
     Ok((cp, shared))
+}
+
+/// Pushes `REGISTRY/base/busybox:1`, a base image with a shell (Debian's
+/// busybox-static), so Dockerfiles with RUN steps build offline.
+fn push_base_image(dir: &Path, registry: &str) -> Result<(), String> {
+    let ctx = dir.join("base-ctx");
+    std::fs::create_dir_all(ctx.join("rootfs/bin")).map_err(|e| e.to_string())?;
+    std::fs::copy("/bin/busybox", ctx.join("rootfs/bin/busybox"))
+        .map_err(|e| format!("/bin/busybox (busybox-static): {e}"))?;
+    for applet in ["sh", "echo", "cat", "false", "true", "sleep", "ls"] {
+        std::os::unix::fs::symlink("busybox", ctx.join("rootfs/bin").join(applet))
+            .map_err(|e| e.to_string())?;
+    }
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        "FROM scratch\nCOPY rootfs/ /\nENV PATH=/bin\n",
+    )
+    .map_err(|e| e.to_string())?;
+    let tag = format!("{registry}/base/busybox:1");
+    let storage = |cmd: &mut Command| {
+        cmd.arg("--root")
+            .arg(dir.join("base-storage"))
+            .arg("--runroot")
+            .arg(dir.join("base-run"))
+            .args(["--storage-driver", "vfs"]);
+    };
+    let mut bud = Command::new("buildah");
+    storage(&mut bud);
+    bud.args(["bud", "--isolation", "chroot", "-t", &tag])
+        .arg(&ctx);
+    let mut push = Command::new("buildah");
+    storage(&mut push);
+    push.args([
+        "push",
+        "--tls-verify=false",
+        &tag,
+        &format!("docker://{tag}"),
+    ]);
+    for mut cmd in [bud, push] {
+        let out = cmd.output().map_err(|e| format!("buildah: {e}"))?;
+        if !out.status.success() {
+            return Err(format!("buildah: {}", String::from_utf8_lossy(&out.stderr)));
+        }
+    }
+    Ok(())
+}
+
+/// Debian's docker-registry on a free loopback port; returns host:port.
+fn start_registry(dir: &Path) -> Result<String, String> {
+    let port = free_port();
+    let data = dir.join("registry");
+    std::fs::create_dir_all(&data).map_err(|e| e.to_string())?;
+    let cfg = dir.join("registry.yml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            data.display()
+        ),
+    )
+    .map_err(|e| e.to_string())?;
+    let log = std::fs::File::create(dir.join("registry.log")).map_err(|e| e.to_string())?;
+    let mut cmd = testenv::supervised_command("docker-registry");
+    cmd.arg("serve")
+        .arg(&cfg)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().map_err(|e| e.to_string())?)
+        .stderr(log);
+    let child = testenv::spawn_supervised(cmd).map_err(|e| format!("docker-registry: {e}"))?;
+    std::mem::forget(child);
+    let addr = format!("127.0.0.1:{port}");
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(&addr).is_ok() {
+            return Ok(addr);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Err("docker-registry did not listen".into())
 }
 
 /// One test's view: a client and a namespace of its own.
@@ -114,6 +226,7 @@ pub struct TestEnv {
 pub struct ControllerProc {
     pub child: Child,
     pub metrics_port: u16,
+    pub executor_port: u16,
     pub log: PathBuf,
 }
 
@@ -136,6 +249,18 @@ impl TestEnv {
     /// A fresh namespace named after the test.
     pub async fn new(test: &str) -> TestEnv {
         let shared = tokio::task::spawn_blocking(shared).await.expect("join");
+        Self::in_env(shared, test).await
+    }
+
+    /// A fresh namespace in the control plane whose amd64 node runs Pods.
+    pub async fn with_builds(test: &str) -> TestEnv {
+        let shared = tokio::task::spawn_blocking(build_shared)
+            .await
+            .expect("join");
+        Self::in_env(shared, test).await
+    }
+
+    async fn in_env(shared: &'static Shared, test: &str) -> TestEnv {
         let client = client_for(&shared.kubeconfig).await;
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let ns = format!("{}-{}-{}", test.replace('_', "-"), std::process::id(), n);
@@ -172,6 +297,7 @@ impl TestEnv {
     /// Starts a controller watching this namespace; returns its index.
     pub fn start_controller(&mut self, identity: &str) -> usize {
         let port = free_port();
+        let executor_port = free_port();
         let log = self.shared.dir.join(format!("{}-{identity}.log", self.ns));
         let out = std::fs::File::create(&log).expect("log file");
         let err = out.try_clone().expect("log file");
@@ -191,7 +317,9 @@ impl TestEnv {
             "--lease-renew-seconds",
             "1",
             "--executor-address",
-            "127.0.0.1:9443",
+            &format!("127.0.0.1:{executor_port}"),
+            "--executor-listen",
+            &format!("127.0.0.1:{executor_port}"),
         ])
         .env("KUBECONFIG", &self.shared.kubeconfig)
         .env("RUST_LOG", "info,tripod=debug")
@@ -202,6 +330,7 @@ impl TestEnv {
         self.controllers.push(ControllerProc {
             child,
             metrics_port: port,
+            executor_port,
             log,
         });
         self.controllers.len() - 1

@@ -6,5 +6,6 @@
 mod common;
 
 mod api_validation;
+mod builds;
 mod controller;
 mod leadership;

@@ -1,0 +1,384 @@
+//! `tripod agent --once`: the executor inside a build Pod. It opens a
+//! session with the controller's executor service, authenticates with its
+//! build's token, fetches the source, drives buildd over loopback mTLS,
+//! streams progress and reports one outcome; its exit code reflects it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+
+use crate::buildd::spawn;
+use crate::proto::buildd::v1 as bpb;
+use crate::proto::executor::v1 as pb;
+use crate::source::{self, GitCredentials, Source};
+use crate::tls::TlsDir;
+
+/// Errors of the agent. Each ends the process with a non-zero code.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// A required environment variable is missing or malformed.
+    #[error("environment: {0}")]
+    Env(String),
+    /// The token directory could not be read.
+    #[error("token: cannot read {path}: {source}")]
+    Token {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The executor service could not be reached or refused the session.
+    #[error("executor service: {0}")]
+    Executor(String),
+    /// buildd could not be reached.
+    #[error("buildd: {0}")]
+    Buildd(String),
+    /// The build failed (reported to the controller).
+    #[error("build failed: {0}")]
+    Failed(String),
+    /// The controller did not accept the pushed image.
+    #[error("the controller did not accept the result: {0}")]
+    NotAccepted(String),
+}
+
+/// Where the agent finds everything (from the build Pod's environment).
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Executor service address, `host:port`.
+    pub executor_address: String,
+    /// Namespace of the ImageBuild.
+    pub namespace: String,
+    /// Name of the ImageBuild.
+    pub image_build: String,
+    /// Build ID.
+    pub build_id: String,
+    /// Platform.
+    pub platform: String,
+    /// Attempt.
+    pub attempt: u32,
+    /// Directory with `token` and `ca.crt`.
+    pub token_dir: PathBuf,
+    /// Workspace shared with buildd.
+    pub workspace: PathBuf,
+    /// buildd's TLS directory (in the workspace).
+    pub buildd_tls_dir: PathBuf,
+}
+
+impl AgentConfig {
+    /// Reads the `TRIPOD_*` variables a build Pod sets.
+    pub fn from_env() -> Result<Self, AgentError> {
+        let var =
+            |k: &str| std::env::var(k).map_err(|_| AgentError::Env(format!("{k} is not set")));
+        let workspace = PathBuf::from(var("TRIPOD_WORKSPACE")?);
+        Ok(Self {
+            executor_address: var("TRIPOD_EXECUTOR_ADDRESS")?,
+            namespace: var("TRIPOD_NAMESPACE")?,
+            image_build: var("TRIPOD_IMAGEBUILD")?,
+            build_id: var("TRIPOD_BUILD_ID")?,
+            platform: var("TRIPOD_PLATFORM")?,
+            attempt: var("TRIPOD_ATTEMPT")?
+                .parse()
+                .map_err(|_| AgentError::Env("TRIPOD_ATTEMPT is not a number".into()))?,
+            token_dir: PathBuf::from(var("TRIPOD_TOKEN_DIR")?),
+            buildd_tls_dir: std::env::var_os("TRIPOD_BUILDD_TLS_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| workspace.join(".buildd-tls")),
+            workspace,
+        })
+    }
+}
+
+fn read(path: PathBuf) -> Result<Vec<u8>, AgentError> {
+    std::fs::read(&path).map_err(|source| AgentError::Token { path, source })
+}
+
+fn source_from(a: &pb::Assignment) -> Result<Source, AgentError> {
+    match a.source.as_ref().and_then(|s| s.source.as_ref()) {
+        Some(pb::source::Source::Git(g)) => {
+            let credentials = if !g.ssh_private_key.is_empty() {
+                Some(GitCredentials::SshKey {
+                    private_key: g.ssh_private_key.clone(),
+                    known_hosts: (!g.known_hosts.is_empty()).then(|| g.known_hosts.clone()),
+                })
+            } else if !g.username.is_empty() || !g.password.is_empty() {
+                Some(GitCredentials::Basic {
+                    username: g.username.clone(),
+                    password: g.password.clone(),
+                })
+            } else {
+                None
+            };
+            Ok(Source::Git {
+                url: g.url.clone(),
+                revision: (!g.revision.is_empty()).then(|| g.revision.clone()),
+                context_dir: (!g.context_dir.is_empty()).then(|| g.context_dir.clone()),
+                credentials,
+            })
+        }
+        Some(pb::source::Source::Inline(i)) => Ok(Source::Inline {
+            dockerfile: i.dockerfile.clone(),
+            files: i.files.clone().into_iter().collect(),
+        }),
+        None => Err(AgentError::Executor("the assignment has no source".into())),
+    }
+}
+
+fn failed(reason: &str, step: &str, message: &str, last_lines: Vec<String>) -> pb::AgentMessage {
+    pb::AgentMessage {
+        message: Some(pb::agent_message::Message::Outcome(pb::Outcome {
+            outcome: Some(pb::outcome::Outcome::Failed(pb::Failed {
+                reason: reason.into(),
+                step: step.into(),
+                message: message.into(),
+                last_lines,
+            })),
+        })),
+    }
+}
+
+/// Runs one build. Ok only when the controller accepted a pushed image.
+pub async fn run_once(cfg: AgentConfig) -> Result<(), AgentError> {
+    let token = String::from_utf8_lossy(&read(cfg.token_dir.join("token"))?)
+        .trim()
+        .to_string();
+    let ca = read(cfg.token_dir.join("ca.crt"))?;
+    let host = cfg
+        .executor_address
+        .rsplit_once(':')
+        .map(|(h, _)| h.trim_matches(['[', ']']).to_string())
+        .unwrap_or_else(|| cfg.executor_address.clone());
+    let endpoint = Endpoint::from_shared(format!("https://{}", cfg.executor_address))
+        .map_err(|e| AgentError::Env(format!("TRIPOD_EXECUTOR_ADDRESS: {e}")))?
+        .tls_config(
+            ClientTlsConfig::new()
+                .domain_name(host)
+                .ca_certificate(Certificate::from_pem(ca)),
+        )
+        .map_err(|e| AgentError::Executor(e.to_string()))?
+        .connect_timeout(Duration::from_secs(10));
+    let channel = connect_with_retry(&endpoint, Duration::from_secs(60)).await?;
+    let mut executor = pb::executor_client::ExecutorClient::new(channel);
+
+    let (out_tx, out_rx) = mpsc::channel::<pb::AgentMessage>(64);
+    out_tx
+        .send(pb::AgentMessage {
+            message: Some(pb::agent_message::Message::Hello(pb::Hello {
+                token,
+                namespace: cfg.namespace.clone(),
+                image_build: cfg.image_build.clone(),
+                build_id: cfg.build_id.clone(),
+                platform: cfg.platform.clone(),
+                attempt: cfg.attempt,
+                agent_version: env!("CARGO_PKG_VERSION").into(),
+            })),
+        })
+        .await
+        .map_err(|_| AgentError::Executor("session closed".into()))?;
+    let mut inbound = executor
+        .session(ReceiverStream::new(out_rx))
+        .await
+        .map_err(|s| AgentError::Executor(format!("{}: {}", s.code(), s.message())))?
+        .into_inner();
+    let assignment = match inbound.message().await {
+        Ok(Some(pb::ControllerMessage {
+            message: Some(pb::controller_message::Message::Assignment(a)),
+        })) => a,
+        Ok(_) => return Err(AgentError::Executor("no assignment".into())),
+        Err(s) => {
+            return Err(AgentError::Executor(format!(
+                "{}: {}",
+                s.code(),
+                s.message()
+            )));
+        }
+    };
+    tracing::info!(platform = %assignment.platform, tags = ?assignment.tags, "assignment received");
+
+    let outcome = build(&cfg, &assignment, &out_tx).await;
+    let (msg, failure) = match outcome {
+        Ok(pushed) => (
+            pb::AgentMessage {
+                message: Some(pb::agent_message::Message::Outcome(pb::Outcome {
+                    outcome: Some(pb::outcome::Outcome::Pushed(pushed)),
+                })),
+            },
+            None,
+        ),
+        Err((reason, step, message, last)) => (
+            failed(&reason, &step, &message, last),
+            Some(format!("{reason}: {message}")),
+        ),
+    };
+    out_tx
+        .send(msg)
+        .await
+        .map_err(|_| AgentError::Executor("session closed before the outcome".into()))?;
+    let ack = loop {
+        match inbound.message().await {
+            Ok(Some(pb::ControllerMessage {
+                message: Some(pb::controller_message::Message::Ack(a)),
+            })) => break a,
+            Ok(Some(_)) => continue,
+            Ok(None) => {
+                return Err(AgentError::Executor(
+                    "session ended without an acknowledgement".into(),
+                ));
+            }
+            Err(s) => {
+                return Err(AgentError::Executor(format!(
+                    "{}: {}",
+                    s.code(),
+                    s.message()
+                )));
+            }
+        }
+    };
+    drop(out_tx);
+    match failure {
+        Some(f) => Err(AgentError::Failed(f)),
+        None if ack.accepted => {
+            tracing::info!(message = %ack.message, "result accepted");
+            Ok(())
+        }
+        None => Err(AgentError::NotAccepted(ack.message)),
+    }
+}
+
+async fn connect_with_retry(
+    endpoint: &Endpoint,
+    within: Duration,
+) -> Result<tonic::transport::Channel, AgentError> {
+    let start = Instant::now();
+    loop {
+        match endpoint.connect().await {
+            Ok(c) => return Ok(c),
+            Err(e) if start.elapsed() < within => {
+                tracing::debug!(error = %e, "executor service not reachable yet");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(AgentError::Executor(format!("cannot connect: {e}"))),
+        }
+    }
+}
+
+type Failure = (String, String, String, Vec<String>);
+
+async fn build(
+    cfg: &AgentConfig,
+    a: &pb::Assignment,
+    out: &mpsc::Sender<pb::AgentMessage>,
+) -> Result<pb::Pushed, Failure> {
+    let fail =
+        |reason: &str, message: String| (reason.to_string(), String::new(), message, Vec::new());
+    let src = source_from(a).map_err(|e| fail("SourceFailed", e.to_string()))?;
+    let dockerfile = (!a.dockerfile.is_empty()).then_some(a.dockerfile.as_str());
+    let context = source::fetch(&src, dockerfile, &cfg.workspace.join("source"))
+        .await
+        .map_err(|e| fail("SourceFailed", e.to_string()))?;
+
+    // buildd is the Pod's sidecar: wait for its TLS files and port.
+    let tls = TlsDir::new(&cfg.buildd_tls_dir);
+    let start = Instant::now();
+    let address_file = cfg.buildd_tls_dir.join(crate::buildd::server::ADDRESS_FILE);
+    let mut client = loop {
+        let addr: Option<SocketAddr> = std::fs::read_to_string(&address_file)
+            .ok()
+            .and_then(|a| a.trim().parse().ok());
+        if let Some(addr) = addr {
+            if let Ok(c) = spawn::connect(addr, &tls).await {
+                break c;
+            }
+        }
+        if start.elapsed() > Duration::from_secs(120) {
+            return Err(fail(
+                "Internal",
+                format!(
+                    "buildd did not answer within 120s ({})",
+                    address_file.display()
+                ),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let request = bpb::BuildRequest {
+        build_id: format!(
+            "{}-{}-{}",
+            cfg.build_id,
+            cfg.platform.replace('/', "-"),
+            cfg.attempt
+        ),
+        context_dir: context.dir.display().to_string(),
+        dockerfile: context.dockerfile.display().to_string(),
+        target: a.target.clone(),
+        build_args: a
+            .build_args
+            .iter()
+            .map(|b| bpb::BuildArg {
+                name: b.name.clone(),
+                value: b.value.clone(),
+            })
+            .collect(),
+        labels: a.labels.clone(),
+        platform: a.platform.clone(),
+        tags: a.tags.clone(),
+        cache_image: a.cache_image.clone(),
+        docker_config_json: a.docker_config_json.clone(),
+        insecure: a.insecure,
+    };
+    let mut stream = client
+        .build(request)
+        .await
+        .map_err(|s| {
+            fail(
+                "Internal",
+                format!("buildd refused the build: {}", s.message()),
+            )
+        })?
+        .into_inner();
+    while let Some(ev) = stream.next().await {
+        let ev = ev.map_err(|s| fail("Internal", format!("buildd stream: {}", s.message())))?;
+        match ev.event {
+            Some(bpb::build_event::Event::Step(s)) => {
+                tracing::info!(step = %s.text, "step");
+                let _ = out
+                    .send(pb::AgentMessage {
+                        message: Some(pb::agent_message::Message::Progress(pb::Progress {
+                            step: s.text,
+                            log_lines: Vec::new(),
+                        })),
+                    })
+                    .await;
+            }
+            Some(bpb::build_event::Event::Log(l)) => {
+                tracing::debug!(line = %l.line, "build output")
+            }
+            Some(bpb::build_event::Event::Result(r)) => {
+                return Ok(pb::Pushed {
+                    digest: r.digest,
+                    size: r.size,
+                });
+            }
+            Some(bpb::build_event::Event::Failure(f)) => {
+                let reason = match f.reason() {
+                    bpb::FailureReason::StepFailed => "StepFailed",
+                    bpb::FailureReason::PushFailed => "PushFailed",
+                    bpb::FailureReason::Cancelled => "Cancelled",
+                    bpb::FailureReason::InvalidRequest => "InvalidRequest",
+                    _ => "Internal",
+                };
+                return Err((reason.to_string(), f.step, f.message, f.last_lines));
+            }
+            None => {}
+        }
+    }
+    Err(fail(
+        "Internal",
+        "buildd ended the build without a result".into(),
+    ))
+}

@@ -1,0 +1,664 @@
+//! Confirming with a registry that a pushed tag resolves to the digest an
+//! executor reported, free of Kubernetes types.
+//!
+//! [`credentials_for`] picks the credentials for a registry out of a
+//! `.dockerconfigjson` document; [`RegistryClient::resolve`] asks the registry
+//! (a `HEAD` of the manifest, falling back to `GET`) which digest a tag
+//! points at, and [`RegistryClient::verify`] compares it with the digest
+//! that was reported.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::errors::{OciDistributionError, OciEnvelope, OciErrorCode};
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, Reference};
+
+/// How long to wait for a TCP (and TLS) connection to a registry.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long to wait for a registry to answer a read.
+const READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The Docker Hub host names that all mean the same registry.
+const DOCKER_HUB_ALIASES: &[&str] = &["docker.io", "index.docker.io", "registry-1.docker.io"];
+
+/// Errors talking to a registry or reading its credentials.
+///
+/// Each message names the image reference (or registry) concerned and says
+/// what to check.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// The image reference could not be parsed.
+    #[error("invalid image reference {reference:?}: {reason}")]
+    InvalidReference {
+        /// The reference as given.
+        reference: String,
+        /// Why it is invalid.
+        reason: String,
+    },
+    /// The `.dockerconfigjson` document is malformed.
+    #[error("docker config (looking up credentials for registry {registry:?}): {reason}")]
+    BadDockerConfig {
+        /// The registry whose credentials were looked up.
+        registry: String,
+        /// What is wrong with the document.
+        reason: String,
+    },
+    /// The registry refused access (HTTP 401/403).
+    #[error(
+        "registry refused access to {reference}: the credentials are missing, wrong, or lack pull permission for this repository"
+    )]
+    Unauthorized {
+        /// The image reference asked for.
+        reference: String,
+    },
+    /// The registry does not know the tag or repository (HTTP 404).
+    #[error("{reference} not found in the registry: the tag or repository does not exist there")]
+    NotFound {
+        /// The image reference asked for.
+        reference: String,
+    },
+    /// The tag resolves to another digest than the expected one.
+    #[error("{reference} resolves to {actual} in the registry, not to the reported {expected}")]
+    DigestMismatch {
+        /// The image reference asked for.
+        reference: String,
+        /// The digest that was reported (and expected).
+        expected: String,
+        /// The digest the registry answered.
+        actual: String,
+    },
+    /// The registry could not be reached or answered something unexpected.
+    #[error("registry request for {reference} failed: {message}")]
+    Transport {
+        /// The image reference asked for.
+        reference: String,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+/// A user name and password (or token) for a registry's HTTP Basic auth.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    /// The user name.
+    pub username: String,
+    /// The password or access token.
+    pub password: String,
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credentials")
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
+/// Finds the credentials for `registry` (`host[:port]`) in a
+/// `.dockerconfigjson` document (`{"auths": {KEY: ENTRY}}`).
+///
+/// A key matches when it is `registry` itself or `registry` with a scheme
+/// and/or a path (`https://host`, `http://host`, `https://host/v1/`); host
+/// names compare case-insensitively, and `docker.io`, `index.docker.io` and
+/// `registry-1.docker.io` are one registry. A key spelled exactly as
+/// `registry` wins over other matching keys. An entry gives either `auth`
+/// (base64 of `user:password`) or `username` and `password`.
+///
+/// Returns `Ok(None)` when no key matches, and
+/// [`RegistryError::BadDockerConfig`] when the document is not JSON, has no
+/// `auths` object, or the matching entry is unusable.
+pub fn credentials_for(
+    docker_config_json: &[u8],
+    registry: &str,
+) -> Result<Option<Credentials>, RegistryError> {
+    let bad = |reason: String| RegistryError::BadDockerConfig {
+        registry: registry.to_string(),
+        reason,
+    };
+    let doc: serde_json::Value = serde_json::from_slice(docker_config_json)
+        .map_err(|e| bad(format!("not valid JSON: {e}")))?;
+    let auths = doc
+        .get("auths")
+        .and_then(serde_json::Value::as_object)
+        .ok_or_else(|| bad("no \"auths\" object at the top level".to_string()))?;
+    let wanted = normalize_registry(registry);
+    let entry = auths.get(registry).map(|e| (registry, e)).or_else(|| {
+        auths
+            .iter()
+            .find(|(key, _)| normalize_registry(key) == wanted)
+            .map(|(key, e)| (key.as_str(), e))
+    });
+    let Some((key, entry)) = entry else {
+        return Ok(None);
+    };
+    let field = |name: &str| {
+        entry
+            .get(name)
+            .and_then(serde_json::Value::as_str)
+            .filter(|s| !s.is_empty())
+    };
+    if let Some(auth) = field("auth") {
+        let decoded = decode_base64(auth)
+            .ok_or_else(|| bad(format!("the \"auth\" of {key:?} is not valid base64")))?;
+        let decoded = String::from_utf8(decoded)
+            .map_err(|_| bad(format!("the \"auth\" of {key:?} is not UTF-8")))?;
+        let (username, password) = decoded.split_once(':').ok_or_else(|| {
+            bad(format!(
+                "the \"auth\" of {key:?} does not decode to \"user:password\""
+            ))
+        })?;
+        return Ok(Some(Credentials {
+            username: username.to_string(),
+            password: password.to_string(),
+        }));
+    }
+    match (field("username"), field("password")) {
+        (Some(username), Some(password)) => Ok(Some(Credentials {
+            username: username.to_string(),
+            password: password.to_string(),
+        })),
+        _ => Err(bad(format!(
+            "the entry {key:?} has neither \"auth\" nor \"username\" and \"password\""
+        ))),
+    }
+}
+
+/// `host[:port]` of a docker config key or registry name: scheme and path
+/// removed, lower-cased, Docker Hub aliases folded into `docker.io`.
+fn normalize_registry(key: &str) -> String {
+    let key = key.trim();
+    let rest = key
+        .strip_prefix("https://")
+        .or_else(|| key.strip_prefix("http://"))
+        .unwrap_or(key);
+    let host = rest.split('/').next().unwrap_or(rest).to_ascii_lowercase();
+    if DOCKER_HUB_ALIASES.contains(&host.as_str()) {
+        "docker.io".to_string()
+    } else {
+        host
+    }
+}
+
+/// Decodes standard base64 (`A-Z a-z 0-9 + /`, padding optional); `None`
+/// when the input is not base64.
+fn decode_base64(input: &str) -> Option<Vec<u8>> {
+    let input = input.trim().trim_end_matches('=');
+    let mut out = Vec::with_capacity(input.len() * 3 / 4);
+    let (mut acc, mut bits) = (0u32, 0u32);
+    for c in input.bytes() {
+        let v = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        };
+        acc = (acc << 6) | u32::from(v);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push(((acc >> bits) & 0xff) as u8);
+        }
+    }
+    // A single leftover sextet cannot encode a byte; other leftovers must be zero bits.
+    if bits >= 6 || acc & ((1 << bits) - 1) != 0 {
+        return None;
+    }
+    Some(out)
+}
+
+/// Asks registries which manifest digest a tag resolves to.
+///
+/// Each call uses a fresh `oci-client` client, so credentials and tokens of
+/// one call never leak into another.
+#[derive(Debug, Clone)]
+pub struct RegistryClient {
+    insecure_registries: Vec<String>,
+}
+
+impl RegistryClient {
+    /// A client speaking HTTPS to every registry except `insecure_registries`
+    /// (`host[:port]`, as written in image references), which are spoken to
+    /// over plain HTTP.
+    ///
+    /// Installs rustls' `ring` provider as the process default when none is
+    /// installed yet (the HTTP client needs one).
+    pub fn new(insecure_registries: Vec<String>) -> Self {
+        if rustls::crypto::CryptoProvider::get_default().is_none() {
+            // Err only when another thread installed one meanwhile: fine.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+        }
+        let mut hosts: Vec<String> = Vec::new();
+        for host in insecure_registries {
+            let host = host.trim().to_string();
+            // oci-client asks for Docker Hub by its legacy name.
+            if normalize_registry(&host) == "docker.io" {
+                hosts.push("index.docker.io".to_string());
+            }
+            hosts.push(host);
+        }
+        RegistryClient {
+            insecure_registries: hosts,
+        }
+    }
+
+    /// The digest the registry answers for `reference` (a tag reference
+    /// such as `host:port/team/app:1`; the tag defaults to `latest`), via a
+    /// `HEAD` of the manifest (falling back to `GET`), accepting OCI and
+    /// Docker manifests, image indexes and manifest lists. `creds` are sent
+    /// as HTTP Basic auth (or exchanged for a bearer token when the registry
+    /// asks for one); `None` asks anonymously.
+    pub async fn resolve(
+        &self,
+        reference: &str,
+        creds: Option<&Credentials>,
+    ) -> Result<String, RegistryError> {
+        let image = parse_reference(reference)?;
+        let client = Client::try_from(ClientConfig {
+            protocol: ClientProtocol::HttpsExcept(self.insecure_registries.clone()),
+            connect_timeout: Some(CONNECT_TIMEOUT),
+            read_timeout: Some(READ_TIMEOUT),
+            ..Default::default()
+        })
+        .map_err(|e| RegistryError::Transport {
+            reference: reference.to_string(),
+            message: format!("cannot create the HTTP client: {}", error_chain(&e)),
+        })?;
+        let auth = match creds {
+            Some(c) => RegistryAuth::Basic(c.username.clone(), c.password.clone()),
+            None => RegistryAuth::Anonymous,
+        };
+        tracing::debug!(
+            reference,
+            registry = image.resolve_registry(),
+            authenticated = creds.is_some(),
+            "resolving manifest digest"
+        );
+        let result = client.fetch_manifest_digest(&image, &auth).await;
+        match result {
+            Ok(digest) => Ok(digest),
+            Err(e) => Err(self.map_error(reference, image.resolve_registry(), e)),
+        }
+    }
+
+    /// `Ok(())` when `reference` resolves to `expected` (e.g.
+    /// `sha256:…`); [`RegistryError::DigestMismatch`] naming both digests
+    /// when it resolves to another one, or the error of [`Self::resolve`].
+    pub async fn verify(
+        &self,
+        reference: &str,
+        expected: &str,
+        creds: Option<&Credentials>,
+    ) -> Result<(), RegistryError> {
+        let actual = self.resolve(reference, creds).await?;
+        if actual == expected.trim() {
+            Ok(())
+        } else {
+            Err(RegistryError::DigestMismatch {
+                reference: reference.to_string(),
+                expected: expected.to_string(),
+                actual,
+            })
+        }
+    }
+
+    /// Maps an `oci-client` error onto [`RegistryError`].
+    fn map_error(&self, reference: &str, registry: &str, e: OciDistributionError) -> RegistryError {
+        let reference_owned = reference.to_string();
+        let by_status = |code: u16| match code {
+            401 | 403 => Some(RegistryError::Unauthorized {
+                reference: reference_owned.clone(),
+            }),
+            404 => Some(RegistryError::NotFound {
+                reference: reference_owned.clone(),
+            }),
+            _ => None,
+        };
+        let transport = |message: String| RegistryError::Transport {
+            reference: reference.to_string(),
+            message,
+        };
+        match e {
+            OciDistributionError::UnauthorizedError { .. }
+            | OciDistributionError::AuthenticationFailure(_) => RegistryError::Unauthorized {
+                reference: reference.to_string(),
+            },
+            OciDistributionError::ImageManifestNotFoundError(_) => RegistryError::NotFound {
+                reference: reference.to_string(),
+            },
+            OciDistributionError::ServerError { code, message, .. } => by_status(code)
+                .unwrap_or_else(|| transport(format!("HTTP {code}: {}", message.trim()))),
+            OciDistributionError::RegistryError { envelope, .. } => {
+                envelope_error(reference, &envelope).unwrap_or_else(|| {
+                    transport(format!(
+                        "the registry answered {}",
+                        envelope_text(&envelope)
+                    ))
+                })
+            }
+            OciDistributionError::RequestError(err) => {
+                if let Some(err) = err.status().and_then(|s| by_status(s.as_u16())) {
+                    return err;
+                }
+                let mut message = error_chain(&err);
+                if !self.insecure_registries.iter().any(|h| h == registry)
+                    && (err.is_connect() || err.is_request())
+                {
+                    message.push_str(&format!(
+                        " (spoken to over HTTPS: if {registry} serves plain HTTP, list it as an insecure registry)"
+                    ));
+                }
+                transport(message)
+            }
+            other => transport(error_chain(&other)),
+        }
+    }
+}
+
+/// Parses a tag reference, refusing references that carry a digest.
+fn parse_reference(reference: &str) -> Result<Reference, RegistryError> {
+    let invalid = |reason: String| RegistryError::InvalidReference {
+        reference: reference.to_string(),
+        reason,
+    };
+    let image = Reference::from_str(reference.trim()).map_err(|e| invalid(e.to_string()))?;
+    if image.digest().is_some() {
+        return Err(invalid(
+            "it carries a digest: give the tag whose digest is to be resolved".to_string(),
+        ));
+    }
+    Ok(image)
+}
+
+/// The error an OCI error envelope stands for, by its error codes.
+fn envelope_error(reference: &str, envelope: &OciEnvelope) -> Option<RegistryError> {
+    envelope.errors.iter().find_map(|e| match e.code {
+        OciErrorCode::Unauthorized | OciErrorCode::Denied => Some(RegistryError::Unauthorized {
+            reference: reference.to_string(),
+        }),
+        OciErrorCode::ManifestUnknown | OciErrorCode::NameUnknown | OciErrorCode::NotFound => {
+            Some(RegistryError::NotFound {
+                reference: reference.to_string(),
+            })
+        }
+        _ => None,
+    })
+}
+
+/// `CODE: message; CODE: message` of an OCI error envelope.
+fn envelope_text(envelope: &OciEnvelope) -> String {
+    let parts: Vec<String> = envelope
+        .errors
+        .iter()
+        .map(|e| format!("{:?}: {}", e.code, e.message))
+        .collect();
+    if parts.is_empty() {
+        "an empty error envelope".to_string()
+    } else {
+        parts.join("; ")
+    }
+}
+
+/// An error and its sources, joined with `: `.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let s_text = s.to_string();
+        if !text.contains(&s_text) {
+            text.push_str(": ");
+            text.push_str(&s_text);
+        }
+        source = s.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b64(s: &str) -> String {
+        const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        let bytes = s.as_bytes();
+        let mut out = String::new();
+        for chunk in bytes.chunks(3) {
+            let n = chunk
+                .iter()
+                .enumerate()
+                .fold(0u32, |acc, (i, b)| acc | (u32::from(*b) << (16 - 8 * i)));
+            for i in 0..4 {
+                if i <= chunk.len() {
+                    out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
+                } else {
+                    out.push('=');
+                }
+            }
+        }
+        out
+    }
+
+    fn config(key: &str, entry: serde_json::Value) -> Vec<u8> {
+        serde_json::to_vec(&serde_json::json!({ "auths": { key: entry } })).unwrap()
+    }
+
+    fn creds(u: &str, p: &str) -> Option<Credentials> {
+        Some(Credentials {
+            username: u.into(),
+            password: p.into(),
+        })
+    }
+
+    fn auth_entry(user_pass: &str) -> serde_json::Value {
+        serde_json::json!({ "auth": b64(user_pass) })
+    }
+
+    #[test]
+    fn base64_round_trips() {
+        for s in ["", "a", "ab", "abc", "abcd", "user:p@ss:w0rd", "ünïcode:ß"] {
+            assert_eq!(decode_base64(&b64(s)).unwrap(), s.as_bytes(), "{s:?}");
+            let unpadded = b64(s).trim_end_matches('=').to_string();
+            assert_eq!(decode_base64(&unpadded).unwrap(), s.as_bytes(), "{s:?}");
+        }
+        assert_eq!(decode_base64("dXNlcjpwYXNz").unwrap(), b"user:pass");
+        assert!(decode_base64("not base64!").is_none());
+        assert!(decode_base64("A").is_none());
+        assert!(decode_base64("AB").is_none()); // leftover bits not zero
+    }
+
+    #[test]
+    fn matches_plain_host_and_scheme_forms() {
+        for key in [
+            "reg.example.com:5000",
+            "https://reg.example.com:5000",
+            "http://reg.example.com:5000",
+            "https://reg.example.com:5000/v1/",
+            "REG.example.com:5000",
+        ] {
+            let doc = config(key, auth_entry("u:p"));
+            assert_eq!(
+                credentials_for(&doc, "reg.example.com:5000").unwrap(),
+                creds("u", "p"),
+                "{key}"
+            );
+        }
+    }
+
+    #[test]
+    fn matches_docker_hub_aliases() {
+        for key in [
+            "docker.io",
+            "index.docker.io",
+            "registry-1.docker.io",
+            "https://index.docker.io/v1/",
+            "https://registry-1.docker.io",
+        ] {
+            let doc = config(key, auth_entry("hub:tok"));
+            for registry in ["docker.io", "index.docker.io", "registry-1.docker.io"] {
+                assert_eq!(
+                    credentials_for(&doc, registry).unwrap(),
+                    creds("hub", "tok"),
+                    "{key} for {registry}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn port_and_host_must_match() {
+        let doc = config("reg.example.com:5000", auth_entry("u:p"));
+        assert_eq!(credentials_for(&doc, "reg.example.com").unwrap(), None);
+        assert_eq!(credentials_for(&doc, "reg.example.com:5001").unwrap(), None);
+        assert_eq!(
+            credentials_for(&doc, "other.example.com:5000").unwrap(),
+            None
+        );
+        assert_eq!(credentials_for(&doc, "docker.io").unwrap(), None);
+    }
+
+    #[test]
+    fn exact_key_wins() {
+        let doc = serde_json::to_vec(&serde_json::json!({ "auths": {
+            "https://reg.example.com/v1/": { "auth": b64("old:x") },
+            "reg.example.com": { "auth": b64("new:y") },
+        }}))
+        .unwrap();
+        assert_eq!(
+            credentials_for(&doc, "reg.example.com").unwrap(),
+            creds("new", "y")
+        );
+    }
+
+    #[test]
+    fn username_password_form() {
+        let doc = config(
+            "reg.example.com",
+            serde_json::json!({ "username": "bob", "password": "pa:ss", "email": "b@x" }),
+        );
+        assert_eq!(
+            credentials_for(&doc, "reg.example.com").unwrap(),
+            creds("bob", "pa:ss")
+        );
+        // An empty "auth" falls back to username/password.
+        let doc = config(
+            "reg.example.com",
+            serde_json::json!({ "auth": "", "username": "bob", "password": "pw" }),
+        );
+        assert_eq!(
+            credentials_for(&doc, "reg.example.com").unwrap(),
+            creds("bob", "pw")
+        );
+    }
+
+    #[test]
+    fn password_may_contain_colons() {
+        let doc = config("reg.example.com", auth_entry("u:a:b:c"));
+        assert_eq!(
+            credentials_for(&doc, "reg.example.com").unwrap(),
+            creds("u", "a:b:c")
+        );
+    }
+
+    #[test]
+    fn missing_registry_is_none() {
+        let doc = config("reg.example.com", auth_entry("u:p"));
+        assert_eq!(
+            credentials_for(&doc, "elsewhere.example.com").unwrap(),
+            None
+        );
+        assert_eq!(
+            credentials_for(br#"{"auths":{}}"#, "reg.example.com").unwrap(),
+            None
+        );
+    }
+
+    fn bad_reason(doc: &[u8]) -> String {
+        match credentials_for(doc, "reg.example.com") {
+            Err(RegistryError::BadDockerConfig { registry, reason }) => {
+                assert_eq!(registry, "reg.example.com");
+                reason
+            }
+            other => panic!("expected BadDockerConfig, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn malformed_json_is_bad_config() {
+        assert!(bad_reason(b"{not json").contains("not valid JSON"));
+        assert!(bad_reason(b"").contains("not valid JSON"));
+        assert!(bad_reason(br#"{"reg.example.com":{"auth":"x"}}"#).contains("auths"));
+        assert!(bad_reason(br#"{"auths":[]}"#).contains("auths"));
+    }
+
+    #[test]
+    fn bad_base64_is_bad_config() {
+        let doc = config("reg.example.com", serde_json::json!({ "auth": "***" }));
+        assert!(bad_reason(&doc).contains("not valid base64"));
+        let doc = config(
+            "reg.example.com",
+            serde_json::json!({ "auth": b64("nocolon") }),
+        );
+        assert!(bad_reason(&doc).contains("user:password"));
+    }
+
+    #[test]
+    fn entry_without_credentials_is_bad_config() {
+        let doc = config(
+            "reg.example.com",
+            serde_json::json!({ "identitytoken": "abc" }),
+        );
+        assert!(bad_reason(&doc).contains("neither"));
+        let doc = config("reg.example.com", serde_json::json!({ "username": "u" }));
+        assert!(bad_reason(&doc).contains("neither"));
+    }
+
+    #[test]
+    fn credentials_debug_redacts_password() {
+        let text = format!("{:?}", creds("u", "hunter2").unwrap());
+        assert!(text.contains('u') && !text.contains("hunter2"), "{text}");
+    }
+
+    #[test]
+    fn references_are_parsed() {
+        assert!(parse_reference("127.0.0.1:5000/t/a:1").is_ok());
+        assert!(matches!(
+            parse_reference("Not A Reference"),
+            Err(RegistryError::InvalidReference { .. })
+        ));
+        let digest = format!("127.0.0.1:5000/t/a@sha256:{}", "a".repeat(64));
+        let err = parse_reference(&digest).unwrap_err();
+        assert!(err.to_string().contains("carries a digest"), "{err}");
+    }
+
+    #[test]
+    fn error_messages_name_the_reference() {
+        let e = RegistryError::DigestMismatch {
+            reference: "r/t/a:1".into(),
+            expected: "sha256:aaa".into(),
+            actual: "sha256:bbb".into(),
+        };
+        let text = e.to_string();
+        assert!(
+            text.contains("r/t/a:1") && text.contains("sha256:aaa") && text.contains("sha256:bbb"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn insecure_docker_hub_covers_its_legacy_name() {
+        let c = RegistryClient::new(vec!["docker.io".into(), " 127.0.0.1:5000 ".into()]);
+        assert!(
+            c.insecure_registries
+                .contains(&"index.docker.io".to_string())
+        );
+        assert!(
+            c.insecure_registries
+                .contains(&"127.0.0.1:5000".to_string())
+        );
+    }
+}

@@ -1,0 +1,293 @@
+//! Linux builds end to end: the controller creates a build Pod, the real
+//! scheduler binds it to the node whose Pods the node runner executes, the
+//! agent fetches the source and drives buildd (real buildah), the image is
+//! pushed to a real registry, and the controller records the digest only
+//! after the registry confirmed it.
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::ListParams;
+use kube::{Api, ResourceExt};
+use tokio_stream::wrappers::ReceiverStream;
+use tripod::api::Phase;
+use tripod::proto::executor::v1 as pb;
+use tripod::registry::RegistryClient;
+
+use crate::common::{TestEnv, eventually};
+
+const BUILD: Duration = Duration::from_secs(240);
+
+fn inline(name: &str, registry: &str, dockerfile: &str, extra: &str) -> String {
+    let dockerfile = dockerfile.replace("BASE", &format!("{registry}/base/busybox:1"));
+    let indented: String = dockerfile
+        .lines()
+        .map(|l| format!("        {l}\n"))
+        .collect();
+    format!(
+        r#"apiVersion: build.tripod.dev/v1alpha1
+kind: ImageBuild
+metadata:
+  name: {name}
+spec:
+  source:
+    inline:
+      dockerfile: |
+{indented}      files:
+        hello.txt: "hello from tripod"
+  platforms: [linux/amd64]
+  output:
+    image: {registry}/team/{name}:1
+    insecure: true
+{extra}"#
+    )
+}
+
+async fn status(env: &TestEnv, name: &str) -> Option<tripod::api::ImageBuildStatus> {
+    env.builds().get(name).await.ok()?.status
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inline_build_reports_the_digest_the_registry_confirms() {
+    let mut env = TestEnv::with_builds("build-ok").await;
+    let registry = env.shared.registry.clone().expect("registry");
+    env.start_controller("c1");
+    let manifest = inline(
+        "hello",
+        &registry,
+        "FROM scratch\nCOPY hello.txt /hello.txt\n",
+        "",
+    );
+    let (ok, out) = env.kubectl(&["apply", "-f", "-"], Some(&manifest));
+    assert!(ok, "{out}");
+    let (ok, out) = env.kubectl(
+        &[
+            "wait",
+            "--for=condition=Ready",
+            "--timeout=240s",
+            "ib/hello",
+        ],
+        None,
+    );
+    let s = status(&env, "hello").await.expect("status");
+    assert!(ok, "{out}\n{s:#?}");
+    assert_eq!(s.phase, Some(Phase::Succeeded));
+    let image = s.image.clone().expect("status.image");
+    let confirmed = RegistryClient::new(vec![registry.clone()])
+        .resolve(&format!("{registry}/team/hello:1"), None)
+        .await
+        .expect("registry answers");
+    assert_eq!(image.digest, confirmed);
+    assert_eq!(image.pinned, format!("{registry}/team/hello@{confirmed}"));
+    assert_eq!(s.platforms[0].digest.as_deref(), Some(confirmed.as_str()));
+    assert!(s.completion_time.is_some());
+    // The token Secret exists, owned by the ImageBuild, mounted into the agent only.
+    let secrets: Api<Secret> = Api::namespaced(env.client.clone(), &env.ns);
+    let tokens = secrets
+        .list(&ListParams::default().labels("build.tripod.dev/name=hello"))
+        .await
+        .expect("secrets")
+        .items;
+    assert_eq!(tokens.len(), 1);
+    assert_eq!(tokens[0].owner_references()[0].kind, "ImageBuild");
+    let pod = env.pods_of("hello").await.remove(0);
+    let spec = pod.spec.expect("spec");
+    let mounts = |c: &k8s_openapi::api::core::v1::Container| {
+        c.volume_mounts.iter().flatten().any(|m| m.name == "token")
+    };
+    assert!(spec.containers.iter().any(mounts));
+    assert!(!spec.init_containers.iter().flatten().any(mounts));
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_run_fails_the_platform_naming_the_step() {
+    let mut env = TestEnv::with_builds("build-fail").await;
+    let registry = env.shared.registry.clone().expect("registry");
+    env.start_controller("c1");
+    let manifest = inline(
+        "broken",
+        &registry,
+        "FROM BASE\nRUN echo compiling && exit 7\n",
+        "",
+    );
+    let (ok, out) = env.kubectl(&["apply", "-f", "-"], Some(&manifest));
+    assert!(ok, "{out}");
+    let (ok, out) = env.kubectl(
+        &[
+            "wait",
+            "--for=condition=Stalled",
+            "--timeout=240s",
+            "ib/broken",
+        ],
+        None,
+    );
+    let s = status(&env, "broken").await.expect("status");
+    assert!(ok, "{out}\n{s:#?}");
+    assert_eq!(s.phase, Some(Phase::Failed));
+    let msg = s.platforms[0].message.clone().unwrap_or_default();
+    assert!(
+        msg.contains("StepFailed") && msg.contains("RUN echo compiling && exit 7"),
+        "{msg}"
+    );
+    let ready = s
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .expect("Ready");
+    assert_eq!(ready.status, "False");
+    env.cleanup().await;
+}
+
+/// Opens a session as an agent would, with a given token and claim.
+async fn hello(
+    port: u16,
+    ca: Vec<u8>,
+    hello: pb::Hello,
+) -> Result<
+    (
+        tokio::sync::mpsc::Sender<pb::AgentMessage>,
+        tonic::Streaming<pb::ControllerMessage>,
+    ),
+    tonic::Status,
+> {
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{port}"))
+        .expect("endpoint")
+        .tls_config(
+            tonic::transport::ClientTlsConfig::new()
+                .domain_name("127.0.0.1")
+                .ca_certificate(tonic::transport::Certificate::from_pem(ca)),
+        )
+        .expect("tls");
+    let channel = endpoint.connect().await.expect("connect executor service");
+    let mut client = pb::executor_client::ExecutorClient::new(channel);
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    tx.send(pb::AgentMessage {
+        message: Some(pb::agent_message::Message::Hello(hello)),
+    })
+    .await
+    .expect("send hello");
+    let mut inbound = client.session(ReceiverStream::new(rx)).await?.into_inner();
+    match inbound.message().await? {
+        Some(_) => Ok((tx, inbound)),
+        None => Err(tonic::Status::aborted("no assignment")),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_speak_only_for_their_build_and_unconfirmed_digests_are_refused() {
+    let mut env = TestEnv::with_builds("tokens").await;
+    let registry = env.shared.registry.clone().expect("registry");
+    let c = env.start_controller("c1");
+    let executor_port = env.controller(c).executor_port;
+    // Two builds whose Pods land on the arm64 node, where nothing runs them:
+    // this test plays their agent.
+    for name in ["one", "two"] {
+        let manifest = inline(name, &registry, "FROM scratch\nCOPY hello.txt /\n", "")
+            .replace("platforms: [linux/amd64]", "platforms: [linux/arm64]");
+        let (ok, out) = env.kubectl(&["apply", "-f", "-"], Some(&manifest));
+        assert!(ok, "{out}");
+    }
+    let secrets: Api<Secret> = Api::namespaced(env.client.clone(), &env.ns);
+    let token_of = |name: &'static str| {
+        let secrets = secrets.clone();
+        async move {
+            let list = secrets
+                .list(&ListParams::default().labels(&format!("build.tripod.dev/name={name}")))
+                .await
+                .ok()?
+                .items;
+            let s = list.first()?.clone();
+            let data = s.data.clone()?;
+            Some((
+                String::from_utf8_lossy(&data.get("token")?.0).to_string(),
+                data.get("ca.crt")?.0.clone(),
+                s.labels().clone(),
+            ))
+        }
+    };
+    let (token_one, ca, _) = eventually("token of one", BUILD, || token_of("one")).await;
+    let (_, _, labels_two) = eventually("token of two", BUILD, || token_of("two")).await;
+    let s_two = eventually("build two scheduled", BUILD, || async {
+        let s = status(&env, "two").await?;
+        (s.platforms.first()?.attempts == 1).then_some(s)
+    })
+    .await;
+    let s_one = eventually("build one scheduled", BUILD, || async {
+        let s = status(&env, "one").await?;
+        (s.platforms.first()?.attempts == 1).then_some(s)
+    })
+    .await;
+    let claim = |name: &str, build_id: &str, attempt: u32, token: &str| pb::Hello {
+        token: token.to_string(),
+        namespace: env.ns.clone(),
+        image_build: name.to_string(),
+        build_id: build_id.to_string(),
+        platform: "linux/arm64".into(),
+        attempt,
+        agent_version: "test".into(),
+    };
+    // One's token, claiming to be two: refused.
+    let two_id = labels_two
+        .get("build.tripod.dev/build-id")
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(Some(&two_id), s_two.build_id.as_ref());
+    let err = hello(
+        executor_port,
+        ca.clone(),
+        claim("two", &two_id, 1, &token_one),
+    )
+    .await
+    .expect_err("a token of another build must be refused");
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
+    // One's token for an attempt that is not current: refused.
+    let one_id = s_one.build_id.clone().unwrap_or_default();
+    let err = hello(
+        executor_port,
+        ca.clone(),
+        claim("one", &one_id, 2, &token_one),
+    )
+    .await
+    .expect_err("another attempt must be refused");
+    assert!(
+        matches!(
+            err.code(),
+            tonic::Code::Unauthenticated | tonic::Code::FailedPrecondition
+        ),
+        "{err:?}"
+    );
+    // The right claim is served; a digest the registry does not have is refused.
+    let (tx, mut inbound) = hello(executor_port, ca, claim("one", &one_id, 1, &token_one))
+        .await
+        .expect("own token accepted");
+    tx.send(pb::AgentMessage {
+        message: Some(pb::agent_message::Message::Outcome(pb::Outcome {
+            outcome: Some(pb::outcome::Outcome::Pushed(pb::Pushed {
+                digest: format!("sha256:{}", "0".repeat(64)),
+                size: 1,
+            })),
+        })),
+    })
+    .await
+    .expect("send outcome");
+    let ack = loop {
+        match inbound.message().await.expect("ack") {
+            Some(pb::ControllerMessage {
+                message: Some(pb::controller_message::Message::Ack(a)),
+            }) => break a,
+            Some(_) => continue,
+            None => panic!("no ack"),
+        }
+    };
+    assert!(!ack.accepted, "{ack:?}");
+    let s = eventually("build one failed", BUILD, || async {
+        let s = status(&env, "one").await?;
+        (s.phase == Some(Phase::Failed)).then_some(s)
+    })
+    .await;
+    let msg = s.platforms[0].message.clone().unwrap_or_default();
+    assert!(msg.contains("DigestNotConfirmed"), "{msg}");
+    assert!(s.image.is_none());
+    env.cleanup().await;
+}
