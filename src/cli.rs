@@ -105,11 +105,15 @@ pub struct DevArgs {
 /// `tripod dev` subcommands.
 #[derive(Subcommand, Debug)]
 pub enum DevCommand {
-    /// Start the local control plane, fake nodes and the controller in the background.
+    /// Start the local control plane, nodes, registry and controller in the
+    /// background, then build examples/hello.yaml and print its digest.
     Up {
         /// Directory for state, logs and the env file.
         #[arg(long, default_value = ".tripod/dev")]
         dir: PathBuf,
+        /// Do not build the example.
+        #[arg(long)]
+        no_example: bool,
     },
     /// Stop everything `tripod dev up` started.
     Down {

@@ -43,6 +43,21 @@ pub enum DevError {
         #[source]
         source: kube::Error,
     },
+    /// Packages are missing and cannot be installed.
+    #[error("missing packages: {0} (install them with apt-get, or run as root)")]
+    Packages(String),
+    /// The example build did not succeed.
+    #[error("the example build {0}")]
+    Example(String),
+    /// A manifest could not be parsed.
+    #[error("{path}: {source}")]
+    Manifest {
+        /// The file.
+        path: String,
+        /// Why.
+        #[source]
+        source: serde_yaml::Error,
+    },
     /// A CRD did not become established.
     #[error("CRD {0} was not established within 60s")]
     CrdNotEstablished(String),
@@ -71,7 +86,15 @@ fn kube(what: impl Into<String>) -> impl FnOnce(kube::Error) -> DevError {
 /// Runs a `tripod dev` subcommand.
 pub async fn run(cmd: DevCommand) -> Result<(), DevError> {
     match cmd {
-        DevCommand::Up { dir } => up(&absolute(&dir)?).await,
+        DevCommand::Up { dir, no_example } => {
+            let dir = absolute(&dir)?;
+            up(&dir).await?;
+            if no_example {
+                Ok(())
+            } else {
+                example(&dir, &source_dir().join("examples/hello.yaml")).await
+            }
+        }
         DevCommand::Down { dir, purge } => down(&absolute(&dir)?, purge).await,
         DevCommand::Serve { dir } => serve(&absolute(&dir)?).await,
     }
@@ -144,6 +167,7 @@ async fn up(dir: &Path) -> Result<(), DevError> {
         return Ok(());
     }
     let _ = std::fs::remove_file(dir.join("ready"));
+    ensure_packages()?;
     // Build the control plane in the foreground, so its progress shows.
     let bin_dir = testenv::ensure_binaries(&source_dir())?;
     let exe = std::env::current_exe().map_err(io("locate the tripod binary"))?;
@@ -237,20 +261,30 @@ async fn serve(dir: &Path) -> Result<(), DevError> {
 async fn serve_on(dir: &Path, cp: &ControlPlane) -> Result<(), DevError> {
     let client = cp.client().await?;
     install_crds(&client).await?;
-    let nodes = testenv::create_nodes(&client).await?;
+    let mut nodes = testenv::create_nodes(&client).await?;
+    // This machine's Linux node runs its Pods as local processes.
+    nodes.retain(|n| n != testenv::LINUX_AMD64);
     let keeper = testenv::spawn_node_keeper(client.clone(), nodes);
-    ensure_namespace(&client, SYSTEM_NAMESPACE).await?;
-
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(io("pick a metrics port"))?;
     let exe = std::env::current_exe().map_err(io("locate the tripod binary"))?;
+    let runner = crate::noderunner::spawn(
+        client.clone(),
+        crate::noderunner::NodeRunnerConfig {
+            node_name: testenv::LINUX_AMD64.to_string(),
+            root: dir.join("node"),
+            tripod_binary: exe.clone(),
+            max_grace: Duration::from_secs(10),
+        },
+    );
+    ensure_namespace(&client, SYSTEM_NAMESPACE).await?;
+    let (registry, mut registry_proc) = start_registry(dir)?;
+
+    let port = free_port()?;
+    let executor_port = free_port()?;
     let log_path = dir.join("logs/controller.log");
     let log =
         std::fs::File::create(&log_path).map_err(io(format!("create {}", log_path.display())))?;
     let log2 = log.try_clone().map_err(io("clone log handle"))?;
-    let mut cmd = testenv::supervised_command(exe);
+    let mut cmd = testenv::supervised_command(&exe);
     cmd.args([
         "controller",
         "--lease-namespace",
@@ -258,7 +292,10 @@ async fn serve_on(dir: &Path, cp: &ControlPlane) -> Result<(), DevError> {
         "--metrics-address",
     ])
     .arg(format!("127.0.0.1:{port}"))
-    .args(["--executor-address", "127.0.0.1:9443"])
+    .arg("--executor-address")
+    .arg(format!("127.0.0.1:{executor_port}"))
+    .arg("--executor-listen")
+    .arg(format!("127.0.0.1:{executor_port}"))
     .env("KUBECONFIG", cp.kubeconfig())
     .stdin(Stdio::null())
     .stdout(log)
@@ -266,7 +303,7 @@ async fn serve_on(dir: &Path, cp: &ControlPlane) -> Result<(), DevError> {
     let mut controller = testenv::spawn_supervised(cmd).map_err(io("start tripod controller"))?;
 
     let env_file = format!(
-        "# Written by `tripod dev up`. Source it: . {}\nexport KUBECONFIG={}\nexport PATH={}:$PATH\nexport TRIPOD_METRICS=http://127.0.0.1:{port}/metrics\n",
+        "# Written by `tripod dev up`. Source it: . {}\nexport KUBECONFIG={}\nexport PATH={}:$PATH\nexport TRIPOD_METRICS=http://127.0.0.1:{port}/metrics\nexport TRIPOD_REGISTRY={registry}\n",
         dir.join("env").display(),
         cp.kubeconfig().display(),
         cp.bin_dir().display(),
@@ -297,8 +334,203 @@ async fn serve_on(dir: &Path, cp: &ControlPlane) -> Result<(), DevError> {
     }
     let _ = controller.kill();
     let _ = controller.wait();
+    runner.abort();
     keeper.abort();
+    let _ = registry_proc.kill();
+    let _ = registry_proc.wait();
     Ok(())
+}
+
+/// Installs the Debian packages the local environment runs (as root).
+fn ensure_packages() -> Result<(), DevError> {
+    let wanted = [
+        ("buildah", "buildah"),
+        ("docker-registry", "docker-registry"),
+        ("git", "git"),
+        ("setpriv", "util-linux"),
+    ];
+    let missing: Vec<&str> = wanted
+        .iter()
+        .filter(|(bin, _)| {
+            !Command::new("sh")
+                .args(["-c", &format!("command -v {bin}")])
+                .stdout(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        })
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    if !root {
+        return Err(DevError::Packages(missing.join(" ")));
+    }
+    println!("Installing {} …", missing.join(" "));
+    let ok = Command::new("apt-get")
+        .args(["update", "-qq"])
+        .status()
+        .is_ok_and(|s| s.success())
+        && Command::new("apt-get")
+            .args(["install", "-y", "-qq"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .is_ok_and(|s| s.success());
+    if ok {
+        Ok(())
+    } else {
+        Err(DevError::Packages(missing.join(" ")))
+    }
+}
+
+fn env_value(dir: &Path, key: &str) -> Option<String> {
+    let text = std::fs::read_to_string(dir.join("env")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("export {key}=")))
+        .map(str::to_string)
+}
+
+/// Applies the example ImageBuild (its registry replaced by the local one),
+/// waits for it to finish and prints its digest and how to check it.
+async fn example(dir: &Path, path: &Path) -> Result<(), DevError> {
+    use kube::api::{DynamicObject, GroupVersionKind};
+    use kube::discovery::ApiResource;
+    let registry = env_value(dir, "TRIPOD_REGISTRY")
+        .ok_or_else(|| DevError::Example("has no registry (env file)".into()))?;
+    let text = std::fs::read_to_string(path)
+        .map_err(io(format!("read {}", path.display())))?
+        .replace("127.0.0.1:5000", &registry);
+    let obj: DynamicObject = serde_yaml::from_str(&text).map_err(|source| DevError::Manifest {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let name = obj.name_any();
+    let kubeconfig = dir.join("cluster/kubeconfig");
+    let kc = kube::config::Kubeconfig::read_from(&kubeconfig)
+        .map_err(|e| DevError::Example(format!("cannot read {}: {e}", kubeconfig.display())))?;
+    let config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+        .await
+        .map_err(|e| DevError::Example(format!("kubeconfig: {e}")))?;
+    let client = Client::try_from(config).map_err(kube("client"))?;
+    let gvk = GroupVersionKind::gvk(crate::api::GROUP, "v1alpha1", "ImageBuild");
+    let ar = ApiResource::from_gvk_with_plural(&gvk, "imagebuilds");
+    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), "default", &ar);
+    api.patch(
+        &name,
+        &PatchParams::apply("tripod-dev").force(),
+        &Patch::Apply(&obj),
+    )
+    .await
+    .map_err(kube(format!("apply {}", path.display())))?;
+    println!();
+    println!("Building {} (ImageBuild default/{name}) …", path.display());
+    let builds: Api<crate::api::ImageBuild> = Api::namespaced(client, "default");
+    let started = Instant::now();
+    let mut last = None;
+    let status = loop {
+        let ib = builds
+            .get(&name)
+            .await
+            .map_err(kube(format!("get ImageBuild {name}")))?;
+        let status = ib.status.unwrap_or_default();
+        if status.phase != last {
+            if let Some(p) = status.phase {
+                println!("  {:>5.1}s  {p}", started.elapsed().as_secs_f64());
+            }
+            last = status.phase;
+        }
+        if status.phase.is_some_and(crate::api::Phase::is_finished) {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(900) {
+            return Err(DevError::Example("did not finish within 15 minutes".into()));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let Some(image) = status.image.clone() else {
+        let why: Vec<String> = status
+            .platforms
+            .iter()
+            .map(|p| format!("{}: {}", p.platform, p.message.clone().unwrap_or_default()))
+            .collect();
+        return Err(DevError::Example(format!(
+            "ended {}: {}",
+            status.phase.unwrap_or_default(),
+            why.join("; ")
+        )));
+    };
+    println!();
+    println!("status.image:");
+    println!("  reference: {}", image.reference);
+    println!("  digest:    {}", image.digest);
+    println!("  pinned:    {}", image.pinned);
+    let repo_tag = image
+        .reference
+        .trim_start_matches(&format!("{registry}/"))
+        .to_string();
+    let (repo, tag) = repo_tag.rsplit_once(':').unwrap_or((&repo_tag, "latest"));
+    println!();
+    println!("Check it against the registry:");
+    println!(
+        "  curl -sI -H 'Accept: application/vnd.oci.image.manifest.v1+json' http://{registry}/v2/{repo}/manifests/{tag} | grep -i docker-content-digest"
+    );
+    Ok(())
+}
+
+fn free_port() -> Result<u16, DevError> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(io("pick a free port"))
+}
+
+/// Debian's docker-registry on loopback, its data in `DIR/registry` (kept
+/// across restarts). Port 5000 when free.
+fn start_registry(dir: &Path) -> Result<(String, std::process::Child), DevError> {
+    let port = if std::net::TcpListener::bind("127.0.0.1:5000").is_ok() {
+        5000
+    } else {
+        free_port()?
+    };
+    let data = dir.join("registry");
+    std::fs::create_dir_all(&data).map_err(io(format!("create {}", data.display())))?;
+    let cfg = dir.join("registry.yml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            data.display()
+        ),
+    )
+    .map_err(io("write registry.yml"))?;
+    let log_path = dir.join("logs/registry.log");
+    let log =
+        std::fs::File::create(&log_path).map_err(io(format!("create {}", log_path.display())))?;
+    let mut cmd = testenv::supervised_command("docker-registry");
+    cmd.arg("serve")
+        .arg(&cfg)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().map_err(io("clone log handle"))?)
+        .stderr(log);
+    let child = testenv::spawn_supervised(cmd).map_err(io("start docker-registry"))?;
+    let addr = format!("127.0.0.1:{port}");
+    let started = Instant::now();
+    while std::net::TcpStream::connect(&addr).is_err() {
+        if started.elapsed() > Duration::from_secs(20) {
+            return Err(DevError::NotStarted {
+                reason: "docker-registry did not listen".into(),
+                log: log_path.display().to_string(),
+                tail: tail(&log_path, 20),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok((addr, child))
 }
 
 async fn ensure_namespace(client: &Client, name: &str) -> Result<(), DevError> {

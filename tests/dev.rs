@@ -36,9 +36,9 @@ fn sh(script: &str) -> (bool, String) {
 fn dev_up_writes_a_usable_env_and_down_stops_everything() {
     let dir = std::env::temp_dir().join(format!("tripod-dev-test-{}", std::process::id()));
     let dir_s = dir.display().to_string();
-    let (ok, out) = tripod(&["dev", "up", "--dir", &dir_s]);
-    assert!(ok, "{out}");
-    assert!(out.contains(&format!("source {dir_s}/env")), "{out}");
+    let (ok, up_out) = tripod(&["dev", "up", "--dir", &dir_s]);
+    assert!(ok, "{up_out}");
+    assert!(up_out.contains(&format!("source {dir_s}/env")), "{up_out}");
 
     let env = std::fs::read_to_string(dir.join("env")).expect("env file");
     assert!(env.contains("export KUBECONFIG="), "{env}");
@@ -57,13 +57,29 @@ fn dev_up_writes_a_usable_env_and_down_stops_everything() {
     ] {
         assert!(out.contains(&format!("node/{node}")), "{out}");
     }
-    // The controller runs: an ImageBuild gets a status.
-    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/hello.yaml");
+    // `up` built the example: its digest is what the registry answers.
+    let digest = up_out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("digest:"))
+        .map(|d| d.trim().to_string())
+        .unwrap_or_else(|| panic!("no digest in:\n{up_out}"));
+    let registry = env
+        .lines()
+        .find_map(|l| l.strip_prefix("export TRIPOD_REGISTRY="))
+        .expect("TRIPOD_REGISTRY in env")
+        .to_string();
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let confirmed = rt
+        .block_on(
+            tripod::registry::RegistryClient::new(vec![registry.clone()])
+                .resolve(&format!("{registry}/examples/hello:latest"), None),
+        )
+        .expect("registry answers");
+    assert_eq!(digest, confirmed);
     let (ok, out) = sh(&format!(
-        ". {dir_s}/env && kubectl apply -f {} && kubectl wait --for=condition=Reconciling --timeout=60s ib/hello",
-        example.display()
+        ". {dir_s}/env && kubectl get ib hello -o jsonpath='{{.status.image.digest}}'"
     ));
-    assert!(ok, "{out}");
+    assert!(ok && out.trim() == confirmed, "{out}");
 
     // `up` again is harmless.
     let (ok, out) = tripod(&["dev", "up", "--dir", &dir_s]);

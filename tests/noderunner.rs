@@ -152,6 +152,9 @@ async fn read_pid(path: &Path) -> u32 {
     }
 }
 
+// Scripts below write `$$$$`: Kubernetes expands `$(VAR)` in commands and
+// turns `$$` into `$`, so the shell sees `$$`, its pid.
+
 fn data_volume() -> Value {
     json!([{"name": "data", "emptyDir": {}}])
 }
@@ -197,7 +200,7 @@ printf 'all good' > "$MSG"
                         "name": "sidecar",
                         "image": "docker.io/library/busybox:1.36",
                         "restartPolicy": "Always",
-                        "command": ["sh", "-c", "echo $$ > \"$DATA/sidecar.pid\"; exec sleep 300"],
+                        "command": ["sh", "-c", "echo $$$$ > \"$DATA/sidecar.pid\"; exec sleep 300"],
                         "env": data_env(),
                         "volumeMounts": data_mount(),
                     },
@@ -357,7 +360,7 @@ async fn deletion_kills_the_group(env: &Env) {
             "containers": [{
                 "name": "main",
                 "image": "x",
-                "command": ["sh", "-c", "sleep 300 & echo $! > \"$DATA/child.pid\"; echo $$ > \"$DATA/pid\"; wait"],
+                "command": ["sh", "-c", "sleep 300 & echo $! > \"$DATA/child.pid\"; echo $$$$ > \"$DATA/pid\"; wait"],
                 "env": data_env(),
                 "volumeMounts": data_mount(),
             }],
@@ -393,7 +396,7 @@ async fn deletion_escalates(env: &Env) {
             "containers": [{
                 "name": "main",
                 "image": "x",
-                "command": ["sh", "-c", "trap '' TERM; echo $$ > \"$DATA/pid\"; sleep 300; sleep 300"],
+                "command": ["sh", "-c", "trap '' TERM; echo $$$$ > \"$DATA/pid\"; sleep 300; sleep 300"],
                 "env": data_env(),
                 "volumeMounts": data_mount(),
             }],
@@ -511,7 +514,7 @@ async fn unsupported_specs(env: &Env) {
 
 fn sleeper(record_pid: bool) -> Value {
     let script = if record_pid {
-        "echo $$ > \"$DATA/pid\"; exec sleep 300"
+        "echo $$$$ > \"$DATA/pid\"; exec sleep 300"
     } else {
         "exec sleep 300"
     };

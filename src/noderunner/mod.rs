@@ -71,6 +71,14 @@
 //! Security contexts, resources, probes, ports, lifecycle hooks and
 //! `imagePullPolicy` are ignored.
 //!
+//! # Network
+//!
+//! None of its own: every Pod shares this machine's network (as with
+//! `hostNetwork: true`) and reports `127.0.0.1` as its Pod and host IP.
+//! Ports are not remapped, so two Pods listening on the same port
+//! conflict. Containers of one Pod reach each other on `127.0.0.1`, as in
+//! a real Pod.
+//!
 //! # Environment
 //!
 //! Nothing of the runner's own environment is passed on except `PATH`.
@@ -450,7 +458,7 @@ impl Runner {
             None => self.spawn_aux(
                 &uid,
                 dir.clone(),
-                tracing::info_span!("pod_cleanup"),
+                tracing::info_span!("pod_cleanup", dir = %dir.display()),
                 async move {
                     remove_dir(&dir).await;
                 },
