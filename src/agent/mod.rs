@@ -290,10 +290,10 @@ async fn build(
         let addr: Option<SocketAddr> = std::fs::read_to_string(&address_file)
             .ok()
             .and_then(|a| a.trim().parse().ok());
-        if let Some(addr) = addr {
-            if let Ok(c) = spawn::connect(addr, &tls).await {
-                break c;
-            }
+        if let Some(addr) = addr
+            && let Ok(c) = spawn::connect(addr, &tls).await
+        {
+            break c;
         }
         if start.elapsed() > Duration::from_secs(120) {
             return Err(fail(

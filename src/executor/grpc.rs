@@ -101,10 +101,10 @@ fn outcome_from(o: pb::Outcome) -> Result<Outcome, Status> {
         }
         Some(pb::outcome::Outcome::Failed(f)) => {
             let mut message = f.message;
-            if let Some(last) = f.last_lines.last() {
-                if !message.contains(last.as_str()) {
-                    message = format!("{message} (last output: {last})");
-                }
+            if let Some(last) = f.last_lines.last()
+                && !message.contains(last.as_str())
+            {
+                message = format!("{message} (last output: {last})");
             }
             Ok(Outcome::Failed(Failed {
                 reason: if f.reason.is_empty() {
