@@ -614,7 +614,12 @@ pub fn pod_failure(pod: &Pod) -> String {
         return "the build Pod failed".into();
     };
     let mut parts = Vec::new();
-    if let Some(reason) = &status.reason {
+    // The per-container details below say the same as these Pod reasons.
+    let generic = matches!(
+        status.reason.as_deref(),
+        Some("ContainerFailed" | "InitContainerFailed")
+    );
+    if let Some(reason) = status.reason.as_ref().filter(|_| !generic) {
         parts.push(match &status.message {
             Some(m) => format!("{reason}: {m}"),
             None => reason.clone(),

@@ -63,7 +63,13 @@ fn spawner() -> Option<&'static mpsc::Sender<Job>> {
 /// the death signal is only useful when the forking thread outlives the test.
 pub fn supervised_command(program: impl AsRef<OsStr>) -> Command {
     if setpriv_available() {
-        let mut cmd = Command::new("setpriv");
+        // By absolute path: the child's PATH may not contain /usr/bin.
+        let setpriv = if std::path::Path::new("/usr/bin/setpriv").exists() {
+            "/usr/bin/setpriv"
+        } else {
+            "setpriv"
+        };
+        let mut cmd = Command::new(setpriv);
         cmd.args(["--pdeathsig", "KILL", "--"]).arg(program);
         cmd
     } else {

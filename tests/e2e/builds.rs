@@ -291,3 +291,200 @@ async fn tokens_speak_only_for_their_build_and_unconfirmed_digests_are_refused()
     assert!(s.image.is_none());
     env.cleanup().await;
 }
+
+fn git(dir: &std::path::Path, args: &[&str]) {
+    let out = std::process::Command::new("git")
+        .args(args)
+        .current_dir(dir)
+        .env("GIT_AUTHOR_NAME", "t")
+        .env("GIT_AUTHOR_EMAIL", "t@example.com")
+        .env("GIT_COMMITTER_NAME", "t")
+        .env("GIT_COMMITTER_EMAIL", "t@example.com")
+        .output()
+        .expect("git");
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn git_build_uses_revision_and_context_dir() {
+    let mut env = TestEnv::with_builds("build-git").await;
+    let registry = env.shared.registry.clone().expect("registry");
+    // A repository with the app in a subdirectory; v1 differs from main.
+    let root = env.shared.dir.join(format!("git-{}", env.ns));
+    let work = root.join("work");
+    std::fs::create_dir_all(work.join("app")).expect("repo dir");
+    git(&work, &["init", "-q", "-b", "main"]);
+    std::fs::write(
+        work.join("app/Dockerfile"),
+        "FROM scratch\nCOPY version.txt /version.txt\n",
+    )
+    .expect("write");
+    std::fs::write(work.join("app/version.txt"), "v1\n").expect("write");
+    git(&work, &["add", "."]);
+    git(&work, &["commit", "-q", "-m", "v1"]);
+    git(&work, &["tag", "v1"]);
+    std::fs::write(
+        work.join("app/Dockerfile"),
+        "FROM scratch\nRUN this-would-fail\n",
+    )
+    .expect("write");
+    git(&work, &["commit", "-q", "-am", "broken main"]);
+    git(&root, &["clone", "-q", "--bare", "work", "repo.git"]);
+    let port = crate::common::free_port();
+    let mut cmd = tripod::testenv::supervised_command("git");
+    cmd.args([
+        "daemon",
+        "--reuseaddr",
+        "--export-all",
+        "--listen=127.0.0.1",
+        &format!("--port={port}"),
+        &format!("--base-path={}", root.display()),
+    ])
+    .arg(&root)
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::null());
+    let mut daemon = tripod::testenv::spawn_supervised(cmd).expect("git daemon");
+    eventually("git daemon listens", Duration::from_secs(20), || async {
+        std::net::TcpStream::connect(("127.0.0.1", port))
+            .ok()
+            .map(|_| ())
+    })
+    .await;
+    env.start_controller("c1");
+    let manifest = format!(
+        r#"apiVersion: build.tripod.dev/v1alpha1
+kind: ImageBuild
+metadata:
+  name: from-git
+spec:
+  source:
+    git:
+      url: git://127.0.0.1:{port}/repo.git
+      revision: v1
+      contextDir: app
+  platforms: [linux/amd64]
+  output:
+    image: {registry}/team/from-git:v1
+    additionalTags: [stable]
+    insecure: true
+"#
+    );
+    let (ok, out) = env.kubectl(&["apply", "-f", "-"], Some(&manifest));
+    assert!(ok, "{out}");
+    let (ok, out) = env.kubectl(
+        &[
+            "wait",
+            "--for=condition=Ready",
+            "--timeout=240s",
+            "ib/from-git",
+        ],
+        None,
+    );
+    let s = status(&env, "from-git").await.expect("status");
+    assert!(ok, "{out}\n{s:#?}");
+    let digest = s.image.expect("image").digest;
+    let client = RegistryClient::new(vec![registry.clone()]);
+    for tag in ["v1", "stable"] {
+        let confirmed = client
+            .resolve(&format!("{registry}/team/from-git:{tag}"), None)
+            .await
+            .expect("registry answers");
+        assert_eq!(digest, confirmed, "tag {tag}");
+    }
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    env.cleanup().await;
+}
+
+fn processes_mentioning(text: &str) -> Vec<String> {
+    let out = std::process::Command::new("ps")
+        .args(["-eo", "pid,stat,args"])
+        .output()
+        .expect("ps");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(text) && !l.contains(" Z") && !l.contains("ps -eo"))
+        .map(str::to_string)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeout_and_deletion_stop_the_build_and_leave_nothing() {
+    let mut env = TestEnv::with_builds("build-stop").await;
+    let registry = env.shared.registry.clone().expect("registry");
+    env.start_controller("c1");
+    // A build that outlives its timeout.
+    let slow = inline(
+        "slow",
+        &registry,
+        "FROM BASE\nRUN echo slow-timeout-marker && sleep 300\n",
+        "  timeout: 8s\n",
+    );
+    let (ok, out) = env.kubectl(&["apply", "-f", "-"], Some(&slow));
+    assert!(ok, "{out}");
+    let s = eventually("timed out", BUILD, || async {
+        let s = status(&env, "slow").await?;
+        (s.phase == Some(Phase::Failed)).then_some(s)
+    })
+    .await;
+    let stalled = s
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Stalled")
+        .expect("Stalled");
+    assert_eq!(stalled.reason, "Timeout");
+    assert!(
+        s.platforms[0]
+            .message
+            .as_deref()
+            .unwrap_or("")
+            .contains("spec.timeout")
+    );
+    eventually(
+        "the timed-out build's processes are gone",
+        Duration::from_secs(60),
+        || async {
+            processes_mentioning("slow-timeout-marker")
+                .is_empty()
+                .then_some(())
+        },
+    )
+    .await;
+
+    // A build deleted while it runs: no process, Pod or Secret remains.
+    let doomed = inline(
+        "doomed",
+        &registry,
+        "FROM BASE\nRUN echo doomed-marker && sleep 300\n",
+        "",
+    );
+    let (ok, out) = env.kubectl(&["apply", "-f", "-"], Some(&doomed));
+    assert!(ok, "{out}");
+    eventually("the doomed build runs its RUN step", BUILD, || async {
+        (!processes_mentioning("doomed-marker").is_empty()).then_some(())
+    })
+    .await;
+    let (ok, out) = env.kubectl(&["delete", "ib", "doomed", "--wait=true"], None);
+    assert!(ok, "{out}");
+    eventually(
+        "nothing of the doomed build is left",
+        Duration::from_secs(90),
+        || async {
+            let pods = env.pods_of("doomed").await;
+            let secrets: Api<Secret> = Api::namespaced(env.client.clone(), &env.ns);
+            let left = secrets
+                .list(&ListParams::default().labels("build.tripod.dev/name=doomed"))
+                .await
+                .ok()?
+                .items;
+            (pods.is_empty() && left.is_empty() && processes_mentioning("doomed-marker").is_empty())
+                .then_some(())
+        },
+    )
+    .await;
+    env.cleanup().await;
+}
