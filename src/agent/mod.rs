@@ -162,42 +162,16 @@ pub async fn run_once(cfg: AgentConfig) -> Result<(), AgentError> {
         )
         .map_err(|e| AgentError::Executor(e.to_string()))?
         .connect_timeout(Duration::from_secs(10));
-    let channel = connect_with_retry(&endpoint, Duration::from_secs(60)).await?;
-    let mut executor = pb::executor_client::ExecutorClient::new(channel);
-
-    let (out_tx, out_rx) = mpsc::channel::<pb::AgentMessage>(64);
-    out_tx
-        .send(pb::AgentMessage {
-            message: Some(pb::agent_message::Message::Hello(pb::Hello {
-                token,
-                namespace: cfg.namespace.clone(),
-                image_build: cfg.image_build.clone(),
-                build_id: cfg.build_id.clone(),
-                platform: cfg.platform.clone(),
-                attempt: cfg.attempt,
-                agent_version: env!("CARGO_PKG_VERSION").into(),
-            })),
-        })
-        .await
-        .map_err(|_| AgentError::Executor("session closed".into()))?;
-    let mut inbound = executor
-        .session(ReceiverStream::new(out_rx))
-        .await
-        .map_err(|s| AgentError::Executor(format!("{}: {}", s.code(), s.message())))?
-        .into_inner();
-    let assignment = match inbound.message().await {
-        Ok(Some(pb::ControllerMessage {
-            message: Some(pb::controller_message::Message::Assignment(a)),
-        })) => a,
-        Ok(_) => return Err(AgentError::Executor("no assignment".into())),
-        Err(s) => {
-            return Err(AgentError::Executor(format!(
-                "{}: {}",
-                s.code(),
-                s.message()
-            )));
-        }
+    let hello = pb::Hello {
+        token,
+        namespace: cfg.namespace.clone(),
+        image_build: cfg.image_build.clone(),
+        build_id: cfg.build_id.clone(),
+        platform: cfg.platform.clone(),
+        attempt: cfg.attempt,
+        agent_version: env!("CARGO_PKG_VERSION").into(),
     };
+    let (out_tx, mut inbound, assignment) = open_session(&endpoint, &hello).await?;
     tracing::info!(platform = %assignment.platform, tags = ?assignment.tags, "assignment received");
 
     let outcome = build(&cfg, &assignment, &out_tx).await;
@@ -215,31 +189,23 @@ pub async fn run_once(cfg: AgentConfig) -> Result<(), AgentError> {
             Some(format!("{reason}: {message}")),
         ),
     };
-    out_tx
-        .send(msg)
-        .await
-        .map_err(|_| AgentError::Executor("session closed before the outcome".into()))?;
-    let ack = loop {
-        match inbound.message().await {
-            Ok(Some(pb::ControllerMessage {
-                message: Some(pb::controller_message::Message::Ack(a)),
-            })) => break a,
-            Ok(Some(_)) => continue,
-            Ok(None) => {
-                return Err(AgentError::Executor(
-                    "session ended without an acknowledgement".into(),
-                ));
-            }
-            Err(s) => {
-                return Err(AgentError::Executor(format!(
-                    "{}: {}",
-                    s.code(),
-                    s.message()
-                )));
-            }
-        }
-    };
+    // Report on this session; if the controller went away meanwhile (a
+    // restart, a new leader), report on a new session until one answers.
+    let mut ack = send_outcome(&out_tx, &mut inbound, msg.clone()).await;
     drop(out_tx);
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while let Err(e) = &ack {
+        if Instant::now() > deadline {
+            break;
+        }
+        tracing::warn!(error = %e, "reporting the outcome failed; reconnecting");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        ack = match open_session(&endpoint, &hello).await {
+            Ok((tx, mut inbound, _)) => send_outcome(&tx, &mut inbound, msg.clone()).await,
+            Err(e) => Err(e.to_string()),
+        };
+    }
+    let ack = ack.map_err(AgentError::Executor)?;
     match failure {
         Some(f) => Err(AgentError::Failed(f)),
         None if ack.accepted => {
@@ -247,6 +213,62 @@ pub async fn run_once(cfg: AgentConfig) -> Result<(), AgentError> {
             Ok(())
         }
         None => Err(AgentError::NotAccepted(ack.message)),
+    }
+}
+
+type Session = (
+    mpsc::Sender<pb::AgentMessage>,
+    tonic::Streaming<pb::ControllerMessage>,
+    pb::Assignment,
+);
+
+/// Connects, says hello and waits for the assignment.
+async fn open_session(endpoint: &Endpoint, hello: &pb::Hello) -> Result<Session, AgentError> {
+    let channel = connect_with_retry(endpoint, Duration::from_secs(60)).await?;
+    let mut executor = pb::executor_client::ExecutorClient::new(channel);
+    let (out_tx, out_rx) = mpsc::channel::<pb::AgentMessage>(64);
+    out_tx
+        .send(pb::AgentMessage {
+            message: Some(pb::agent_message::Message::Hello(hello.clone())),
+        })
+        .await
+        .map_err(|_| AgentError::Executor("session closed".into()))?;
+    let mut inbound = executor
+        .session(ReceiverStream::new(out_rx))
+        .await
+        .map_err(|s| AgentError::Executor(format!("{}: {}", s.code(), s.message())))?
+        .into_inner();
+    match inbound.message().await {
+        Ok(Some(pb::ControllerMessage {
+            message: Some(pb::controller_message::Message::Assignment(a)),
+        })) => Ok((out_tx, inbound, a)),
+        Ok(_) => Err(AgentError::Executor("no assignment".into())),
+        Err(s) => Err(AgentError::Executor(format!(
+            "{}: {}",
+            s.code(),
+            s.message()
+        ))),
+    }
+}
+
+/// Sends the outcome and waits for the controller's acknowledgement.
+async fn send_outcome(
+    tx: &mpsc::Sender<pb::AgentMessage>,
+    inbound: &mut tonic::Streaming<pb::ControllerMessage>,
+    msg: pb::AgentMessage,
+) -> Result<pb::Ack, String> {
+    tx.send(msg)
+        .await
+        .map_err(|_| "the session closed before the outcome".to_string())?;
+    loop {
+        match inbound.message().await {
+            Ok(Some(pb::ControllerMessage {
+                message: Some(pb::controller_message::Message::Ack(a)),
+            })) => return Ok(a),
+            Ok(Some(_)) => continue,
+            Ok(None) => return Err("the session ended without an acknowledgement".into()),
+            Err(s) => return Err(format!("{}: {}", s.code(), s.message())),
+        }
     }
 }
 
@@ -346,14 +368,14 @@ async fn build(
         match ev.event {
             Some(bpb::build_event::Event::Step(s)) => {
                 tracing::info!(step = %s.text, "step");
-                let _ = out
-                    .send(pb::AgentMessage {
-                        message: Some(pb::agent_message::Message::Progress(pb::Progress {
-                            step: s.text,
-                            log_lines: Vec::new(),
-                        })),
-                    })
-                    .await;
+                // Never wait on progress: the session may be gone (a
+                // controller restart) while the build goes on.
+                let _ = out.try_send(pb::AgentMessage {
+                    message: Some(pb::agent_message::Message::Progress(pb::Progress {
+                        step: s.text,
+                        log_lines: Vec::new(),
+                    })),
+                });
             }
             Some(bpb::build_event::Event::Log(l)) => {
                 tracing::debug!(line = %l.line, "build output")

@@ -488,3 +488,60 @@ async fn timeout_and_deletion_stop_the_build_and_leave_nothing() {
     .await;
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controller_killed_mid_build_still_reports_exactly_once() {
+    let mut env = TestEnv::with_builds("build-restart").await;
+    let registry = env.shared.registry.clone().expect("registry");
+    let first = env.start_controller("first");
+    let executor_port = env.controller(first).executor_port;
+    let manifest = inline(
+        "survivor",
+        &registry,
+        "FROM BASE\nRUN echo survivor-marker && sleep 6\nRUN echo done > /done\n",
+        "",
+    );
+    let (ok, out) = env.kubectl(&["apply", "-f", "-"], Some(&manifest));
+    assert!(ok, "{out}");
+    eventually("the RUN step is building", BUILD, || async {
+        (!processes_mentioning("survivor-marker").is_empty()).then_some(())
+    })
+    .await;
+    // SIGKILL mid-build; a new replica comes up on the same address.
+    env.kill_controller(first);
+    env.start_controller_on("second", executor_port);
+    let (ok, out) = env.kubectl(
+        &[
+            "wait",
+            "--for=condition=Ready",
+            "--timeout=240s",
+            "ib/survivor",
+        ],
+        None,
+    );
+    let s = status(&env, "survivor").await.expect("status");
+    assert!(ok, "{out}\n{s:#?}");
+    assert_eq!(s.platforms[0].attempts, 1, "no second attempt: {s:#?}");
+    let confirmed = RegistryClient::new(vec![registry.clone()])
+        .resolve(&format!("{registry}/team/survivor:1"), None)
+        .await
+        .expect("registry answers");
+    assert_eq!(s.image.expect("image").digest, confirmed);
+    // Reported once: one Succeeded Event.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(env.client.clone(), &env.ns);
+    let succeeded = events
+        .list(&ListParams::default())
+        .await
+        .expect("events")
+        .items
+        .into_iter()
+        .filter(|e| {
+            e.reason.as_deref() == Some("Succeeded")
+                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("survivor")
+        })
+        .count();
+    assert_eq!(succeeded, 1);
+    env.cleanup().await;
+}

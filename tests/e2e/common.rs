@@ -296,8 +296,13 @@ impl TestEnv {
 
     /// Starts a controller watching this namespace; returns its index.
     pub fn start_controller(&mut self, identity: &str) -> usize {
+        self.start_controller_on(identity, free_port())
+    }
+
+    /// Starts a controller whose executor service listens on `executor_port`
+    /// (a restarted controller keeps its address, like behind a Service).
+    pub fn start_controller_on(&mut self, identity: &str, executor_port: u16) -> usize {
         let port = free_port();
-        let executor_port = free_port();
         let log = self.shared.dir.join(format!("{}-{identity}.log", self.ns));
         let out = std::fs::File::create(&log).expect("log file");
         let err = out.try_clone().expect("log file");
