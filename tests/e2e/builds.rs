@@ -545,3 +545,262 @@ async fn controller_killed_mid_build_still_reports_exactly_once() {
     assert_eq!(succeeded, 1);
     env.cleanup().await;
 }
+
+/// GET over plain HTTP: (status, body).
+fn http_get(addr: &str, path: &str, accept: &str) -> (u16, Vec<u8>) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    write!(
+        s,
+        "GET {path} HTTP/1.0\r\nHost: {addr}\r\nAccept: {accept}\r\n\r\n"
+    )
+    .expect("write");
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).expect("read");
+    let split = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or(buf.len());
+    let head = String::from_utf8_lossy(&buf[..split]).to_string();
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (code, buf.get(split + 4..).unwrap_or_default().to_vec())
+}
+
+fn image_config(registry: &str, repo: &str, tag: &str) -> serde_json::Value {
+    let accept = "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json";
+    let (code, body) = http_get(registry, &format!("/v2/{repo}/manifests/{tag}"), accept);
+    assert_eq!(code, 200);
+    let manifest: serde_json::Value = serde_json::from_slice(&body).expect("manifest");
+    let digest = manifest["config"]["digest"]
+        .as_str()
+        .expect("config digest")
+        .to_string();
+    let (code, body) = http_get(registry, &format!("/v2/{repo}/blobs/{digest}"), "*/*");
+    assert_eq!(code, 200);
+    serde_json::from_slice(&body).expect("config")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multi_stage_target_and_build_args_reach_the_image_config() {
+    let mut env = TestEnv::with_builds("build-args").await;
+    let registry = env.shared.registry.clone().expect("registry");
+    env.start_controller("c1");
+    let dockerfile = "FROM BASE AS build\nARG VERSION=0\nRUN echo \"$VERSION\" > /version\n\
+                      FROM BASE AS final\nARG VERSION=0\nENV APP_VERSION=$VERSION\nCOPY --from=build /version /version\n\
+                      FROM BASE AS broken\nRUN exit 1\n";
+    let extra = "  target: final\n  buildArgs:\n    - {name: VERSION, value: \"1.2.3\"}\n";
+    let (ok, out) = env.kubectl(
+        &["apply", "-f", "-"],
+        Some(&inline("staged", &registry, dockerfile, extra)),
+    );
+    assert!(ok, "{out}");
+    let (ok, out) = env.kubectl(
+        &[
+            "wait",
+            "--for=condition=Ready",
+            "--timeout=240s",
+            "ib/staged",
+        ],
+        None,
+    );
+    let s = status(&env, "staged").await.expect("status");
+    assert!(ok, "{out}\n{s:#?}");
+    let config = image_config(&registry, "team/staged", "1");
+    let env_vars = config["config"]["Env"].to_string();
+    assert!(env_vars.contains("APP_VERSION=1.2.3"), "{env_vars}");
+    assert_eq!(
+        config["config"]["Labels"]["build.tripod.dev/build-id"].as_str(),
+        s.build_id.as_deref()
+    );
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_stops_a_running_build() {
+    let mut env = TestEnv::with_builds("build-cancel").await;
+    let registry = env.shared.registry.clone().expect("registry");
+    env.start_controller("c1");
+    let manifest = inline(
+        "stopme",
+        &registry,
+        "FROM BASE\nRUN echo cancel-marker && sleep 300\n",
+        "",
+    );
+    let (ok, out) = env.kubectl(&["apply", "-f", "-"], Some(&manifest));
+    assert!(ok, "{out}");
+    eventually("the RUN step runs", BUILD, || async {
+        (!processes_mentioning("cancel-marker").is_empty()).then_some(())
+    })
+    .await;
+    let (ok, out) = env.kubectl(
+        &[
+            "patch",
+            "ib/stopme",
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"cancel":true}}"#,
+        ],
+        None,
+    );
+    assert!(ok, "{out}");
+    let (ok, out) = env.kubectl(
+        &[
+            "wait",
+            "--for=jsonpath={.status.phase}=Cancelled",
+            "--timeout=60s",
+            "ib/stopme",
+        ],
+        None,
+    );
+    assert!(ok, "{out}");
+    eventually(
+        "its processes and Pod are gone",
+        Duration::from_secs(60),
+        || async {
+            (processes_mentioning("cancel-marker").is_empty()
+                && env.pods_of("stopme").await.is_empty())
+            .then_some(())
+        },
+    )
+    .await;
+    assert!(
+        status(&env, "stopme")
+            .await
+            .expect("status")
+            .image
+            .is_none()
+    );
+    env.cleanup().await;
+}
+
+/// Serves `content` on loopback, answering 500 to the first `failures` requests.
+fn flaky_server(failures: usize, content: &'static str) -> u16 {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        let mut served = 0usize;
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { continue };
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            let reply = if served < failures {
+                "HTTP/1.0 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n".to_string()
+            } else {
+                format!(
+                    "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{content}",
+                    content.len()
+                )
+            };
+            served += 1;
+            let _ = s.write_all(reply.as_bytes());
+        }
+    });
+    port
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_attempt_is_retried_and_the_second_succeeds() {
+    let mut env = TestEnv::with_builds("build-retry").await;
+    let registry = env.shared.registry.clone().expect("registry");
+    env.start_controller("c1");
+    let port = flaky_server(1, "fetched\n");
+    let dockerfile = format!("FROM scratch\nADD http://127.0.0.1:{port}/file /file\n");
+    let (ok, out) = env.kubectl(
+        &["apply", "-f", "-"],
+        Some(&inline("flaky", &registry, &dockerfile, "  retries: 2\n")),
+    );
+    assert!(ok, "{out}");
+    let (ok, out) = env.kubectl(
+        &[
+            "wait",
+            "--for=condition=Ready",
+            "--timeout=240s",
+            "ib/flaky",
+        ],
+        None,
+    );
+    let s = status(&env, "flaky").await.expect("status");
+    assert!(ok, "{out}\n{s:#?}");
+    assert_eq!(s.platforms[0].attempts, 2, "{s:#?}");
+    assert_eq!(
+        s.platforms[0].executor.as_ref().map(|e| e.name.as_str()),
+        Some("flaky-1-linux-amd64-2")
+    );
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_secrets_wrong_ones_fail_clearly_right_ones_push() {
+    let mut env = TestEnv::with_builds("build-auth").await;
+    let registry = env.shared.auth_registry.clone().expect("auth registry");
+    env.start_controller("c1");
+    for (name, pass) in [("wrong", "nope"), ("right", "s3cret")] {
+        let auth = {
+            const T: &[u8; 64] =
+                b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+            let b = format!("builder:{pass}").into_bytes();
+            let mut out = String::new();
+            for c in b.chunks(3) {
+                let n = (u32::from(c[0]) << 16)
+                    | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
+                    | u32::from(*c.get(2).unwrap_or(&0));
+                for i in 0..4 {
+                    out.push(if i <= c.len() {
+                        T[((n >> (18 - 6 * i)) & 63) as usize] as char
+                    } else {
+                        '='
+                    });
+                }
+            }
+            out
+        };
+        let secret = format!(
+            "apiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}-creds\ntype: kubernetes.io/dockerconfigjson\nstringData:\n  .dockerconfigjson: '{{\"auths\":{{\"{registry}\":{{\"auth\":\"{auth}\"}}}}}}'\n"
+        );
+        let (ok, out) = env.kubectl(&["apply", "-f", "-"], Some(&secret));
+        assert!(ok, "{out}");
+        let manifest = inline(name, &registry, "FROM scratch\nCOPY hello.txt /\n", "").replace(
+            "    insecure: true\n",
+            &format!("    insecure: true\n    pushSecretRef: {{name: {name}-creds}}\n"),
+        );
+        let (ok, out) = env.kubectl(&["apply", "-f", "-"], Some(&manifest));
+        assert!(ok, "{out}");
+    }
+    let (ok, out) = env.kubectl(
+        &[
+            "wait",
+            "--for=condition=Ready",
+            "--timeout=240s",
+            "ib/right",
+        ],
+        None,
+    );
+    assert!(ok, "{out}");
+    let (ok, out) = env.kubectl(
+        &[
+            "wait",
+            "--for=condition=Stalled",
+            "--timeout=240s",
+            "ib/wrong",
+        ],
+        None,
+    );
+    let s = status(&env, "wrong").await.expect("status");
+    assert!(ok, "{out}\n{s:#?}");
+    let msg = s.platforms[0]
+        .message
+        .clone()
+        .unwrap_or_default()
+        .to_lowercase();
+    assert!(msg.contains("pushfailed"), "{msg}");
+    assert!(
+        msg.contains("unauthorized") || msg.contains("authentication required"),
+        "{msg}"
+    );
+    env.cleanup().await;
+}

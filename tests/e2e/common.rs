@@ -21,6 +21,8 @@ pub struct Shared {
     pub dir: PathBuf,
     /// With the node runner on tripod-linux-amd64: a registry on loopback.
     pub registry: Option<String>,
+    /// And one that requires `builder` / `s3cret` (htpasswd).
+    pub auth_registry: Option<String>,
 }
 
 static SHARED: OnceLock<Result<Shared, String>> = OnceLock::new();
@@ -106,6 +108,7 @@ async fn start(builds: bool) -> Result<(testenv::ControlPlane, Shared), String> 
         .await
         .map_err(|e| e.to_string())?;
     let mut registry = None;
+    let mut auth_registry = None;
     if builds {
         nodes.retain(|n| n != testenv::LINUX_AMD64);
         let _runner = tripod::noderunner::spawn(
@@ -117,9 +120,16 @@ async fn start(builds: bool) -> Result<(testenv::ControlPlane, Shared), String> 
                 max_grace: Duration::from_secs(10),
             },
         );
-        let reg = start_registry(&dir)?;
+        let reg = start_registry(&dir, "registry", None)?;
         push_base_image(&dir, &reg)?;
         registry = Some(reg);
+        let out = Command::new("htpasswd")
+            .args(["-Bbn", "builder", "s3cret"])
+            .output()
+            .map_err(|e| format!("htpasswd (apache2-utils): {e}"))?;
+        let htpasswd = dir.join("htpasswd");
+        std::fs::write(&htpasswd, &out.stdout).map_err(|e| e.to_string())?;
+        auth_registry = Some(start_registry(&dir, "auth-registry", Some(&htpasswd))?);
     }
     let _keeper = testenv::spawn_node_keeper(client, nodes);
     eprintln!(
@@ -132,6 +142,7 @@ async fn start(builds: bool) -> Result<(testenv::ControlPlane, Shared), String> 
         kubectl: cp.kubectl(),
         dir,
         registry,
+        auth_registry,
     };
     Ok((cp, shared))
 }
@@ -182,20 +193,28 @@ fn push_base_image(dir: &Path, registry: &str) -> Result<(), String> {
 }
 
 /// Debian's docker-registry on a free loopback port; returns host:port.
-fn start_registry(dir: &Path) -> Result<String, String> {
+fn start_registry(dir: &Path, name: &str, htpasswd: Option<&Path>) -> Result<String, String> {
     let port = free_port();
-    let data = dir.join("registry");
+    let data = dir.join(name);
     std::fs::create_dir_all(&data).map_err(|e| e.to_string())?;
-    let cfg = dir.join("registry.yml");
+    let cfg = dir.join(format!("{name}.yml"));
+    let auth = htpasswd
+        .map(|p| {
+            format!(
+                "auth:\n  htpasswd:\n    realm: tripod\n    path: {}\n",
+                p.display()
+            )
+        })
+        .unwrap_or_default();
     std::fs::write(
         &cfg,
         format!(
-            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n{auth}",
             data.display()
         ),
     )
     .map_err(|e| e.to_string())?;
-    let log = std::fs::File::create(dir.join("registry.log")).map_err(|e| e.to_string())?;
+    let log = std::fs::File::create(dir.join(format!("{name}.log"))).map_err(|e| e.to_string())?;
     let mut cmd = testenv::supervised_command("docker-registry");
     cmd.arg("serve")
         .arg(&cfg)
