@@ -495,42 +495,10 @@ fn start_registry(dir: &Path) -> Result<(String, std::process::Child), DevError>
     let port = if std::net::TcpListener::bind("127.0.0.1:5000").is_ok() {
         5000
     } else {
-        free_port()?
+        0
     };
-    let data = dir.join("registry");
-    std::fs::create_dir_all(&data).map_err(io(format!("create {}", data.display())))?;
-    let cfg = dir.join("registry.yml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
-            data.display()
-        ),
-    )
-    .map_err(io("write registry.yml"))?;
-    let log_path = dir.join("logs/registry.log");
-    let log =
-        std::fs::File::create(&log_path).map_err(io(format!("create {}", log_path.display())))?;
-    let mut cmd = testenv::supervised_command("docker-registry");
-    cmd.arg("serve")
-        .arg(&cfg)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().map_err(io("clone log handle"))?)
-        .stderr(log);
-    let child = testenv::spawn_supervised(cmd).map_err(io("start docker-registry"))?;
-    let addr = format!("127.0.0.1:{port}");
-    let started = Instant::now();
-    while std::net::TcpStream::connect(&addr).is_err() {
-        if started.elapsed() > Duration::from_secs(20) {
-            return Err(DevError::NotStarted {
-                reason: "docker-registry did not listen".into(),
-                log: log_path.display().to_string(),
-                tail: tail(&log_path, 20),
-            });
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    Ok((addr, child))
+    let r = testenv::start_registry(dir, "registry", port, None)?;
+    Ok((r.address, r.child))
 }
 
 async fn ensure_namespace(client: &Client, name: &str) -> Result<(), DevError> {

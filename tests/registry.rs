@@ -7,7 +7,6 @@
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
-use std::time::Duration;
 
 use tripod::registry::{Credentials, RegistryClient, RegistryError, credentials_for};
 
@@ -38,39 +37,8 @@ fn free_port() -> u16 {
 }
 
 fn start_registry(dir: &Path, name: &str, htpasswd: Option<&Path>) -> (String, Child) {
-    let port = free_port();
-    let data = dir.join(format!("{name}-data"));
-    std::fs::create_dir_all(&data).expect("registry dir");
-    let auth = htpasswd
-        .map(|p| {
-            format!(
-                "auth:\n  htpasswd:\n    realm: tripod\n    path: {}\n",
-                p.display()
-            )
-        })
-        .unwrap_or_default();
-    let config = format!(
-        "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n{auth}",
-        data.display()
-    );
-    let cfg = dir.join(format!("{name}.yml"));
-    std::fs::write(&cfg, config).expect("registry config");
-    let log = std::fs::File::create(dir.join(format!("{name}.log"))).expect("log");
-    let mut cmd = tripod::testenv::supervised_command("docker-registry");
-    cmd.arg("serve")
-        .arg(&cfg)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().expect("log"))
-        .stderr(log);
-    let child = tripod::testenv::spawn_supervised(cmd).expect("start docker-registry");
-    let addr = format!("127.0.0.1:{port}");
-    for _ in 0..100 {
-        if std::net::TcpStream::connect(&addr).is_ok() {
-            return (addr, child);
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("registry {name} did not listen");
+    let r = tripod::testenv::start_registry(dir, name, 0, htpasswd).expect("start docker-registry");
+    (r.address, r.child)
 }
 
 /// Runs buildah with the fixture's storage; panics with its output on failure.

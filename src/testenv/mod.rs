@@ -44,6 +44,7 @@
 mod certs;
 mod nodes;
 mod process;
+mod registry;
 
 use std::fs;
 use std::io;
@@ -60,6 +61,7 @@ pub use nodes::{
     LINUX_AMD64, LINUX_ARM64, WINDOWS_AMD64, WINDOWS_BUILD, create_nodes, spawn_node_keeper,
 };
 pub use process::{spawn_supervised, supervised_command};
+pub use registry::{Registry, start_registry};
 
 /// Kubernetes version of the binaries `testenv/build.sh` builds; reported by
 /// the fake nodes as their kubelet version.
@@ -587,6 +589,14 @@ async fn terminate(component: &mut Component) {
             Ok(Some(_)) | Err(_) => return,
         }
     }
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> Result<u16, Error> {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| Error::io("bind a free loopback port", e))
 }
 
 /// Distinct loopback ports that were free a moment ago: bind port 0 and

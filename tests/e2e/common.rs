@@ -194,43 +194,10 @@ fn push_base_image(dir: &Path, registry: &str) -> Result<(), String> {
 
 /// Debian's docker-registry on a free loopback port; returns host:port.
 fn start_registry(dir: &Path, name: &str, htpasswd: Option<&Path>) -> Result<String, String> {
-    let port = free_port();
-    let data = dir.join(name);
-    std::fs::create_dir_all(&data).map_err(|e| e.to_string())?;
-    let cfg = dir.join(format!("{name}.yml"));
-    let auth = htpasswd
-        .map(|p| {
-            format!(
-                "auth:\n  htpasswd:\n    realm: tripod\n    path: {}\n",
-                p.display()
-            )
-        })
-        .unwrap_or_default();
-    std::fs::write(
-        &cfg,
-        format!(
-            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n{auth}",
-            data.display()
-        ),
-    )
-    .map_err(|e| e.to_string())?;
-    let log = std::fs::File::create(dir.join(format!("{name}.log"))).map_err(|e| e.to_string())?;
-    let mut cmd = testenv::supervised_command("docker-registry");
-    cmd.arg("serve")
-        .arg(&cfg)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().map_err(|e| e.to_string())?)
-        .stderr(log);
-    let child = testenv::spawn_supervised(cmd).map_err(|e| format!("docker-registry: {e}"))?;
-    std::mem::forget(child);
-    let addr = format!("127.0.0.1:{port}");
-    for _ in 0..100 {
-        if std::net::TcpStream::connect(&addr).is_ok() {
-            return Ok(addr);
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    Err("docker-registry did not listen".into())
+    let r = testenv::start_registry(dir, name, 0, htpasswd).map_err(|e| e.to_string())?;
+    // Supervised: it lives as long as the test process.
+    std::mem::forget(r.child);
+    Ok(r.address)
 }
 
 /// One test's view: a client and a namespace of its own.

@@ -1,0 +1,84 @@
+//! A real OCI registry on loopback: Debian's `docker-registry` (registry v2).
+
+use std::path::Path;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use super::Error;
+use super::process::{spawn_supervised, supervised_command};
+
+/// A running registry.
+#[derive(Debug)]
+pub struct Registry {
+    /// `127.0.0.1:PORT`.
+    pub address: String,
+    /// The process (supervised: it dies with this process).
+    pub child: Child,
+}
+
+/// Starts `docker-registry serve` with its data and config under `dir`
+/// (`dir/<name>/`, `dir/<name>.yml`, `dir/<name>.log`), on `port` (0: a free
+/// one), requiring the users of `htpasswd` (bcrypt) when given. Data stays
+/// across restarts. Returns once the port accepts connections.
+pub fn start_registry(
+    dir: &Path,
+    name: &str,
+    port: u16,
+    htpasswd: Option<&Path>,
+) -> Result<Registry, Error> {
+    let port = if port == 0 { super::free_port()? } else { port };
+    let data = dir.join(name);
+    std::fs::create_dir_all(&data)
+        .map_err(|e| Error::io(format!("create {}", data.display()), e))?;
+    let auth = htpasswd
+        .map(|p| {
+            format!(
+                "auth:\n  htpasswd:\n    realm: tripod\n    path: {}\n",
+                p.display()
+            )
+        })
+        .unwrap_or_default();
+    let cfg = dir.join(format!("{name}.yml"));
+    let config = format!(
+        "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n{auth}",
+        data.display()
+    );
+    std::fs::write(&cfg, config).map_err(|e| Error::io(format!("write {}", cfg.display()), e))?;
+    let log_path = dir.join(format!("{name}.log"));
+    let log = std::fs::File::create(&log_path)
+        .map_err(|e| Error::io(format!("create {}", log_path.display()), e))?;
+    let log2 = log
+        .try_clone()
+        .map_err(|e| Error::io("clone log handle", e))?;
+    let mut cmd = supervised_command("docker-registry");
+    cmd.arg("serve")
+        .arg(&cfg)
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log2);
+    let mut child = spawn_supervised(cmd)
+        .map_err(|e| Error::io("start docker-registry (Debian package docker-registry)", e))?;
+    let address = format!("127.0.0.1:{port}");
+    let started = Instant::now();
+    while std::net::TcpStream::connect(&address).is_err() {
+        if let Ok(Some(status)) = child.try_wait() {
+            let tail = std::fs::read_to_string(&log_path).unwrap_or_default();
+            return Err(Error::io(
+                format!(
+                    "docker-registry exited ({status}): {}",
+                    tail.lines().last().unwrap_or("")
+                ),
+                std::io::Error::other("registry did not start"),
+            ));
+        }
+        if started.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            return Err(Error::io(
+                format!("docker-registry did not listen on {address} within 20s"),
+                std::io::Error::other("timeout"),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(Registry { address, child })
+}
