@@ -804,3 +804,46 @@ async fn push_secrets_wrong_ones_fail_clearly_right_ones_push() {
     );
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ttl_after_finished_removes_pods_and_tokens_but_keeps_the_imagebuild() {
+    let mut env = TestEnv::with_builds("build-ttl").await;
+    let registry = env.shared.registry.clone().expect("registry");
+    env.start_controller("c1");
+    let manifest = inline(
+        "brief",
+        &registry,
+        "FROM scratch\nCOPY hello.txt /\n",
+        "  ttlSecondsAfterFinished: 2\n",
+    );
+    let (ok, out) = env.kubectl(&["apply", "-f", "-"], Some(&manifest));
+    assert!(ok, "{out}");
+    let (ok, out) = env.kubectl(
+        &[
+            "wait",
+            "--for=condition=Ready",
+            "--timeout=240s",
+            "ib/brief",
+        ],
+        None,
+    );
+    assert!(ok, "{out}");
+    let secrets: Api<Secret> = Api::namespaced(env.client.clone(), &env.ns);
+    eventually(
+        "Pods and token Secrets removed after the TTL",
+        Duration::from_secs(60),
+        || async {
+            let left = secrets
+                .list(&ListParams::default().labels("build.tripod.dev/name=brief"))
+                .await
+                .ok()?
+                .items;
+            (env.pods_of("brief").await.is_empty() && left.is_empty()).then_some(())
+        },
+    )
+    .await;
+    let s = status(&env, "brief").await.expect("the ImageBuild stays");
+    assert_eq!(s.phase, Some(Phase::Succeeded));
+    assert!(s.image.is_some());
+    env.cleanup().await;
+}
