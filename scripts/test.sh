@@ -13,6 +13,7 @@ command -v buildah >/dev/null || need_apt+=(buildah)
 command -v docker-registry >/dev/null || need_apt+=(docker-registry)
 [ -x /bin/busybox ] || need_apt+=(busybox-static)
 command -v htpasswd >/dev/null || need_apt+=(apache2-utils)
+command -v lua5.4 >/dev/null || need_apt+=(lua5.4)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
