@@ -26,5 +26,7 @@ command -v cargo >/dev/null || { echo "Rust (cargo) is required" >&2; exit 1; }
 
 # The control plane: seconds when cached, ~15 minutes the first time.
 bash testenv/build.sh >/dev/null
+# helm, for the chart tests: also built once from the Go modules.
+bash testenv/helm.sh >/dev/null
 
 cargo test --locked --all-targets -- --test-threads "${TRIPOD_TEST_THREADS:-4}"
