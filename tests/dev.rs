@@ -32,10 +32,20 @@ fn sh(script: &str) -> (bool, String) {
     )
 }
 
+/// Stops the environment even when an assertion fails (it runs detached).
+struct Down(String);
+
+impl Drop for Down {
+    fn drop(&mut self) {
+        let _ = tripod(&["dev", "down", "--dir", &self.0, "--purge"]);
+    }
+}
+
 #[test]
 fn dev_up_writes_a_usable_env_and_down_stops_everything() {
     let dir = std::env::temp_dir().join(format!("tripod-dev-test-{}", std::process::id()));
     let dir_s = dir.display().to_string();
+    let _down = Down(dir_s.clone());
     let (ok, up_out) = tripod(&["dev", "up", "--dir", &dir_s]);
     assert!(ok, "{up_out}");
     assert!(up_out.contains(&format!("source {dir_s}/env")), "{up_out}");

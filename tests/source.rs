@@ -101,9 +101,16 @@ impl Fixture {
 
         let port = free_port();
         let base = dir.display().to_string();
-        let child = Command::new("git")
+        // The daemon binary itself, not the `git daemon` wrapper, whose
+        // child would outlive a kill of the wrapper.
+        let exec_path = Command::new("git")
+            .arg("--exec-path")
+            .output()
+            .expect("git --exec-path");
+        let daemon = std::path::Path::new(String::from_utf8_lossy(&exec_path.stdout).trim())
+            .join("git-daemon");
+        let child = tripod::testenv::supervised_command(&daemon)
             .args([
-                "daemon",
                 "--reuseaddr",
                 &format!("--base-path={base}"),
                 "--export-all",

@@ -335,9 +335,16 @@ async fn git_build_uses_revision_and_context_dir() {
     git(&work, &["commit", "-q", "-am", "broken main"]);
     git(&root, &["clone", "-q", "--bare", "work", "repo.git"]);
     let port = crate::common::free_port();
-    let mut cmd = tripod::testenv::supervised_command("git");
+    // The daemon binary itself, not the `git daemon` wrapper, whose child
+    // would outlive a kill of the wrapper.
+    let exec_path = std::process::Command::new("git")
+        .arg("--exec-path")
+        .output()
+        .expect("git --exec-path");
+    let daemon_bin =
+        std::path::Path::new(String::from_utf8_lossy(&exec_path.stdout).trim()).join("git-daemon");
+    let mut cmd = tripod::testenv::supervised_command(&daemon_bin);
     cmd.args([
-        "daemon",
         "--reuseaddr",
         "--export-all",
         "--listen=127.0.0.1",
