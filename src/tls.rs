@@ -75,44 +75,21 @@ impl TlsDir {
         if self.file("ca.crt").exists() && self.file("client.key").exists() {
             return self.check();
         }
-        let ca_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-        let mut ca = CertificateParams::new(Vec::<String>::new())?;
-        ca.distinguished_name
-            .push(DnType::CommonName, "tripod-buildd-ca");
-        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let ca_cert = ca.self_signed(&ca_key)?;
-        let ca_pem = ca_cert.pem();
-        let issuer = Issuer::new(ca, ca_key);
-
-        let mut server = CertificateParams::new(vec![SERVER_NAME.to_string()])?;
-        server
-            .subject_alt_names
-            .push(SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)));
-        server
-            .distinguished_name
-            .push(DnType::CommonName, "tripod-buildd");
-        server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        let server_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-        let server_cert = server.signed_by(&server_key, &issuer)?;
-
-        let mut client = CertificateParams::new(Vec::<String>::new())?;
-        client
-            .distinguished_name
-            .push(DnType::CommonName, "tripod-agent");
-        client.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        let client_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-        let client_cert = client.signed_by(&client_key, &issuer)?;
+        let ca = Ca::new("tripod-buildd-ca")?;
+        let (server_cert, server_key) = ca.issue(
+            "tripod-buildd",
+            &[SERVER_NAME.to_string(), Ipv4Addr::LOCALHOST.to_string()],
+            ExtendedKeyUsagePurpose::ServerAuth,
+        )?;
+        let (client_cert, client_key) =
+            ca.issue("tripod-agent", &[], ExtendedKeyUsagePurpose::ClientAuth)?;
 
         // Keys first, the CA last: its presence marks a complete directory.
-        write(&self.file("server.key"), &server_key.serialize_pem(), true)?;
-        write(&self.file("server.crt"), &server_cert.pem(), false)?;
-        write(&self.file("client.key"), &client_key.serialize_pem(), true)?;
-        write(&self.file("client.crt"), &client_cert.pem(), false)?;
-        write(&self.file("ca.crt"), &ca_pem, false)?;
+        write(&self.file("server.key"), &server_key, true)?;
+        write(&self.file("server.crt"), &server_cert, false)?;
+        write(&self.file("client.key"), &client_key, true)?;
+        write(&self.file("client.crt"), &client_cert, false)?;
+        write(&self.file("ca.crt"), ca.pem(), false)?;
         Ok(())
     }
 
@@ -158,6 +135,63 @@ impl TlsDir {
                 self.read("client.crt")?,
                 self.read("client.key")?,
             )))
+    }
+}
+
+/// A throw-away certificate authority (ECDSA P-256) that issues leaf
+/// certificates; shared by buildd's loopback mTLS and the executor service.
+pub struct Ca {
+    pem: String,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl Ca {
+    /// A new self-signed CA named `common_name`.
+    pub fn new(common_name: &str) -> Result<Self, rcgen::Error> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, common_name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let pem = params.self_signed(&key)?.pem();
+        Ok(Self {
+            pem,
+            issuer: Issuer::new(params, key),
+        })
+    }
+
+    /// The CA certificate (PEM).
+    pub fn pem(&self) -> &str {
+        &self.pem
+    }
+
+    /// Issues a certificate for `sans` (DNS names or IP addresses) with one
+    /// extended key usage. Returns (certificate PEM, PKCS#8 key PEM).
+    pub fn issue(
+        &self,
+        common_name: &str,
+        sans: &[String],
+        usage: ExtendedKeyUsagePurpose,
+    ) -> Result<(String, String), rcgen::Error> {
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        for san in sans {
+            params.subject_alt_names.push(match san.parse::<IpAddr>() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => SanType::DnsName(san.as_str().try_into()?),
+            });
+        }
+        params
+            .distinguished_name
+            .push(DnType::CommonName, common_name);
+        params.extended_key_usages = vec![usage];
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok((cert.pem(), key.serialize_pem()))
     }
 }
 

@@ -4,16 +4,12 @@
 //! build's token Secret.
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{ObjectMeta, PostParams};
 use kube::{Api, Client};
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType,
-};
+use rcgen::ExtendedKeyUsagePurpose;
 
 /// Name of the Secret holding the executor CA and serving certificate.
 pub const SECRET_NAME: &str = "tripod-executor-tls";
@@ -119,36 +115,12 @@ fn from_secret(namespace: &str, s: &Secret) -> Result<ExecutorTls, ExecutorTlsEr
 
 /// A fresh CA and a serving certificate for `sans`.
 pub fn generate(sans: &[String]) -> Result<ExecutorTls, ExecutorTlsError> {
-    let ca_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-    let mut ca = CertificateParams::new(Vec::<String>::new())?;
-    ca.distinguished_name
-        .push(DnType::CommonName, "tripod-executor-ca");
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    let ca_cert = ca.self_signed(&ca_key)?;
-    let ca_pem = ca_cert.pem();
-    let issuer = Issuer::new(ca, ca_key);
-    let mut params = CertificateParams::new(Vec::<String>::new())?;
-    for san in sans {
-        match san.parse::<IpAddr>() {
-            Ok(ip) => params.subject_alt_names.push(SanType::IpAddress(ip)),
-            Err(_) => params
-                .subject_alt_names
-                .push(SanType::DnsName(san.as_str().try_into()?)),
-        }
-    }
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "tripod-executor");
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-    let cert = params.signed_by(&key, &issuer)?;
+    let ca = crate::tls::Ca::new("tripod-executor-ca")?;
+    let (cert_pem, key_pem) =
+        ca.issue("tripod-executor", sans, ExtendedKeyUsagePurpose::ServerAuth)?;
     Ok(ExecutorTls {
-        ca_pem,
-        cert_pem: cert.pem(),
-        key_pem: key.serialize_pem(),
+        ca_pem: ca.pem().to_string(),
+        cert_pem,
+        key_pem,
     })
 }
