@@ -365,7 +365,7 @@ async fn chart_lints_installs_upgrades_and_uninstalls() {
         "--executor-address tripod.tripod-system.svc:9443",
         "--executor-tls-san tripod.tripod-system.svc ",
         "--build-service-account tripod-build",
-        "--agent-image ghcr.io/tripod-build/tripod:0.1.0",
+        "--agent-image ghcr.io/tripod-build/tripod-buildd:0.1.0",
         "--buildd-image ghcr.io/tripod-build/tripod-buildd:0.1.0",
         "--windows-buildd-image ghcr.io/tripod-build/tripod-buildd-windows:0.1.0",
     ] {

@@ -109,8 +109,10 @@ pub struct ControllerConfig {
     /// Seconds between Lease renewals.
     #[arg(long, default_value_t = 5)]
     pub lease_renew_seconds: u64,
-    /// Image of the agent container of build Pods.
-    #[arg(long, env = "TRIPOD_AGENT_IMAGE", default_value = concat!("ghcr.io/tripod-build/tripod:", env!("CARGO_PKG_VERSION")))]
+    /// Image of the agent container of Linux build Pods. It fetches git
+    /// sources with `git`, so by default it is the buildd image, which
+    /// carries git (the controller image holds only the `tripod` binary).
+    #[arg(long, env = "TRIPOD_AGENT_IMAGE", default_value = concat!("ghcr.io/tripod-build/tripod-buildd:", env!("CARGO_PKG_VERSION")))]
     pub agent_image: String,
     /// Image of the buildd sidecar of Linux build Pods (carries buildah).
     #[arg(long, env = "TRIPOD_BUILDD_IMAGE", default_value = concat!("ghcr.io/tripod-build/tripod-buildd:", env!("CARGO_PKG_VERSION")))]

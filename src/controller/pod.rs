@@ -26,7 +26,8 @@ pub const TOKEN_DIR: &str = "/var/run/tripod/executor";
 /// Controller-wide settings for build Pods.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodSettings {
-    /// Image of the `agent` container (runs `tripod agent --once`).
+    /// Image of the `agent` container of Linux build Pods (runs
+    /// `tripod agent --once`; Windows Pods use `windows_buildd_image`).
     pub agent_image: String,
     /// Image of the `buildd` sidecar on Linux (carries buildah).
     pub buildd_image: String,
@@ -234,7 +235,13 @@ pub fn build_pod(ib: &ImageBuild, name: &str, key: &PodKey<'_>, settings: &PodSe
 
     let agent = Container {
         name: "agent".into(),
-        image: Some(settings.agent_image.clone()),
+        // Windows build Pods run the agent from the Windows buildd image,
+        // which carries tripod.exe; the agent image is a Linux image.
+        image: Some(if windows {
+            settings.windows_buildd_image.clone()
+        } else {
+            settings.agent_image.clone()
+        }),
         command: Some(agent_cmd),
         env: Some(env.clone()),
         volume_mounts: Some(vec![
@@ -517,5 +524,16 @@ mod tests {
         let win = spec.security_context.unwrap().windows_options.unwrap();
         assert_eq!(win.host_process, Some(true));
         assert_eq!(spec.host_network, Some(true));
+        let images: Vec<_> = spec
+            .containers
+            .iter()
+            .chain(spec.init_containers.iter().flatten())
+            .map(|c| c.image.as_deref().unwrap())
+            .collect();
+        assert_eq!(
+            images,
+            ["tripod-buildd-windows:test", "tripod-buildd-windows:test"],
+            "a Windows Pod runs no Linux image"
+        );
     }
 }

@@ -42,7 +42,7 @@ app.kubernetes.io/part-of: tripod
 {{- end -}}
 
 {{- define "tripod.agentImage" -}}
-{{- default (include "tripod.image" .) .Values.agentImage -}}
+{{- default (include "tripod.builddImage" .) .Values.agentImage -}}
 {{- end -}}
 
 {{- define "tripod.builddImage" -}}
