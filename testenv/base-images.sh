@@ -74,7 +74,9 @@ b() { buildah --root "$work/storage" --runroot "$work/run" --storage-driver vfs 
 # The Debian base: a minbase debootstrap, slimmed like the official -slim tags.
 debootstrap --variant=minbase "$suite" "$work/rootfs" "$mirror" >&2
 rm -rf "$work/rootfs"/var/lib/apt/lists/* "$work/rootfs"/var/cache/apt/*.bin \
+       "$work/rootfs"/var/cache/apt/archives/*.deb \
        "$work/rootfs"/usr/share/doc/* "$work/rootfs"/usr/share/man/* \
+       "$work/rootfs"/usr/share/locale/* "$work/rootfs"/usr/share/info/* \
        "$work/rootfs"/var/log/*.log
 tar -C "$work/rootfs" --numeric-owner --exclude='./dev/*' --exclude='./proc/*' \
     --exclude='./sys/*' -cf "$work/rootfs.tar" .

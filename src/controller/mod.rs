@@ -68,6 +68,10 @@ pub enum ControllerError {
     /// The executor TLS material could not be prepared.
     #[error(transparent)]
     ExecutorTls(#[from] crate::executor::tls::ExecutorTlsError),
+    /// The API server refused a build Pod (the message says why); retried
+    /// with backoff.
+    #[error("{0}")]
+    PodRejected(String),
     /// A token could not be generated.
     #[error("cannot generate a build token: {0}")]
     Token(#[source] std::io::Error),
@@ -477,6 +481,11 @@ async fn reconcile_inner(
     // Apply.
     let ssa = PatchParams::apply(FIELD_MANAGER).force();
     let secrets_api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let mut plan = plan;
+    // A build Pod the API server refuses (a missing ServiceAccount, a quota,
+    // Pod Security admission): said in the platform's status and an Event,
+    // then retried with backoff, since fixing it happens outside the spec.
+    let mut rejected: Option<String> = None;
     for pod in &plan.create {
         let pod_name = pod.name_any();
         let mut secret = pod::token_secret(pod);
@@ -500,11 +509,30 @@ async fn reconcile_inner(
             Err(kube::Error::Api(s)) if s.code == 409 => {}
             Err(e) => return Err(kube_err(format!("create token Secret {ns}/{pod_name}"))(e)),
         }
-        pods_api
-            .patch(&pod_name, &ssa, &Patch::Apply(pod))
-            .await
-            .map_err(kube_err(format!("create Pod {ns}/{pod_name}")))?;
-        tracing::info!(pod = %pod_name, "created build Pod");
+        match pods_api.patch(&pod_name, &ssa, &Patch::Apply(pod)).await {
+            Ok(_) => tracing::info!(pod = %pod_name, "created build Pod"),
+            Err(kube::Error::Api(s)) if pod_refused(s.code) => {
+                let message = format!("the API server refused build Pod {pod_name}: {}", s.message);
+                tracing::warn!(pod = %pod_name, code = s.code, "{message}");
+                let platform = pod
+                    .metadata
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(pod::ANNOTATION_PLATFORM));
+                for ps in plan.status.platforms.iter_mut() {
+                    if Some(&ps.platform) == platform {
+                        ps.message = Some(message.clone());
+                    }
+                }
+                plan.events.push(plan::PlannedEvent {
+                    kind: EventKind::Warning,
+                    reason: "BuildPodRejected".into(),
+                    message: message.clone(),
+                });
+                rejected = Some(message);
+            }
+            Err(e) => return Err(kube_err(format!("create Pod {ns}/{pod_name}"))(e)),
+        }
     }
     for pod_name in &plan.delete {
         match pods_api.delete(pod_name, &DeleteParams::default()).await {
@@ -558,6 +586,9 @@ async fn reconcile_inner(
             .with_label_values(&[f.os.as_str()])
             .observe(f.duration.as_secs_f64());
     }
+    if let Some(message) = rejected {
+        return Err(ControllerError::PodRejected(message));
+    }
     if let Some(invalid) = &plan.invalid {
         tracing::warn!(%invalid, "invalid spec; waiting for a change");
         return Ok(Action::await_change());
@@ -569,6 +600,12 @@ async fn reconcile_inner(
         Some(after) => Action::requeue(after.max(Duration::from_secs(1))),
         None => Action::await_change(),
     })
+}
+
+/// Whether an API error on a Pod create is a refusal that retrying the same
+/// request will not fix by itself (not a conflict, throttling or server error).
+fn pod_refused(code: u16) -> bool {
+    (400..500).contains(&code) && code != 409 && code != 429
 }
 
 fn update_gauges(ctx: &Context) {

@@ -288,6 +288,16 @@ impl TestEnv {
     /// Starts a controller whose executor service listens on `executor_port`
     /// (a restarted controller keeps its address, like behind a Service).
     pub fn start_controller_on(&mut self, identity: &str, executor_port: u16) -> usize {
+        self.start_controller_with(identity, executor_port, &[])
+    }
+
+    /// Starts a controller with `extra` arguments after the usual ones.
+    pub fn start_controller_with(
+        &mut self,
+        identity: &str,
+        executor_port: u16,
+        extra: &[&str],
+    ) -> usize {
         let port = free_port();
         let log = self.shared.dir.join(format!("{}-{identity}.log", self.ns));
         let out = std::fs::File::create(&log).expect("log file");
@@ -312,6 +322,7 @@ impl TestEnv {
             "--executor-listen",
             &format!("127.0.0.1:{executor_port}"),
         ])
+        .args(extra)
         .env("KUBECONFIG", &self.shared.kubeconfig)
         .env("RUST_LOG", "info,tripod=debug")
         .stdin(Stdio::null())

@@ -451,3 +451,84 @@ async fn invalid_spec_stalls_and_kubectl_wait_sees_it() {
     assert!(ok && !out.trim().is_empty(), "{out}");
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_build_pod_is_reported_and_retried() {
+    // A namespace that enforces the `restricted` Pod Security level refuses
+    // build Pods (buildah runs as root). The user reads why in the status and
+    // an Event, and the build goes on once the namespace allows `baseline`.
+    let mut env = TestEnv::new("podrefused").await;
+    let ns = format!("namespace/{}", env.ns);
+    let (ok, out) = env.kubectl(
+        &[
+            "label",
+            &ns,
+            "pod-security.kubernetes.io/enforce=restricted",
+        ],
+        None,
+    );
+    assert!(ok, "{out}");
+    env.start_controller("c1");
+    let (ok, out) = env.kubectl(
+        &["apply", "-f", "-"],
+        Some(&manifest("refused", &["linux/arm64"], "")),
+    );
+    assert!(ok, "{out}");
+    let message = eventually(
+        "the refusal in status.platforms[].message",
+        WAIT,
+        || async {
+            let status = status_of(&env, "refused").await?;
+            let message = status.platforms.first()?.message.clone()?;
+            message.contains("refused build Pod").then_some(message)
+        },
+    )
+    .await;
+    assert!(message.contains("restricted"), "{message}");
+    let (ok, events) = env.kubectl(
+        &[
+            "get",
+            "events",
+            "--field-selector",
+            "reason=BuildPodRejected",
+            "-o",
+            "name",
+        ],
+        None,
+    );
+    assert!(
+        ok && !events.trim().is_empty(),
+        "no BuildPodRejected event: {events}"
+    );
+    assert!(
+        env.pods()
+            .list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
+
+    let (ok, out) = env.kubectl(
+        &[
+            "label",
+            "--overwrite",
+            &ns,
+            "pod-security.kubernetes.io/enforce=baseline",
+        ],
+        None,
+    );
+    assert!(ok, "{out}");
+    eventually(
+        "the build Pod, once the namespace allows it",
+        WAIT,
+        || async { env.pods().list(&Default::default()).await.ok()?.items.pop() },
+    )
+    .await;
+    eventually("the refusal message gone", WAIT, || async {
+        let status = status_of(&env, "refused").await?;
+        let message = status.platforms.first()?.message.clone();
+        (!message.is_some_and(|m| m.contains("refused"))).then_some(())
+    })
+    .await;
+}
