@@ -4,7 +4,10 @@
 //! CRDs and ImageBuilds. helm comes from `testenv/helm.sh`.
 //!
 //! No Pods run (the control plane has no workload controllers and no
-//! kubelets): only the objects are checked.
+//! kubelets): the Deployment's controller is started as a local process
+//! with the Deployment's arguments and the chart ServiceAccount's token, so
+//! that the documented permissions are proved sufficient, not only equal to
+//! the table.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -486,6 +489,13 @@ async fn chart_lints_installs_upgrades_and_uninstalls() {
         Some(&ib),
     );
 
+    // The controller runs with nothing but those permissions: a `tripod
+    // controller` process authenticated as the chart's ServiceAccount (a
+    // token from the TokenRequest API) with the Deployment's own arguments
+    // and environment leads, becomes ready and reconciles that ImageBuild:
+    // build Pod, token Secret, status, Event.
+    run_as_chart_service_account(&env, &dir, &deploy);
+
     // Upgrade with a chart whose CRD changed: the cluster's CRD follows.
     let modified = dir.join("chart-upgraded");
     copy_dir(&chart_dir(), &modified);
@@ -559,4 +569,128 @@ async fn chart_lints_installs_upgrades_and_uninstalls() {
     cp.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
     eprintln!("helm chart test passed in {:?}", started.elapsed());
+}
+
+/// Runs `tripod controller` as the chart's ServiceAccount with the
+/// Deployment's arguments (listen addresses moved to loopback ports) and
+/// checks that it leads, becomes ready and reconciles `builds/hello`.
+fn run_as_chart_service_account(env: &Env, dir: &Path, deploy: &serde_json::Value) {
+    let token = env.kubectl(&["create", "token", "tripod", "-n", NS, "--duration", "1h"]);
+    let admin = env.json(&["config", "view", "--raw", "--minify"]);
+    let cluster = &admin["clusters"][0]["cluster"];
+    let kubeconfig = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "c", "cluster": cluster}],
+        "users": [{"name": "tripod", "user": {"token": token.trim()}}],
+        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "tripod"}}],
+        "current-context": "c",
+    });
+    let kubeconfig_path = dir.join("controller-sa.kubeconfig");
+    std::fs::write(&kubeconfig_path, kubeconfig.to_string()).unwrap();
+
+    let metrics = testenv::free_port().unwrap();
+    let executor = testenv::free_port().unwrap();
+    let container = &deploy["spec"]["template"]["spec"]["containers"][0];
+    let args: Vec<String> = container["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            let a = a.as_str().unwrap();
+            match a {
+                "0.0.0.0:8080" => format!("127.0.0.1:{metrics}"),
+                "0.0.0.0:9443" => format!("127.0.0.1:{executor}"),
+                _ => a.to_string(),
+            }
+        })
+        .collect();
+    assert!(args.contains(&format!("127.0.0.1:{metrics}")), "{args:?}");
+    let env_names: Vec<&str> = container["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(env_names, ["POD_NAME", "POD_NAMESPACE"]);
+
+    let log_path = dir.join("controller-sa.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut cmd = testenv::supervised_command(env!("CARGO_BIN_EXE_tripod"));
+    cmd.args(&args)
+        .env("KUBECONFIG", &kubeconfig_path)
+        .env("POD_NAME", "tripod-0")
+        .env("POD_NAMESPACE", NS)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+    let mut child = testenv::spawn_supervised(cmd).unwrap();
+    let log_tail = || std::fs::read_to_string(&log_path).unwrap_or_default();
+
+    wait_until(
+        "the controller's /readyz answers 200",
+        Duration::from_secs(60),
+        || {
+            let out = Command::new("curl")
+                .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
+                .arg(format!("http://127.0.0.1:{metrics}/readyz"))
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout) == "200"
+        },
+    );
+    let lease = env.json(&["get", "-n", NS, "lease", "tripod-controller"]);
+    assert_eq!(
+        lease["spec"]["holderIdentity"],
+        "tripod-0",
+        "{}",
+        log_tail()
+    );
+    env.kubectl(&["get", "-n", NS, "secret", "tripod-executor-tls"]);
+
+    wait_until(
+        "the hello build Pod and its token Secret",
+        Duration::from_secs(60),
+        || {
+            let (ok, out, _) = env.try_run(
+                &env.kubectl,
+                &[
+                    "get",
+                    "pods,secrets",
+                    "-n",
+                    "builds",
+                    "-l",
+                    "build.tripod.dev/name=hello",
+                    "-o",
+                    "name",
+                ],
+                None,
+            );
+            ok && out.lines().filter(|l| l.starts_with("pod/")).count() == 1
+                && out.lines().filter(|l| l.starts_with("secret/")).count() == 1
+        },
+    );
+    let ib = env.json(&["get", "-n", "builds", "imagebuild", "hello"]);
+    assert_eq!(ib["status"]["observedGeneration"], 1, "{ib}");
+    assert!(ib["status"]["phase"].is_string(), "{ib}");
+    let events = env.kubectl(&[
+        "get",
+        "events",
+        "-n",
+        "builds",
+        "--field-selector",
+        "involvedObject.name=hello",
+        "-o",
+        "jsonpath={.items[*].reason}",
+    ]);
+    assert!(!events.trim().is_empty(), "no Event for hello");
+    let forbidden = log_tail();
+    assert!(
+        !forbidden.contains("forbidden"),
+        "the controller met a forbidden request:\n{forbidden}"
+    );
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
 }

@@ -151,7 +151,13 @@ fn built() -> &'static Built {
             registry: registry.address.clone(),
             _registry: registry.child,
         };
-        for (target, tag) in [("buildd", BUILDD), ("controller", CONTROLLER)] {
+        // The build stage is tagged too: `rmi --prune` below then keeps its
+        // layers (the compiled dependencies) for the next run.
+        for (target, tag) in [
+            ("build", "localhost/tripod-build-stage:cache"),
+            ("buildd", BUILDD),
+            ("controller", CONTROLLER),
+        ] {
             let out = built
                 .buildah()
                 .env("CONTAINERS_REGISTRIES_CONF", &registries_conf)
