@@ -54,11 +54,14 @@ RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
       buildah ca-certificates git \
  && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin
-COPY --from=build /out/ /
 # buildd passes --isolation chroot and --storage-driver vfs itself; these
-# make a `buildah` typed into the container behave the same.
-ENV BUILDAH_ISOLATION=chroot \
-    STORAGE_DRIVER=vfs
+# make a `buildah` typed into the container behave the same (the vfs driver
+# works on any file system, overlay on overlayfs does not).
+RUN mkdir -p /etc/containers \
+ && printf '[storage]\ndriver = "vfs"\nrunroot = "/run/containers/storage"\ngraphroot = "/var/lib/containers/storage"\n' \
+      > /etc/containers/storage.conf
+COPY --from=build /out/ /
+ENV BUILDAH_ISOLATION=chroot
 ENTRYPOINT ["/usr/local/bin/tripod"]
 CMD ["buildd"]
 

@@ -285,6 +285,25 @@ async fn chart_lints_installs_upgrades_and_uninstalls() {
         None,
     );
     assert!(!ok, "schema accepted an unknown value: {err}");
+    // Build Pod settings reach the controller's arguments as JSON.
+    let custom = env.run(
+        &env.helm,
+        &[
+            "template",
+            "tripod",
+            chart,
+            "--set",
+            "buildPods.builddSecurityContext.capabilities.add[0]=SYS_ADMIN",
+            "--set",
+            "buildPods.userNamespace=true",
+        ],
+        None,
+    );
+    assert!(
+        custom.contains(r#"- "{\"capabilities\":{\"add\":[\"SYS_ADMIN\"]}}""#)
+            && custom.contains("- --build-pod-user-namespace"),
+        "{custom}"
+    );
 
     // ServiceMonitor only on request.
     let rendered = env.helm(&["template", "tripod", chart, "-n", NS]);

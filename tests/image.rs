@@ -55,11 +55,18 @@ impl Built {
     /// Runs `command` in a new working container of `image` (chroot
     /// isolation, as `user`), returning its output.
     fn run_in(&self, image: &str, user: &str, command: &[&str]) -> Output {
+        self.run_in_with(image, user, &[], command)
+    }
+
+    /// [`Built::run_in`] with extra `buildah run` options.
+    fn run_in_with(&self, image: &str, user: &str, options: &[&str], command: &[&str]) -> Output {
         let ctr = self.run(&["from", "--pull=never", image]);
         let ctr = ctr.trim();
         let out = self
             .buildah()
-            .args(["run", "--isolation", "chroot", "--user", user, ctr, "--"])
+            .args(["run", "--isolation", "chroot", "--user", user])
+            .args(options)
+            .args([ctr, "--"])
             .args(command)
             .output()
             .expect("run buildah run");
@@ -151,6 +158,8 @@ fn built() -> &'static Built {
             registry: registry.address.clone(),
             _registry: registry.child,
         };
+        // Working containers of an earlier run that was killed mid-build.
+        let _ = built.buildah().args(["rm", "--all"]).output();
         // The build stage is tagged too: `rmi --prune` below then keeps its
         // layers (the compiled dependencies) for the next run.
         for (target, tag) in [
@@ -281,6 +290,63 @@ fn buildd_image_carries_buildah_git_and_tripod() {
     // for that user too.
     let out = b.run_in(BUILDD, "65532:65532", &["git", "--version"]);
     expect_success("git as 65532", &out);
+}
+
+#[test]
+fn buildd_image_builds_and_pushes_a_dockerfile() {
+    // buildah inside the buildd image builds a Dockerfile with a RUN step
+    // (base image from the local registry) and pushes the result. The
+    // image's storage.conf picks vfs (overlay on the container's overlayfs
+    // root would not work). CAP_SYS_ADMIN: a process in `buildah run
+    // --isolation chroot` is chrooted and so may not create the user
+    // namespace buildah uses without it (docs/architecture.md).
+    let b = built();
+    let ctx = std::env::temp_dir().join(format!("tripod-image-ctx-{}", std::process::id()));
+    std::fs::create_dir_all(&ctx).unwrap();
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        format!(
+            "FROM {}/library/debian:bookworm-slim\nRUN echo built-by-the-buildd-image > /built.txt\n",
+            b.registry
+        ),
+    )
+    .unwrap();
+    let image = format!("{}/tripod-test/nested:1", b.registry);
+    let script = format!(
+        "set -e; grep -q 'driver = \"vfs\"' /etc/containers/storage.conf; \
+         buildah bud -q --tls-verify=false -t {image} /ctx >/dev/null; \
+         buildah push -q --tls-verify=false --digestfile /root/digest {image}; \
+         cat /root/digest"
+    );
+    let out = b.run_in_with(
+        BUILDD,
+        "0:0",
+        &[
+            "--cap-add",
+            "CAP_SYS_ADMIN",
+            "-v",
+            &format!("{}:/ctx:ro", ctx.display()),
+        ],
+        &["sh", "-c", &script],
+    );
+    expect_success("a build inside the buildd image", &out);
+    let digest = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(digest.starts_with("sha256:"), "{digest:?}");
+    let manifest = format!(
+        "http://{}/v2/tripod-test/nested/manifests/{digest}",
+        b.registry
+    );
+    let out = Command::new("curl")
+        .args(["-sf", "-o", "/dev/null", "-w", "%{http_code}", "-I"])
+        .args([
+            "-H",
+            "Accept: application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json",
+        ])
+        .arg(&manifest)
+        .output()
+        .expect("curl");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "200", "{manifest}");
+    let _ = std::fs::remove_dir_all(&ctx);
 }
 
 #[test]

@@ -18,7 +18,7 @@ use futures::StreamExt;
 use std::collections::BTreeMap;
 
 use k8s_openapi::ByteString;
-use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::api::core::v1::{Pod, Secret, SecurityContext};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -142,9 +142,61 @@ pub struct ControllerConfig {
     /// tripod.<namespace>.svc, localhost, 127.0.0.1).
     #[arg(long = "executor-tls-san")]
     pub executor_tls_sans: Vec<String>,
+    /// The securityContext of the buildd container of Linux build Pods, as
+    /// JSON (a Kubernetes SecurityContext), replacing the default: root,
+    /// not privileged, no privilege escalation, the runtime's default
+    /// capabilities. buildah without CAP_SYS_ADMIN needs a user namespace
+    /// (docs/security.md), e.g.
+    /// '{"runAsUser":0,"capabilities":{"add":["SYS_ADMIN"]},"appArmorProfile":{"type":"Unconfined"}}'
+    /// where the runtime's seccomp profile refuses one.
+    #[arg(long, value_name = "JSON", value_parser = parse_security_context)]
+    pub buildd_security_context: Option<SecurityContext>,
+    /// Run Linux build Pods in a user namespace (`hostUsers: false`): root
+    /// in the Pod is an unprivileged user on the node. Needs a node and
+    /// runtime with user-namespace support.
+    #[arg(long)]
+    pub build_pod_user_namespace: bool,
     /// Least milliseconds between two writes of a platform's current step.
     #[arg(long, default_value_t = 2000)]
     pub step_interval_ms: u64,
+}
+
+/// Parses `--buildd-security-context`: a JSON Kubernetes SecurityContext,
+/// unknown fields refused so that a typo does not silently drop a setting.
+fn parse_security_context(json: &str) -> Result<SecurityContext, String> {
+    let value: serde_json::Value =
+        serde_json::from_str(json).map_err(|e| format!("not JSON: {e}"))?;
+    let parsed: SecurityContext = serde_json::from_value(value.clone())
+        .map_err(|e| format!("not a Kubernetes SecurityContext: {e}"))?;
+    let round_trip = serde_json::to_value(&parsed).map_err(|e| e.to_string())?;
+    match unknown_field(&value, &round_trip, "") {
+        Some(path) => Err(format!("unknown SecurityContext field {path:?}")),
+        None => Ok(parsed),
+    }
+}
+
+/// The first object key of `given` (as a dotted path) that `known`, the
+/// same JSON after a round trip through the Kubernetes type, lacks.
+fn unknown_field(
+    given: &serde_json::Value,
+    known: &serde_json::Value,
+    prefix: &str,
+) -> Option<String> {
+    let (serde_json::Value::Object(given), serde_json::Value::Object(known)) = (given, known)
+    else {
+        return None;
+    };
+    given.iter().find_map(|(key, value)| {
+        let path = if prefix.is_empty() {
+            key.clone()
+        } else {
+            format!("{prefix}.{key}")
+        };
+        match known.get(key) {
+            None => Some(path),
+            Some(k) => unknown_field(value, k, &path),
+        }
+    })
 }
 
 impl ControllerConfig {
@@ -155,6 +207,8 @@ impl ControllerConfig {
             windows_buildd_image: self.windows_buildd_image.clone(),
             executor_address: self.executor_address.clone(),
             service_account: self.build_service_account.clone(),
+            buildd_security_context: self.buildd_security_context.clone(),
+            user_namespace: self.build_pod_user_namespace,
         }
     }
 }
@@ -679,6 +733,25 @@ pub fn backoff(failures: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn buildd_security_context_is_parsed_and_typos_refused() {
+        let sc = parse_security_context(
+            r#"{"runAsUser":0,"capabilities":{"add":["SYS_ADMIN"]},"appArmorProfile":{"type":"Unconfined"}}"#,
+        )
+        .unwrap();
+        assert_eq!(sc.run_as_user, Some(0));
+        assert_eq!(
+            sc.capabilities.unwrap().add.unwrap(),
+            vec!["SYS_ADMIN".to_string()]
+        );
+        let err = parse_security_context(r#"{"capabilities":{"addd":["SYS_ADMIN"]}}"#).unwrap_err();
+        assert!(err.contains("capabilities.addd"), "{err}");
+        let err = parse_security_context(r#"{"privileged":"yes"}"#).unwrap_err();
+        assert!(err.contains("not a Kubernetes SecurityContext"), "{err}");
+        let err = parse_security_context("{").unwrap_err();
+        assert!(err.contains("not JSON"), "{err}");
+    }
 
     #[test]
     fn backoff_doubles_and_caps() {

@@ -821,6 +821,8 @@ mod tests {
             windows_buildd_image: "w".into(),
             executor_address: "x:1".into(),
             service_account: None,
+            buildd_security_context: None,
+            user_namespace: false,
         }
     }
 

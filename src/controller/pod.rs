@@ -24,7 +24,7 @@ pub const ANNOTATION_PLATFORM: &str = "build.tripod.dev/platform";
 pub const TOKEN_DIR: &str = "/var/run/tripod/executor";
 
 /// Controller-wide settings for build Pods.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PodSettings {
     /// Image of the `agent` container of Linux build Pods (runs
     /// `tripod agent --once`; Windows Pods use `windows_buildd_image`).
@@ -37,6 +37,11 @@ pub struct PodSettings {
     pub executor_address: String,
     /// ServiceAccount of build Pods (one with no API access).
     pub service_account: Option<String>,
+    /// Replaces the Linux buildd container's security context (default:
+    /// root without `privileged`, the runtime's default capabilities).
+    pub buildd_security_context: Option<SecurityContext>,
+    /// Run Linux build Pods in a user namespace (`hostUsers: false`).
+    pub user_namespace: bool,
 }
 
 /// Identity of one build Pod.
@@ -270,7 +275,12 @@ pub fn build_pod(ib: &ImageBuild, name: &str, key: &PodKey<'_>, settings: &PodSe
         restart_policy: Some("Always".into()),
         resources: executor.resources.clone(),
         volume_mounts: Some(buildd_mounts),
-        security_context: (!windows).then(buildd_security_context),
+        security_context: (!windows).then(|| {
+            settings
+                .buildd_security_context
+                .clone()
+                .unwrap_or_else(buildd_security_context)
+        }),
         termination_message_policy: Some("FallbackToLogsOnError".into()),
         ..Default::default()
     };
@@ -314,6 +324,7 @@ pub fn build_pod(ib: &ImageBuild, name: &str, key: &PodKey<'_>, settings: &PodSe
             automount_service_account_token: Some(false),
             enable_service_links: Some(false),
             host_network: windows.then_some(true),
+            host_users: (!windows && settings.user_namespace).then_some(false),
             termination_grace_period_seconds: Some(30),
             security_context: Some(pod_security_context),
             init_containers: Some(vec![buildd]),
@@ -416,6 +427,8 @@ mod tests {
             windows_buildd_image: "tripod-buildd-windows:test".into(),
             executor_address: "tripod.tripod-system.svc:9443".into(),
             service_account: Some("tripod-build".into()),
+            buildd_security_context: None,
+            user_namespace: false,
         }
     }
 
@@ -497,6 +510,52 @@ mod tests {
         let owner = &pod.metadata.owner_references.unwrap()[0];
         assert_eq!(owner.uid, "uid-1");
         assert_eq!(owner.controller, Some(true));
+    }
+
+    #[test]
+    fn buildd_security_context_and_user_namespace_are_settings() {
+        let p: Platform = "linux/amd64".parse().unwrap();
+        let key = PodKey {
+            platform: &p,
+            build_id: "bid",
+            attempt: 1,
+        };
+        let default = build_pod(&ib("app"), "n", &key, &settings()).spec.unwrap();
+        assert_eq!(default.host_users, None);
+        let buildd = &default.init_containers.unwrap()[0];
+        assert_eq!(buildd.security_context, Some(buildd_security_context()));
+
+        let custom = SecurityContext {
+            run_as_user: Some(0),
+            capabilities: Some(Capabilities {
+                add: Some(vec!["SYS_ADMIN".into()]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let mut s = settings();
+        s.buildd_security_context = Some(custom.clone());
+        s.user_namespace = true;
+        let spec = build_pod(&ib("app"), "n", &key, &s).spec.unwrap();
+        assert_eq!(spec.host_users, Some(false));
+        assert_eq!(
+            spec.init_containers.unwrap()[0].security_context,
+            Some(custom)
+        );
+        // The agent keeps its own, locked-down context.
+        let agent = spec.containers[0].security_context.clone().unwrap();
+        assert_eq!(agent.read_only_root_filesystem, Some(true));
+
+        // Windows Pods are HostProcess Pods: neither setting applies.
+        let w: Platform = "windows/amd64".parse().unwrap();
+        let wkey = PodKey {
+            platform: &w,
+            build_id: "bid",
+            attempt: 1,
+        };
+        let spec = build_pod(&ib("app"), "n", &wkey, &s).spec.unwrap();
+        assert_eq!(spec.host_users, None);
+        assert_eq!(spec.init_containers.unwrap()[0].security_context, None);
     }
 
     #[test]

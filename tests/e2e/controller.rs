@@ -532,3 +532,56 @@ async fn refused_build_pod_is_reported_and_retried() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buildd_security_context_and_user_namespace_reach_the_pod() {
+    // A typo in the JSON stops the controller at once, naming flag and field.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tripod"))
+        .args([
+            "controller",
+            "--buildd-security-context",
+            r#"{"capabilities":{"addd":["SYS_ADMIN"]}}"#,
+        ])
+        .output()
+        .expect("run tripod");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--buildd-security-context") && err.contains("capabilities.addd"),
+        "{err}"
+    );
+
+    // The settings for containerd nodes (CAP_SYS_ADMIN, AppArmor
+    // unconfined) and for user namespaces: the API server accepts the Pod.
+    let mut env = TestEnv::new("builddsc").await;
+    env.start_controller_with(
+        "c1",
+        crate::common::free_port(),
+        &[
+            "--buildd-security-context",
+            r#"{"runAsUser":0,"capabilities":{"add":["SYS_ADMIN"]},"appArmorProfile":{"type":"Unconfined"}}"#,
+            "--build-pod-user-namespace",
+        ],
+    );
+    let (ok, out) = env.kubectl(
+        &["apply", "-f", "-"],
+        Some(&manifest("sc", &["linux/arm64"], "")),
+    );
+    assert!(ok, "{out}");
+    let pod = eventually("the build Pod", WAIT, || async {
+        env.pods().list(&Default::default()).await.ok()?.items.pop()
+    })
+    .await;
+    let spec = pod.spec.expect("spec");
+    assert_eq!(spec.host_users, Some(false));
+    let buildd = &spec.init_containers.expect("buildd")[0];
+    let sc = buildd.security_context.as_ref().expect("securityContext");
+    assert_eq!(
+        sc.capabilities.as_ref().and_then(|c| c.add.clone()),
+        Some(vec!["SYS_ADMIN".to_string()])
+    );
+    assert_eq!(
+        sc.app_armor_profile.as_ref().map(|p| p.type_.as_str()),
+        Some("Unconfined")
+    );
+}
