@@ -190,6 +190,21 @@ fn built() -> &'static Built {
     })
 }
 
+/// Asserts that the (plain HTTP) registry serves `repo`'s manifest `digest`.
+fn assert_registry_has(registry: &str, repo: &str, digest: &str) {
+    let manifest = format!("http://{registry}/v2/{repo}/manifests/{digest}");
+    let out = Command::new("curl")
+        .args(["-sf", "-o", "/dev/null", "-w", "%{http_code}", "-I"])
+        .args([
+            "-H",
+            "Accept: application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json",
+        ])
+        .arg(&manifest)
+        .output()
+        .expect("curl");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "200", "{manifest}");
+}
+
 /// Whether an ELF file asks for a program interpreter (PT_INTERP), i.e. is
 /// dynamically linked.
 fn has_interpreter(elf: &[u8]) -> bool {
@@ -332,20 +347,7 @@ fn buildd_image_builds_and_pushes_a_dockerfile() {
     expect_success("a build inside the buildd image", &out);
     let digest = String::from_utf8_lossy(&out.stdout).trim().to_string();
     assert!(digest.starts_with("sha256:"), "{digest:?}");
-    let manifest = format!(
-        "http://{}/v2/tripod-test/nested/manifests/{digest}",
-        b.registry
-    );
-    let out = Command::new("curl")
-        .args(["-sf", "-o", "/dev/null", "-w", "%{http_code}", "-I"])
-        .args([
-            "-H",
-            "Accept: application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json",
-        ])
-        .arg(&manifest)
-        .output()
-        .expect("curl");
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "200", "{manifest}");
+    assert_registry_has(&b.registry, "tripod-test/nested", &digest);
     let _ = std::fs::remove_dir_all(&ctx);
 }
 
@@ -366,20 +368,6 @@ fn both_images_push_to_a_registry() {
             &dest,
         ]);
         let digest = std::fs::read_to_string(&digest_file).expect("digest file");
-        let manifest = format!(
-            "http://{}/v2/tripod-build/{repo}/manifests/{}",
-            b.registry,
-            digest.trim()
-        );
-        let out = Command::new("curl")
-            .args(["-sf", "-o", "/dev/null", "-w", "%{http_code}", "-I"])
-            .args([
-                "-H",
-                "Accept: application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json",
-            ])
-            .arg(&manifest)
-            .output()
-            .expect("curl");
-        assert_eq!(String::from_utf8_lossy(&out.stdout), "200", "{manifest}");
+        assert_registry_has(&b.registry, &format!("tripod-build/{repo}"), digest.trim());
     }
 }
