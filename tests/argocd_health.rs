@@ -292,6 +292,23 @@ fn imagebuild_failed_is_degraded_with_the_stalled_message() {
 }
 
 #[test]
+fn imagebuild_with_a_refused_build_pod_is_degraded() {
+    // Reconciling and Stalled both True: the controller keeps retrying, but
+    // a person has to act (a ServiceAccount, Pod Security, a quota).
+    let status = json!({
+        "observedGeneration": 1,
+        "phase": "Scheduling",
+        "conditions": conditions(false, true, true, "BuildPodRejected", "the API server refused build Pod app-1-linux-amd64-1: violates PodSecurity \"restricted:latest\"", 1),
+    });
+    check(
+        IB,
+        imagebuild(1, Some(status)),
+        "Degraded",
+        "refused build Pod",
+    );
+}
+
+#[test]
 fn imagebuild_cancelled_is_suspended() {
     let status = json!({
         "observedGeneration": 2,

@@ -572,15 +572,19 @@ async fn reconcile_inner(
                     .metadata
                     .annotations
                     .as_ref()
-                    .and_then(|a| a.get(pod::ANNOTATION_PLATFORM));
-                for ps in plan.status.platforms.iter_mut() {
-                    if Some(&ps.platform) == platform {
-                        ps.message = Some(message.clone());
-                    }
-                }
+                    .and_then(|a| a.get(pod::ANNOTATION_PLATFORM))
+                    .cloned()
+                    .unwrap_or_default();
+                plan::pod_rejected(
+                    &mut plan.status,
+                    &platform,
+                    &message,
+                    ib.metadata.generation.unwrap_or(0),
+                    jiff::Timestamp::now(),
+                );
                 plan.events.push(plan::PlannedEvent {
                     kind: EventKind::Warning,
-                    reason: "BuildPodRejected".into(),
+                    reason: plan::REASON_POD_REJECTED.into(),
                     message: message.clone(),
                 });
                 rejected = Some(message);

@@ -791,6 +791,50 @@ pub fn conditions(
     ]
 }
 
+/// Reason of `Stalled=True` while the API server refuses a build Pod.
+pub const REASON_POD_REJECTED: &str = "BuildPodRejected";
+
+/// Marks `status` for a build Pod of `platform` that the API server refused
+/// with `message`: the message on that platform, and `Stalled=True` (reason
+/// `BuildPodRejected`) with `Reconciling=True`, since the controller keeps
+/// retrying, and `Ready=False`. The next reconcile that creates the Pod
+/// computes the conditions afresh.
+pub fn pod_rejected(
+    status: &mut ImageBuildStatus,
+    platform: &str,
+    message: &str,
+    generation: i64,
+    now: Timestamp,
+) {
+    for ps in status.platforms.iter_mut() {
+        if ps.platform == platform {
+            ps.message = Some(message.to_string());
+        }
+    }
+    let old = std::mem::take(&mut status.conditions);
+    let make = |type_: &str, value: bool| {
+        let status = if value { "True" } else { "False" }.to_string();
+        let last = old
+            .iter()
+            .find(|c| c.type_ == type_ && c.status == status)
+            .map(|c| c.last_transition_time.clone())
+            .unwrap_or_else(|| time(now));
+        Condition {
+            type_: type_.to_string(),
+            status,
+            reason: REASON_POD_REJECTED.to_string(),
+            message: truncate(message, 1024),
+            observed_generation: Some(generation),
+            last_transition_time: last,
+        }
+    };
+    status.conditions = vec![
+        make(READY, false),
+        make(RECONCILING, true),
+        make(STALLED, true),
+    ];
+}
+
 fn truncate(s: &str, max: usize) -> String {
     if s.len() <= max {
         return s.to_string();
@@ -884,6 +928,45 @@ mod tests {
             phase: Some(phase.into()),
             ..Default::default()
         });
+    }
+
+    #[test]
+    fn refused_pod_stalls_until_a_reconcile_creates_it() {
+        let b = ib(&["linux/amd64", "linux/arm64"]);
+        let mut p = run(&b, &[], &[], at(0));
+        pod_rejected(
+            &mut p.status,
+            "linux/arm64",
+            "the API server refused build Pod x: violates PodSecurity",
+            1,
+            at(1),
+        );
+        let other = p.status.platforms[0].message.as_deref().unwrap_or("");
+        assert!(!other.contains("refused"), "{other}");
+        assert!(
+            p.status.platforms[1]
+                .message
+                .as_deref()
+                .unwrap()
+                .contains("PodSecurity")
+        );
+        let stalled = cond(&p.status, STALLED);
+        assert_eq!(stalled.status, "True");
+        assert_eq!(stalled.reason, REASON_POD_REJECTED);
+        assert_eq!(stalled.last_transition_time, time(at(1)));
+        assert_eq!(stalled.observed_generation, Some(1));
+        assert_eq!(cond(&p.status, RECONCILING).status, "True");
+        assert_eq!(cond(&p.status, READY).status, "False");
+        // Reconciling stayed True: its transition time is kept.
+        assert_eq!(
+            cond(&p.status, RECONCILING).last_transition_time,
+            time(at(0))
+        );
+
+        // Refused again later: Stalled keeps its transition time.
+        let mut again = p.status.clone();
+        pod_rejected(&mut again, "linux/arm64", "still refused", 1, at(5));
+        assert_eq!(cond(&again, STALLED).last_transition_time, time(at(1)));
     }
 
     #[test]

@@ -485,6 +485,22 @@ async fn refused_build_pod_is_reported_and_retried() {
     )
     .await;
     assert!(message.contains("restricted"), "{message}");
+    // kstatus: Stalled=True while refused, so `kubectl wait` and Flux see it.
+    let (ok, out) = env.kubectl(
+        &[
+            "wait",
+            "imagebuild/refused",
+            "--for=condition=Stalled",
+            "--timeout=30s",
+        ],
+        None,
+    );
+    assert!(ok, "{out}");
+    let reason = status_of(&env, "refused")
+        .await
+        .and_then(|s| s.conditions.into_iter().find(|c| c.type_ == "Stalled"))
+        .map(|c| c.reason);
+    assert_eq!(reason.as_deref(), Some("BuildPodRejected"));
     let (ok, events) = env.kubectl(
         &[
             "get",
@@ -525,10 +541,14 @@ async fn refused_build_pod_is_reported_and_retried() {
         || async { env.pods().list(&Default::default()).await.ok()?.items.pop() },
     )
     .await;
-    eventually("the refusal message gone", WAIT, || async {
+    eventually("the refusal message and Stalled gone", WAIT, || async {
         let status = status_of(&env, "refused").await?;
         let message = status.platforms.first()?.message.clone();
-        (!message.is_some_and(|m| m.contains("refused"))).then_some(())
+        let stalled = status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Stalled" && c.status == "True");
+        (!stalled && !message.is_some_and(|m| m.contains("refused"))).then_some(())
     })
     .await;
 }

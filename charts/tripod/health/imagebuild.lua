@@ -7,7 +7,8 @@
 -- every status update, each with observedGeneration, and status.phase is one
 -- of Pending|Scheduling|Building|Succeeded|Failed|Cancelled. Precedence:
 --   1. status not yet written, or it describes an older generation -> Progressing
---   2. Stalled=True   -> Degraded   (the build failed or the spec is invalid)
+--   2. Stalled=True   -> Degraded   (the build failed, the spec is invalid, or
+--                                    the API server refuses its build Pods)
 --   3. Ready=True     -> Healthy    (the image was pushed; show its pinned ref)
 --   4. phase Cancelled -> Suspended (stopped on purpose by spec.cancel)
 --   5. Reconciling=True -> Progressing with the controller's message
