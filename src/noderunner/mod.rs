@@ -140,8 +140,8 @@
 //! # Deletion and restarts
 //!
 //! A Pod with a `deletionTimestamp` has its containers stopped, then the
-//! runner deletes it with grace period 0 (as a kubelet does) and removes its
-//! directory; Pods deleted while no runner ran are finished off the same way
+//! runner removes its directory and deletes it with grace period 0 (as a
+//! kubelet does: once the Pod is gone from the API, nothing of it is left); Pods deleted while no runner ran are finished off the same way
 //! when the runner starts. A non-terminal Pod that a runner had started
 //! before (it has a `startTime` or is `Running`) but whose processes this
 //! runner does not have — the runner restarted — is failed with reason
@@ -474,7 +474,9 @@ impl Runner {
         }
     }
 
-    /// Deletes the Pod object (grace 0) and its directory.
+    /// Removes the Pod's directory, then deletes the Pod object (grace 0):
+    /// like the kubelet, which cleans up volumes before the final delete, so
+    /// that a Pod gone from the API has left nothing on the node.
     fn finish_off(&mut self, pod: Pod) {
         let ctx = self.ctx.clone();
         let dir = pod_dir(&ctx.cfg.root, &pod);
@@ -486,6 +488,7 @@ impl Runner {
         );
         let task_dir = dir.clone();
         self.spawn_aux(&uid, dir, span, async move {
+            remove_dir(&task_dir).await;
             let namespace = pod.metadata.namespace.clone().unwrap_or_default();
             let name = pod.metadata.name.clone().unwrap_or_default();
             let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
@@ -503,7 +506,6 @@ impl Runner {
                 Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => {}
                 Err(e) => tracing::warn!(error = %e, "deleting pod failed"),
             }
-            remove_dir(&task_dir).await;
         });
     }
 
