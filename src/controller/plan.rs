@@ -762,12 +762,26 @@ pub fn conditions(
     message: &str,
     now: Timestamp,
 ) -> Vec<Condition> {
-    let (ready, reconciling, stalled) = match phase {
+    let flags = match phase {
         Phase::Succeeded => (true, false, false),
         Phase::Failed => (false, false, true),
         Phase::Cancelled => (false, false, false),
         Phase::Pending | Phase::Scheduling | Phase::Building => (false, true, false),
     };
+    kstatus(old, generation, flags, reason, message, now)
+}
+
+/// Ready, Reconciling and Stalled with the given truth values, one reason
+/// and message, keeping the transition time of a condition whose status did
+/// not change since `old`.
+fn kstatus(
+    old: &[Condition],
+    generation: i64,
+    (ready, reconciling, stalled): (bool, bool, bool),
+    reason: &str,
+    message: &str,
+    now: Timestamp,
+) -> Vec<Condition> {
     let make = |type_: &str, value: bool| {
         let status = if value { "True" } else { "False" }.to_string();
         let last = old
@@ -811,28 +825,14 @@ pub fn pod_rejected(
             ps.message = Some(message.to_string());
         }
     }
-    let old = std::mem::take(&mut status.conditions);
-    let make = |type_: &str, value: bool| {
-        let status = if value { "True" } else { "False" }.to_string();
-        let last = old
-            .iter()
-            .find(|c| c.type_ == type_ && c.status == status)
-            .map(|c| c.last_transition_time.clone())
-            .unwrap_or_else(|| time(now));
-        Condition {
-            type_: type_.to_string(),
-            status,
-            reason: REASON_POD_REJECTED.to_string(),
-            message: truncate(message, 1024),
-            observed_generation: Some(generation),
-            last_transition_time: last,
-        }
-    };
-    status.conditions = vec![
-        make(READY, false),
-        make(RECONCILING, true),
-        make(STALLED, true),
-    ];
+    status.conditions = kstatus(
+        &status.conditions,
+        generation,
+        (false, true, true),
+        REASON_POD_REJECTED,
+        message,
+        now,
+    );
 }
 
 fn truncate(s: &str, max: usize) -> String {

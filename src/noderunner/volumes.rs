@@ -43,49 +43,27 @@ pub(crate) async fn materialise(
             create_dir(&dir).map_err(io_failed)?;
         } else if let Some(source) = &volume.secret {
             let name = source.secret_name.as_deref().unwrap_or_default();
-            let data = refs
-                .secret(name)
-                .await
-                .map_err(|e| failed("FailedMount", format!("reading secret {name:?}: {e}")))?;
-            let optional = source.optional.unwrap_or(false);
-            create_dir(&dir).map_err(io_failed)?;
-            match data {
-                Some(data) => write_keys(
-                    &dir,
-                    &data,
-                    source.items.as_deref(),
-                    source.default_mode,
-                    optional,
-                )
-                .map_err(|e| failed("FailedMount", format!("secret {name:?}: {e}")))?,
-                None if optional => {}
-                None => return Err(failed("FailedMount", format!("secret {name:?} not found"))),
-            }
+            let data = refs.secret(name).await;
+            let keys = Keys {
+                kind: "secret",
+                name,
+                items: source.items.as_deref(),
+                default_mode: source.default_mode,
+                optional: source.optional.unwrap_or(false),
+            };
+            keys.project(&dir, data)
+                .map_err(|m| failed("FailedMount", m))?;
         } else if let Some(source) = &volume.config_map {
-            let name = &source.name;
-            let data = refs
-                .config_map(name)
-                .await
-                .map_err(|e| failed("FailedMount", format!("reading configMap {name:?}: {e}")))?;
-            let optional = source.optional.unwrap_or(false);
-            create_dir(&dir).map_err(io_failed)?;
-            match data {
-                Some(data) => write_keys(
-                    &dir,
-                    &data,
-                    source.items.as_deref(),
-                    source.default_mode,
-                    optional,
-                )
-                .map_err(|e| failed("FailedMount", format!("configMap {name:?}: {e}")))?,
-                None if optional => {}
-                None => {
-                    return Err(failed(
-                        "FailedMount",
-                        format!("configMap {name:?} not found"),
-                    ));
-                }
-            }
+            let data = refs.config_map(&source.name).await;
+            let keys = Keys {
+                kind: "configMap",
+                name: &source.name,
+                items: source.items.as_deref(),
+                default_mode: source.default_mode,
+                optional: source.optional.unwrap_or(false),
+            };
+            keys.project(&dir, data)
+                .map_err(|m| failed("FailedMount", m))?;
         } else {
             return Err(failed(
                 "UnsupportedVolume",
@@ -99,6 +77,32 @@ pub(crate) async fn materialise(
         dirs.insert(volume.name.clone(), dir);
     }
     Ok(dirs)
+}
+
+/// A secret or configMap volume's source: which object, which keys.
+struct Keys<'a> {
+    /// `secret` or `configMap`, for messages.
+    kind: &'static str,
+    name: &'a str,
+    items: Option<&'a [KeyToPath]>,
+    default_mode: Option<i32>,
+    optional: bool,
+}
+
+impl Keys<'_> {
+    /// Fills `dir` with the keys of the object as read from the API
+    /// (`None`: it does not exist); the error names the object.
+    fn project(&self, dir: &Path, data: Result<Option<Data>, kube::Error>) -> Result<(), String> {
+        let (kind, name) = (self.kind, self.name);
+        let data = data.map_err(|e| format!("reading {kind} {name:?}: {e}"))?;
+        create_dir(dir).map_err(|e| e.to_string())?;
+        match data {
+            Some(data) => write_keys(dir, &data, self.items, self.default_mode, self.optional)
+                .map_err(|e| format!("{kind} {name:?}: {e}")),
+            None if self.optional => Ok(()),
+            None => Err(format!("{kind} {name:?} not found")),
+        }
+    }
 }
 
 /// The volume's source field, e.g. `hostPath`.

@@ -203,6 +203,18 @@ pub fn ensure_binaries(repo_root: &Path) -> Result<PathBuf, Error> {
     Ok(PathBuf::from(dir))
 }
 
+/// GET `/<path>` of a component; Ok when it answers 2xx.
+async fn get_ok(client: kube::Client, path: &str) -> Result<(), String> {
+    let request = kube::core::Request::new("")
+        .get(path, &Default::default())
+        .map_err(|e| e.to_string())?;
+    client
+        .request_text(request)
+        .await
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
 /// One running child process.
 #[derive(Debug)]
 struct Component {
@@ -327,79 +339,42 @@ impl ControlPlane {
             ],
         )?;
         let client = cp.client().await?;
-        cp.wait_ready(1, APISERVER_TIMEOUT, || {
-            let client = client.clone();
-            async move {
-                client
-                    .request_text(
-                        kube::core::Request::new("")
-                            .get("readyz", &Default::default())
-                            .map_err(|e| e.to_string())?,
-                    )
-                    .await
-                    .map(drop)
-                    .map_err(|e| e.to_string())
-            }
-        })
-        .await?;
+        cp.wait_ready(1, APISERVER_TIMEOUT, || get_ok(client.clone(), "readyz"))
+            .await?;
         tracing::debug!(elapsed = ?started.elapsed(), "kube-apiserver ready");
 
+        // What kube-controller-manager and kube-scheduler share: the admin
+        // kubeconfig, no leader election, loopback secure serving.
         let kc = p(&cp.kubeconfig);
-        let kcm_certs = cp.dir.join("pki").join("kube-controller-manager");
-        cp.spawn(
-            "kube-controller-manager",
+        let component_args = |name: &str, port: u16| -> Vec<String> {
             vec![
                 format!("--kubeconfig={kc}"),
                 format!("--authentication-kubeconfig={kc}"),
                 format!("--authorization-kubeconfig={kc}"),
                 "--leader-elect=false".into(),
                 "--bind-address=127.0.0.1".into(),
-                format!("--secure-port={}", ports.controller_manager),
-                format!("--cert-dir={}", kcm_certs.display()),
+                format!("--secure-port={port}"),
+                format!("--cert-dir={}", cp.dir.join("pki").join(name).display()),
                 // Authenticate client certificates against our CA directly
                 // instead of reading kube-system/extension-apiserver-
                 // authentication, which lacks the request-header CA here
                 // and makes the lookup log errors every few seconds.
                 "--authentication-skip-lookup=true".into(),
                 format!("--client-ca-file={}", p(&pki.ca_cert)),
-                "--controllers=garbage-collector-controller,namespace-controller,serviceaccount-controller".into(),
-                "--use-service-account-credentials=false".into(),
-            ],
-        )?;
-        let sched_certs = cp.dir.join("pki").join("kube-scheduler");
-        cp.spawn(
-            "kube-scheduler",
-            vec![
-                format!("--kubeconfig={kc}"),
-                format!("--authentication-kubeconfig={kc}"),
-                format!("--authorization-kubeconfig={kc}"),
-                "--leader-elect=false".into(),
-                "--bind-address=127.0.0.1".into(),
-                format!("--secure-port={}", ports.scheduler),
-                format!("--cert-dir={}", sched_certs.display()),
-                // Authenticate client certificates against our CA directly
-                // instead of reading kube-system/extension-apiserver-
-                // authentication, which lacks the request-header CA here
-                // and makes the lookup log errors every few seconds.
-                "--authentication-skip-lookup=true".into(),
-                format!("--client-ca-file={}", p(&pki.ca_cert)),
-            ],
-        )?;
+            ]
+        };
+        let mut kcm_args = component_args("kube-controller-manager", ports.controller_manager);
+        kcm_args.extend([
+            "--controllers=garbage-collector-controller,namespace-controller,serviceaccount-controller".into(),
+            "--use-service-account-credentials=false".into(),
+        ]);
+        let sched_args = component_args("kube-scheduler", ports.scheduler);
+        cp.spawn("kube-controller-manager", kcm_args)?;
+        cp.spawn("kube-scheduler", sched_args)?;
         for (index, port) in [(2, ports.controller_manager), (3, ports.scheduler)] {
             let probe = insecure_client(port)?;
             cp.wait_ready(index, COMPONENT_TIMEOUT, || {
-                let probe = probe.clone();
-                async move {
-                    probe
-                        .request_text(
-                            kube::core::Request::new("")
-                                .get("healthz", &Default::default())
-                                .map_err(|e| e.to_string())?,
-                        )
-                        .await
-                        .map(drop)
-                        .map_err(|e| e.to_string())
-                }
+                get_ok(probe.clone(), "healthz")
             })
             .await?;
         }

@@ -58,17 +58,8 @@ async fn inline_build_reports_the_digest_the_registry_confirms() {
         "FROM scratch\nCOPY hello.txt /hello.txt\n",
         "",
     );
-    let (ok, out) = env.kubectl(&["apply", "-f", "-"], Some(&manifest));
-    assert!(ok, "{out}");
-    let (ok, out) = env.kubectl(
-        &[
-            "wait",
-            "--for=condition=Ready",
-            "--timeout=240s",
-            "ib/hello",
-        ],
-        None,
-    );
+    env.apply(&manifest);
+    let (ok, out) = env.wait_for("condition=Ready", "ib/hello", "240s");
     let s = status(&env, "hello").await.expect("status");
     assert!(ok, "{out}\n{s:#?}");
     assert_eq!(s.phase, Some(Phase::Succeeded));
@@ -111,17 +102,8 @@ async fn failing_run_fails_the_platform_naming_the_step() {
         "FROM BASE\nRUN echo compiling && exit 7\n",
         "",
     );
-    let (ok, out) = env.kubectl(&["apply", "-f", "-"], Some(&manifest));
-    assert!(ok, "{out}");
-    let (ok, out) = env.kubectl(
-        &[
-            "wait",
-            "--for=condition=Stalled",
-            "--timeout=240s",
-            "ib/broken",
-        ],
-        None,
-    );
+    env.apply(&manifest);
+    let (ok, out) = env.wait_for("condition=Stalled", "ib/broken", "240s");
     let s = status(&env, "broken").await.expect("status");
     assert!(ok, "{out}\n{s:#?}");
     assert_eq!(s.phase, Some(Phase::Failed));
@@ -185,8 +167,7 @@ async fn tokens_speak_only_for_their_build_and_unconfirmed_digests_are_refused()
     for name in ["one", "two"] {
         let manifest = inline(name, &registry, "FROM scratch\nCOPY hello.txt /\n", "")
             .replace("platforms: [linux/amd64]", "platforms: [linux/arm64]");
-        let (ok, out) = env.kubectl(&["apply", "-f", "-"], Some(&manifest));
-        assert!(ok, "{out}");
+        env.apply(&manifest);
     }
     let secrets: Api<Secret> = Api::namespaced(env.client.clone(), &env.ns);
     let token_of = |name: &'static str| {
@@ -380,17 +361,8 @@ spec:
     insecure: true
 "#
     );
-    let (ok, out) = env.kubectl(&["apply", "-f", "-"], Some(&manifest));
-    assert!(ok, "{out}");
-    let (ok, out) = env.kubectl(
-        &[
-            "wait",
-            "--for=condition=Ready",
-            "--timeout=240s",
-            "ib/from-git",
-        ],
-        None,
-    );
+    env.apply(&manifest);
+    let (ok, out) = env.wait_for("condition=Ready", "ib/from-git", "240s");
     let s = status(&env, "from-git").await.expect("status");
     assert!(ok, "{out}\n{s:#?}");
     let digest = s.image.expect("image").digest;
@@ -431,8 +403,7 @@ async fn timeout_and_deletion_stop_the_build_and_leave_nothing() {
         "FROM BASE\nRUN echo slow-timeout-marker && sleep 300\n",
         "  timeout: 8s\n",
     );
-    let (ok, out) = env.kubectl(&["apply", "-f", "-"], Some(&slow));
-    assert!(ok, "{out}");
+    env.apply(&slow);
     let s = eventually("timed out", BUILD, || async {
         let s = status(&env, "slow").await?;
         (s.phase == Some(Phase::Failed)).then_some(s)
@@ -469,8 +440,7 @@ async fn timeout_and_deletion_stop_the_build_and_leave_nothing() {
         "FROM BASE\nRUN echo doomed-marker && sleep 300\n",
         "",
     );
-    let (ok, out) = env.kubectl(&["apply", "-f", "-"], Some(&doomed));
-    assert!(ok, "{out}");
+    env.apply(&doomed);
     eventually("the doomed build runs its RUN step", BUILD, || async {
         (!processes_mentioning("doomed-marker").is_empty()).then_some(())
     })
@@ -508,8 +478,7 @@ async fn controller_killed_mid_build_still_reports_exactly_once() {
         "FROM BASE\nRUN echo survivor-marker && sleep 6\nRUN echo done > /done\n",
         "",
     );
-    let (ok, out) = env.kubectl(&["apply", "-f", "-"], Some(&manifest));
-    assert!(ok, "{out}");
+    env.apply(&manifest);
     eventually("the RUN step is building", BUILD, || async {
         (!processes_mentioning("survivor-marker").is_empty()).then_some(())
     })
@@ -517,15 +486,7 @@ async fn controller_killed_mid_build_still_reports_exactly_once() {
     // SIGKILL mid-build; a new replica comes up on the same address.
     env.kill_controller(first);
     env.start_controller_on("second", executor_port);
-    let (ok, out) = env.kubectl(
-        &[
-            "wait",
-            "--for=condition=Ready",
-            "--timeout=240s",
-            "ib/survivor",
-        ],
-        None,
-    );
+    let (ok, out) = env.wait_for("condition=Ready", "ib/survivor", "240s");
     let s = status(&env, "survivor").await.expect("status");
     assert!(ok, "{out}\n{s:#?}");
     assert_eq!(s.platforms[0].attempts, 1, "no second attempt: {s:#?}");
@@ -600,20 +561,8 @@ async fn multi_stage_target_and_build_args_reach_the_image_config() {
                       FROM BASE AS final\nARG VERSION=0\nENV APP_VERSION=$VERSION\nCOPY --from=build /version /version\n\
                       FROM BASE AS broken\nRUN exit 1\n";
     let extra = "  target: final\n  buildArgs:\n    - {name: VERSION, value: \"1.2.3\"}\n";
-    let (ok, out) = env.kubectl(
-        &["apply", "-f", "-"],
-        Some(&inline("staged", &registry, dockerfile, extra)),
-    );
-    assert!(ok, "{out}");
-    let (ok, out) = env.kubectl(
-        &[
-            "wait",
-            "--for=condition=Ready",
-            "--timeout=240s",
-            "ib/staged",
-        ],
-        None,
-    );
+    env.apply(&inline("staged", &registry, dockerfile, extra));
+    let (ok, out) = env.wait_for("condition=Ready", "ib/staged", "240s");
     let s = status(&env, "staged").await.expect("status");
     assert!(ok, "{out}\n{s:#?}");
     let config = image_config(&registry, "team/staged", "1");
@@ -637,8 +586,7 @@ async fn cancel_stops_a_running_build() {
         "FROM BASE\nRUN echo cancel-marker && sleep 300\n",
         "",
     );
-    let (ok, out) = env.kubectl(&["apply", "-f", "-"], Some(&manifest));
-    assert!(ok, "{out}");
+    env.apply(&manifest);
     eventually("the RUN step runs", BUILD, || async {
         (!processes_mentioning("cancel-marker").is_empty()).then_some(())
     })
@@ -654,15 +602,7 @@ async fn cancel_stops_a_running_build() {
         None,
     );
     assert!(ok, "{out}");
-    let (ok, out) = env.kubectl(
-        &[
-            "wait",
-            "--for=jsonpath={.status.phase}=Cancelled",
-            "--timeout=60s",
-            "ib/stopme",
-        ],
-        None,
-    );
+    let (ok, out) = env.wait_for("jsonpath={.status.phase}=Cancelled", "ib/stopme", "60s");
     assert!(ok, "{out}");
     eventually(
         "its processes and Pod are gone",
@@ -717,20 +657,8 @@ async fn a_failed_attempt_is_retried_and_the_second_succeeds() {
     env.start_controller("c1");
     let port = flaky_server(1, "fetched\n");
     let dockerfile = format!("FROM scratch\nADD http://127.0.0.1:{port}/file /file\n");
-    let (ok, out) = env.kubectl(
-        &["apply", "-f", "-"],
-        Some(&inline("flaky", &registry, &dockerfile, "  retries: 2\n")),
-    );
-    assert!(ok, "{out}");
-    let (ok, out) = env.kubectl(
-        &[
-            "wait",
-            "--for=condition=Ready",
-            "--timeout=240s",
-            "ib/flaky",
-        ],
-        None,
-    );
+    env.apply(&inline("flaky", &registry, &dockerfile, "  retries: 2\n"));
+    let (ok, out) = env.wait_for("condition=Ready", "ib/flaky", "240s");
     let s = status(&env, "flaky").await.expect("status");
     assert!(ok, "{out}\n{s:#?}");
     assert_eq!(s.platforms[0].attempts, 2, "{s:#?}");
@@ -769,34 +697,16 @@ async fn push_secrets_wrong_ones_fail_clearly_right_ones_push() {
         let secret = format!(
             "apiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}-creds\ntype: kubernetes.io/dockerconfigjson\nstringData:\n  .dockerconfigjson: '{{\"auths\":{{\"{registry}\":{{\"auth\":\"{auth}\"}}}}}}'\n"
         );
-        let (ok, out) = env.kubectl(&["apply", "-f", "-"], Some(&secret));
-        assert!(ok, "{out}");
+        env.apply(&secret);
         let manifest = inline(name, &registry, "FROM scratch\nCOPY hello.txt /\n", "").replace(
             "    insecure: true\n",
             &format!("    insecure: true\n    pushSecretRef: {{name: {name}-creds}}\n"),
         );
-        let (ok, out) = env.kubectl(&["apply", "-f", "-"], Some(&manifest));
-        assert!(ok, "{out}");
+        env.apply(&manifest);
     }
-    let (ok, out) = env.kubectl(
-        &[
-            "wait",
-            "--for=condition=Ready",
-            "--timeout=240s",
-            "ib/right",
-        ],
-        None,
-    );
+    let (ok, out) = env.wait_for("condition=Ready", "ib/right", "240s");
     assert!(ok, "{out}");
-    let (ok, out) = env.kubectl(
-        &[
-            "wait",
-            "--for=condition=Stalled",
-            "--timeout=240s",
-            "ib/wrong",
-        ],
-        None,
-    );
+    let (ok, out) = env.wait_for("condition=Stalled", "ib/wrong", "240s");
     let s = status(&env, "wrong").await.expect("status");
     assert!(ok, "{out}\n{s:#?}");
     let msg = s.platforms[0]
@@ -823,17 +733,8 @@ async fn ttl_after_finished_removes_pods_and_tokens_but_keeps_the_imagebuild() {
         "FROM scratch\nCOPY hello.txt /\n",
         "  ttlSecondsAfterFinished: 2\n",
     );
-    let (ok, out) = env.kubectl(&["apply", "-f", "-"], Some(&manifest));
-    assert!(ok, "{out}");
-    let (ok, out) = env.kubectl(
-        &[
-            "wait",
-            "--for=condition=Ready",
-            "--timeout=240s",
-            "ib/brief",
-        ],
-        None,
-    );
+    env.apply(&manifest);
+    let (ok, out) = env.wait_for("condition=Ready", "ib/brief", "240s");
     assert!(ok, "{out}");
     let secrets: Api<Secret> = Api::namespaced(env.client.clone(), &env.ns);
     eventually(

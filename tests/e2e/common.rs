@@ -353,7 +353,27 @@ impl TestEnv {
         std::fs::read_to_string(&self.controllers[i].log).unwrap_or_default()
     }
 
-    /// Applies a YAML manifest into this namespace with the real kubectl.
+    /// `kubectl apply -f -` of `manifest` into this namespace; panics with
+    /// kubectl's answer when it is refused.
+    pub fn apply(&self, manifest: &str) {
+        let (ok, out) = self.kubectl(&["apply", "-f", "-"], Some(manifest));
+        assert!(ok, "kubectl apply: {out}");
+    }
+
+    /// `kubectl wait --for=<condition> --timeout=<timeout> <object>`.
+    pub fn wait_for(&self, condition: &str, object: &str, timeout: &str) -> (bool, String) {
+        self.kubectl(
+            &[
+                "wait",
+                &format!("--for={condition}"),
+                &format!("--timeout={timeout}"),
+                object,
+            ],
+            None,
+        )
+    }
+
+    /// Runs the real kubectl in this namespace, `stdin` piped to it.
     pub fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> (bool, String) {
         let mut cmd = Command::new(&self.shared.kubectl);
         cmd.args(args)

@@ -117,25 +117,9 @@ async fn each_platform_is_scheduled_on_a_matching_node() {
     );
 
     // kubectl wait on the conditions Tripod sets.
-    let (ok, out) = env.kubectl(
-        &[
-            "wait",
-            "--for=condition=Reconciling",
-            "--timeout=30s",
-            "imagebuild/multi",
-        ],
-        None,
-    );
+    let (ok, out) = env.wait_for("condition=Reconciling", "imagebuild/multi", "30s");
     assert!(ok, "{out}");
-    let (ok, out) = env.kubectl(
-        &[
-            "wait",
-            "--for=condition=Ready=false",
-            "--timeout=30s",
-            "ib/multi",
-        ],
-        None,
-    );
+    let (ok, out) = env.wait_for("condition=Ready=false", "ib/multi", "30s");
     assert!(ok, "{out}");
 
     // A runner that registers but is not online changes the message.
@@ -143,8 +127,7 @@ async fn each_platform_is_scheduled_on_a_matching_node() {
         "apiVersion: build.tripod.dev/v1alpha1\nkind: BuildRunner\nmetadata:\n  name: mac-{}\nspec:\n  os: darwin\n  arch: arm64\n",
         env.ns
     );
-    let (ok, out) = env.kubectl(&["apply", "-f", "-"], Some(&runner));
-    assert!(ok, "{out}");
+    env.apply(&runner);
     eventually("message about the offline runner", WAIT, || async {
         let s = status_of(&env, "multi").await?;
         let d = s.platforms.iter().find(|p| p.platform == "darwin/arm64")?;
@@ -188,15 +171,7 @@ async fn each_platform_is_scheduled_on_a_matching_node() {
         None,
     );
     assert!(ok, "{out}");
-    let (ok, out) = env.kubectl(
-        &[
-            "wait",
-            "--for=jsonpath={.status.phase}=Cancelled",
-            "--timeout=60s",
-            "ib/multi",
-        ],
-        None,
-    );
+    let (ok, out) = env.wait_for("jsonpath={.status.phase}=Cancelled", "ib/multi", "60s");
     assert!(ok, "{out}");
     eventually("Pods of the cancelled build are gone", WAIT, || async {
         env.pods_of("multi").await.is_empty().then_some(())
@@ -316,11 +291,7 @@ async fn user_node_selector_and_tolerations_are_merged() {
 async fn rebuild_retry_and_garbage_collection() {
     let mut env = TestEnv::new("lifecycle").await;
     env.start_controller("c1");
-    let (ok, out) = env.kubectl(
-        &["apply", "-f", "-"],
-        Some(&manifest("life", &["linux/amd64"], "  retries: 1\n")),
-    );
-    assert!(ok, "{out}");
+    env.apply(&manifest("life", &["linux/amd64"], "  retries: 1\n"));
     let first = eventually("first Pod bound", WAIT, || async {
         let pods = env.pods_of("life").await;
         (pods.len() == 1 && node_of(&pods[0]).is_some()).then(|| pods[0].clone())
@@ -397,15 +368,8 @@ async fn invalid_spec_stalls_and_kubectl_wait_sees_it() {
     let mut env = TestEnv::new("stalled").await;
     env.start_controller("c1");
     // Distinct strings (the API server accepts them), the same platform.
-    let (ok, out) = env.kubectl(
-        &["apply", "-f", "-"],
-        Some(&manifest("dup", &["linux/amd64", "linux/x86_64"], "")),
-    );
-    assert!(ok, "{out}");
-    let (ok, out) = env.kubectl(
-        &["wait", "--for=condition=Stalled", "--timeout=60s", "ib/dup"],
-        None,
-    );
+    env.apply(&manifest("dup", &["linux/amd64", "linux/x86_64"], ""));
+    let (ok, out) = env.wait_for("condition=Stalled", "ib/dup", "60s");
     assert!(ok, "{out}");
     let ib: ImageBuild = env.builds().get("dup").await.expect("get");
     let s = ib.status.expect("status");
@@ -469,11 +433,7 @@ async fn refused_build_pod_is_reported_and_retried() {
     );
     assert!(ok, "{out}");
     env.start_controller("c1");
-    let (ok, out) = env.kubectl(
-        &["apply", "-f", "-"],
-        Some(&manifest("refused", &["linux/arm64"], "")),
-    );
-    assert!(ok, "{out}");
+    env.apply(&manifest("refused", &["linux/arm64"], ""));
     let message = eventually(
         "the refusal in status.platforms[].message",
         WAIT,
@@ -486,15 +446,7 @@ async fn refused_build_pod_is_reported_and_retried() {
     .await;
     assert!(message.contains("restricted"), "{message}");
     // kstatus: Stalled=True while refused, so `kubectl wait` and Flux see it.
-    let (ok, out) = env.kubectl(
-        &[
-            "wait",
-            "imagebuild/refused",
-            "--for=condition=Stalled",
-            "--timeout=30s",
-        ],
-        None,
-    );
+    let (ok, out) = env.wait_for("condition=Stalled", "imagebuild/refused", "30s");
     assert!(ok, "{out}");
     let reason = status_of(&env, "refused")
         .await
@@ -583,11 +535,7 @@ async fn buildd_security_context_and_user_namespace_reach_the_pod() {
             "--build-pod-user-namespace",
         ],
     );
-    let (ok, out) = env.kubectl(
-        &["apply", "-f", "-"],
-        Some(&manifest("sc", &["linux/arm64"], "")),
-    );
-    assert!(ok, "{out}");
+    env.apply(&manifest("sc", &["linux/arm64"], ""));
     let pod = eventually("the build Pod", WAIT, || async {
         env.pods().list(&Default::default()).await.ok()?.items.pop()
     })

@@ -24,11 +24,7 @@ async fn holder(env: &TestEnv) -> Option<String> {
 async fn restarted_controller_creates_no_duplicate_pod() {
     let mut env = TestEnv::new("restart").await;
     let c = env.start_controller("first");
-    let (ok, out) = env.kubectl(
-        &["apply", "-f", "-"],
-        Some(&manifest("rs", &["linux/amd64"], "")),
-    );
-    assert!(ok, "{out}");
+    env.apply(&manifest("rs", &["linux/amd64"], ""));
     let pod = eventually("one Pod", WAIT, || async {
         let pods = env.pods_of("rs").await;
         (pods.len() == 1).then(|| pods[0].clone())
@@ -75,11 +71,7 @@ async fn only_the_leader_writes_and_a_standby_takes_over() {
     assert_eq!(http_get(port_b, "/readyz").await.map(|r| r.0), Some(503));
     assert_eq!(holder(&env).await.as_deref(), Some("replica-a"));
 
-    let (ok, out) = env.kubectl(
-        &["apply", "-f", "-"],
-        Some(&manifest("ld", &["linux/amd64"], "")),
-    );
-    assert!(ok, "{out}");
+    env.apply(&manifest("ld", &["linux/amd64"], ""));
     eventually("one Pod", WAIT, || async {
         (env.pods_of("ld").await.len() == 1).then_some(())
     })
