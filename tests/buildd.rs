@@ -3,7 +3,7 @@
 //! fails with the failing step, refuses wrong credentials, cancels.
 #![allow(clippy::zombie_processes)] // fixture processes live as long as the test binary
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -34,26 +34,7 @@ fn start_registry(dir: &Path, name: &str, htpasswd: Option<&Path>) -> (String, C
 
 /// A plain HTTP request to a registry: (status, headers, body).
 fn http(addr: &str, method: &str, path: &str, accept: &str) -> (u16, String, Vec<u8>) {
-    let mut s = std::net::TcpStream::connect(addr).expect("connect registry");
-    write!(
-        s,
-        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nAccept: {accept}\r\n\r\n"
-    )
-    .expect("write");
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).expect("read");
-    let split = buf
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .unwrap_or(buf.len());
-    let head = String::from_utf8_lossy(&buf[..split]).to_string();
-    let body = buf.get(split + 4..).unwrap_or_default().to_vec();
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (code, head, body)
+    tripod::testenv::http_request(addr, method, path, accept).expect("registry request")
 }
 
 const MANIFEST_TYPES: &str = "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json";

@@ -192,17 +192,11 @@ fn built() -> &'static Built {
 
 /// Asserts that the (plain HTTP) registry serves `repo`'s manifest `digest`.
 fn assert_registry_has(registry: &str, repo: &str, digest: &str) {
-    let manifest = format!("http://{registry}/v2/{repo}/manifests/{digest}");
-    let out = Command::new("curl")
-        .args(["-sf", "-o", "/dev/null", "-w", "%{http_code}", "-I"])
-        .args([
-            "-H",
-            "Accept: application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json",
-        ])
-        .arg(&manifest)
-        .output()
-        .expect("curl");
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "200", "{manifest}");
+    let path = format!("/v2/{repo}/manifests/{digest}");
+    let accept = "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json";
+    let (code, head, _) =
+        tripod::testenv::http_request(registry, "HEAD", &path, accept).expect("registry request");
+    assert_eq!(code, 200, "{registry}{path}: {head}");
 }
 
 /// Whether an ELF file asks for a program interpreter (PT_INTERP), i.e. is

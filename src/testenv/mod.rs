@@ -61,7 +61,7 @@ pub use nodes::{
     LINUX_AMD64, LINUX_ARM64, WINDOWS_AMD64, WINDOWS_BUILD, create_nodes, spawn_node_keeper,
 };
 pub use process::{spawn_supervised, supervised_command};
-pub use registry::{Registry, start_registry};
+pub use registry::{Registry, http_request, start_registry};
 
 /// Kubernetes version of the binaries `testenv/build.sh` builds; reported by
 /// the fake nodes as their kubelet version.

@@ -82,3 +82,34 @@ pub fn start_registry(
     }
     Ok(Registry { address, child })
 }
+
+/// A plain HTTP/1.0 request to a registry (or any loopback server):
+/// `(status, head, body)`. For tests that read manifests and blobs as a
+/// client other than Tripod's would.
+pub fn http_request(
+    addr: &str,
+    method: &str,
+    path: &str,
+    accept: &str,
+) -> std::io::Result<(u16, String, Vec<u8>)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nAccept: {accept}\r\n\r\n"
+    )?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf)?;
+    let split = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or(buf.len());
+    let head = String::from_utf8_lossy(&buf[..split]).to_string();
+    let body = buf.get(split + 4..).unwrap_or_default().to_vec();
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    Ok((code, head, body))
+}

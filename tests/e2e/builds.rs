@@ -516,26 +516,9 @@ async fn controller_killed_mid_build_still_reports_exactly_once() {
 
 /// GET over plain HTTP: (status, body).
 fn http_get(addr: &str, path: &str, accept: &str) -> (u16, Vec<u8>) {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).expect("connect");
-    write!(
-        s,
-        "GET {path} HTTP/1.0\r\nHost: {addr}\r\nAccept: {accept}\r\n\r\n"
-    )
-    .expect("write");
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).expect("read");
-    let split = buf
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .unwrap_or(buf.len());
-    let head = String::from_utf8_lossy(&buf[..split]).to_string();
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (code, buf.get(split + 4..).unwrap_or_default().to_vec())
+    let (code, _, body) =
+        tripod::testenv::http_request(addr, "GET", path, accept).expect("registry request");
+    (code, body)
 }
 
 fn image_config(registry: &str, repo: &str, tag: &str) -> serde_json::Value {
