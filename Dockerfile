@@ -26,19 +26,24 @@ ENV RUSTFLAGS="-C target-feature=+crt-static" \
 
 # Dependencies first, in a layer of their own: it is rebuilt only when the
 # manifest, the lock file, the build script or the protocol files change.
+# The workspace's other member (the test harness, tripod-harness) is not
+# built; cargo only needs its manifest, so it gets empty sources.
 COPY Cargo.toml Cargo.lock build.rs ./
+COPY harness/Cargo.toml harness/Cargo.toml
 COPY proto proto
-RUN mkdir src \
+RUN mkdir -p src harness/src/bin \
  && echo 'fn main() {}' > src/main.rs \
  && : > src/lib.rs \
- && cargo build --release --locked --target "$(uname -m)-unknown-linux-gnu" \
+ && : > harness/src/lib.rs \
+ && echo 'fn main() {}' > harness/src/bin/tripod-dev.rs \
+ && cargo build --release --locked -p tripod --target "$(uname -m)-unknown-linux-gnu" \
  && rm -rf src
 
 COPY src src
 # touch: the copied sources may be older than the placeholder build above.
 RUN touch src/main.rs src/lib.rs \
  && target="$(uname -m)-unknown-linux-gnu" \
- && cargo build --release --locked --target "$target" --bin tripod \
+ && cargo build --release --locked -p tripod --target "$target" --bin tripod \
  && install -D -m 0755 "target/$target/release/tripod" /out/usr/local/bin/tripod \
  && /out/usr/local/bin/tripod --version
 

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Runs every Tripod test: unit tests, the CRD drift test, the end-to-end
-# tests against a real control plane (built once from the Kubernetes Go
-# modules into ~/.cache/tripod/testenv) and the Dockerfile built with buildah
-# (tests/image.rs). Installs what it needs.
+# tests against a real control plane and a real node (kubelet, containerd,
+# runc; built once from their Go modules into ~/.cache/tripod) running the
+# Dockerfile's buildd image, kwok's simulated nodes, and the Dockerfile built
+# with buildah (tests/image.rs). Installs what it needs. Needs root (the real
+# node: containerd, a bridge, iptables).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/tripod/target}"
@@ -17,6 +19,12 @@ command -v htpasswd >/dev/null || need_apt+=(apache2-utils)
 command -v lua5.4 >/dev/null || need_apt+=(lua5.4)
 command -v debootstrap >/dev/null || need_apt+=(debootstrap)
 command -v curl >/dev/null || need_apt+=(curl)
+command -v iptables >/dev/null || need_apt+=(iptables)
+command -v ip >/dev/null || need_apt+=(iproute2)
+command -v gcc >/dev/null || need_apt+=(gcc)
+[ -x /usr/lib/cni/bridge ] || need_apt+=(containernetworking-plugins)
+[ -f /usr/include/seccomp.h ] || need_apt+=(libseccomp-dev)
+command -v pkg-config >/dev/null || need_apt+=(pkg-config)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
@@ -27,12 +35,25 @@ fi
 command -v go >/dev/null || { echo "Go (1.26 or newer) is required to build the control plane" >&2; exit 1; }
 command -v cargo >/dev/null || { echo "Rust (cargo) is required" >&2; exit 1; }
 
-# The control plane: seconds when cached, ~15 minutes the first time.
+step() { echo "==> $*" >&2; }
+# Everything below prints its progress while it compiles, and takes seconds
+# once cached under ~/.cache/tripod.
+step "Kubernetes control plane and kubelet (~12 minutes the first time)"
 bash testenv/build.sh >/dev/null
+step "containerd, runc, kwok (~9 minutes the first time)"
+bash testenv/node.sh >/dev/null
 # helm, for the chart tests: also built once from the Go modules.
 bash testenv/helm.sh >/dev/null
 # The Dockerfile's base images, seeded into a local registry (tests/image.rs):
 # debootstrap and this machine's Rust toolchain, ~3 minutes the first time.
+step "Dockerfile base images (~3 minutes the first time)"
 bash testenv/base-images.sh >/dev/null
+# The images build Pods run: the Dockerfile's buildd target (a release build
+# of Tripod inside it, ~10 minutes the first time, ~3 after a source change).
+step "buildd, pause and busybox images"
+bash testenv/images.sh build
 
-cargo test --locked --all-targets -- --test-threads "${TRIPOD_TEST_THREADS:-4}"
+step "cargo build --workspace --bins (the tests run tripod and tripod-dev)"
+cargo build --locked --workspace --bins
+step "cargo test"
+cargo test --locked --workspace --all-targets -- --test-threads "${TRIPOD_TEST_THREADS:-4}"

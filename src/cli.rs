@@ -1,11 +1,16 @@
-//! Command-line interface: `tripod controller | crds | dev`.
+//! Command-line interface: `tripod controller | crds | agent | buildd | dev`.
+//!
+//! Each subcommand's arguments live with the module they configure; this
+//! module only assembles them and maps outcomes to exit codes.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 
+use crate::agent::AgentArgs;
+use crate::buildd::BuilddArgs;
 use crate::controller::ControllerConfig;
+use crate::telemetry::LogFormat;
 
 /// Tripod builds container images natively on the OS they target.
 #[derive(Parser, Debug)]
@@ -16,15 +21,6 @@ pub struct Cli {
     pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
-}
-
-/// Log output format.
-#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line.
-    Json,
 }
 
 /// The subcommands.
@@ -38,99 +34,17 @@ pub enum Command {
     Buildd(BuilddArgs),
     /// Run an executor: `--once` inside a build Pod.
     Agent(AgentArgs),
-    /// A local Tripod on this machine: control plane, nodes and controller.
+    /// A local Tripod on this machine (runs `tripod-dev` from the source
+    /// tree: control plane, a real node, simulated nodes, registry, controller).
     Dev(DevArgs),
 }
 
-/// `tripod agent`.
-#[derive(Args, Debug)]
-pub struct AgentArgs {
-    /// Run one build (the build Pod form) and exit with its result.
-    #[arg(long)]
-    pub once: bool,
-}
-
-/// `tripod buildd`.
-#[derive(Args, Debug)]
-pub struct BuilddArgs {
-    /// Address to listen on (loopback; port 0 picks a free one).
-    #[arg(long, default_value = "127.0.0.1:7070")]
-    pub listen: std::net::SocketAddr,
-    /// TLS directory (mode 0700): CA, server and client certificates, created
-    /// when empty. Default: `$TRIPOD_WORKSPACE/.buildd-tls`.
-    #[arg(long, env = "TRIPOD_BUILDD_TLS_DIR")]
-    pub tls_dir: Option<PathBuf>,
-    /// The build backend.
-    #[arg(long, value_enum, default_value_t = BackendKind::Buildah)]
-    pub backend: BackendKind,
-    /// The buildah program.
-    #[arg(long, default_value = "buildah")]
-    pub buildah: PathBuf,
-    /// Image storage root.
-    #[arg(
-        long,
-        env = "TRIPOD_BUILDAH_ROOT",
-        default_value = "/var/lib/containers/storage"
-    )]
-    pub storage_root: PathBuf,
-    /// Runtime state root.
-    #[arg(
-        long,
-        env = "TRIPOD_BUILDAH_RUNROOT",
-        default_value = "/run/containers/storage"
-    )]
-    pub runroot: PathBuf,
-    /// Storage driver: vfs or overlay.
-    #[arg(long, default_value = "vfs")]
-    pub storage_driver: String,
-    /// Scratch directory for per-build files. Default: a directory under the TLS directory's parent.
-    #[arg(long)]
-    pub work_dir: Option<PathBuf>,
-}
-
-/// Build backends.
-#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum BackendKind {
-    /// buildah (Linux).
-    Buildah,
-}
-
-/// `tripod dev`.
+/// `tripod dev`: everything after `dev` goes to `tripod-dev`.
 #[derive(Args, Debug)]
 pub struct DevArgs {
-    #[command(subcommand)]
-    pub command: DevCommand,
-}
-
-/// `tripod dev` subcommands.
-#[derive(Subcommand, Debug)]
-pub enum DevCommand {
-    /// Start the local control plane, nodes, registry and controller in the
-    /// background, then build examples/hello.yaml and print its digest.
-    Up {
-        /// Directory for state, logs and the env file.
-        #[arg(long, default_value = ".tripod/dev")]
-        dir: PathBuf,
-        /// Do not build the example.
-        #[arg(long)]
-        no_example: bool,
-    },
-    /// Stop everything `tripod dev up` started.
-    Down {
-        /// Directory given to `tripod dev up`.
-        #[arg(long, default_value = ".tripod/dev")]
-        dir: PathBuf,
-        /// Also delete the state directory.
-        #[arg(long)]
-        purge: bool,
-    },
-    /// Run the local environment in the foreground (what `up` starts in the background).
-    #[command(hide = true)]
-    Serve {
-        /// Directory for state, logs and the env file.
-        #[arg(long)]
-        dir: PathBuf,
-    },
+    /// `up [--dir DIR] [--no-example]`, `down [--dir DIR] [--purge]`.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
+    pub args: Vec<std::ffi::OsString>,
 }
 
 /// Runs a parsed command line and maps the outcome to an exit code.
@@ -161,10 +75,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Buildd(args) => {
             runtime().and_then(|rt| rt.block_on(crate::buildd::run(args)).map_err(Into::into))
         }
-        Command::Dev(args) => runtime().and_then(|rt| {
-            rt.block_on(crate::dev::run(args.command))
-                .map_err(Into::into)
-        }),
+        Command::Dev(args) => return dev(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -175,6 +86,40 @@ pub fn run(cli: Cli) -> ExitCode {
                 eprintln!("  caused by: {s}");
                 source = s.source();
             }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `tripod dev …` runs `tripod-dev …` from beside this binary (both come
+/// out of the same `cargo build --workspace`): the local environment is
+/// not part of the product.
+fn dev(args: DevArgs) -> ExitCode {
+    let me = std::env::current_exe().ok();
+    let Some(dev) = me
+        .as_ref()
+        .and_then(|m| m.parent())
+        .map(|d| d.join("tripod-dev"))
+        .filter(|p| p.exists())
+    else {
+        eprintln!(
+            "tripod: `tripod dev` runs tripod-dev, which is not installed next to this binary; \
+             from the source tree run `cargo run --bin tripod-dev -- up` (or `cargo build --workspace`)"
+        );
+        return ExitCode::FAILURE;
+    };
+    let mut cmd = std::process::Command::new(&dev);
+    cmd.args(&args.args);
+    if let Some(me) = me
+        && matches!(args.args.first().and_then(|a| a.to_str()), Some("up"))
+    {
+        cmd.env("TRIPOD_BINARY", me);
+    }
+    match cmd.status() {
+        Ok(s) if s.success() => ExitCode::SUCCESS,
+        Ok(_) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("tripod: run {}: {e}", dev.display());
             ExitCode::FAILURE
         }
     }

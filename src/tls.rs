@@ -5,6 +5,11 @@
 //! certificate, all generated with rcgen. Whoever finds the directory empty
 //! creates it: the agent before spawning buildd, or buildd in its sidecar
 //! form, where the agent reads the client files from the shared volume.
+//!
+//! In a build Pod buildd runs as root and the agent as 65532: buildd then
+//! shares the directory with the agent's group ([`TlsDir::shared_with_group`]:
+//! owner root, group 65532, modes 0750 and 0640 for keys). Nobody else may
+//! read it, and the group may not write it; both sides check that.
 
 use std::fs;
 use std::io::Write;
@@ -35,8 +40,8 @@ pub enum TlsError {
     /// Certificate generation failed.
     #[error("generating certificates: {0}")]
     Rcgen(#[from] rcgen::Error),
-    /// The directory is readable by others.
-    #[error("TLS directory {0} must not be accessible to group or others (chmod 700)")]
+    /// The directory is readable by others or writable by its group.
+    #[error("TLS directory {0} must not be accessible to others nor writable by its group (chmod 700 or 750)")]
     Permissions(PathBuf),
 }
 
@@ -44,6 +49,8 @@ pub enum TlsError {
 #[derive(Debug, Clone)]
 pub struct TlsDir {
     dir: PathBuf,
+    /// Group that may read the directory (the agent's, in a build Pod).
+    group: Option<u32>,
 }
 
 const SERVER_NAME: &str = "localhost";
@@ -51,7 +58,20 @@ const SERVER_NAME: &str = "localhost";
 impl TlsDir {
     /// The TLS directory at `dir` (not touched until used).
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        Self { dir: dir.into() }
+        Self {
+            dir: dir.into(),
+            group: None,
+        }
+    }
+
+    /// The TLS directory at `dir`, created readable by group `gid` (and
+    /// owned by it) so that a client running as another user of that group
+    /// can read it.
+    pub fn shared_with_group(dir: impl Into<PathBuf>, gid: u32) -> Self {
+        Self {
+            dir: dir.into(),
+            group: Some(gid),
+        }
     }
 
     /// The directory.
@@ -70,8 +90,12 @@ impl TlsDir {
             move |source| TlsError::Io { what, path, source }
         };
         fs::create_dir_all(&self.dir).map_err(io("create", &self.dir))?;
-        fs::set_permissions(&self.dir, fs::Permissions::from_mode(0o700))
+        let mode = if self.group.is_some() { 0o750 } else { 0o700 };
+        fs::set_permissions(&self.dir, fs::Permissions::from_mode(mode))
             .map_err(io("chmod", &self.dir))?;
+        if let Some(gid) = self.group {
+            std::os::unix::fs::chown(&self.dir, None, Some(gid)).map_err(io("chown", &self.dir))?;
+        }
         if self.file("ca.crt").exists() && self.file("client.key").exists() {
             return self.check();
         }
@@ -85,11 +109,12 @@ impl TlsDir {
             ca.issue("tripod-agent", &[], ExtendedKeyUsagePurpose::ClientAuth)?;
 
         // Keys first, the CA last: its presence marks a complete directory.
-        write(&self.file("server.key"), &server_key, true)?;
-        write(&self.file("server.crt"), &server_cert, false)?;
-        write(&self.file("client.key"), &client_key, true)?;
-        write(&self.file("client.crt"), &client_cert, false)?;
-        write(&self.file("ca.crt"), ca.pem(), false)?;
+        // server.key: buildd's alone, even in a shared directory.
+        self.write("server.key", &server_key, 0o600)?;
+        self.write("server.crt", &server_cert, 0o644)?;
+        self.write("client.key", &client_key, 0o640)?;
+        self.write("client.crt", &client_cert, 0o644)?;
+        self.write("ca.crt", ca.pem(), 0o644)?;
         Ok(())
     }
 
@@ -99,7 +124,7 @@ impl TlsDir {
             path: self.dir.clone(),
             source,
         })?;
-        if meta.permissions().mode() & 0o077 != 0 {
+        if meta.permissions().mode() & 0o027 != 0 {
             return Err(TlsError::Permissions(self.dir.clone()));
         }
         Ok(())
@@ -195,8 +220,29 @@ impl Ca {
     }
 }
 
-fn write(path: &Path, data: &str, secret: bool) -> Result<(), TlsError> {
-    let mode = if secret { 0o600 } else { 0o644 };
+impl TlsDir {
+    /// Writes one file of the directory: `mode` when it is shared with a
+    /// group (and owned by that group), else owner-only for keys.
+    fn write(&self, name: &str, data: &str, mode: u32) -> Result<(), TlsError> {
+        let path = self.file(name);
+        let mode = match self.group {
+            Some(_) => mode,
+            None if mode & 0o044 == 0o040 => 0o600,
+            None => mode,
+        };
+        write(&path, data, mode)?;
+        if let Some(gid) = self.group {
+            std::os::unix::fs::chown(&path, None, Some(gid)).map_err(|source| TlsError::Io {
+                what: "chown",
+                path: path.clone(),
+                source,
+            })?;
+        }
+        Ok(())
+    }
+}
+
+fn write(path: &Path, data: &str, mode: u32) -> Result<(), TlsError> {
     let err = |what, source| TlsError::Io {
         what,
         path: path.to_path_buf(),
@@ -209,6 +255,8 @@ fn write(path: &Path, data: &str, secret: bool) -> Result<(), TlsError> {
         .mode(mode)
         .open(path)
         .map_err(|e| err("create", e))?;
+    f.set_permissions(fs::Permissions::from_mode(mode))
+        .map_err(|e| err("chmod", e))?;
     f.write_all(data.as_bytes()).map_err(|e| err("write", e))?;
     Ok(())
 }
@@ -240,6 +288,28 @@ mod tests {
         assert!(tls.server_config().is_ok() && tls.client_config().is_ok());
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
         assert!(matches!(tls.client_config(), Err(TlsError::Permissions(_))));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_shared_directory_is_readable_by_the_group_only() {
+        let dir = std::env::temp_dir().join(format!("tripod-tls-group-{}", std::process::id()));
+        // Our own group (that of a file we create): chown to it needs no
+        // privilege.
+        let probe = std::env::temp_dir().join(format!("tripod-tls-gid-{}", std::process::id()));
+        fs::write(&probe, "").unwrap();
+        let gid = std::os::unix::fs::MetadataExt::gid(&fs::metadata(&probe).unwrap());
+        fs::remove_file(&probe).unwrap();
+        let tls = TlsDir::shared_with_group(&dir, gid);
+        tls.ensure().unwrap();
+        let mode = |name: &str| fs::metadata(dir.join(name)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(""), 0o750);
+        assert_eq!(mode("client.key"), 0o640);
+        assert_eq!(mode("server.key"), 0o600);
+        // The reading side accepts it.
+        assert!(TlsDir::new(&dir).client_config().is_ok());
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o770)).unwrap();
+        assert!(matches!(TlsDir::new(&dir).client_config(), Err(TlsError::Permissions(_))));
         fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -1,6 +1,6 @@
 //go:build tools
 
-// Package testenv pins the Kubernetes control-plane binaries Tripod's tests
+// Package testenv pins the Kubernetes binaries (control plane and kubelet) Tripod's tests
 // and `tripod dev` run. build.sh compiles them into ~/.cache/tripod/testenv.
 package testenv
 
@@ -10,4 +10,5 @@ import (
 	_ "k8s.io/kubernetes/cmd/kube-controller-manager"
 	_ "k8s.io/kubernetes/cmd/kube-scheduler"
 	_ "k8s.io/kubernetes/cmd/kubectl"
+	_ "k8s.io/kubernetes/cmd/kubelet"
 )

@@ -28,13 +28,13 @@ struct Fixture {
 static FIXTURE: OnceLock<Fixture> = OnceLock::new();
 
 fn start_registry(dir: &Path, name: &str, htpasswd: Option<&Path>) -> (String, Child) {
-    let r = tripod::testenv::start_registry(dir, name, 0, htpasswd).expect("start docker-registry");
+    let r = tripod_harness::start_registry(dir, name, 0, htpasswd).expect("start docker-registry");
     (r.address, r.child)
 }
 
 /// A plain HTTP request to a registry: (status, headers, body).
 fn http(addr: &str, method: &str, path: &str, accept: &str) -> (u16, String, Vec<u8>) {
-    tripod::testenv::http_request(addr, method, path, accept).expect("registry request")
+    tripod_harness::http_request(addr, method, path, accept).expect("registry request")
 }
 
 const MANIFEST_TYPES: &str = "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json";
@@ -91,7 +91,7 @@ fn fixture() -> &'static Fixture {
         let (auth_registry, r2) = start_registry(&dir, "auth-registry", Some(&htpasswd));
 
         let tls_dir = dir.join("tls");
-        let mut cmd = tripod::testenv::supervised_command(env!("CARGO_BIN_EXE_tripod"));
+        let mut cmd = tripod_harness::supervised_command(env!("CARGO_BIN_EXE_tripod"));
         cmd.args(["buildd", "--listen", "127.0.0.1:0", "--tls-dir"])
             .arg(&tls_dir)
             .arg("--storage-root")
@@ -104,7 +104,7 @@ fn fixture() -> &'static Fixture {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(dir.join("buildd.log")).expect("log"));
-        let mut child = tripod::testenv::spawn_supervised(cmd).expect("start buildd");
+        let mut child = tripod_harness::spawn_supervised(cmd).expect("start buildd");
         let stdout = child.stdout.take().expect("stdout");
         let mut lines = BufReader::new(stdout).lines();
         let buildd = loop {

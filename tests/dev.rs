@@ -67,6 +67,19 @@ fn dev_up_writes_a_usable_env_and_down_stops_everything() {
     ] {
         assert!(out.contains(&format!("node/{node}")), "{out}");
     }
+    // `up` showed the example's build Pod on the real node, and its log.
+    assert!(
+        up_out
+            .lines()
+            .any(|l| l.starts_with("hello-") && l.contains("tripod-linux-amd64")),
+        "{up_out}"
+    );
+    assert!(up_out.contains("COPY hello.txt"), "{up_out}");
+    // kubectl logs and exec reach the kubelet of the real node.
+    let (ok, out) = sh(&format!(
+        ". {dir_s}/env && kubectl get nodes tripod-linux-amd64 -o jsonpath='{{.status.nodeInfo.containerRuntimeVersion}}'"
+    ));
+    assert!(ok && out.starts_with("containerd://"), "{out}");
     // `up` built the example: its digest is what the registry answers.
     let digest = up_out
         .lines()
@@ -108,10 +121,14 @@ fn dev_up_writes_a_usable_env_and_down_stops_everything() {
             stat.contains(") Z ")
         }
     );
-    // Nothing of this environment is left running.
+    // Nothing of this environment is left running, mounted or routed.
     let (_, ps) = sh(&format!(
-        "ps -eo args | grep -F '{dir_s}' | grep -v grep || true"
+        "ps -eo args | grep -F -e '{dir_s}' -e /run/tripod-node | grep -v grep || true"
     ));
     assert!(ps.trim().is_empty(), "left running:\n{ps}");
+    let (_, mounts) = sh(&format!("grep -F -e '{dir_s}' -e /run/tripod-node /proc/self/mountinfo || true"));
+    assert!(mounts.trim().is_empty(), "left mounted:\n{mounts}");
+    let (_, net) = sh("ip link show tripod0 2>/dev/null; ip route | grep blackhole; iptables-save | grep -e tripod -e KUBE- -e CNI- || true");
+    assert!(net.trim().is_empty(), "left in the network:\n{net}");
     assert!(!dir.exists());
 }

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use tripod::testenv::{self, ControlPlane, Options};
+use tripod_harness::{self as testenv, ControlPlane, Options};
 
 const NS: &str = "tripod-system";
 const CONTROLLER_SA: &str = "system:serviceaccount:tripod-system:tripod";

@@ -135,7 +135,7 @@ fn built() -> &'static Built {
             .and_then(|n| n.to_str())
             .expect("registry dir name")
             .to_string();
-        let registry = tripod::testenv::start_registry(&cache, &name, 0, None)
+        let registry = tripod_harness::start_registry(&cache, &name, 0, None)
             .expect("start docker-registry");
 
         let tmp = std::env::temp_dir().join(format!("tripod-image-{}", std::process::id()));
@@ -195,7 +195,7 @@ fn assert_registry_has(registry: &str, repo: &str, digest: &str) {
     let path = format!("/v2/{repo}/manifests/{digest}");
     let accept = "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json";
     let (code, head, _) =
-        tripod::testenv::http_request(registry, "HEAD", &path, accept).expect("registry request");
+        tripod_harness::http_request(registry, "HEAD", &path, accept).expect("registry request");
     assert_eq!(code, 200, "{registry}{path}: {head}");
 }
 

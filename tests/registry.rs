@@ -37,7 +37,7 @@ fn free_port() -> u16 {
 }
 
 fn start_registry(dir: &Path, name: &str, htpasswd: Option<&Path>) -> (String, Child) {
-    let r = tripod::testenv::start_registry(dir, name, 0, htpasswd).expect("start docker-registry");
+    let r = tripod_harness::start_registry(dir, name, 0, htpasswd).expect("start docker-registry");
     (r.address, r.child)
 }
 

@@ -109,7 +109,7 @@ impl Fixture {
             .expect("git --exec-path");
         let daemon = std::path::Path::new(String::from_utf8_lossy(&exec_path.stdout).trim())
             .join("git-daemon");
-        let child = tripod::testenv::supervised_command(&daemon)
+        let child = tripod_harness::supervised_command(&daemon)
             .args([
                 "--reuseaddr",
                 &format!("--base-path={base}"),

@@ -18,6 +18,14 @@ use crate::proto::executor::v1 as pb;
 use crate::source::{self, GitCredentials, Source};
 use crate::tls::TlsDir;
 
+/// `tripod agent`.
+#[derive(clap::Args, Debug)]
+pub struct AgentArgs {
+    /// Run one build (the build Pod form) and exit with its result.
+    #[arg(long)]
+    pub once: bool,
+}
+
 /// Errors of the agent. Each ends the process with a non-zero code.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -377,9 +385,9 @@ async fn build(
                     })),
                 });
             }
-            Some(bpb::build_event::Event::Log(l)) => {
-                tracing::debug!(line = %l.line, "build output")
-            }
+            // buildah's output, as it comes: the Pod log (`kubectl logs`)
+            // is where a user reads why a build failed.
+            Some(bpb::build_event::Event::Log(l)) => println!("{}", l.line),
             Some(bpb::build_event::Event::Result(r)) => {
                 return Ok(pb::Pushed {
                     digest: r.digest,

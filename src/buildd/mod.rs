@@ -10,6 +10,8 @@ pub mod spawn;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use clap::{Args, ValueEnum};
+
 use crate::platform::Platform;
 
 /// One build, as buildd understands it.
@@ -143,6 +145,55 @@ mod tests {
     }
 }
 
+/// `tripod buildd`.
+#[derive(Args, Debug)]
+pub struct BuilddArgs {
+    /// Address to listen on (loopback; port 0 picks a free one).
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    pub listen: std::net::SocketAddr,
+    /// TLS directory (mode 0700): CA, server and client certificates, created
+    /// when empty. Default: `$TRIPOD_WORKSPACE/.buildd-tls`.
+    #[arg(long, env = "TRIPOD_BUILDD_TLS_DIR")]
+    pub tls_dir: Option<PathBuf>,
+    /// The build backend.
+    #[arg(long, value_enum, default_value_t = BackendKind::Buildah)]
+    pub backend: BackendKind,
+    /// The buildah program.
+    #[arg(long, default_value = "buildah")]
+    pub buildah: PathBuf,
+    /// Image storage root.
+    #[arg(
+        long,
+        env = "TRIPOD_BUILDAH_ROOT",
+        default_value = "/var/lib/containers/storage"
+    )]
+    pub storage_root: PathBuf,
+    /// Runtime state root.
+    #[arg(
+        long,
+        env = "TRIPOD_BUILDAH_RUNROOT",
+        default_value = "/run/containers/storage"
+    )]
+    pub runroot: PathBuf,
+    /// Storage driver: vfs or overlay.
+    #[arg(long, default_value = "vfs")]
+    pub storage_driver: String,
+    /// Scratch directory for per-build files. Default: a directory under the TLS directory's parent.
+    #[arg(long)]
+    pub work_dir: Option<PathBuf>,
+    /// Share the TLS directory with this group (read-only): the agent's
+    /// group when buildd runs as another user (root in a build Pod).
+    #[arg(long, value_name = "GID")]
+    pub tls_group: Option<u32>,
+}
+
+/// Build backends.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendKind {
+    /// buildah (Linux).
+    Buildah,
+}
+
 /// Errors of `tripod buildd`.
 #[derive(Debug, thiserror::Error)]
 pub enum BuilddError {
@@ -155,7 +206,7 @@ pub enum BuilddError {
 }
 
 /// Runs `tripod buildd`.
-pub async fn run(args: crate::cli::BuilddArgs) -> Result<(), BuilddError> {
+pub async fn run(args: BuilddArgs) -> Result<(), BuilddError> {
     let tls_dir = match args.tls_dir {
         Some(d) => d,
         None => std::env::var_os("TRIPOD_WORKSPACE")
@@ -169,7 +220,7 @@ pub async fn run(args: crate::cli::BuilddArgs) -> Result<(), BuilddError> {
             .unwrap_or_else(|| PathBuf::from("/tmp/tripod-buildd-work"))
     });
     let backend = match args.backend {
-        crate::cli::BackendKind::Buildah => buildah::Buildah {
+        BackendKind::Buildah => buildah::Buildah {
             program: args.buildah,
             root: args.storage_root,
             runroot: args.runroot,
@@ -179,7 +230,10 @@ pub async fn run(args: crate::cli::BuilddArgs) -> Result<(), BuilddError> {
     };
     server::serve(
         args.listen,
-        crate::tls::TlsDir::new(tls_dir),
+        match args.tls_group {
+            Some(gid) => crate::tls::TlsDir::shared_with_group(tls_dir, gid),
+            None => crate::tls::TlsDir::new(tls_dir),
+        },
         server::BuilderService::new(backend),
     )
     .await?;

@@ -18,7 +18,7 @@ use futures::StreamExt;
 use std::collections::BTreeMap;
 
 use k8s_openapi::ByteString;
-use k8s_openapi::api::core::v1::{Pod, Secret, SecurityContext};
+use k8s_openapi::api::core::v1::{Pod, SeccompProfile, Secret, SecurityContext};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -156,6 +156,20 @@ pub struct ControllerConfig {
     /// runtime with user-namespace support.
     #[arg(long)]
     pub build_pod_user_namespace: bool,
+    /// The seccomp profile of the buildd container of Linux build Pods:
+    /// `RuntimeDefault`, `Unconfined`, or the path of a Localhost profile
+    /// under the kubelet's seccomp directory. The default,
+    /// `tripod/buildd.json`, is the runtime's default profile plus the
+    /// system calls buildah needs for a user namespace of its own (the chart
+    /// installs it on every node; docs/security.md). Ignored when
+    /// `--buildd-security-context` sets a seccompProfile.
+    #[arg(
+        long,
+        default_value = crate::controller::pod::DEFAULT_BUILDD_SECCOMP_PROFILE,
+        env = "TRIPOD_BUILDD_SECCOMP_PROFILE",
+        value_parser = crate::controller::pod::parse_seccomp_profile,
+    )]
+    pub buildd_seccomp_profile: SeccompProfile,
     /// Least milliseconds between two writes of a platform's current step.
     #[arg(long, default_value_t = 2000)]
     pub step_interval_ms: u64,
@@ -209,6 +223,7 @@ impl ControllerConfig {
             service_account: self.build_service_account.clone(),
             buildd_security_context: self.buildd_security_context.clone(),
             user_namespace: self.build_pod_user_namespace,
+            buildd_seccomp_profile: self.buildd_seccomp_profile.clone(),
         }
     }
 }

@@ -867,6 +867,10 @@ mod tests {
             service_account: None,
             buildd_security_context: None,
             user_namespace: false,
+            buildd_seccomp_profile: crate::controller::pod::parse_seccomp_profile(
+                crate::controller::pod::DEFAULT_BUILDD_SECCOMP_PROFILE,
+            )
+            .expect("default profile"),
         }
     }
 

@@ -22,6 +22,35 @@ pub const WINDOWS_BUILD_LABEL: &str = "node.kubernetes.io/windows-build";
 pub const ANNOTATION_PLATFORM: &str = "build.tripod.dev/platform";
 /// Where the agent container finds its token Secret (`token`, `ca.crt`).
 pub const TOKEN_DIR: &str = "/var/run/tripod/executor";
+/// The agent container's user and group; buildd shares its TLS directory
+/// with this group.
+pub const AGENT_ID: i64 = 65532;
+/// The default seccomp profile of buildd containers: a Localhost profile the
+/// chart installs on every node (`charts/tripod/files/buildd-seccomp.json`).
+pub const DEFAULT_BUILDD_SECCOMP_PROFILE: &str = "tripod/buildd.json";
+
+/// Parses `--buildd-seccomp-profile`: `RuntimeDefault`, `Unconfined`, or a
+/// relative Localhost profile path.
+pub fn parse_seccomp_profile(text: &str) -> Result<SeccompProfile, String> {
+    match text {
+        "RuntimeDefault" | "Unconfined" => Ok(SeccompProfile {
+            type_: text.into(),
+            ..Default::default()
+        }),
+        path if !path.is_empty()
+            && !path.starts_with('/')
+            && !path.split('/').any(|c| c == ".." || c.is_empty()) =>
+        {
+            Ok(SeccompProfile {
+                type_: "Localhost".into(),
+                localhost_profile: Some(path.into()),
+            })
+        }
+        _ => Err(format!(
+            "{text:?}: expected RuntimeDefault, Unconfined, or a relative path of a Localhost profile under the kubelet's seccomp directory"
+        )),
+    }
+}
 
 /// Controller-wide settings for build Pods.
 #[derive(Debug, Clone, PartialEq)]
@@ -42,6 +71,9 @@ pub struct PodSettings {
     pub buildd_security_context: Option<SecurityContext>,
     /// Run Linux build Pods in a user namespace (`hostUsers: false`).
     pub user_namespace: bool,
+    /// Seccomp profile of the Linux buildd container (unless
+    /// `buildd_security_context` sets one).
+    pub buildd_seccomp_profile: SeccompProfile,
 }
 
 /// Identity of one build Pod.
@@ -198,6 +230,8 @@ pub fn build_pod(ib: &ImageBuild, name: &str, key: &PodKey<'_>, settings: &PodSe
                 "127.0.0.1:0".into(),
                 "--tls-dir".into(),
                 "/workspace/.buildd-tls".into(),
+                "--tls-group".into(),
+                AGENT_ID.to_string(),
                 "--work-dir".into(),
                 "/workspace/.buildd-work".into(),
                 "--storage-root".into(),
@@ -275,11 +309,9 @@ pub fn build_pod(ib: &ImageBuild, name: &str, key: &PodKey<'_>, settings: &PodSe
         restart_policy: Some("Always".into()),
         resources: executor.resources.clone(),
         volume_mounts: Some(buildd_mounts),
-        security_context: (!windows).then(|| {
-            settings
-                .buildd_security_context
-                .clone()
-                .unwrap_or_else(buildd_security_context)
+        security_context: (!windows).then(|| match &settings.buildd_security_context {
+            Some(custom) => custom.clone(),
+            None => buildd_security_context(&settings.buildd_seccomp_profile),
         }),
         termination_message_policy: Some("FallbackToLogsOnError".into()),
         ..Default::default()
@@ -364,7 +396,8 @@ fn env(name: &str, value: &str) -> EnvVar {
 fn agent_security_context() -> SecurityContext {
     SecurityContext {
         run_as_non_root: Some(true),
-        run_as_user: Some(65532),
+        run_as_user: Some(AGENT_ID),
+        run_as_group: Some(AGENT_ID),
         allow_privilege_escalation: Some(false),
         read_only_root_filesystem: Some(true),
         capabilities: Some(Capabilities {
@@ -376,12 +409,14 @@ fn agent_security_context() -> SecurityContext {
 }
 
 /// buildah with chroot isolation runs as root with the runtime's default
-/// capabilities; it needs neither `privileged` nor CAP_SYS_ADMIN.
-fn buildd_security_context() -> SecurityContext {
+/// capabilities; it needs neither `privileged` nor CAP_SYS_ADMIN, but a
+/// seccomp profile that lets it create a user namespace (RUN steps).
+fn buildd_security_context(seccomp: &SeccompProfile) -> SecurityContext {
     SecurityContext {
         privileged: Some(false),
         run_as_user: Some(0),
         allow_privilege_escalation: Some(false),
+        seccomp_profile: Some(seccomp.clone()),
         ..Default::default()
     }
 }
@@ -429,6 +464,7 @@ mod tests {
             service_account: Some("tripod-build".into()),
             buildd_security_context: None,
             user_namespace: false,
+            buildd_seccomp_profile: parse_seccomp_profile(DEFAULT_BUILDD_SECCOMP_PROFILE).unwrap(),
         }
     }
 
@@ -523,7 +559,19 @@ mod tests {
         let default = build_pod(&ib("app"), "n", &key, &settings()).spec.unwrap();
         assert_eq!(default.host_users, None);
         let buildd = &default.init_containers.unwrap()[0];
-        assert_eq!(buildd.security_context, Some(buildd_security_context()));
+        let sc = buildd.security_context.clone().unwrap();
+        assert_eq!(sc.run_as_user, Some(0));
+        assert_eq!(sc.privileged, Some(false));
+        assert_eq!(sc.capabilities, None, "the runtime's default capabilities");
+        let seccomp = sc.seccomp_profile.unwrap();
+        assert_eq!(seccomp.type_, "Localhost");
+        assert_eq!(seccomp.localhost_profile.as_deref(), Some("tripod/buildd.json"));
+        // buildd shares its TLS directory with the agent's group.
+        let cmd = buildd.command.clone().unwrap();
+        let i = cmd.iter().position(|a| a == "--tls-group").unwrap();
+        assert_eq!(cmd[i + 1], "65532");
+        let agent = default.containers[0].security_context.clone().unwrap();
+        assert_eq!((agent.run_as_user, agent.run_as_group), (Some(65532), Some(65532)));
 
         let custom = SecurityContext {
             run_as_user: Some(0),
@@ -556,6 +604,17 @@ mod tests {
         let spec = build_pod(&ib("app"), "n", &wkey, &s).spec.unwrap();
         assert_eq!(spec.host_users, None);
         assert_eq!(spec.init_containers.unwrap()[0].security_context, None);
+    }
+
+    #[test]
+    fn seccomp_profiles_are_parsed_and_bad_paths_refused() {
+        assert_eq!(parse_seccomp_profile("RuntimeDefault").unwrap().type_, "RuntimeDefault");
+        assert_eq!(parse_seccomp_profile("Unconfined").unwrap().type_, "Unconfined");
+        let p = parse_seccomp_profile("profiles/b.json").unwrap();
+        assert_eq!(p.localhost_profile.as_deref(), Some("profiles/b.json"));
+        for bad in ["", "/abs.json", "../up.json", "a//b.json", "runtimedefault/../x"] {
+            assert!(parse_seccomp_profile(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -123,6 +123,7 @@ async fn failing_run_fails_the_platform_naming_the_step() {
 
 /// Opens a session as an agent would, with a given token and claim.
 async fn hello(
+    host: &str,
     port: u16,
     ca: Vec<u8>,
     hello: pb::Hello,
@@ -133,11 +134,11 @@ async fn hello(
     ),
     tonic::Status,
 > {
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{port}"))
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("https://{host}:{port}"))
         .expect("endpoint")
         .tls_config(
             tonic::transport::ClientTlsConfig::new()
-                .domain_name("127.0.0.1")
+                .domain_name(host)
                 .ca_certificate(tonic::transport::Certificate::from_pem(ca)),
         )
         .expect("tls");
@@ -214,7 +215,9 @@ async fn tokens_speak_only_for_their_build_and_unconfirmed_digests_are_refused()
         .cloned()
         .unwrap_or_default();
     assert_eq!(Some(&two_id), s_two.build_id.as_ref());
+    let node_ip = env.shared.info.node_ip.clone();
     let err = hello(
+        &node_ip,
         executor_port,
         ca.clone(),
         claim("two", &two_id, 1, &token_one),
@@ -225,6 +228,7 @@ async fn tokens_speak_only_for_their_build_and_unconfirmed_digests_are_refused()
     // One's token for an attempt that is not current: refused.
     let one_id = s_one.build_id.clone().unwrap_or_default();
     let err = hello(
+        &node_ip,
         executor_port,
         ca.clone(),
         claim("one", &one_id, 2, &token_one),
@@ -239,7 +243,7 @@ async fn tokens_speak_only_for_their_build_and_unconfirmed_digests_are_refused()
         "{err:?}"
     );
     // The right claim is served; a digest the registry does not have is refused.
-    let (tx, mut inbound) = hello(executor_port, ca, claim("one", &one_id, 1, &token_one))
+    let (tx, mut inbound) = hello(&node_ip, executor_port, ca, claim("one", &one_id, 1, &token_one))
         .await
         .expect("own token accepted");
     tx.send(pb::AgentMessage {
@@ -324,25 +328,26 @@ async fn git_build_uses_revision_and_context_dir() {
         .expect("git --exec-path");
     let daemon_bin =
         std::path::Path::new(String::from_utf8_lossy(&exec_path.stdout).trim()).join("git-daemon");
-    let mut cmd = tripod::testenv::supervised_command(&daemon_bin);
+    let mut cmd = tripod_harness::supervised_command(&daemon_bin);
     cmd.args([
         "--reuseaddr",
         "--export-all",
-        "--listen=127.0.0.1",
+        &format!("--listen={}", env.shared.info.node_ip),
         &format!("--port={port}"),
         &format!("--base-path={}", root.display()),
     ])
     .arg(&root)
     .stdout(std::process::Stdio::null())
     .stderr(std::process::Stdio::null());
-    let mut daemon = tripod::testenv::spawn_supervised(cmd).expect("git daemon");
+    let mut daemon = tripod_harness::spawn_supervised(cmd).expect("git daemon");
     eventually("git daemon listens", Duration::from_secs(20), || async {
-        std::net::TcpStream::connect(("127.0.0.1", port))
+        std::net::TcpStream::connect((env.shared.info.node_ip.as_str(), port))
             .ok()
             .map(|_| ())
     })
     .await;
     env.start_controller("c1");
+    let node_ip = env.shared.info.node_ip.clone();
     let manifest = format!(
         r#"apiVersion: build.tripod.dev/v1alpha1
 kind: ImageBuild
@@ -351,7 +356,7 @@ metadata:
 spec:
   source:
     git:
-      url: git://127.0.0.1:{port}/repo.git
+      url: git://{node_ip}:{port}/repo.git
       revision: v1
       contextDir: app
   platforms: [linux/amd64]
@@ -517,7 +522,7 @@ async fn controller_killed_mid_build_still_reports_exactly_once() {
 /// GET over plain HTTP: (status, body).
 fn http_get(addr: &str, path: &str, accept: &str) -> (u16, Vec<u8>) {
     let (code, _, body) =
-        tripod::testenv::http_request(addr, "GET", path, accept).expect("registry request");
+        tripod_harness::http_request(addr, "GET", path, accept).expect("registry request");
     (code, body)
 }
 
@@ -607,10 +612,11 @@ async fn cancel_stops_a_running_build() {
     env.cleanup().await;
 }
 
-/// Serves `content` on loopback, answering 500 to the first `failures` requests.
-fn flaky_server(failures: usize, content: &'static str) -> u16 {
+/// Serves `content` on `host` (where build Pods reach it), answering 500 to
+/// the first `failures` requests.
+fn flaky_server(host: &str, failures: usize, content: &'static str) -> u16 {
     use std::io::{Read, Write};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let listener = std::net::TcpListener::bind((host, 0)).expect("bind");
     let port = listener.local_addr().expect("addr").port();
     std::thread::spawn(move || {
         let mut served = 0usize;
@@ -638,8 +644,9 @@ async fn a_failed_attempt_is_retried_and_the_second_succeeds() {
     let mut env = TestEnv::with_builds("build-retry").await;
     let registry = env.shared.registry.clone().expect("registry");
     env.start_controller("c1");
-    let port = flaky_server(1, "fetched\n");
-    let dockerfile = format!("FROM scratch\nADD http://127.0.0.1:{port}/file /file\n");
+    let node_ip = env.shared.info.node_ip.clone();
+    let port = flaky_server(&node_ip, 1, "fetched\n");
+    let dockerfile = format!("FROM scratch\nADD http://{node_ip}:{port}/file /file\n");
     env.apply(&inline("flaky", &registry, &dockerfile, "  retries: 2\n"));
     let (ok, out) = env.wait_for("condition=Ready", "ib/flaky", "240s");
     let s = status(&env, "flaky").await.expect("status");

@@ -12,192 +12,119 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tripod::api::{ImageBuild, LABEL_NAME};
-use tripod::testenv;
+use tripod_harness::env::EnvInfo;
 
-/// The control plane shared by every test of this binary.
+/// The environment shared by every test of this binary: what
+/// `tripod-dev serve` runs (control plane, a real node with kubelet,
+/// containerd and runc, kwok's simulated nodes, a registry with the buildd
+/// image), plus a registry that requires a password.
 pub struct Shared {
     pub kubeconfig: PathBuf,
     pub kubectl: PathBuf,
     pub dir: PathBuf,
-    /// With the node runner on tripod-linux-amd64: a registry on loopback.
+    /// Everything the environment offers (registry, images, node address).
+    pub info: EnvInfo,
+    /// The registry build Pods push to, on the node address.
     pub registry: Option<String>,
-    /// And one that requires `builder` / `s3cret` (htpasswd).
+    /// One that requires `builder` / `s3cret` (htpasswd), also on the node address.
     pub auth_registry: Option<String>,
 }
 
 static SHARED: OnceLock<Result<Shared, String>> = OnceLock::new();
-static BUILD_SHARED: OnceLock<Result<Shared, String>> = OnceLock::new();
 static COUNTER: AtomicU32 = AtomicU32::new(0);
+/// `tripod-dev serve`'s standard input: it tears the environment down (and
+/// puts the host back) when this closes, which happens when this process
+/// ends however it ends.
+static GUARD: OnceLock<std::sync::Mutex<Option<std::process::ChildStdin>>> = OnceLock::new();
 
-fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+/// `tripod-dev`, built beside `tripod` by `cargo build --workspace`
+/// (scripts/test.sh does that first).
+pub fn tripod_dev() -> PathBuf {
+    let tripod = PathBuf::from(env!("CARGO_BIN_EXE_tripod"));
+    let dev = tripod.with_file_name("tripod-dev");
+    assert!(
+        dev.exists(),
+        "{} is missing: run `cargo build --workspace --bins` first (scripts/test.sh does)",
+        dev.display()
+    );
+    dev
 }
 
-/// Starts the control plane once, on a thread of its own that lives as long
-/// as the test process (its children die with the process).
 fn shared() -> &'static Shared {
-    started(&SHARED, false)
-}
-
-/// A second control plane whose tripod-linux-amd64 node runs its Pods (the
-/// node runner), with a registry: where builds really happen.
-fn build_shared() -> &'static Shared {
-    started(&BUILD_SHARED, true)
-}
-
-fn started(cell: &'static OnceLock<Result<Shared, String>>, builds: bool) -> &'static Shared {
-    let res = cell.get_or_init(|| {
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::Builder::new()
-            .name("control-plane".into())
-            .spawn(move || {
-                let rt = match tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(2)
-                    .enable_all()
-                    .build()
-                {
-                    Ok(rt) => rt,
-                    Err(e) => {
-                        let _ = tx.send(Err(e.to_string()));
-                        return;
-                    }
-                };
-                rt.block_on(async move {
-                    match start(builds).await {
-                        Ok((cp, shared)) => {
-                            let _ = tx.send(Ok(shared));
-                            // Keep the control plane (and the node keeper) alive.
-                            let _keep = cp;
-                            std::future::pending::<()>().await;
-                        }
-                        Err(e) => {
-                            let _ = tx.send(Err(e));
-                        }
-                    }
-                });
-            })
-            .map_err(|e| e.to_string())
-            .and_then(|_| rx.recv().map_err(|e| e.to_string())?)
-    });
+    let res = SHARED.get_or_init(start);
     match res {
         Ok(s) => s,
-        Err(e) => panic!("control plane failed to start: {e}"),
+        Err(e) => panic!("the test environment failed to start: {e}"),
     }
 }
 
-async fn start(builds: bool) -> Result<(testenv::ControlPlane, Shared), String> {
-    let bin_dir = testenv::ensure_binaries(&repo_root()).map_err(|e| e.to_string())?;
-    let dir = std::env::temp_dir().join(format!(
-        "tripod-e2e{}-{}",
-        if builds { "-builds" } else { "" },
-        std::process::id()
-    ));
+fn start() -> Result<Shared, String> {
+    let dir = std::env::temp_dir().join(format!("tripod-e2e-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let started = Instant::now();
-    let cp = testenv::ControlPlane::start(testenv::Options {
-        dir: dir.clone(),
-        bin_dir,
-    })
-    .await
-    .map_err(|e| e.to_string())?;
-    let client = cp.client().await.map_err(|e| e.to_string())?;
-    tripod::dev::install_crds(&client)
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut nodes = testenv::create_nodes(&client)
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut registry = None;
-    let mut auth_registry = None;
-    if builds {
-        nodes.retain(|n| n != testenv::LINUX_AMD64);
-        let _runner = tripod::noderunner::spawn(
-            client.clone(),
-            tripod::noderunner::NodeRunnerConfig {
-                node_name: testenv::LINUX_AMD64.to_string(),
-                root: dir.join("node"),
-                tripod_binary: PathBuf::from(env!("CARGO_BIN_EXE_tripod")),
-                max_grace: Duration::from_secs(10),
-            },
-        );
-        let reg = start_registry(&dir, "registry", None)?;
-        push_base_image(&dir, &reg)?;
-        registry = Some(reg);
-        let out = Command::new("htpasswd")
-            .args(["-Bbn", "builder", "s3cret"])
-            .output()
-            .map_err(|e| format!("htpasswd (apache2-utils): {e}"))?;
-        let htpasswd = dir.join("htpasswd");
-        std::fs::write(&htpasswd, &out.stdout).map_err(|e| e.to_string())?;
-        auth_registry = Some(start_registry(&dir, "auth-registry", Some(&htpasswd))?);
+    let log = dir.join("serve.log");
+    let out = std::fs::File::create(&log).map_err(|e| e.to_string())?;
+    let err = out.try_clone().map_err(|e| e.to_string())?;
+    let mut child = Command::new(tripod_dev())
+        .arg("serve")
+        .arg("--dir")
+        .arg(&dir)
+        .arg("--tripod")
+        .arg(env!("CARGO_BIN_EXE_tripod"))
+        .arg("--stdin-guard")
+        .stdin(Stdio::piped())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .map_err(|e| format!("start tripod-dev serve: {e}"))?;
+    let _ = GUARD.set(std::sync::Mutex::new(child.stdin.take()));
+    // Building the images can take minutes the first time.
+    while !dir.join("ready").exists() {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!(
+                "tripod-dev serve exited ({status}):\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            ));
+        }
+        if started.elapsed() > Duration::from_secs(1800) {
+            return Err(format!("not ready after 30 minutes; see {}", log.display()));
+        }
+        std::thread::sleep(Duration::from_millis(200));
     }
-    let _keeper = testenv::spawn_node_keeper(client, nodes);
-    eprintln!(
-        "control plane ready in {:.1}s ({})",
-        started.elapsed().as_secs_f64(),
-        dir.display()
-    );
-    let shared = Shared {
-        kubeconfig: cp.kubeconfig().to_path_buf(),
-        kubectl: cp.kubectl(),
-        dir,
-        registry,
-        auth_registry,
-    };
-    Ok((cp, shared))
-}
-
-/// Pushes `REGISTRY/base/busybox:1`, a base image with a shell (Debian's
-/// busybox-static), so Dockerfiles with RUN steps build offline.
-fn push_base_image(dir: &Path, registry: &str) -> Result<(), String> {
-    let ctx = dir.join("base-ctx");
-    std::fs::create_dir_all(ctx.join("rootfs/bin")).map_err(|e| e.to_string())?;
-    std::fs::copy("/bin/busybox", ctx.join("rootfs/bin/busybox"))
-        .map_err(|e| format!("/bin/busybox (busybox-static): {e}"))?;
-    for applet in ["sh", "echo", "cat", "false", "true", "sleep", "ls"] {
-        std::os::unix::fs::symlink("busybox", ctx.join("rootfs/bin").join(applet))
-            .map_err(|e| e.to_string())?;
-    }
-    std::fs::write(
-        ctx.join("Dockerfile"),
-        "FROM scratch\nCOPY rootfs/ /\nENV PATH=/bin\n",
+    std::mem::forget(child);
+    let info = EnvInfo::read(&dir).map_err(|e| e.to_string())?;
+    let out = Command::new("htpasswd")
+        .args(["-Bbn", "builder", "s3cret"])
+        .output()
+        .map_err(|e| format!("htpasswd (apache2-utils): {e}"))?;
+    let htpasswd = dir.join("htpasswd");
+    std::fs::write(&htpasswd, &out.stdout).map_err(|e| e.to_string())?;
+    let auth = tripod_harness::registry::start_registry_on(
+        &info.node_ip,
+        &dir,
+        "auth-registry",
+        0,
+        Some(&htpasswd),
     )
     .map_err(|e| e.to_string())?;
-    let tag = format!("{registry}/base/busybox:1");
-    let storage = |cmd: &mut Command| {
-        cmd.arg("--root")
-            .arg(dir.join("base-storage"))
-            .arg("--runroot")
-            .arg(dir.join("base-run"))
-            .args(["--storage-driver", "vfs"]);
-    };
-    let mut bud = Command::new("buildah");
-    storage(&mut bud);
-    bud.args(["bud", "--isolation", "chroot", "-t", &tag])
-        .arg(&ctx);
-    let mut push = Command::new("buildah");
-    storage(&mut push);
-    push.args([
-        "push",
-        "--tls-verify=false",
-        &tag,
-        &format!("docker://{tag}"),
-    ]);
-    for mut cmd in [bud, push] {
-        let out = cmd.output().map_err(|e| format!("buildah: {e}"))?;
-        if !out.status.success() {
-            return Err(format!("buildah: {}", String::from_utf8_lossy(&out.stderr)));
-        }
-    }
-    Ok(())
-}
-
-/// Debian's docker-registry on a free loopback port; returns host:port.
-fn start_registry(dir: &Path, name: &str, htpasswd: Option<&Path>) -> Result<String, String> {
-    let r = testenv::start_registry(dir, name, 0, htpasswd).map_err(|e| e.to_string())?;
     // Supervised: it lives as long as the test process.
-    std::mem::forget(r.child);
-    Ok(r.address)
+    let auth_address = auth.address.clone();
+    std::mem::forget(auth.child);
+    eprintln!(
+        "test environment ready in {:.1}s ({}; real node Ready after {:.1}s)",
+        started.elapsed().as_secs_f64(),
+        dir.display(),
+        info.node_ready_seconds
+    );
+    Ok(Shared {
+        kubeconfig: info.kubeconfig.clone(),
+        kubectl: info.kubectl.clone(),
+        dir,
+        registry: Some(info.registry.clone()),
+        auth_registry: Some(auth_address),
+        info,
+    })
 }
 
 /// One test's view: a client and a namespace of its own.
@@ -238,12 +165,9 @@ impl TestEnv {
         Self::in_env(shared, test).await
     }
 
-    /// A fresh namespace in the control plane whose amd64 node runs Pods.
+    /// The same: builds run on the real node of the one environment.
     pub async fn with_builds(test: &str) -> TestEnv {
-        let shared = tokio::task::spawn_blocking(build_shared)
-            .await
-            .expect("join");
-        Self::in_env(shared, test).await
+        Self::new(test).await
     }
 
     async fn in_env(shared: &'static Shared, test: &str) -> TestEnv {
@@ -302,7 +226,7 @@ impl TestEnv {
         let log = self.shared.dir.join(format!("{}-{identity}.log", self.ns));
         let out = std::fs::File::create(&log).expect("log file");
         let err = out.try_clone().expect("log file");
-        let mut cmd = testenv::supervised_command(env!("CARGO_BIN_EXE_tripod"));
+        let mut cmd = tripod_harness::supervised_command(env!("CARGO_BIN_EXE_tripod"));
         cmd.args([
             "controller",
             "--namespace",
@@ -317,18 +241,17 @@ impl TestEnv {
             "4",
             "--lease-renew-seconds",
             "1",
-            "--executor-address",
-            &format!("127.0.0.1:{executor_port}"),
-            "--executor-listen",
-            &format!("127.0.0.1:{executor_port}"),
         ])
+        // Build Pods on the real node: the buildd image, its seccomp
+        // profile, the executor service on the node address.
+        .args(self.shared.info.controller_args(executor_port))
         .args(extra)
         .env("KUBECONFIG", &self.shared.kubeconfig)
         .env("RUST_LOG", "info,tripod=debug")
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err);
-        let child = testenv::spawn_supervised(cmd).expect("spawn controller");
+        let child = tripod_harness::spawn_supervised(cmd).expect("spawn controller");
         self.controllers.push(ControllerProc {
             child,
             metrics_port: port,

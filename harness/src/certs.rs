@@ -11,7 +11,8 @@ use rcgen::{
     KeyUsagePurpose, SanType,
 };
 
-use super::Error;
+use crate::Error;
+use crate::node::{NODE_IP, NODE_NAME};
 
 /// Common name of the admin client certificate.
 pub const ADMIN_USER: &str = "tripod-admin";
@@ -34,6 +35,21 @@ pub struct Pki {
     pub admin_cert: PathBuf,
     /// Admin client key (PKCS#8 PEM).
     pub admin_key: PathBuf,
+    /// The API server's client certificate for kubelets (`kubectl logs`,
+    /// `exec`): `CN=kube-apiserver-kubelet-client, O=system:masters`.
+    pub kubelet_client_cert: PathBuf,
+    /// Its key.
+    pub kubelet_client_key: PathBuf,
+    /// The real node's client certificate, `CN=system:node:<name>,
+    /// O=system:nodes`: what the Node authorizer expects of a kubelet.
+    pub node_cert: PathBuf,
+    /// Its key.
+    pub node_key: PathBuf,
+    /// The kubelet's serving certificate (SAN: the node IP), checked by the
+    /// API server against the CA.
+    pub kubelet_serving_cert: PathBuf,
+    /// Its key.
+    pub kubelet_serving_key: PathBuf,
     /// Service-account token signing key, ECDSA P-256 (PKCS#8 PEM).
     pub sa_key: PathBuf,
     /// Service-account token verification key (SPKI `PUBLIC KEY` PEM).
@@ -52,6 +68,12 @@ pub fn generate(dir: &Path) -> Result<Pki, Error> {
         apiserver_key: dir.join("apiserver.key"),
         admin_cert: dir.join("admin.crt"),
         admin_key: dir.join("admin.key"),
+        kubelet_client_cert: dir.join("apiserver-kubelet-client.crt"),
+        kubelet_client_key: dir.join("apiserver-kubelet-client.key"),
+        node_cert: dir.join("node.crt"),
+        node_key: dir.join("node.key"),
+        kubelet_serving_cert: dir.join("kubelet.crt"),
+        kubelet_serving_key: dir.join("kubelet.key"),
         sa_key: dir.join("sa.key"),
         sa_pub: dir.join("sa.pub"),
     };
@@ -99,21 +121,50 @@ pub fn generate(dir: &Path) -> Result<Pki, Error> {
     write_file(&pki.apiserver_cert, cert.pem().as_bytes(), false)?;
     write_file(&pki.apiserver_key, key.serialize_pem().as_bytes(), true)?;
 
-    // Admin client certificate.
-    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    // Client certificates: the admin, the API server towards kubelets, the
+    // real node's kubelet.
+    for (cn, org, cert, key) in [
+        (ADMIN_USER.to_string(), ADMIN_GROUP, &pki.admin_cert, &pki.admin_key),
+        (
+            "kube-apiserver-kubelet-client".to_string(),
+            ADMIN_GROUP,
+            &pki.kubelet_client_cert,
+            &pki.kubelet_client_key,
+        ),
+        (
+            format!("system:node:{NODE_NAME}"),
+            "system:nodes",
+            &pki.node_cert,
+            &pki.node_key,
+        ),
+    ] {
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.distinguished_name.push(DnType::CommonName, cn);
+        params.distinguished_name.push(DnType::OrganizationName, org);
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.use_authority_key_identifier_extension = true;
+        let k = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let c = params.signed_by(&k, &issuer)?;
+        write_file(cert, c.pem().as_bytes(), false)?;
+        write_file(key, k.serialize_pem().as_bytes(), true)?;
+    }
+
+    // The kubelet's serving certificate: the API server dials the node IP.
+    let mut params = CertificateParams::new(vec![NODE_NAME.to_string()])?;
+    params
+        .subject_alt_names
+        .push(SanType::IpAddress(IpAddr::V4(NODE_IP)));
     params
         .distinguished_name
-        .push(DnType::CommonName, ADMIN_USER);
-    params
-        .distinguished_name
-        .push(DnType::OrganizationName, ADMIN_GROUP);
+        .push(DnType::CommonName, format!("system:node:{NODE_NAME}"));
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     params.use_authority_key_identifier_extension = true;
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
     let cert = params.signed_by(&key, &issuer)?;
-    write_file(&pki.admin_cert, cert.pem().as_bytes(), false)?;
-    write_file(&pki.admin_key, key.serialize_pem().as_bytes(), true)?;
+    write_file(&pki.kubelet_serving_cert, cert.pem().as_bytes(), false)?;
+    write_file(&pki.kubelet_serving_key, key.serialize_pem().as_bytes(), true)?;
 
     // Service-account token signing key pair.
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;

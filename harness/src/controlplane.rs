@@ -22,17 +22,13 @@
 //!   filters and scores (node selectors, affinity, taints and tolerations,
 //!   resources).
 //!
-//! What is replaced: there are no kubelets and no container runtime.
-//! [`create_nodes`] registers three fake Nodes (`linux/amd64`,
-//! `linux/arm64`, and `windows/amd64` tainted `os=windows:NoSchedule`)
-//! whose status reports `Ready` and plenty of capacity, and
-//! [`spawn_node_keeper`] stands in for their kubelets: it renews the
-//! `Ready` heartbeat and finishes the deletion of Pods bound to those nodes
-//! (a kubelet deletes a terminating Pod with grace period 0 once its
-//! containers stopped). **Containers never run**: a Pod scheduled to a fake
-//! node is bound (`spec.nodeName` is set, condition `PodScheduled=True`)
-//! but stays in phase `Pending` forever, with no container statuses. A real
-//! node runner will replace the keeper later.
+//! The API server authorizes with `Node,RBAC` and admits with
+//! `NodeRestriction`, so a kubelet ([`crate::node`]) gets exactly a node's
+//! rights from its `system:node:<name>` certificate; it reaches kubelets at
+//! their `InternalIP` with a client certificate of its own and checks their
+//! serving certificates against the cluster CA. Nodes come from
+//! [`crate::node`] (a real kubelet, containerd and runc) and
+//! [`crate::kwok`] (simulated nodes).
 //!
 //! Everything lives under [`Options::dir`]: `pki/` (certificates and
 //! keys), `etcd/` (data), `logs/<binary>.log` (each child's stdout and
@@ -41,31 +37,26 @@
 //! so they are killed when the test process dies, even without
 //! [`ControlPlane::stop`].
 
-mod certs;
-mod nodes;
-mod process;
-mod registry;
-
 use std::fs;
 use std::io;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ExitStatus, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-pub use certs::{ADMIN_GROUP, ADMIN_USER, Pki};
-pub use nodes::{
-    LINUX_AMD64, LINUX_ARM64, WINDOWS_AMD64, WINDOWS_BUILD, create_nodes, spawn_node_keeper,
-};
-pub use process::{spawn_supervised, supervised_command};
-pub use registry::{Registry, http_request, start_registry};
+use crate::certs::{self, ADMIN_USER, Pki};
+use crate::process::{spawn_supervised, supervised_command};
 
-/// Kubernetes version of the binaries `testenv/build.sh` builds; reported by
-/// the fake nodes as their kubelet version.
+/// Kubernetes version of the binaries `testenv/build.sh` builds (the
+/// control plane and the kubelet).
 pub const KUBERNETES_VERSION: &str = "v1.37.2";
+
+/// The Service range (nothing serves it: no kube-proxy runs). Blackholed
+/// on the host while a node runs, see [`crate::node`].
+pub const SERVICE_CIDR: &str = "10.0.0.0/24";
 
 /// How long kube-apiserver may take to report `/readyz` OK.
 const APISERVER_TIMEOUT: Duration = Duration::from_secs(90);
@@ -77,95 +68,7 @@ const STOP_GRACE: Duration = Duration::from_secs(10);
 /// Lines of a component's log quoted in errors.
 const LOG_TAIL_LINES: usize = 20;
 
-/// Errors of the test environment.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// A file system or process operation failed.
-    #[error("{context}: {source}")]
-    Io {
-        /// What was being done.
-        context: String,
-        /// The underlying error.
-        #[source]
-        source: io::Error,
-    },
-    /// `testenv/build.sh` exited unsuccessfully or printed no directory.
-    #[error("{script} failed ({status}); its output is above")]
-    Build {
-        /// The script that was run.
-        script: PathBuf,
-        /// Its exit status.
-        status: ExitStatus,
-    },
-    /// Generating the certificates or keys failed.
-    #[error("generating testenv certificates: {0}")]
-    Certs(#[from] rcgen::Error),
-    /// A control-plane binary could not be started.
-    #[error("starting {name} ({}): {source}", .binary.display())]
-    Spawn {
-        /// Component name, e.g. `kube-apiserver`.
-        name: &'static str,
-        /// The binary that was run.
-        binary: PathBuf,
-        /// The underlying error.
-        #[source]
-        source: io::Error,
-    },
-    /// A component exited while the control plane was starting.
-    #[error(
-        "{name} exited ({status}) before it became ready\n--- last lines of {} ---\n{log_tail}",
-        .log.display()
-    )]
-    Exited {
-        /// Component name.
-        name: &'static str,
-        /// Its exit status.
-        status: ExitStatus,
-        /// Its log file.
-        log: PathBuf,
-        /// The last lines of its log file.
-        log_tail: String,
-    },
-    /// A component did not become ready in time.
-    #[error(
-        "{name} did not become ready within {}s (last probe: {last_probe})\n--- last lines of {} ---\n{log_tail}",
-        .waited.as_secs(),
-        .log.display()
-    )]
-    NotReady {
-        /// Component name.
-        name: &'static str,
-        /// How long it was given.
-        waited: Duration,
-        /// The last readiness probe's error.
-        last_probe: String,
-        /// Its log file.
-        log: PathBuf,
-        /// The last lines of its log file.
-        log_tail: String,
-    },
-    /// The kubeconfig could not be read or turned into a client config.
-    #[error("kubeconfig {}: {source}", .path.display())]
-    Kubeconfig {
-        /// The kubeconfig file.
-        path: PathBuf,
-        /// The underlying error.
-        #[source]
-        source: kube::config::KubeconfigError,
-    },
-    /// A Kubernetes API call (or building a client) failed.
-    #[error("kubernetes API: {0}")]
-    Kube(#[from] kube::Error),
-}
-
-impl Error {
-    fn io(context: impl Into<String>, source: io::Error) -> Self {
-        Error::Io {
-            context: context.into(),
-            source,
-        }
-    }
-}
+use crate::Error;
 
 /// Where the control plane keeps its state and finds its binaries.
 #[derive(Debug, Clone)]
@@ -234,6 +137,7 @@ pub struct ControlPlane {
     bin_dir: PathBuf,
     kubeconfig: PathBuf,
     api_port: u16,
+    pki: Pki,
     /// In start order.
     components: Vec<Component>,
 }
@@ -285,6 +189,7 @@ impl ControlPlane {
             bin_dir,
             kubeconfig,
             api_port: ports.apiserver,
+            pki: pki.clone(),
             components: Vec::new(),
         };
         // From here on an early return drops `cp`, which kills the children.
@@ -329,8 +234,16 @@ impl ControlPlane {
                 format!("--tls-cert-file={}", p(&pki.apiserver_cert)),
                 format!("--tls-private-key-file={}", p(&pki.apiserver_key)),
                 format!("--client-ca-file={}", p(&pki.ca_cert)),
-                "--authorization-mode=RBAC".into(),
-                "--service-cluster-ip-range=10.0.0.0/24".into(),
+                "--authorization-mode=Node,RBAC".into(),
+                "--enable-admission-plugins=NodeRestriction".into(),
+                // kubectl logs/exec: dial kubelets at their node IP (no
+                // /etc/hosts entry), as a client the kubelet authenticates,
+                // and check their serving certificates.
+                "--kubelet-preferred-address-types=InternalIP".into(),
+                format!("--kubelet-client-certificate={}", p(&pki.kubelet_client_cert)),
+                format!("--kubelet-client-key={}", p(&pki.kubelet_client_key)),
+                format!("--kubelet-certificate-authority={}", p(&pki.ca_cert)),
+                format!("--service-cluster-ip-range={SERVICE_CIDR}"),
                 "--allow-privileged=true".into(),
                 "--disable-admission-plugins=ServiceAccount,TaintNodesByCondition".into(),
                 format!("--service-account-issuer={api_url}"),
@@ -397,6 +310,11 @@ impl ControlPlane {
     /// `--kubeconfig` [`ControlPlane::kubeconfig`].
     pub fn kubectl(&self) -> PathBuf {
         self.bin_dir.join("kubectl")
+    }
+
+    /// The certificates and keys (the CA signs the node's certificates).
+    pub fn pki(&self) -> &Pki {
+        &self.pki
     }
 
     /// The directory holding the control-plane binaries.

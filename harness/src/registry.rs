@@ -4,8 +4,8 @@ use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use super::Error;
-use super::process::{spawn_supervised, supervised_command};
+use crate::Error;
+use crate::process::{spawn_supervised, supervised_command};
 
 /// A running registry.
 #[derive(Debug)]
@@ -16,17 +16,37 @@ pub struct Registry {
     pub child: Child,
 }
 
-/// Starts `docker-registry serve` with its data and config under `dir`
-/// (`dir/<name>/`, `dir/<name>.yml`, `dir/<name>.log`), on `port` (0: a free
-/// one), requiring the users of `htpasswd` (bcrypt) when given. Data stays
-/// across restarts. Returns once the port accepts connections.
+/// Starts `docker-registry serve` on loopback; see [`start_registry_on`].
 pub fn start_registry(
     dir: &Path,
     name: &str,
     port: u16,
     htpasswd: Option<&Path>,
 ) -> Result<Registry, Error> {
-    let port = if port == 0 { super::free_port()? } else { port };
+    start_registry_on("127.0.0.1", dir, name, port, htpasswd)
+}
+
+/// Starts `docker-registry serve` with its data and config under `dir`
+/// (`dir/<name>/`, `dir/<name>.yml`, `dir/<name>.log`), on `host:port`
+/// (port 0: a free one), requiring the users of `htpasswd` (bcrypt) when
+/// given. Data stays across restarts. Returns once the port accepts
+/// connections. Build Pods reach a registry on the node's address
+/// ([`crate::node::NODE_IP`]), not on loopback.
+pub fn start_registry_on(
+    host: &str,
+    dir: &Path,
+    name: &str,
+    port: u16,
+    htpasswd: Option<&Path>,
+) -> Result<Registry, Error> {
+    let port = if port == 0 {
+        std::net::TcpListener::bind((host, 0))
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .map_err(|e| Error::io(format!("bind a free port on {host}"), e))?
+    } else {
+        port
+    };
     let data = dir.join(name);
     std::fs::create_dir_all(&data)
         .map_err(|e| Error::io(format!("create {}", data.display()), e))?;
@@ -40,7 +60,7 @@ pub fn start_registry(
         .unwrap_or_default();
     let cfg = dir.join(format!("{name}.yml"));
     let config = format!(
-        "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n{auth}",
+        "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {host}:{port}\n{auth}",
         data.display()
     );
     std::fs::write(&cfg, config).map_err(|e| Error::io(format!("write {}", cfg.display()), e))?;
@@ -58,7 +78,7 @@ pub fn start_registry(
         .stderr(log2);
     let mut child = spawn_supervised(cmd)
         .map_err(|e| Error::io("start docker-registry (Debian package docker-registry)", e))?;
-    let address = format!("127.0.0.1:{port}");
+    let address = format!("{host}:{port}");
     let started = Instant::now();
     while std::net::TcpStream::connect(&address).is_err() {
         if let Ok(Some(status)) = child.try_wait() {

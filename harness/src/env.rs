@@ -1,0 +1,376 @@
+//! The whole local environment: control plane, registry, the images build
+//! Pods run, a real Linux node, kwok's simulated nodes and (for `tripod dev`)
+//! a controller. `tripod-dev serve` runs one; `tripod dev up` and the tests
+//! talk to it through the files it writes ([`EnvInfo`] in `DIR/env.json`,
+//! a shell `DIR/env`).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+use serde::{Deserialize, Serialize};
+
+use crate::Error;
+use crate::controlplane::{ControlPlane, Options, ensure_binaries};
+use crate::kwok::{Kwok, SimNode};
+use crate::node::{BUILDD_SECCOMP_PROFILE, Host, NODE_IP, NODE_NAME, NodeOptions, RealNode};
+use crate::process::{spawn_supervised, supervised_command};
+use crate::registry::{Registry, start_registry_on};
+
+/// Namespace the local controller runs in.
+pub const SYSTEM_NAMESPACE: &str = "tripod-system";
+/// The chart's seccomp profile for buildd containers, relative to the source tree.
+pub const SECCOMP_PROFILE_FILE: &str = "charts/tripod/files/buildd-seccomp.json";
+
+/// What [`Env::start`] needs.
+#[derive(Debug, Clone)]
+pub struct EnvOptions {
+    /// State directory: `cluster/`, `node/`, `registry/`, `logs/`.
+    pub dir: PathBuf,
+    /// The Tripod source tree (`testenv/` scripts, the chart's seccomp profile).
+    pub source_dir: PathBuf,
+    /// The `tripod` binary (`tripod crds`, `tripod controller`).
+    pub tripod: PathBuf,
+    /// Start a `tripod controller` for all namespaces (`tripod dev`); the
+    /// tests start their own.
+    pub controller: bool,
+    /// The registry's port on the node address (0: a free one).
+    pub registry_port: u16,
+}
+
+/// What a running environment offers, as written to `DIR/env.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EnvInfo {
+    /// Admin kubeconfig.
+    pub kubeconfig: PathBuf,
+    /// The kubectl matching the control plane.
+    pub kubectl: PathBuf,
+    /// The API server's URL.
+    pub api_url: String,
+    /// The registry, `NODE_IP:port` (plain HTTP), reachable from Pods.
+    pub registry: String,
+    /// The node address: servers Pods must reach listen there.
+    pub node_ip: String,
+    /// The real node's name.
+    pub node_name: String,
+    /// The buildd image (the Dockerfile's `buildd` target) in the registry.
+    pub buildd_image: String,
+    /// A busybox base image in the registry (`base/busybox:1`).
+    pub busybox_image: String,
+    /// The kubelet's root directory.
+    pub kubelet_root: PathBuf,
+    /// Where the node's seccomp profile for buildd is, relative to the
+    /// kubelet's seccomp directory (`--buildd-seccomp-profile`).
+    pub buildd_seccomp_profile: String,
+    /// Logs of every component.
+    pub logs: PathBuf,
+    /// Seconds from starting containerd to the node being Ready.
+    pub node_ready_seconds: f64,
+    /// The controller's metrics address (`tripod dev` only).
+    pub metrics: Option<String>,
+}
+
+impl EnvInfo {
+    /// Reads `DIR/env.json`.
+    pub fn read(dir: &Path) -> Result<EnvInfo, Error> {
+        let path = dir.join("env.json");
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| Error::io(format!("read {}", path.display()), e))?;
+        serde_json::from_str(&text).map_err(|e| Error::Script(format!("{}: {e}", path.display())))
+    }
+
+    /// The arguments a `tripod controller` needs to run build Pods on this
+    /// environment's node: images, the seccomp profile, and the executor
+    /// service on the node address (port `executor_port`).
+    pub fn controller_args(&self, executor_port: u16) -> Vec<String> {
+        vec![
+            format!("--buildd-image={}", self.buildd_image),
+            format!("--agent-image={}", self.buildd_image),
+            format!("--buildd-seccomp-profile={}", self.buildd_seccomp_profile),
+            format!("--executor-address={}:{executor_port}", self.node_ip),
+            format!("--executor-listen={}:{executor_port}", self.node_ip),
+            format!("--executor-tls-san={}", self.node_ip),
+        ]
+    }
+}
+
+/// A running environment. Stop it with [`Env::stop`].
+#[derive(Debug)]
+pub struct Env {
+    cp: ControlPlane,
+    host: Host,
+    node: Option<RealNode>,
+    kwok: Option<Kwok>,
+    registry: Option<Registry>,
+    controller: Option<Child>,
+    /// What it offers.
+    pub info: EnvInfo,
+}
+
+/// Runs `bash <source>/testenv/<script> args…`, its stderr passed through
+/// (build progress), and returns its stdout.
+pub fn script(source_dir: &Path, name: &str, args: &[&str]) -> Result<String, Error> {
+    let path = source_dir.join("testenv").join(name);
+    let out = Command::new("bash")
+        .arg(&path)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| Error::io(format!("run bash {}", path.display()), e))?;
+    if !out.status.success() {
+        return Err(Error::Script(format!(
+            "{} {} failed ({}); its output is above",
+            path.display(),
+            args.join(" "),
+            out.status
+        )));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Builds (once, then cached under `~/.cache/tripod`) everything an
+/// environment runs: the Kubernetes binaries, containerd, runc and kwok,
+/// and the images. Returns (Kubernetes bin dir, node bin dir).
+pub fn build_all(source_dir: &Path) -> Result<(PathBuf, PathBuf), Error> {
+    let k8s = ensure_binaries(source_dir)?;
+    let node = PathBuf::from(script(source_dir, "node.sh", &[])?.trim());
+    script(source_dir, "images.sh", &["build"])?;
+    Ok((k8s, node))
+}
+
+fn step(started: Instant, what: &str) {
+    tracing::info!("{what} (+{:.1}s)", started.elapsed().as_secs_f64());
+}
+
+impl Env {
+    /// Starts everything, in order: control plane, host network, registry,
+    /// images, real node, simulated nodes, CRDs, controller.
+    pub async fn start(opts: &EnvOptions) -> Result<Env, Error> {
+        let started = Instant::now();
+        let dir = std::path::absolute(&opts.dir)
+            .map_err(|e| Error::io(format!("resolve {}", opts.dir.display()), e))?;
+        let logs = dir.join("logs");
+        std::fs::create_dir_all(&logs).map_err(|e| Error::io(format!("create {}", logs.display()), e))?;
+        let (k8s_bin, node_bin) = build_all(&opts.source_dir)?;
+        step(started, "binaries and images ready");
+
+        let host = Host::prepare(&dir.join("node"))?;
+        step(started, "host network ready");
+        let mut cp = ControlPlane::start(Options {
+            dir: dir.join("cluster"),
+            bin_dir: k8s_bin.clone(),
+        })
+        .await?;
+        step(started, "control plane ready");
+        let client = cp.client().await?;
+        let registry = start_registry_on(
+            &NODE_IP.to_string(),
+            &dir,
+            "registry",
+            opts.registry_port,
+            None,
+        )?;
+        let pushed = script(&opts.source_dir, "images.sh", &["push", &registry.address])?;
+        let image = |name: &str| {
+            pushed
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("{name}=")))
+                .map(str::to_string)
+                .ok_or_else(|| Error::Script(format!("images.sh push printed no {name}=")))
+        };
+        let (buildd_image, pause_image, busybox_image) =
+            (image("buildd")?, image("pause")?, image("busybox")?);
+        step(started, "images pushed");
+
+        let seccomp_path = opts.source_dir.join(SECCOMP_PROFILE_FILE);
+        let seccomp = std::fs::read_to_string(&seccomp_path)
+            .map_err(|e| Error::io(format!("read {}", seccomp_path.display()), e))?;
+        let node_opts = NodeOptions {
+            dir: dir.join("node"),
+            kubelet_bin_dir: k8s_bin.clone(),
+            node_bin_dir: node_bin.clone(),
+            pki: cp.pki().clone(),
+            api_url: cp.api_url(),
+            insecure_registries: vec![registry.address.clone()],
+            pause_image,
+            seccomp_profiles: vec![(BUILDD_SECCOMP_PROFILE.to_string(), seccomp)],
+        };
+        let node = match RealNode::start(&node_opts, &host, &client).await {
+            Ok(n) => n,
+            Err(e) => {
+                cp.stop().await;
+                return Err(e);
+            }
+        };
+        step(started, "real node Ready");
+        let kwok = Kwok::start(&node_bin, cp.kubeconfig(), &logs, &client, &SimNode::defaults()).await?;
+        step(started, "simulated nodes Ready");
+        install_crds(&client, &opts.tripod).await?;
+        ensure_namespace(&client, SYSTEM_NAMESPACE).await?;
+
+        let mut info = EnvInfo {
+            kubeconfig: cp.kubeconfig().to_path_buf(),
+            kubectl: cp.kubectl(),
+            api_url: cp.api_url(),
+            registry: registry.address.clone(),
+            node_ip: NODE_IP.to_string(),
+            node_name: NODE_NAME.to_string(),
+            buildd_image,
+            busybox_image,
+            kubelet_root: node.kubelet_root.clone(),
+            buildd_seccomp_profile: BUILDD_SECCOMP_PROFILE.to_string(),
+            logs: logs.clone(),
+            node_ready_seconds: node.ready_after.as_secs_f64(),
+            metrics: None,
+        };
+        let mut env = Env {
+            cp,
+            host,
+            node: Some(node),
+            kwok: Some(kwok),
+            registry: Some(registry),
+            controller: None,
+            info: info.clone(),
+        };
+        if opts.controller {
+            let metrics_port = crate::free_port()?;
+            let executor_port = crate::free_port()?;
+            let log = logs.join("controller.log");
+            let out = std::fs::File::create(&log)
+                .map_err(|e| Error::io(format!("create {}", log.display()), e))?;
+            let err = out.try_clone().map_err(|e| Error::io("dup log", e))?;
+            let mut cmd = supervised_command(&opts.tripod);
+            cmd.args(["controller", "--lease-namespace", SYSTEM_NAMESPACE])
+                .arg(format!("--metrics-address=127.0.0.1:{metrics_port}"))
+                .args(info.controller_args(executor_port))
+                .env("KUBECONFIG", &info.kubeconfig)
+                .stdin(Stdio::null())
+                .stdout(out)
+                .stderr(err);
+            env.controller =
+                Some(spawn_supervised(cmd).map_err(|e| Error::io("start tripod controller", e))?);
+            info.metrics = Some(format!("http://127.0.0.1:{metrics_port}/metrics"));
+            env.info = info;
+        }
+        step(started, "environment ready");
+        Ok(env)
+    }
+
+    /// Writes `DIR/env.json` and the shell `DIR/env` (KUBECONFIG, PATH with
+    /// kubectl, TRIPOD_REGISTRY).
+    pub fn write_files(&self, dir: &Path) -> Result<(), Error> {
+        let json = serde_json::to_string_pretty(&self.info).map_err(|e| Error::Script(e.to_string()))?;
+        let w = |name: &str, text: String| {
+            let path = dir.join(name);
+            std::fs::write(&path, text).map_err(|e| Error::io(format!("write {}", path.display()), e))
+        };
+        w("env.json", json)?;
+        let bin = self.info.kubectl.parent().unwrap_or(Path::new("/"));
+        let mut env = format!(
+            "# Written by `tripod dev up`. Source it: . {}\nexport KUBECONFIG={}\nexport PATH={}:$PATH\nexport TRIPOD_REGISTRY={}\nexport TRIPOD_BUILDD_IMAGE={}\n",
+            dir.join("env").display(),
+            self.info.kubeconfig.display(),
+            bin.display(),
+            self.info.registry,
+            self.info.buildd_image,
+        );
+        if let Some(m) = &self.info.metrics {
+            env.push_str(&format!("export TRIPOD_METRICS={m}\n"));
+        }
+        w("env", env)
+    }
+
+    /// Stops everything in reverse order and leaves the host as found.
+    pub async fn stop(mut self) {
+        if let Some(mut c) = self.controller.take() {
+            let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
+            let until = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < until && matches!(c.try_wait(), Ok(None)) {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if let Ok(client) = self.cp.client().await
+            && let Some(node) = self.node.as_mut()
+        {
+            node.stop(&client).await;
+        }
+        self.node = None;
+        self.kwok = None;
+        if let Some(mut r) = self.registry.take() {
+            let _ = r.child.kill();
+            let _ = r.child.wait();
+        }
+        self.cp.stop().await;
+        self.host.teardown();
+    }
+}
+
+async fn ensure_namespace(client: &Client, name: &str) -> Result<(), Error> {
+    let api: Api<Namespace> = Api::all(client.clone());
+    let ns = Namespace {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    match api.create(&PostParams::default(), &ns).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Applies the CRDs `tripod crds` prints (server-side apply) and waits until
+/// they are established.
+pub async fn install_crds(client: &Client, tripod: &Path) -> Result<(), Error> {
+    let out = Command::new(tripod)
+        .arg("crds")
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| Error::io(format!("run {} crds", tripod.display()), e))?;
+    if !out.status.success() {
+        return Err(Error::Script(format!(
+            "{} crds: {}",
+            tripod.display(),
+            String::from_utf8_lossy(&out.stderr)
+        )));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut crds = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let crd = CustomResourceDefinition::deserialize(doc)
+            .map_err(|e| Error::Script(format!("tripod crds: {e}")))?;
+        crds.push(crd);
+    }
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let ssa = PatchParams::apply("tripod-dev").force();
+    for crd in &crds {
+        api.patch(&crd.name_any(), &ssa, &Patch::Apply(crd)).await?;
+    }
+    for crd in &crds {
+        let name = crd.name_any();
+        let until = Instant::now() + Duration::from_secs(60);
+        loop {
+            let established = api.get(&name).await?.status.and_then(|s| s.conditions).is_some_and(|cs| {
+                cs.iter().any(|c| c.type_ == "Established" && c.status == "True")
+            });
+            if established {
+                break;
+            }
+            if Instant::now() > until {
+                return Err(Error::Script(format!("CRD {name} was not established within 60s")));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    Ok(())
+}

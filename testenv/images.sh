@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# The images a Tripod node runs, made on this machine (no registry on the
+# internet is reachable from here):
+#
+#   images.sh build          builds, once per source change, into
+#                            ${TRIPOD_CACHE:-~/.cache/tripod}/images/build-storage:
+#                              localhost/tripod-buildd:src-<hash>  the Dockerfile's `buildd`
+#                                target (base images from testenv/base-images.sh)
+#                              localhost/tripod-pause:1            a static pause program
+#                              localhost/tripod-busybox:1          Debian's busybox-static
+#   images.sh push REGISTRY  pushes them (plain HTTP) as
+#                              REGISTRY/tripod/buildd:src-<hash>
+#                              REGISTRY/tripod/pause:1
+#                              REGISTRY/base/busybox:1
+#                            and prints one `name=reference` line each.
+#
+# Needs root, buildah, gcc, busybox-static, and what base-images.sh needs.
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+repo="$(cd "$here/.." && pwd)"
+cache="${TRIPOD_CACHE:-$HOME/.cache/tripod}/images"
+storage="$cache/build-storage"
+runroot="/run/tripod-images"
+b() { buildah --root "$storage" --runroot "$runroot" --storage-driver overlay "$@"; }
+
+src_hash() {
+  (cd "$repo" && find Dockerfile Cargo.toml Cargo.lock build.rs harness/Cargo.toml proto src -type f -print0 \
+     | sort -z | xargs -0 sha256sum) | sha256sum | cut -c1-16
+}
+buildd_tag="localhost/tripod-buildd:src-$(src_hash)"
+pause_tag="localhost/tripod-pause:$(sha256sum "$here/pause.c" | cut -c1-12)"
+busybox_tag="localhost/tripod-busybox:1"
+
+have() { b inspect --type image "$1" >/dev/null 2>&1; }
+
+build() {
+  mkdir -p "$storage"
+  if ! have "$pause_tag"; then
+    echo "images.sh: building the pause image" >&2
+    tmp="$(mktemp -d)"
+    gcc -static -Os -s -o "$tmp/pause" "$here/pause.c"
+    c="$(b from scratch)"
+    b copy "$c" "$tmp/pause" /pause >/dev/null
+    b config --entrypoint '["/pause"]' --user 65535:65535 --os linux --arch "$(dpkg --print-architecture)" "$c"
+    b commit -q "$c" "$pause_tag" >/dev/null
+    rm -rf "$tmp"
+  fi
+  if ! have "$busybox_tag"; then
+    echo "images.sh: building the busybox base image" >&2
+    tmp="$(mktemp -d)"
+    mkdir -p "$tmp/bin" "$tmp/etc" "$tmp/tmp"
+    chmod 1777 "$tmp/tmp"
+    cp /bin/busybox "$tmp/bin/busybox"
+    for applet in $(/bin/busybox --list); do
+      [ "$applet" = busybox ] || ln -s busybox "$tmp/bin/$applet"
+    done
+    printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\nnonroot:x:65532:65532:nonroot:/home/nonroot:/bin/sh\n' > "$tmp/etc/passwd"
+    printf 'root:x:0:\nnobody:x:65534:\nnonroot:x:65532:\n' > "$tmp/etc/group"
+    c="$(b from scratch)"
+    b copy "$c" "$tmp" / >/dev/null
+    b config --env PATH=/bin --cmd /bin/sh --os linux --arch "$(dpkg --print-architecture)" "$c"
+    b commit -q "$c" "$busybox_tag" >/dev/null
+    rm -rf "$tmp"
+  fi
+  if ! have "$buildd_tag"; then
+    start=$(date +%s)
+    echo "images.sh: building the Dockerfile's buildd target as $buildd_tag (compiles Tripod in release mode: minutes)" >&2
+    data="$(bash "$here/base-images.sh")"
+    port=""
+    for _ in $(seq 50); do
+      p=$((20000 + RANDOM % 40000))
+      if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then port=$p; break; fi
+    done
+    [ -n "$port" ] || { echo "images.sh: no free port" >&2; exit 1; }
+    tmp="$(mktemp -d)"
+    printf 'version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: %s\nhttp:\n  addr: 127.0.0.1:%s\n' \
+      "$data" "$port" > "$tmp/registry.yml"
+    docker-registry serve "$tmp/registry.yml" >"$tmp/registry.log" 2>&1 &
+    reg=$!
+    trap 'kill $reg 2>/dev/null || true; rm -rf "$tmp"' EXIT
+    for _ in $(seq 100); do
+      (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
+      sleep 0.1
+    done
+    printf 'unqualified-search-registries = []\n\n[[registry]]\nprefix = "docker.io"\nlocation = "docker.io"\n\n[[registry.mirror]]\nlocation = "127.0.0.1:%s"\ninsecure = true\n' \
+      "$port" > "$tmp/registries.conf"
+    b rm --all >/dev/null 2>&1 || true
+    CONTAINERS_REGISTRIES_CONF="$tmp/registries.conf" \
+      b bud --layers --isolation chroot --target buildd -t "$buildd_tag" -f "$repo/Dockerfile" "$repo" >&2
+    # Older source versions of the image: no longer wanted.
+    for old in $(b images --format '{{.Name}}:{{.Tag}}' | grep '^localhost/tripod-buildd:src-' | grep -vxF "$buildd_tag" || true); do
+      b rmi "$old" >/dev/null 2>&1 || true
+    done
+    echo "images.sh: built in $(( $(date +%s) - start ))s" >&2
+  fi
+}
+
+push() {
+  registry="$1"
+  build
+  for pair in "buildd=$buildd_tag=tripod/buildd:${buildd_tag##*:}" \
+              "pause=$pause_tag=tripod/pause:1" \
+              "busybox=$busybox_tag=base/busybox:1"; do
+    name="${pair%%=*}"; rest="${pair#*=}"; tag="${rest%%=*}"; dest="$registry/${rest#*=}"
+    b push -q --tls-verify=false "$tag" "docker://$dest" >&2
+    echo "$name=$dest"
+  done
+}
+
+case "${1:-}" in
+  build) build ;;
+  push) [ -n "${2:-}" ] || { echo "usage: images.sh push REGISTRY" >&2; exit 2; }; push "$2" ;;
+  *) echo "usage: images.sh build | push REGISTRY" >&2; exit 2 ;;
+esac
