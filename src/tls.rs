@@ -41,7 +41,9 @@ pub enum TlsError {
     #[error("generating certificates: {0}")]
     Rcgen(#[from] rcgen::Error),
     /// The directory is readable by others or writable by its group.
-    #[error("TLS directory {0} must not be accessible to others nor writable by its group (chmod 700 or 750)")]
+    #[error(
+        "TLS directory {0} must not be accessible to others nor writable by its group (chmod 700 or 750)"
+    )]
     Permissions(PathBuf),
 }
 
@@ -309,7 +311,10 @@ mod tests {
         // The reading side accepts it.
         assert!(TlsDir::new(&dir).client_config().is_ok());
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o770)).unwrap();
-        assert!(matches!(TlsDir::new(&dir).client_config(), Err(TlsError::Permissions(_))));
+        assert!(matches!(
+            TlsDir::new(&dir).client_config(),
+            Err(TlsError::Permissions(_))
+        ));
         fs::remove_dir_all(&dir).unwrap();
     }
 }

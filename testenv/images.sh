@@ -12,6 +12,8 @@
 #                              REGISTRY/tripod/buildd:src-<hash>
 #                              REGISTRY/tripod/pause:1
 #                              REGISTRY/base/busybox:1
+#                              REGISTRY/base/debian:bookworm (the debootstrap Debian of
+#                                base-images.sh, as the buildd build pulled it)
 #                            and prints one `name=reference` line each.
 #
 # Needs root, buildah, gcc, busybox-static, and what base-images.sh needs.
@@ -105,6 +107,11 @@ push() {
     b push -q --tls-verify=false "$tag" "docker://$dest" >&2
     echo "$name=$dest"
   done
+  debian="$(sed -n 's/^ARG BASE_IMAGE=//p' "$repo/Dockerfile" | head -1)"
+  if have "$debian"; then
+    b push -q --tls-verify=false "$debian" "docker://$registry/base/debian:bookworm" >&2
+    echo "debian=$registry/base/debian:bookworm"
+  fi
 }
 
 case "${1:-}" in

@@ -126,9 +126,13 @@ fn dev_up_writes_a_usable_env_and_down_stops_everything() {
         "ps -eo args | grep -F -e '{dir_s}' -e /run/tripod-node | grep -v grep || true"
     ));
     assert!(ps.trim().is_empty(), "left running:\n{ps}");
-    let (_, mounts) = sh(&format!("grep -F -e '{dir_s}' -e /run/tripod-node /proc/self/mountinfo || true"));
+    let (_, mounts) = sh(&format!(
+        "grep -F -e '{dir_s}' -e /run/tripod-node /proc/self/mountinfo || true"
+    ));
     assert!(mounts.trim().is_empty(), "left mounted:\n{mounts}");
-    let (_, net) = sh("ip link show tripod0 2>/dev/null; ip route | grep blackhole; iptables-save | grep -e tripod -e KUBE- -e CNI- || true");
+    let (_, net) = sh(
+        "ip link show tripod0 2>/dev/null; ip route | grep blackhole; iptables-save | grep -e tripod -e KUBE- -e CNI- || true",
+    );
     assert!(net.trim().is_empty(), "left in the network:\n{net}");
     assert!(!dir.exists());
 }

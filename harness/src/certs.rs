@@ -124,7 +124,12 @@ pub fn generate(dir: &Path) -> Result<Pki, Error> {
     // Client certificates: the admin, the API server towards kubelets, the
     // real node's kubelet.
     for (cn, org, cert, key) in [
-        (ADMIN_USER.to_string(), ADMIN_GROUP, &pki.admin_cert, &pki.admin_key),
+        (
+            ADMIN_USER.to_string(),
+            ADMIN_GROUP,
+            &pki.admin_cert,
+            &pki.admin_key,
+        ),
         (
             "kube-apiserver-kubelet-client".to_string(),
             ADMIN_GROUP,
@@ -140,7 +145,9 @@ pub fn generate(dir: &Path) -> Result<Pki, Error> {
     ] {
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         params.distinguished_name.push(DnType::CommonName, cn);
-        params.distinguished_name.push(DnType::OrganizationName, org);
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, org);
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         params.use_authority_key_identifier_extension = true;
@@ -164,7 +171,11 @@ pub fn generate(dir: &Path) -> Result<Pki, Error> {
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
     let cert = params.signed_by(&key, &issuer)?;
     write_file(&pki.kubelet_serving_cert, cert.pem().as_bytes(), false)?;
-    write_file(&pki.kubelet_serving_key, key.serialize_pem().as_bytes(), true)?;
+    write_file(
+        &pki.kubelet_serving_key,
+        key.serialize_pem().as_bytes(),
+        true,
+    )?;
 
     // Service-account token signing key pair.
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;

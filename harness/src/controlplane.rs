@@ -240,7 +240,10 @@ impl ControlPlane {
                 // /etc/hosts entry), as a client the kubelet authenticates,
                 // and check their serving certificates.
                 "--kubelet-preferred-address-types=InternalIP".into(),
-                format!("--kubelet-client-certificate={}", p(&pki.kubelet_client_cert)),
+                format!(
+                    "--kubelet-client-certificate={}",
+                    p(&pki.kubelet_client_cert)
+                ),
                 format!("--kubelet-client-key={}", p(&pki.kubelet_client_key)),
                 format!("--kubelet-certificate-authority={}", p(&pki.ca_cert)),
                 format!("--service-cluster-ip-range={SERVICE_CIDR}"),

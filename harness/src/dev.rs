@@ -72,6 +72,10 @@ pub enum DevCommand {
         /// Stop when standard input closes (the parent died or let go).
         #[arg(long)]
         stdin_guard: bool,
+        /// The tests' variant: a tainted real node and a simulated
+        /// linux/amd64 node beside it.
+        #[arg(long)]
+        for_tests: bool,
     },
 }
 
@@ -167,6 +171,7 @@ pub async fn run(cmd: DevCommand) -> Result<(), DevError> {
             controller,
             registry_port,
             stdin_guard,
+            for_tests,
         } => {
             let opts = EnvOptions {
                 dir: absolute(&dir)?,
@@ -174,6 +179,7 @@ pub async fn run(cmd: DevCommand) -> Result<(), DevError> {
                 tripod: absolute(&tripod)?,
                 controller,
                 registry_port,
+                for_tests,
             };
             serve(&opts, stdin_guard).await
         }
@@ -313,7 +319,9 @@ async fn up(dir: &Path, tripod: &Path) -> Result<(), DevError> {
     let _ = std::fs::remove_file(dir.join("ready"));
     ensure_packages()?;
     // The long builds in the foreground, so their progress shows.
-    println!("Building what the environment runs (cached in ~/.cache/tripod after the first time) …");
+    println!(
+        "Building what the environment runs (cached in ~/.cache/tripod after the first time) …"
+    );
     crate::env::build_all(&source_dir())?;
     let me = std::env::current_exe().map_err(io("locate tripod-dev"))?;
     let log_path = dir.join("logs/serve.log");
@@ -336,7 +344,9 @@ async fn up(dir: &Path, tripod: &Path) -> Result<(), DevError> {
     std::fs::write(dir.join("serve.pid"), format!("{pid}\n")).map_err(io("write serve.pid"))?;
     let started = Instant::now();
     // Show the environment's progress lines while it starts.
-    let mut reader = std::fs::File::open(&log_path).map(std::io::BufReader::new).ok();
+    let mut reader = std::fs::File::open(&log_path)
+        .map(std::io::BufReader::new)
+        .ok();
     let mut shown = 0u64;
     loop {
         if let Some(r) = reader.as_mut() {
@@ -414,7 +424,7 @@ async fn serve(opts: &EnvOptions, stdin_guard: bool) -> Result<(), DevError> {
     let dir = &opts.dir;
     std::fs::create_dir_all(dir).map_err(io(format!("create {}", dir.display())))?;
     let _ = std::fs::remove_file(dir.join("ready"));
-    let env = Env::start(opts).await?;
+    let mut env = Env::start(opts).await?;
     env.write_files(dir)?;
     std::fs::write(dir.join("ready"), "").map_err(io("write ready marker"))?;
     tracing::info!(api = %env.info.api_url, "Tripod dev environment ready");
@@ -432,11 +442,16 @@ async fn serve(opts: &EnvOptions, stdin_guard: bool) -> Result<(), DevError> {
         let mut buf = [0u8; 64];
         while stdin.read(&mut buf).await.is_ok_and(|n| n > 0) {}
     };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-        _ = hup.recv() => {}
-        _ = stdin_closed => {}
+    tokio::pin!(stdin_closed);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => break,
+            _ = &mut stdin_closed => break,
+            _ = tick.tick() => env.keep_alive(),
+        }
     }
     tracing::info!("stopping");
     let _ = std::fs::remove_file(dir.join("ready"));
@@ -512,10 +527,16 @@ async fn example(dir: &Path, path: &Path) -> Result<(), DevError> {
     let selector = format!("build.tripod.dev/name={name}");
     println!();
     println!("$ kubectl get pods -l {selector} -o wide");
-    print!("{}", kubectl(&["get", "pods", "-l", &selector, "-o", "wide"]));
+    print!(
+        "{}",
+        kubectl(&["get", "pods", "-l", &selector, "-o", "wide"])
+    );
     println!();
     println!("$ kubectl logs -l {selector} -c agent");
-    print!("{}", kubectl(&["logs", "-l", &selector, "-c", "agent", "--tail=-1"]));
+    print!(
+        "{}",
+        kubectl(&["logs", "-l", &selector, "-c", "agent", "--tail=-1"])
+    );
     let image = &status["image"];
     let (Some(reference), Some(digest), Some(pinned)) = (
         image["reference"].as_str(),
@@ -535,7 +556,10 @@ async fn example(dir: &Path, path: &Path) -> Result<(), DevError> {
                 )
             })
             .collect();
-        return Err(DevError::Example(format!("ended {last}: {}", why.join("; "))));
+        return Err(DevError::Example(format!(
+            "ended {last}: {}",
+            why.join("; ")
+        )));
     };
     println!();
     println!("status.image:");

@@ -40,6 +40,10 @@ pub struct EnvOptions {
     pub controller: bool,
     /// The registry's port on the node address (0: a free one).
     pub registry_port: u16,
+    /// The tests' variant: the real node is tainted
+    /// (`tripod.dev/real-node=true:NoSchedule`, only builds that tolerate it
+    /// run there) and a simulated linux/amd64 node takes the other Pods.
+    pub for_tests: bool,
 }
 
 /// What a running environment offers, as written to `DIR/env.json`.
@@ -61,6 +65,9 @@ pub struct EnvInfo {
     pub buildd_image: String,
     /// A busybox base image in the registry (`base/busybox:1`).
     pub busybox_image: String,
+    /// The Debian base made by debootstrap (`base/debian:bookworm`), when
+    /// the buildd image build left it in the image storage.
+    pub debian_image: Option<String>,
     /// The kubelet's root directory.
     pub kubelet_root: PathBuf,
     /// Where the node's seccomp profile for buildd is, relative to the
@@ -156,7 +163,8 @@ impl Env {
         let dir = std::path::absolute(&opts.dir)
             .map_err(|e| Error::io(format!("resolve {}", opts.dir.display()), e))?;
         let logs = dir.join("logs");
-        std::fs::create_dir_all(&logs).map_err(|e| Error::io(format!("create {}", logs.display()), e))?;
+        std::fs::create_dir_all(&logs)
+            .map_err(|e| Error::io(format!("create {}", logs.display()), e))?;
         let (k8s_bin, node_bin) = build_all(&opts.source_dir)?;
         step(started, "binaries and images ready");
 
@@ -200,6 +208,7 @@ impl Env {
             insecure_registries: vec![registry.address.clone()],
             pause_image,
             seccomp_profiles: vec![(BUILDD_SECCOMP_PROFILE.to_string(), seccomp)],
+            tainted: opts.for_tests,
         };
         let node = match RealNode::start(&node_opts, &host, &client).await {
             Ok(n) => n,
@@ -209,7 +218,14 @@ impl Env {
             }
         };
         step(started, "real node Ready");
-        let kwok = Kwok::start(&node_bin, cp.kubeconfig(), &logs, &client, &SimNode::defaults()).await?;
+        let kwok = Kwok::start(
+            &node_bin,
+            cp.kubeconfig(),
+            &logs,
+            &client,
+            &SimNode::defaults(opts.for_tests),
+        )
+        .await?;
         step(started, "simulated nodes Ready");
         install_crds(&client, &opts.tripod).await?;
         ensure_namespace(&client, SYSTEM_NAMESPACE).await?;
@@ -223,6 +239,7 @@ impl Env {
             node_name: NODE_NAME.to_string(),
             buildd_image,
             busybox_image,
+            debian_image: image("debian").ok(),
             kubelet_root: node.kubelet_root.clone(),
             buildd_seccomp_profile: BUILDD_SECCOMP_PROFILE.to_string(),
             logs: logs.clone(),
@@ -265,10 +282,12 @@ impl Env {
     /// Writes `DIR/env.json` and the shell `DIR/env` (KUBECONFIG, PATH with
     /// kubectl, TRIPOD_REGISTRY).
     pub fn write_files(&self, dir: &Path) -> Result<(), Error> {
-        let json = serde_json::to_string_pretty(&self.info).map_err(|e| Error::Script(e.to_string()))?;
+        let json =
+            serde_json::to_string_pretty(&self.info).map_err(|e| Error::Script(e.to_string()))?;
         let w = |name: &str, text: String| {
             let path = dir.join(name);
-            std::fs::write(&path, text).map_err(|e| Error::io(format!("write {}", path.display()), e))
+            std::fs::write(&path, text)
+                .map_err(|e| Error::io(format!("write {}", path.display()), e))
         };
         w("env.json", json)?;
         let bin = self.info.kubectl.parent().unwrap_or(Path::new("/"));
@@ -286,10 +305,20 @@ impl Env {
         w("env", env)
     }
 
+    /// Restarts the kubelet if it exited, as a node's service manager would.
+    /// Call it periodically.
+    pub fn keep_alive(&mut self) {
+        if let Some(node) = self.node.as_mut() {
+            node.restart_kubelet_if_exited();
+        }
+    }
+
     /// Stops everything in reverse order and leaves the host as found.
     pub async fn stop(mut self) {
         if let Some(mut c) = self.controller.take() {
-            let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
             let until = Instant::now() + Duration::from_secs(10);
             while Instant::now() < until && matches!(c.try_wait(), Ok(None)) {
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -360,14 +389,22 @@ pub async fn install_crds(client: &Client, tripod: &Path) -> Result<(), Error> {
         let name = crd.name_any();
         let until = Instant::now() + Duration::from_secs(60);
         loop {
-            let established = api.get(&name).await?.status.and_then(|s| s.conditions).is_some_and(|cs| {
-                cs.iter().any(|c| c.type_ == "Established" && c.status == "True")
-            });
+            let established = api
+                .get(&name)
+                .await?
+                .status
+                .and_then(|s| s.conditions)
+                .is_some_and(|cs| {
+                    cs.iter()
+                        .any(|c| c.type_ == "Established" && c.status == "True")
+                });
             if established {
                 break;
             }
             if Instant::now() > until {
-                return Err(Error::Script(format!("CRD {name} was not established within 60s")));
+                return Err(Error::Script(format!(
+                    "CRD {name} was not established within 60s"
+                )));
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }

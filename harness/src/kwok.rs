@@ -18,6 +18,9 @@ use serde_json::json;
 use crate::Error;
 use crate::process::{spawn_supervised, supervised_command};
 
+/// Simulated node `linux/amd64` (tests only: beside a tainted real node, so
+/// that Pods which must not run have an amd64 node to be bound to).
+pub const SIM_LINUX_AMD64: &str = "tripod-sim-linux-amd64";
 /// Simulated node `linux/arm64`.
 pub const LINUX_ARM64: &str = "tripod-linux-arm64";
 /// Simulated node `windows/amd64` (Windows Server 2022), tainted
@@ -42,9 +45,10 @@ pub struct SimNode {
 }
 
 impl SimNode {
-    /// The default simulated nodes: [`LINUX_ARM64`] and [`WINDOWS_AMD64`].
-    pub fn defaults() -> Vec<SimNode> {
-        vec![
+    /// The default simulated nodes: [`LINUX_ARM64`] and [`WINDOWS_AMD64`],
+    /// and [`SIM_LINUX_AMD64`] `for_tests`.
+    pub fn defaults(for_tests: bool) -> Vec<SimNode> {
+        let mut nodes = vec![
             SimNode {
                 name: LINUX_ARM64.into(),
                 os: "linux".into(),
@@ -55,7 +59,15 @@ impl SimNode {
                 os: "windows".into(),
                 arch: "amd64".into(),
             },
-        ]
+        ];
+        if for_tests {
+            nodes.push(SimNode {
+                name: SIM_LINUX_AMD64.into(),
+                os: "linux".into(),
+                arch: "amd64".into(),
+            });
+        }
+        nodes
     }
 }
 
@@ -83,8 +95,8 @@ impl Kwok {
             .map(|p| p.join("stages.yaml"))
             .unwrap_or_default();
         let log = log_dir.join("kwok.log");
-        let out =
-            std::fs::File::create(&log).map_err(|e| Error::io(format!("create {}", log.display()), e))?;
+        let out = std::fs::File::create(&log)
+            .map_err(|e| Error::io(format!("create {}", log.display()), e))?;
         let err = out.try_clone().map_err(|e| Error::io("dup log", e))?;
         let mut cmd = supervised_command(bin_dir.join("kwok"));
         cmd.arg(format!("--kubeconfig={}", kubeconfig.display()))
@@ -114,13 +126,18 @@ impl Kwok {
                         kwok.log.display()
                     )));
                 }
-                let ready = api.get_opt(&n.name).await.ok().flatten().is_some_and(|node| {
-                    node.status
-                        .and_then(|s| s.conditions)
-                        .unwrap_or_default()
-                        .iter()
-                        .any(|c| c.type_ == "Ready" && c.status == "True")
-                });
+                let ready = api
+                    .get_opt(&n.name)
+                    .await
+                    .ok()
+                    .flatten()
+                    .is_some_and(|node| {
+                        node.status
+                            .and_then(|s| s.conditions)
+                            .unwrap_or_default()
+                            .iter()
+                            .any(|c| c.type_ == "Ready" && c.status == "True")
+                    });
                 if ready {
                     break;
                 }

@@ -50,7 +50,11 @@ pub const POD_CIDR: &str = "10.88.0.0/24";
 pub const BRIDGE: &str = "tripod0";
 /// Ranges dropped on the host while the node runs: the Pod networks, the
 /// Service range, kwok's simulated Pod and node addresses.
-pub const BLACKHOLES: [&str; 3] = ["10.88.0.0/16", crate::controlplane::SERVICE_CIDR, "10.99.0.0/16"];
+pub const BLACKHOLES: [&str; 3] = [
+    "10.88.0.0/16",
+    crate::controlplane::SERVICE_CIDR,
+    "10.99.0.0/16",
+];
 /// Runtime state of the node: sockets, runc's state, shim sockets, network
 /// namespaces, the lock and the record of the host's state.
 pub const RUN_DIR: &str = "/run/tripod-node";
@@ -194,7 +198,11 @@ impl Host {
                 )));
             }
             if !told {
-                tracing::info!("waiting up to {}s for another Tripod node to stop ({})", LOCK_WAIT.as_secs(), owner.trim());
+                tracing::info!(
+                    "waiting up to {}s for another Tripod node to stop ({})",
+                    LOCK_WAIT.as_secs(),
+                    owner.trim()
+                );
                 told = true;
             }
             std::thread::sleep(Duration::from_millis(500));
@@ -227,10 +235,14 @@ impl Host {
             sysctls,
             outside_dirs,
         };
-        for (cmd, file) in [("iptables-save", "iptables"), ("ip6tables-save", "ip6tables")] {
+        for (cmd, file) in [
+            ("iptables-save", "iptables"),
+            ("ip6tables-save", "ip6tables"),
+        ] {
             if let Ok(out) = sh(cmd, &[]) {
                 let path = run_dir().join(file);
-                fs::write(&path, out).map_err(|e| Error::io(format!("write {}", path.display()), e))?;
+                fs::write(&path, out)
+                    .map_err(|e| Error::io(format!("write {}", path.display()), e))?;
             }
         }
         let json = serde_json::to_string_pretty(&record).map_err(|e| Error::Node(e.to_string()))?;
@@ -257,8 +269,19 @@ impl Host {
         sh(
             "iptables",
             &[
-                "-I", "FORWARD", "-s", "10.88.0.0/16", "!", "-d", "10.88.0.0/16", "-m", "comment",
-                "--comment", EGRESS_RULE_COMMENT, "-j", "DROP",
+                "-I",
+                "FORWARD",
+                "-s",
+                "10.88.0.0/16",
+                "!",
+                "-d",
+                "10.88.0.0/16",
+                "-m",
+                "comment",
+                "--comment",
+                EGRESS_RULE_COMMENT,
+                "-j",
+                "DROP",
             ],
         )?;
         Ok(host)
@@ -300,8 +323,8 @@ pub fn cleanup_stale() -> Result<bool, Error> {
     if lock.try_lock().is_err() {
         return Ok(false);
     }
-    let record: HostRecord =
-        serde_json::from_str(&text).map_err(|e| Error::Node(format!("{}: {e}", record_path().display())))?;
+    let record: HostRecord = serde_json::from_str(&text)
+        .map_err(|e| Error::Node(format!("{}: {e}", record_path().display())))?;
     teardown(&record);
     Ok(true)
 }
@@ -309,10 +332,10 @@ pub fn cleanup_stale() -> Result<bool, Error> {
 fn restore_sysctls(record: &HostRecord) {
     for (name, value) in &record.sysctls {
         let path = sysctl_path(name);
-        if fs::read_to_string(&path).is_ok_and(|v| v.trim() != value) {
-            if let Err(e) = fs::write(&path, value) {
-                tracing::warn!("restore {}: {e}", path.display());
-            }
+        if fs::read_to_string(&path).is_ok_and(|v| v.trim() != value)
+            && let Err(e) = fs::write(&path, value)
+        {
+            tracing::warn!("restore {}: {e}", path.display());
         }
     }
 }
@@ -328,7 +351,11 @@ fn pids_mentioning(needle: &str) -> Vec<u32> {
         .filter(|pid| *pid != me)
         .filter(|pid| {
             fs::read(format!("/proc/{pid}/cmdline"))
-                .map(|c| String::from_utf8_lossy(&c).replace('\0', " ").contains(needle))
+                .map(|c| {
+                    String::from_utf8_lossy(&c)
+                        .replace('\0', " ")
+                        .contains(needle)
+                })
                 .unwrap_or(false)
         })
         .collect()
@@ -428,7 +455,10 @@ fn teardown(record: &HostRecord) {
     for range in BLACKHOLES {
         sh_quiet("ip", &["route", "del", "blackhole", range]);
     }
-    for (file, restore) in [("iptables", "iptables-restore"), ("ip6tables", "ip6tables-restore")] {
+    for (file, restore) in [
+        ("iptables", "iptables-restore"),
+        ("ip6tables", "ip6tables-restore"),
+    ] {
         let path = run_dir().join(file);
         if let Ok(saved) = fs::File::open(&path) {
             let ok = Command::new(restore)
@@ -479,6 +509,21 @@ pub struct NodeOptions {
     /// Seccomp profiles to install: (path under the kubelet's seccomp
     /// directory, JSON).
     pub seccomp_profiles: Vec<(String, String)>,
+    /// Register the node with the taint [`REAL_NODE_TAINT`]`=true:NoSchedule`
+    /// (tests: only Pods that tolerate it run here).
+    pub tainted: bool,
+}
+
+/// The taint key of a tainted real node (see [`NodeOptions::tainted`]).
+pub const REAL_NODE_TAINT: &str = "tripod.dev/real-node";
+
+/// How to (re)start the kubelet.
+#[derive(Debug, Clone)]
+struct KubeletStart {
+    program: PathBuf,
+    args: Vec<String>,
+    path_env: String,
+    log: PathBuf,
 }
 
 /// A running kubelet + containerd. Stop it with [`RealNode::stop`].
@@ -486,6 +531,7 @@ pub struct NodeOptions {
 pub struct RealNode {
     containerd: Option<Child>,
     kubelet: Option<Child>,
+    kubelet_start: Option<KubeletStart>,
     /// The kubelet's root directory.
     pub kubelet_root: PathBuf,
     /// containerd's socket.
@@ -498,13 +544,15 @@ pub struct RealNode {
 
 fn write(path: &Path, text: &str) -> Result<(), Error> {
     if let Some(parent) = path.parent() {
-        fs::create_dir_all(parent).map_err(|e| Error::io(format!("create {}", parent.display()), e))?;
+        fs::create_dir_all(parent)
+            .map_err(|e| Error::io(format!("create {}", parent.display()), e))?;
     }
     fs::write(path, text).map_err(|e| Error::io(format!("write {}", path.display()), e))
 }
 
 fn log_file(path: &Path) -> Result<(fs::File, fs::File), Error> {
-    let f = fs::File::create(path).map_err(|e| Error::io(format!("create {}", path.display()), e))?;
+    let f =
+        fs::File::create(path).map_err(|e| Error::io(format!("create {}", path.display()), e))?;
     let g = f.try_clone().map_err(|e| Error::io("dup log", e))?;
     Ok((f, g))
 }
@@ -518,14 +566,24 @@ fn tail(path: &Path) -> String {
 impl RealNode {
     /// Writes the configurations, starts containerd and the kubelet, and
     /// returns once the Node reports Ready. `host` must be prepared.
-    pub async fn start(opts: &NodeOptions, _host: &Host, client: &kube::Client) -> Result<RealNode, Error> {
+    pub async fn start(
+        opts: &NodeOptions,
+        _host: &Host,
+        client: &kube::Client,
+    ) -> Result<RealNode, Error> {
         let started = Instant::now();
         let dir = &opts.dir;
         let run = run_dir();
         let d = |p: &str| dir.join(p);
         let r = |p: &str| run.join(p);
         let s = |p: &Path| p.display().to_string();
-        for p in [d("logs"), d("kubelet"), d("containerd"), d("cni/ipam"), r("containerd")] {
+        for p in [
+            d("logs"),
+            d("kubelet"),
+            d("containerd"),
+            d("cni/ipam"),
+            r("containerd"),
+        ] {
             fs::create_dir_all(&p).map_err(|e| Error::io(format!("create {}", p.display()), e))?;
         }
 
@@ -652,6 +710,7 @@ imports = []
         let mut node = RealNode {
             containerd: Some(containerd),
             kubelet: None,
+            kubelet_start: None,
             kubelet_root: d("kubelet/root"),
             containerd_socket: socket.clone(),
             logs: vec![containerd_log.clone()],
@@ -730,7 +789,7 @@ authentication:
 authorization:
   mode: Webhook
 registerNode: true
-maxPods: 60
+{taints}maxPods: 60
 # Pods get no upstream DNS: no traffic leaves this machine.
 resolvConf: \"\"
 clusterDomain: cluster.local
@@ -752,24 +811,30 @@ oomScoreAdj: 0
             tls_cert = q(&opts.pki.kubelet_serving_cert),
             tls_key = q(&opts.pki.kubelet_serving_key),
             ca = q(&opts.pki.ca_cert),
+            taints = if opts.tainted {
+                format!("registerWithTaints: [{{key: {REAL_NODE_TAINT}, value: \"true\", effect: NoSchedule}}]\n")
+            } else {
+                String::new()
+            },
         );
         write(&d("kubelet/config.yaml"), &config)?;
         let kubelet_log = d("logs/kubelet.log");
         node.logs.push(kubelet_log.clone());
-        let (o, e) = log_file(&kubelet_log)?;
-        let mut cmd = supervised_command(opts.kubelet_bin_dir.join("kubelet"));
-        cmd.arg(format!("--config={}", s(&d("kubelet/config.yaml"))))
-            .arg(format!("--kubeconfig={}", s(&d("kubelet/kubeconfig"))))
-            .arg(format!("--hostname-override={NODE_NAME}"))
-            .arg(format!("--node-ip={NODE_IP}"))
-            .arg(format!("--root-dir={}", s(&node.kubelet_root)))
-            .arg(format!("--cert-dir={}", s(&d("kubelet/pki"))))
-            .arg("--v=1")
-            .env("PATH", &path_env)
-            .stdin(Stdio::null())
-            .stdout(o)
-            .stderr(e);
-        node.kubelet = Some(spawn_supervised(cmd).map_err(|e| Error::io("start kubelet", e))?);
+        node.kubelet_start = Some(KubeletStart {
+            program: opts.kubelet_bin_dir.join("kubelet"),
+            args: vec![
+                format!("--config={}", s(&d("kubelet/config.yaml"))),
+                format!("--kubeconfig={}", s(&d("kubelet/kubeconfig"))),
+                format!("--hostname-override={NODE_NAME}"),
+                format!("--node-ip={NODE_IP}"),
+                format!("--root-dir={}", s(&node.kubelet_root)),
+                format!("--cert-dir={}", s(&d("kubelet/pki"))),
+                "--v=1".into(),
+            ],
+            path_env: path_env.clone(),
+            log: kubelet_log.clone(),
+        });
+        node.kubelet = Some(node.spawn_kubelet(false)?);
 
         let nodes: Api<Node> = Api::all(client.clone());
         let until = Instant::now() + READY_TIMEOUT;
@@ -788,13 +853,18 @@ oomScoreAdj: 0
                 _host.restore_sysctls();
                 sysctls_restored = true;
             }
-            let ready = nodes.get_opt(NODE_NAME).await.ok().flatten().is_some_and(|n| {
-                n.status
-                    .and_then(|s| s.conditions)
-                    .unwrap_or_default()
-                    .iter()
-                    .any(|c| c.type_ == "Ready" && c.status == "True")
-            });
+            let ready = nodes
+                .get_opt(NODE_NAME)
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|n| {
+                    n.status
+                        .and_then(|s| s.conditions)
+                        .unwrap_or_default()
+                        .iter()
+                        .any(|c| c.type_ == "Ready" && c.status == "True")
+                });
             if ready && sysctls_restored {
                 break;
             }
@@ -811,6 +881,50 @@ oomScoreAdj: 0
         node.ready_after = started.elapsed();
         tracing::info!(elapsed = ?node.ready_after, "real node {NODE_NAME} Ready");
         Ok(node)
+    }
+
+    fn spawn_kubelet(&self, append: bool) -> Result<Child, Error> {
+        let Some(start) = &self.kubelet_start else {
+            return Err(Error::Node("the kubelet was never configured".into()));
+        };
+        let out = fs::OpenOptions::new()
+            .create(true)
+            .append(append)
+            .write(true)
+            .truncate(!append)
+            .open(&start.log)
+            .map_err(|e| Error::io(format!("open {}", start.log.display()), e))?;
+        let err = out.try_clone().map_err(|e| Error::io("dup log", e))?;
+        let mut cmd = supervised_command(&start.program);
+        cmd.args(&start.args)
+            .env("PATH", &start.path_env)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err);
+        spawn_supervised(cmd).map_err(|e| Error::io("start kubelet", e))
+    }
+
+    /// What a service manager does for a node's kubelet: start it again when
+    /// it exited (or was killed). Returns whether it did.
+    pub fn restart_kubelet_if_exited(&mut self) -> bool {
+        let exited = self
+            .kubelet
+            .as_mut()
+            .is_some_and(|k| !matches!(k.try_wait(), Ok(None)));
+        if !exited {
+            return false;
+        }
+        match self.spawn_kubelet(true) {
+            Ok(child) => {
+                tracing::warn!("the kubelet exited; started it again");
+                self.kubelet = Some(child);
+                true
+            }
+            Err(e) => {
+                tracing::error!("the kubelet exited and could not be started again: {e}");
+                false
+            }
+        }
     }
 
     /// Deletes the Pods on the node and waits (bounded) until the kubelet
@@ -836,7 +950,10 @@ oomScoreAdj: 0
                 }
             }
         }
-        for child in [self.kubelet.take(), self.containerd.take()].into_iter().flatten() {
+        for child in [self.kubelet.take(), self.containerd.take()]
+            .into_iter()
+            .flatten()
+        {
             terminate(child).await;
         }
     }
@@ -844,7 +961,10 @@ oomScoreAdj: 0
 
 impl Drop for RealNode {
     fn drop(&mut self) {
-        for mut child in [self.kubelet.take(), self.containerd.take()].into_iter().flatten() {
+        for mut child in [self.kubelet.take(), self.containerd.take()]
+            .into_iter()
+            .flatten()
+        {
             let _ = child.kill();
             let _ = child.wait();
         }
@@ -871,8 +991,7 @@ async fn healthz() -> bool {
     let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", 10248)).await else {
         return false;
     };
-    if s
-        .write_all(b"GET /healthz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+    if s.write_all(b"GET /healthz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
         .await
         .is_err()
     {

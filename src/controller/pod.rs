@@ -565,13 +565,19 @@ mod tests {
         assert_eq!(sc.capabilities, None, "the runtime's default capabilities");
         let seccomp = sc.seccomp_profile.unwrap();
         assert_eq!(seccomp.type_, "Localhost");
-        assert_eq!(seccomp.localhost_profile.as_deref(), Some("tripod/buildd.json"));
+        assert_eq!(
+            seccomp.localhost_profile.as_deref(),
+            Some("tripod/buildd.json")
+        );
         // buildd shares its TLS directory with the agent's group.
         let cmd = buildd.command.clone().unwrap();
         let i = cmd.iter().position(|a| a == "--tls-group").unwrap();
         assert_eq!(cmd[i + 1], "65532");
         let agent = default.containers[0].security_context.clone().unwrap();
-        assert_eq!((agent.run_as_user, agent.run_as_group), (Some(65532), Some(65532)));
+        assert_eq!(
+            (agent.run_as_user, agent.run_as_group),
+            (Some(65532), Some(65532))
+        );
 
         let custom = SecurityContext {
             run_as_user: Some(0),
@@ -608,11 +614,23 @@ mod tests {
 
     #[test]
     fn seccomp_profiles_are_parsed_and_bad_paths_refused() {
-        assert_eq!(parse_seccomp_profile("RuntimeDefault").unwrap().type_, "RuntimeDefault");
-        assert_eq!(parse_seccomp_profile("Unconfined").unwrap().type_, "Unconfined");
+        assert_eq!(
+            parse_seccomp_profile("RuntimeDefault").unwrap().type_,
+            "RuntimeDefault"
+        );
+        assert_eq!(
+            parse_seccomp_profile("Unconfined").unwrap().type_,
+            "Unconfined"
+        );
         let p = parse_seccomp_profile("profiles/b.json").unwrap();
         assert_eq!(p.localhost_profile.as_deref(), Some("profiles/b.json"));
-        for bad in ["", "/abs.json", "../up.json", "a//b.json", "runtimedefault/../x"] {
+        for bad in [
+            "",
+            "/abs.json",
+            "../up.json",
+            "a//b.json",
+            "runtimedefault/../x",
+        ] {
             assert!(parse_seccomp_profile(bad).is_err(), "{bad}");
         }
     }

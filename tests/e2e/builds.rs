@@ -14,7 +14,7 @@ use tripod::api::Phase;
 use tripod::proto::executor::v1 as pb;
 use tripod::registry::RegistryClient;
 
-use crate::common::{TestEnv, eventually};
+use crate::common::{ON_REAL_NODE, TestEnv, eventually};
 
 const BUILD: Duration = Duration::from_secs(240);
 
@@ -39,7 +39,7 @@ spec:
   output:
     image: {registry}/team/{name}:1
     insecure: true
-{extra}"#
+{ON_REAL_NODE}{extra}"#
     )
 }
 
@@ -243,9 +243,14 @@ async fn tokens_speak_only_for_their_build_and_unconfirmed_digests_are_refused()
         "{err:?}"
     );
     // The right claim is served; a digest the registry does not have is refused.
-    let (tx, mut inbound) = hello(&node_ip, executor_port, ca, claim("one", &one_id, 1, &token_one))
-        .await
-        .expect("own token accepted");
+    let (tx, mut inbound) = hello(
+        &node_ip,
+        executor_port,
+        ca,
+        claim("one", &one_id, 1, &token_one),
+    )
+    .await
+    .expect("own token accepted");
     tx.send(pb::AgentMessage {
         message: Some(pb::agent_message::Message::Outcome(pb::Outcome {
             outcome: Some(pb::outcome::Outcome::Pushed(pb::Pushed {
@@ -364,7 +369,7 @@ spec:
     image: {registry}/team/from-git:v1
     additionalTags: [stable]
     insecure: true
-"#
+{ON_REAL_NODE}"#
     );
     env.apply(&manifest);
     let (ok, out) = env.wait_for("condition=Ready", "ib/from-git", "240s");
@@ -394,6 +399,20 @@ fn processes_mentioning(text: &str) -> Vec<String> {
         .filter(|l| l.contains(text) && !l.contains(" Z") && !l.contains("ps -eo"))
         .map(str::to_string)
         .collect()
+}
+
+/// How many processes live in the network namespace `netns` (`net:[N]`).
+fn processes_in_netns(netns: &str) -> usize {
+    std::fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten()
+                .filter(|e| {
+                    std::fs::read_link(e.path().join("ns/net"))
+                        .is_ok_and(|l| l.display().to_string() == netns)
+                })
+                .count()
+        })
+        .unwrap_or(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -446,15 +465,28 @@ async fn timeout_and_deletion_stop_the_build_and_leave_nothing() {
         "",
     );
     env.apply(&doomed);
-    eventually("the doomed build runs its RUN step", BUILD, || async {
-        (!processes_mentioning("doomed-marker").is_empty()).then_some(())
+    let running = eventually("the doomed build runs its RUN step", BUILD, || async {
+        processes_mentioning("doomed-marker").first().cloned()
     })
     .await;
+    // Its Pod's network namespace (that of the RUN process) and UID, to
+    // look for afterwards.
+    let pid = running.split_whitespace().next().expect("pid").to_string();
+    let netns = std::fs::read_link(format!("/proc/{pid}/ns/net"))
+        .expect("netns of the RUN step")
+        .display()
+        .to_string();
+    let uid = env.pods_of("doomed").await[0]
+        .metadata
+        .uid
+        .clone()
+        .expect("pod uid");
     let (ok, out) = env.kubectl(&["delete", "ib", "doomed", "--wait=true"], None);
     assert!(ok, "{out}");
+    // Within the Pod's grace period (30 s) and a little more.
     eventually(
-        "nothing of the doomed build is left",
-        Duration::from_secs(90),
+        "no Pod, Secret, process, mount or network namespace of the doomed build left",
+        Duration::from_secs(45),
         || async {
             let pods = env.pods_of("doomed").await;
             let secrets: Api<Secret> = Api::namespaced(env.client.clone(), &env.ns);
@@ -463,7 +495,13 @@ async fn timeout_and_deletion_stop_the_build_and_leave_nothing() {
                 .await
                 .ok()?
                 .items;
-            (pods.is_empty() && left.is_empty() && processes_mentioning("doomed-marker").is_empty())
+            let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+            (pods.is_empty()
+                && left.is_empty()
+                && processes_mentioning("doomed-marker").is_empty()
+                && !mounts.contains(&uid)
+                && !mounts.contains(&netns)
+                && processes_in_netns(&netns) == 0)
                 .then_some(())
         },
     )

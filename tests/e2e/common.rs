@@ -73,6 +73,7 @@ fn start() -> Result<Shared, String> {
         .arg("--tripod")
         .arg(env!("CARGO_BIN_EXE_tripod"))
         .arg("--stdin-guard")
+        .arg("--for-tests")
         .stdin(Stdio::piped())
         .stdout(out)
         .stderr(err)
@@ -393,6 +394,10 @@ pub fn metric(text: &str, series: &str) -> Option<f64> {
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
 }
+
+/// `spec.executor` of builds that run on the real node: it is tainted in
+/// the tests' environment, the other linux/amd64 node is simulated.
+pub const ON_REAL_NODE: &str = "  executor:\n    tolerations: [{key: tripod.dev/real-node, operator: Exists, effect: NoSchedule}]\n";
 
 /// A minimal inline ImageBuild manifest.
 pub fn manifest(name: &str, platforms: &[&str], extra: &str) -> String {

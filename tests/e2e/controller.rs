@@ -52,7 +52,7 @@ async fn each_platform_is_scheduled_on_a_matching_node() {
         [
             (
                 "multi-1-linux-amd64-1".to_string(),
-                "tripod-linux-amd64".to_string()
+                "tripod-sim-linux-amd64".to_string()
             ),
             (
                 "multi-1-linux-arm64-1".to_string(),

@@ -1,0 +1,300 @@
+//! Build Pods on the real node (kubelet, containerd, runc), as a user sees
+//! them: the default security settings under Pod Security `baseline`,
+//! `kubectl logs` and `kubectl exec`, a kubelet that dies mid-build. And the
+//! simulated nodes: kwok's nodes are scheduled to, nothing runs there.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use kube::ResourceExt;
+use sha2::Digest;
+use tripod::api::Phase;
+
+use crate::common::{ON_REAL_NODE, TestEnv, eventually};
+
+const BUILD: Duration = Duration::from_secs(300);
+
+fn inline(name: &str, registry: &str, dockerfile: &str) -> String {
+    let indented: String = dockerfile
+        .lines()
+        .map(|l| format!("        {l}\n"))
+        .collect();
+    format!(
+        r#"apiVersion: build.tripod.dev/v1alpha1
+kind: ImageBuild
+metadata:
+  name: {name}
+spec:
+  source:
+    inline:
+      dockerfile: |
+{indented}  platforms: [linux/amd64]
+  output:
+    image: {registry}/team/{name}:1
+    insecure: true
+{ON_REAL_NODE}"#
+    )
+}
+
+/// A Debian package built here with dpkg-deb: `/usr/bin/tripod-greet`.
+fn make_deb(dir: &Path) -> PathBuf {
+    let root = dir.join("pkg");
+    std::fs::create_dir_all(root.join("DEBIAN")).unwrap();
+    std::fs::create_dir_all(root.join("usr/bin")).unwrap();
+    std::fs::write(
+        root.join("DEBIAN/control"),
+        "Package: tripod-greet\nVersion: 1.0\nArchitecture: all\nMaintainer: Tripod <dev@tripod.invalid>\nDescription: says hello\n",
+    )
+    .unwrap();
+    let bin = root.join("usr/bin/tripod-greet");
+    std::fs::write(&bin, "#!/bin/sh\necho installed-by-apt\n").unwrap();
+    std::process::Command::new("chmod")
+        .args(["0755"])
+        .arg(&bin)
+        .status()
+        .unwrap();
+    let deb = dir.join("repo/tripod-greet_1.0_all.deb");
+    std::fs::create_dir_all(deb.parent().unwrap()).unwrap();
+    let out = std::process::Command::new("dpkg-deb")
+        .args(["--root-owner-group", "--build"])
+        .arg(&root)
+        .arg(&deb)
+        .output()
+        .expect("dpkg-deb");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    deb
+}
+
+/// A flat apt repository (`deb [trusted=yes] http://…/ ./`) holding `deb`.
+fn make_repo(deb: &Path) -> PathBuf {
+    let repo = deb.parent().unwrap().to_path_buf();
+    let bytes = std::fs::read(deb).unwrap();
+    let sha = |b: &[u8]| {
+        sha2::Sha256::digest(b)
+            .iter()
+            .map(|x| format!("{x:02x}"))
+            .collect::<String>()
+    };
+    let packages = format!(
+        "Package: tripod-greet\nVersion: 1.0\nArchitecture: all\nMaintainer: Tripod <dev@tripod.invalid>\nFilename: ./{}\nSize: {}\nSHA256: {}\nDescription: says hello\n\n",
+        deb.file_name().unwrap().to_string_lossy(),
+        bytes.len(),
+        sha(&bytes)
+    );
+    std::fs::write(repo.join("Packages"), &packages).unwrap();
+    let release = format!(
+        "Origin: tripod-tests\nLabel: tripod-tests\nDate: Thu, 01 Jan 2026 00:00:00 UTC\nSHA256:\n {} {} Packages\n",
+        sha(packages.as_bytes()),
+        packages.len()
+    );
+    std::fs::write(repo.join("Release"), release).unwrap();
+    repo
+}
+
+/// Serves the files of `root` over HTTP/1.0 on `host` (where build Pods
+/// reach it); 404 for anything else.
+fn file_server(host: &str, root: PathBuf) -> u16 {
+    let listener = std::net::TcpListener::bind((host, 0)).expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { continue };
+            let mut buf = [0u8; 4096];
+            let n = s.read(&mut buf).unwrap_or(0);
+            let req = String::from_utf8_lossy(&buf[..n]).to_string();
+            let path = req.split_whitespace().nth(1).unwrap_or("/").to_string();
+            let name = path.trim_start_matches('/').trim_start_matches("./");
+            let file = root.join(name);
+            let reply = match (name.contains(".."), std::fs::read(&file)) {
+                (false, Ok(body)) if file.is_file() => {
+                    let mut r =
+                        format!("HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n", body.len())
+                            .into_bytes();
+                    if !req.starts_with("HEAD") {
+                        r.extend(body);
+                    }
+                    r
+                }
+                _ => b"HTTP/1.0 404 Not Found\r\nContent-Length: 0\r\n\r\n".to_vec(),
+            };
+            let _ = s.write_all(&reply);
+        }
+    });
+    port
+}
+
+/// The default build Pod (buildd as root with the runtime's default
+/// capabilities and the Localhost seccomp profile) builds a Dockerfile with
+/// RUN steps on the debootstrap Debian base, `apt-get install` included, in
+/// a namespace that enforces Pod Security `baseline`. The agent (uid 65532)
+/// and buildd (uid 0) share their TLS material to get there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn default_build_pod_runs_apt_get_under_pod_security_baseline() {
+    let mut env = TestEnv::with_builds("node-apt").await;
+    let (ok, out) = env.kubectl(
+        &[
+            "label",
+            "namespace",
+            &env.ns,
+            "pod-security.kubernetes.io/enforce=baseline",
+        ],
+        None,
+    );
+    assert!(ok, "{out}");
+    let registry = env.shared.registry.clone().expect("registry");
+    let debian = env
+        .shared
+        .info
+        .debian_image
+        .clone()
+        .expect("the Debian base image (testenv/images.sh)");
+    let node_ip = env.shared.info.node_ip.clone();
+    let dir = env.shared.dir.join(format!("{}-apt", env.ns));
+    let deb = make_deb(&dir);
+    let port = file_server(&node_ip, make_repo(&deb));
+    env.start_controller("c1");
+    let dockerfile = [
+        format!("FROM {debian}"),
+        format!(
+            "RUN rm -f /etc/apt/sources.list.d/* && echo 'deb [trusted=yes] http://{node_ip}:{port}/ ./' > /etc/apt/sources.list && apt-get update && apt-get install -y --no-install-recommends tripod-greet && tripod-greet > /greeting"
+        ),
+        "RUN test \"$(cat /greeting)\" = installed-by-apt".to_string(),
+    ]
+    .join("\n");
+    env.apply(&inline("apt", &registry, &dockerfile));
+    let (ok, out) = env.wait_for("condition=Ready", "ib/apt", "300s");
+    let ib = env.builds().get("apt").await.expect("get");
+    assert!(ok, "{out}\n{:#?}", ib.status);
+    let status = ib.status.expect("status");
+    assert_eq!(status.phase, Some(Phase::Succeeded));
+    // The Pod ran on the real node with the default security settings.
+    let pods = env.pods_of("apt").await;
+    let spec = pods[0].spec.clone().expect("spec");
+    assert_eq!(spec.node_name.as_deref(), Some("tripod-linux-amd64"));
+    let buildd = &spec.init_containers.expect("sidecar")[0];
+    let sc = buildd.security_context.clone().expect("securityContext");
+    assert_eq!(sc.capabilities, None);
+    assert_ne!(sc.privileged, Some(true));
+    assert_eq!(
+        sc.seccomp_profile
+            .and_then(|p| p.localhost_profile)
+            .as_deref(),
+        Some("tripod/buildd.json")
+    );
+    // The registry serves the digest the status names.
+    let digest = status.image.expect("image").digest;
+    let (code, head, _) = tripod_harness::http_request(
+        &registry,
+        "HEAD",
+        "/v2/team/apt/manifests/1",
+        "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json",
+    )
+    .expect("registry");
+    assert_eq!(code, 200, "{head}");
+    assert!(head.to_lowercase().contains(&digest), "{head}");
+    env.cleanup().await;
+}
+
+/// `kubectl logs` shows buildah's output and `kubectl exec` reaches buildd,
+/// while a build runs; its result is reported once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_logs_and_exec_reach_a_running_build_pod() {
+    let mut env = TestEnv::with_builds("node-logs").await;
+    let registry = env.shared.registry.clone().expect("registry");
+    let busybox = env.shared.info.busybox_image.clone();
+    env.start_controller("c1");
+    let dockerfile =
+        format!("FROM {busybox}\nRUN echo logs-marker-start && sleep 8 && echo logs-marker-end\n");
+    env.apply(&inline("logs", &registry, &dockerfile));
+    let pod = eventually("the build Pod runs its RUN step", BUILD, || async {
+        let pods = env.pods_of("logs").await;
+        let name = pods.first()?.name_any();
+        let (ok, out) = env.kubectl(&["logs", &name, "-c", "agent"], None);
+        (ok && out.contains("logs-marker-start")).then_some(name)
+    })
+    .await;
+    let (ok, out) = env.kubectl(&["logs", &pod, "-c", "agent"], None);
+    assert!(ok && out.contains("STEP 2/2: RUN"), "{out}");
+    let (ok, out) = env.kubectl(
+        &["exec", &pod, "-c", "buildd", "--", "buildah", "--version"],
+        None,
+    );
+    assert!(ok && out.contains("buildah version"), "{out}");
+    let (ok, out) = env.kubectl(&["exec", &pod, "-c", "buildd", "--", "id", "-u"], None);
+    assert!(ok && out.trim() == "0", "{out}");
+    let (ok, out) = env.wait_for("condition=Ready", "ib/logs", "240s");
+    assert!(ok, "{out}");
+    let (_, out) = env.kubectl(&["logs", &pod, "-c", "agent"], None);
+    assert!(out.contains("logs-marker-end"), "{out}");
+    env.cleanup().await;
+}
+
+/// The kubelet is killed while a build runs, and its service manager (here
+/// `tripod-dev serve`) starts it again: the build finishes, and its result
+/// is reported once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubelet_killed_mid_build_the_build_finishes_once() {
+    let mut env = TestEnv::with_builds("node-kubelet").await;
+    let registry = env.shared.registry.clone().expect("registry");
+    let busybox = env.shared.info.busybox_image.clone();
+    env.start_controller("c1");
+    let dockerfile = format!("FROM {busybox}\nRUN echo kubelet-marker && sleep 15\n");
+    env.apply(&inline("survive", &registry, &dockerfile));
+    eventually("the RUN step runs", BUILD, || async {
+        std::process::Command::new("pgrep")
+            .args(["-f", "kubelet-marker"])
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|_| ())
+    })
+    .await;
+    let kubelets = std::process::Command::new("pgrep")
+        .args([
+            "-f",
+            "kubelet --config=.*--hostname-override=tripod-linux-amd64",
+        ])
+        .output()
+        .expect("pgrep");
+    let pids = String::from_utf8_lossy(&kubelets.stdout).to_string();
+    assert!(!pids.trim().is_empty(), "no kubelet found");
+    for pid in pids.split_whitespace() {
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", pid])
+            .status();
+    }
+    let (ok, out) = env.wait_for("condition=Ready", "ib/survive", "300s");
+    let ib = env.builds().get("survive").await.expect("get");
+    assert!(ok, "{out}\n{:#?}", ib.status);
+    let status = ib.status.expect("status");
+    assert_eq!(status.phase, Some(Phase::Succeeded));
+    // Reported once: one Succeeded Event.
+    let (_, events) = env.kubectl(
+        &[
+            "get",
+            "events",
+            "--field-selector",
+            "involvedObject.name=survive,reason=Succeeded",
+            "-o",
+            "name",
+        ],
+        None,
+    );
+    assert_eq!(events.lines().count(), 1, "{events}");
+    // The kubelet runs again (a new process).
+    let again = std::process::Command::new("pgrep")
+        .args([
+            "-f",
+            "kubelet --config=.*--hostname-override=tripod-linux-amd64",
+        ])
+        .output()
+        .expect("pgrep");
+    let again = String::from_utf8_lossy(&again.stdout).to_string();
+    assert!(!again.trim().is_empty() && again != pids, "{again}");
+    env.cleanup().await;
+}
