@@ -76,6 +76,10 @@ pub enum DevCommand {
         /// linux/amd64 node beside it.
         #[arg(long)]
         for_tests: bool,
+        /// After stopping, delete the bulky state (node, registries, etcd),
+        /// keeping the logs.
+        #[arg(long)]
+        purge_on_exit: bool,
     },
 }
 
@@ -172,6 +176,7 @@ pub async fn run(cmd: DevCommand) -> Result<(), DevError> {
             registry_port,
             stdin_guard,
             for_tests,
+            purge_on_exit,
         } => {
             let opts = EnvOptions {
                 dir: absolute(&dir)?,
@@ -181,7 +186,13 @@ pub async fn run(cmd: DevCommand) -> Result<(), DevError> {
                 registry_port,
                 for_tests,
             };
-            serve(&opts, stdin_guard).await
+            let result = serve(&opts, stdin_guard).await;
+            if purge_on_exit {
+                for sub in ["node", "registry", "auth-registry", "cluster/etcd"] {
+                    let _ = std::fs::remove_dir_all(opts.dir.join(sub));
+                }
+            }
+            result
         }
     }
 }

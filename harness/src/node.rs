@@ -460,12 +460,26 @@ fn teardown(record: &HostRecord) {
         ("ip6tables", "ip6tables-restore"),
     ] {
         let path = run_dir().join(file);
-        if let Ok(saved) = fs::File::open(&path) {
+        if let Ok(mut saved) = fs::read_to_string(&path) {
+            // A table the snapshot lacks was empty: restore it empty (its
+            // rules and the kubelet's and CNI's chains go).
+            for table in ["filter", "nat", "mangle", "raw"] {
+                if !saved.contains(&format!("*{table}\n")) {
+                    saved.push_str(&format!("*{table}\nCOMMIT\n"));
+                }
+            }
             let ok = Command::new(restore)
-                .stdin(saved)
+                .stdin(Stdio::piped())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
-                .status()
+                .spawn()
+                .and_then(|mut child| {
+                    if let Some(mut stdin) = child.stdin.take() {
+                        use std::io::Write;
+                        stdin.write_all(saved.as_bytes())?;
+                    }
+                    child.wait()
+                })
                 .is_ok_and(|s| s.success());
             if !ok {
                 tracing::warn!("{restore} < {} failed", path.display());
@@ -931,6 +945,20 @@ oomScoreAdj: 0
     /// has stopped them, then stops the kubelet and containerd. The host
     /// teardown ([`Host::teardown`]) removes whatever is left.
     pub async fn stop(&mut self, client: &kube::Client) {
+        let kubelet_runs = self
+            .kubelet
+            .as_mut()
+            .is_some_and(|k| matches!(k.try_wait(), Ok(None)));
+        if !kubelet_runs {
+            // Nobody would confirm the deletions: the teardown kills what is left.
+            for child in [self.kubelet.take(), self.containerd.take()]
+                .into_iter()
+                .flatten()
+            {
+                terminate(child).await;
+            }
+            return;
+        }
         let pods: Api<Pod> = Api::all(client.clone());
         let on_node = ListParams::default().fields(&format!("spec.nodeName={NODE_NAME}"));
         if let Ok(list) = pods.list(&on_node).await {

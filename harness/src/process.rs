@@ -105,7 +105,8 @@ pub fn spawn_supervised(cmd: Command) -> io::Result<Child> {
             "the testenv spawner thread could not be started",
         ));
     };
-    if setpriv_available() && cmd.get_program() != "setpriv" {
+    let program = std::path::Path::new(cmd.get_program());
+    if setpriv_available() && program.file_name().is_none_or(|n| n != "setpriv") {
         tracing::debug!(
             program = %cmd.get_program().to_string_lossy(),
             "spawned without a parent-death signal: build it with supervised_command"

@@ -375,7 +375,7 @@ async fn build(
         let ev = ev.map_err(|s| fail("Internal", format!("buildd stream: {}", s.message())))?;
         match ev.event {
             Some(bpb::build_event::Event::Step(s)) => {
-                tracing::info!(step = %s.text, "step");
+                tracing::debug!(step = %s.text, "step");
                 // Never wait on progress: the session may be gone (a
                 // controller restart) while the build goes on.
                 let _ = out.try_send(pb::AgentMessage {

@@ -332,6 +332,9 @@ pub fn build_pod(ib: &ImageBuild, name: &str, key: &PodKey<'_>, settings: &PodSe
                 type_: "RuntimeDefault".into(),
                 ..Default::default()
             }),
+            // The token Secret (mode 0440) and the workspace belong to the
+            // agent's group: the agent runs as 65532, not as root.
+            fs_group: Some(AGENT_ID),
             ..Default::default()
         }
     };

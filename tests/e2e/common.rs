@@ -74,6 +74,7 @@ fn start() -> Result<Shared, String> {
         .arg(env!("CARGO_BIN_EXE_tripod"))
         .arg("--stdin-guard")
         .arg("--for-tests")
+        .arg("--purge-on-exit")
         .stdin(Stdio::piped())
         .stdout(out)
         .stderr(err)
@@ -395,9 +396,9 @@ pub fn metric(text: &str, series: &str) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
-/// `spec.executor` of builds that run on the real node: it is tainted in
-/// the tests' environment, the other linux/amd64 node is simulated.
-pub const ON_REAL_NODE: &str = "  executor:\n    tolerations: [{key: tripod.dev/real-node, operator: Exists, effect: NoSchedule}]\n";
+/// `spec.executor` of builds that run on the real node: in the tests'
+/// environment it is tainted, and the other linux/amd64 node is simulated.
+pub const ON_REAL_NODE: &str = "  executor:\n    nodeSelector: {kubernetes.io/hostname: tripod-linux-amd64}\n    tolerations: [{key: tripod.dev/real-node, operator: Exists, effect: NoSchedule}]\n";
 
 /// A minimal inline ImageBuild manifest.
 pub fn manifest(name: &str, platforms: &[&str], extra: &str) -> String {

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
+use kube::Api;
 use kube::ResourceExt;
 use kube::api::{DeleteParams, Patch, PatchParams};
 use tripod::api::{ImageBuild, Phase};
@@ -64,6 +65,19 @@ async fn each_platform_is_scheduled_on_a_matching_node() {
             ),
         ]
     );
+    // The three nodes are kwok's simulated nodes (the real node is tainted
+    // in tests): the scheduler bound the Pods there, and nothing runs them.
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(env.client.clone());
+    for (_, node) in &bound {
+        let n = nodes.get(node).await.expect("node");
+        assert_eq!(
+            n.annotations()
+                .get("kwok.x-k8s.io/node")
+                .map(String::as_str),
+            Some("fake"),
+            "{node} is simulated"
+        );
+    }
     for pod in &pods {
         let spec = pod.spec.as_ref().unwrap();
         assert_eq!(spec.restart_policy.as_deref(), Some("Never"));
