@@ -2,7 +2,9 @@
 # Times the hello build through Tripod (a rebuild of examples/hello.yaml in
 # the `tripod dev` environment: annotate → Succeeded with a new build ID)
 # next to a direct `buildah bud` + `buildah push` of the same context on the
-# same machine, N times each. Prints a Markdown table. Usage:
+# same machine, N times each, and the build Pod's start latency on the real
+# node (Pod created → agent container running, polled every 0.1 s). Prints a
+# Markdown table. Usage:
 #   bench/hello.sh [N]      (needs `tripod dev up` running in .tripod/dev)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -13,18 +15,26 @@ dir="${TRIPOD_DEV_DIR:-.tripod/dev}"
 ms() { date +%s%3N; }
 
 through_tripod=()
+pod_start=()
 for i in $(seq "$n"); do
   before=$(kubectl get ib hello -o jsonpath='{.status.buildID}')
   t0=$(ms)
   kubectl annotate --overwrite ib hello "build.tripod.dev/rebuild=bench-$t0-$i" >/dev/null
+  created=""; started=""
   while :; do
-    id=$(kubectl get ib hello -o jsonpath='{.status.buildID}')
-    phase=$(kubectl get ib hello -o jsonpath='{.status.phase}')
+    read -r id phase < <(kubectl get ib hello -o jsonpath='{.status.buildID} {.status.phase}')
+    if [ "$id" != "$before" ] && [ -n "$id" ] && [ -z "$started" ]; then
+      state=$(kubectl get pods -l "build.tripod.dev/build-id=$id" \
+        -o jsonpath='{.items[0].status.containerStatuses[?(@.name=="agent")].state}' 2>/dev/null || true)
+      [ -z "$created" ] && kubectl get pods -l "build.tripod.dev/build-id=$id" -o name 2>/dev/null | grep -q . && created=$(ms)
+      case "$state" in *running*|*terminated*) [ -n "$created" ] && started=$(ms) ;; esac
+    fi
     if [ "$id" != "$before" ] && [ "$phase" = Succeeded ]; then break; fi
     if [ "$id" != "$before" ] && [ "$phase" = Failed ]; then echo "build failed" >&2; exit 1; fi
     sleep 0.1
   done
   through_tripod+=($(( $(ms) - t0 )))
+  [ -n "$started" ] && pod_start+=($(( started - created )))
 done
 
 work=$(mktemp -d)
@@ -48,3 +58,6 @@ echo "| path | runs (ms) | median (ms) |"
 echo "|---|---|---|"
 echo "| through Tripod (annotate → Succeeded, registry-verified) | ${through_tripod[*]} | $(median "${through_tripod[@]}") |"
 echo "| direct buildah bud + push | ${direct[*]} | $(median "${direct[@]}") |"
+if [ ${#pod_start[@]} -gt 0 ]; then
+  echo "| build Pod start on the real node (Pod seen → agent running) | ${pod_start[*]} | $(median "${pod_start[@]}") |"
+fi

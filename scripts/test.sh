@@ -57,3 +57,7 @@ step "cargo build --workspace --bins (the tests run tripod and tripod-dev)"
 cargo build --locked --workspace --bins
 step "cargo test"
 cargo test --locked --workspace --all-targets -- --test-threads "${TRIPOD_TEST_THREADS:-4}"
+# The real node of the tests tears itself down once the test process is
+# gone: check that it left nothing behind.
+step "nothing left on the machine"
+bash testenv/check-clean.sh

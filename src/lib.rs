@@ -11,6 +11,7 @@ pub mod executor;
 pub mod http;
 pub mod leader;
 pub mod metrics;
+pub mod outcome;
 pub mod platform;
 pub mod proto;
 pub mod reference;

@@ -307,6 +307,51 @@ async fn chart_lints_installs_upgrades_and_uninstalls() {
 
     // ServiceMonitor only on request.
     let rendered = env.helm(&["template", "tripod", chart, "-n", NS]);
+    // Build Pods' buildd runs under the Localhost seccomp profile that the
+    // chart's DaemonSet writes into every Linux node's kubelet directory.
+    assert!(
+        rendered.contains("- --buildd-seccomp-profile\n            - \"tripod/buildd.json\""),
+        "{rendered}"
+    );
+    assert!(rendered.contains("kind: DaemonSet"), "{rendered}");
+    assert!(
+        rendered.contains("path: /var/lib/kubelet/seccomp"),
+        "{rendered}"
+    );
+    let profile = std::fs::read_to_string(chart_dir().join("files/buildd-seccomp.json")).unwrap();
+    let first_rule = profile
+        .lines()
+        .find(|l| l.contains("SCMP_ACT_ERRNO"))
+        .unwrap();
+    assert!(
+        rendered.contains(first_rule.trim()),
+        "the profile is in the ConfigMap"
+    );
+    let (ok, _, err) = env.try_run(
+        &env.helm,
+        &[
+            "template",
+            "tripod",
+            chart,
+            "--set",
+            "buildPods.seccompProfile=/etc/x.json",
+        ],
+        None,
+    );
+    assert!(
+        !ok && err.contains("seccompProfile"),
+        "schema accepted an absolute profile path: {err}"
+    );
+    let without = env.helm(&[
+        "template",
+        "tripod",
+        chart,
+        "--set",
+        "seccompProfile.install=false",
+        "--set",
+        "buildPods.seccompProfile=Unconfined",
+    ]);
+    assert!(!without.contains("kind: DaemonSet") && without.contains("\"Unconfined\""));
     assert!(!rendered.contains("kind: ServiceMonitor"));
     let with_sm = env.helm(&[
         "template",

@@ -550,63 +550,9 @@ fn unschedulable_message(pod: &Pod) -> Option<String> {
         .map(|m| format!("not scheduled yet: {m}"))
 }
 
-/// Annotation on a build Pod: the outcome the controller accepted from its
-/// executor, after the registry confirmed the digest (`{"digest", "size"}`).
-pub const ANNOTATION_RESULT: &str = "build.tripod.dev/result";
-/// Annotation on a build Pod: the failure its executor reported (`{"reason", "message"}`).
-pub const ANNOTATION_FAILURE: &str = "build.tripod.dev/failure";
-/// Annotation on a build Pod: the build step its executor runs.
-pub const ANNOTATION_STEP: &str = "build.tripod.dev/step";
-
-/// A pushed image an executor reported and the registry confirmed.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Pushed {
-    /// Manifest digest.
-    pub digest: String,
-    /// Size in bytes.
-    #[serde(default)]
-    pub size: i64,
-}
-
-/// A failure an executor reported (or the controller found, e.g. a digest
-/// the registry did not confirm).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Failed {
-    /// PascalCase reason, e.g. `StepFailed`, `PushFailed`, `DigestNotConfirmed`.
-    pub reason: String,
-    /// What happened.
-    pub message: String,
-}
-
-impl std::fmt::Display for Failed {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: {}", self.reason, self.message)
-    }
-}
-
-/// What the controller recorded on a build Pod from its executor.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ExecutorReport {
-    /// The accepted result.
-    pub pushed: Option<Pushed>,
-    /// The reported failure.
-    pub failed: Option<Failed>,
-    /// The current step.
-    pub step: Option<String>,
-}
-
-impl ExecutorReport {
-    /// Reads the report annotations of a Pod.
-    pub fn from_pod(pod: &Pod) -> Self {
-        let a = pod.metadata.annotations.as_ref();
-        let get = |k: &str| a.and_then(|a| a.get(k));
-        Self {
-            pushed: get(ANNOTATION_RESULT).and_then(|v| serde_json::from_str(v).ok()),
-            failed: get(ANNOTATION_FAILURE).and_then(|v| serde_json::from_str(v).ok()),
-            step: get(ANNOTATION_STEP).cloned(),
-        }
-    }
-}
+pub use crate::outcome::{
+    ANNOTATION_FAILURE, ANNOTATION_RESULT, ANNOTATION_STEP, ExecutorReport, Failed, Pushed,
+};
 
 /// Why a Pod failed, from its status and its containers' termination states.
 pub fn pod_failure(pod: &Pod) -> String {

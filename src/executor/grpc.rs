@@ -10,7 +10,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 use super::{AssignedSource, Assignment, Claim, ExecutorError, Executors, Outcome};
-use crate::controller::plan::{Failed, Pushed};
+use crate::outcome::{Failed, Pushed};
 use crate::proto::executor::v1 as pb;
 
 impl From<ExecutorError> for Status {

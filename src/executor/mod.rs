@@ -16,9 +16,7 @@ use kube::api::{ListParams, Patch, PatchParams};
 use kube::{Api, Client, ResourceExt};
 
 use crate::api::{ImageBuild, LABEL_ATTEMPT, LABEL_BUILD_ID, LABEL_PLATFORM, SecretReference};
-use crate::controller::plan::{
-    ANNOTATION_FAILURE, ANNOTATION_RESULT, ANNOTATION_STEP, Failed, Pushed,
-};
+use crate::outcome::{ANNOTATION_FAILURE, ANNOTATION_RESULT, ANNOTATION_STEP, Failed, Pushed};
 use crate::platform::Platform;
 use crate::reference::ImageRef;
 use crate::registry::{RegistryClient, credentials_for};

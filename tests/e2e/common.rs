@@ -164,15 +164,17 @@ impl TestEnv {
     /// A fresh namespace named after the test.
     pub async fn new(test: &str) -> TestEnv {
         let shared = tokio::task::spawn_blocking(shared).await.expect("join");
-        Self::in_env(shared, test).await
+        Self::in_env(shared, test, None).await
     }
 
-    /// The same: builds run on the real node of the one environment.
+    /// A fresh namespace for builds on the real node, enforcing the Pod
+    /// Security level build Pods claim: `baseline`.
     pub async fn with_builds(test: &str) -> TestEnv {
-        Self::new(test).await
+        let shared = tokio::task::spawn_blocking(shared).await.expect("join");
+        Self::in_env(shared, test, Some("baseline")).await
     }
 
-    async fn in_env(shared: &'static Shared, test: &str) -> TestEnv {
+    async fn in_env(shared: &'static Shared, test: &str, pod_security: Option<&str>) -> TestEnv {
         let client = client_for(&shared.kubeconfig).await;
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let ns = format!("{}-{}-{}", test.replace('_', "-"), std::process::id(), n);
@@ -183,6 +185,13 @@ impl TestEnv {
             &Namespace {
                 metadata: ObjectMeta {
                     name: Some(ns.clone()),
+                    labels: pod_security.map(|level| {
+                        [(
+                            "pod-security.kubernetes.io/enforce".to_string(),
+                            level.to_string(),
+                        )]
+                        .into()
+                    }),
                     ..Default::default()
                 },
                 ..Default::default()

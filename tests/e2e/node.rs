@@ -135,17 +135,22 @@ fn file_server(host: &str, root: PathBuf) -> u16 {
 /// and buildd (uid 0) share their TLS material to get there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn default_build_pod_runs_apt_get_under_pod_security_baseline() {
+    // with_builds: the namespace enforces Pod Security `baseline`.
     let mut env = TestEnv::with_builds("node-apt").await;
     let (ok, out) = env.kubectl(
         &[
-            "label",
+            "get",
             "namespace",
             &env.ns,
-            "pod-security.kubernetes.io/enforce=baseline",
+            "-o",
+            "jsonpath={.metadata.labels}",
         ],
         None,
     );
-    assert!(ok, "{out}");
+    assert!(
+        ok && out.contains(r#""pod-security.kubernetes.io/enforce":"baseline""#),
+        "{out}"
+    );
     let registry = env.shared.registry.clone().expect("registry");
     let debian = env
         .shared
