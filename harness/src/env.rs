@@ -201,6 +201,7 @@ impl Env {
             .map_err(|e| Error::io(format!("read {}", seccomp_path.display()), e))?;
         let node_opts = NodeOptions {
             dir: dir.join("node"),
+            log_dir: logs.clone(),
             kubelet_bin_dir: k8s_bin.clone(),
             node_bin_dir: node_bin.clone(),
             pki: cp.pki().clone(),

@@ -505,8 +505,10 @@ fn teardown(record: &HostRecord) {
 /// What [`RealNode::start`] needs.
 #[derive(Debug, Clone)]
 pub struct NodeOptions {
-    /// Data directory: containerd's root, the kubelet's root, configs, logs.
+    /// Data directory: containerd's root, the kubelet's root, configs, Pod logs.
     pub dir: PathBuf,
+    /// Where `containerd.log` and `kubelet.log` go.
+    pub log_dir: PathBuf,
     /// The directory holding `kubelet` (from `testenv/build.sh`).
     pub kubelet_bin_dir: PathBuf,
     /// The directory holding `containerd`, `containerd-shim-runc-v2` and
@@ -711,7 +713,7 @@ imports = []
             "{}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
             s(&opts.node_bin_dir)
         );
-        let containerd_log = d("logs/containerd.log");
+        let containerd_log = opts.log_dir.join("containerd.log");
         let (o, e) = log_file(&containerd_log)?;
         let mut cmd = supervised_command(opts.node_bin_dir.join("containerd"));
         cmd.arg("--config")
@@ -832,7 +834,7 @@ oomScoreAdj: 0
             },
         );
         write(&d("kubelet/config.yaml"), &config)?;
-        let kubelet_log = d("logs/kubelet.log");
+        let kubelet_log = opts.log_dir.join("kubelet.log");
         node.logs.push(kubelet_log.clone());
         node.kubelet_start = Some(KubeletStart {
             program: opts.kubelet_bin_dir.join("kubelet"),

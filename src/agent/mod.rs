@@ -182,7 +182,19 @@ pub async fn run_once(cfg: AgentConfig) -> Result<(), AgentError> {
     let (out_tx, mut inbound, assignment) = open_session(&endpoint, &hello).await?;
     tracing::info!(platform = %assignment.platform, tags = ?assignment.tags, "assignment received");
 
-    let outcome = build(&cfg, &assignment, &out_tx).await;
+    // A Pod being deleted (cancel, timeout, deletion) gets SIGTERM: stop
+    // the build in buildd at once, so its RUN processes end within the
+    // Pod's grace period, and exit without reporting.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| AgentError::Env(format!("cannot handle SIGTERM: {e}")))?;
+    let outcome = tokio::select! {
+        outcome = build(&cfg, &assignment, &out_tx) => outcome,
+        _ = term.recv() => {
+            tracing::info!("SIGTERM: cancelling the build");
+            cancel_in_buildd(&cfg).await;
+            return Err(AgentError::Failed("terminated: the build Pod is being stopped".into()));
+        }
+    };
     let (msg, failure) = match outcome {
         Ok(pushed) => (
             pb::AgentMessage {
@@ -199,20 +211,27 @@ pub async fn run_once(cfg: AgentConfig) -> Result<(), AgentError> {
     };
     // Report on this session; if the controller went away meanwhile (a
     // restart, a new leader), report on a new session until one answers.
-    let mut ack = send_outcome(&out_tx, &mut inbound, msg.clone()).await;
-    drop(out_tx);
-    let deadline = Instant::now() + Duration::from_secs(600);
-    while let Err(e) = &ack {
-        if Instant::now() > deadline {
-            break;
+    let report = async {
+        let mut ack = send_outcome(&out_tx, &mut inbound, msg.clone()).await;
+        drop(out_tx);
+        let deadline = Instant::now() + Duration::from_secs(600);
+        while let Err(e) = &ack {
+            if Instant::now() > deadline {
+                break;
+            }
+            tracing::warn!(error = %e, "reporting the outcome failed; reconnecting");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            ack = match open_session(&endpoint, &hello).await {
+                Ok((tx, mut inbound, _)) => send_outcome(&tx, &mut inbound, msg.clone()).await,
+                Err(e) => Err(e.to_string()),
+            };
         }
-        tracing::warn!(error = %e, "reporting the outcome failed; reconnecting");
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        ack = match open_session(&endpoint, &hello).await {
-            Ok((tx, mut inbound, _)) => send_outcome(&tx, &mut inbound, msg.clone()).await,
-            Err(e) => Err(e.to_string()),
-        };
-    }
+        ack
+    };
+    let ack = tokio::select! {
+        ack = report => ack,
+        _ = term.recv() => Err("terminated before the outcome was acknowledged".to_string()),
+    };
     let ack = ack.map_err(AgentError::Executor)?;
     match failure {
         Some(f) => Err(AgentError::Failed(f)),
@@ -297,6 +316,44 @@ async fn connect_with_retry(
     }
 }
 
+/// buildd's ID of this Pod's build.
+fn buildd_build_id(cfg: &AgentConfig) -> String {
+    format!(
+        "{}-{}-{}",
+        cfg.build_id,
+        cfg.platform.replace('/', "-"),
+        cfg.attempt
+    )
+}
+
+/// Asks the sidecar buildd to cancel this Pod's build (best effort, 5 s).
+async fn cancel_in_buildd(cfg: &AgentConfig) {
+    let tls = TlsDir::new(&cfg.buildd_tls_dir);
+    let address_file = cfg.buildd_tls_dir.join(crate::buildd::server::ADDRESS_FILE);
+    let Some(addr) = std::fs::read_to_string(&address_file)
+        .ok()
+        .and_then(|a| a.trim().parse::<SocketAddr>().ok())
+    else {
+        return;
+    };
+    let cancel = async {
+        let mut client = spawn::connect(addr, &tls).await.ok()?;
+        client
+            .cancel(bpb::CancelRequest {
+                build_id: buildd_build_id(cfg),
+            })
+            .await
+            .ok()
+    };
+    match tokio::time::timeout(Duration::from_secs(5), cancel).await {
+        Ok(Some(r)) => tracing::info!(
+            cancelled = r.into_inner().cancelled,
+            "buildd cancelled the build"
+        ),
+        _ => tracing::warn!("buildd could not be asked to cancel the build"),
+    }
+}
+
 type Failure = (String, String, String, Vec<String>);
 
 async fn build(
@@ -337,12 +394,7 @@ async fn build(
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
     let request = bpb::BuildRequest {
-        build_id: format!(
-            "{}-{}-{}",
-            cfg.build_id,
-            cfg.platform.replace('/', "-"),
-            cfg.attempt
-        ),
+        build_id: buildd_build_id(cfg),
         context_dir: context.dir.display().to_string(),
         dockerfile: context.dockerfile.display().to_string(),
         target: a.target.clone(),

@@ -233,74 +233,13 @@ async fn kubectl_logs_and_exec_reach_a_running_build_pod() {
     assert!(ok && out.contains("buildah version"), "{out}");
     let (ok, out) = env.kubectl(&["exec", &pod, "-c", "buildd", "--", "id", "-u"], None);
     assert!(ok && out.trim() == "0", "{out}");
-    let (ok, out) = env.wait_for("condition=Ready", "ib/logs", "240s");
-    assert!(ok, "{out}");
-    let (_, out) = env.kubectl(&["logs", &pod, "-c", "agent"], None);
-    assert!(out.lines().any(|l| l.trim() == "logs-marker-end"), "{out}");
-    env.cleanup().await;
-}
-
-/// The kubelet is killed while a build runs, and its service manager (here
-/// `tripod-dev serve`) starts it again: the build finishes, and its result
-/// is reported once.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kubelet_killed_mid_build_the_build_finishes_once() {
-    let mut env = TestEnv::with_builds("node-kubelet").await;
-    let registry = env.shared.registry.clone().expect("registry");
-    let busybox = env.shared.info.busybox_image.clone();
-    env.start_controller("c1");
-    let dockerfile = format!("FROM {busybox}\nRUN echo kubelet-marker && sleep 15\n");
-    env.apply(&inline("survive", &registry, &dockerfile));
-    eventually("the RUN step runs", BUILD, || async {
-        std::process::Command::new("pgrep")
-            .args(["-f", "kubelet-marker"])
-            .output()
-            .ok()
-            .filter(|o| o.status.success())
-            .map(|_| ())
+    // The rest of the RUN step's output follows as it comes.
+    eventually("the end of the RUN step in the log", BUILD, || async {
+        let (ok, out) = env.kubectl(&["logs", &pod, "-c", "agent"], None);
+        (ok && out.lines().any(|l| l.trim() == "logs-marker-end")).then_some(())
     })
     .await;
-    let kubelets = std::process::Command::new("pgrep")
-        .args([
-            "-f",
-            "kubelet --config=.*--hostname-override=tripod-linux-amd64",
-        ])
-        .output()
-        .expect("pgrep");
-    let pids = String::from_utf8_lossy(&kubelets.stdout).to_string();
-    assert!(!pids.trim().is_empty(), "no kubelet found");
-    for pid in pids.split_whitespace() {
-        let _ = std::process::Command::new("kill")
-            .args(["-KILL", pid])
-            .status();
-    }
-    let (ok, out) = env.wait_for("condition=Ready", "ib/survive", "300s");
-    let ib = env.builds().get("survive").await.expect("get");
-    assert!(ok, "{out}\n{:#?}", ib.status);
-    let status = ib.status.expect("status");
-    assert_eq!(status.phase, Some(Phase::Succeeded));
-    // Reported once: one Succeeded Event.
-    let (_, events) = env.kubectl(
-        &[
-            "get",
-            "events",
-            "--field-selector",
-            "involvedObject.name=survive,reason=Succeeded",
-            "-o",
-            "name",
-        ],
-        None,
-    );
-    assert_eq!(events.lines().count(), 1, "{events}");
-    // The kubelet runs again (a new process).
-    let again = std::process::Command::new("pgrep")
-        .args([
-            "-f",
-            "kubelet --config=.*--hostname-override=tripod-linux-amd64",
-        ])
-        .output()
-        .expect("pgrep");
-    let again = String::from_utf8_lossy(&again.stdout).to_string();
-    assert!(!again.trim().is_empty() && again != pids, "{again}");
+    let (ok, out) = env.wait_for("condition=Ready", "ib/logs", "240s");
+    assert!(ok, "{out}");
     env.cleanup().await;
 }

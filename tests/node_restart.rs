@@ -1,0 +1,102 @@
+//! The real node's kubelet is killed while a build runs, in an environment
+//! of its own (a test binary of its own), so that no other build sees it.
+
+#[allow(dead_code)]
+#[path = "e2e/common.rs"]
+mod common;
+
+use std::time::Duration;
+
+use tripod::api::Phase;
+
+use crate::common::{ON_REAL_NODE, TestEnv, eventually};
+
+const BUILD: Duration = Duration::from_secs(300);
+
+fn inline(name: &str, registry: &str, dockerfile: &str) -> String {
+    let indented: String = dockerfile
+        .lines()
+        .map(|l| format!("        {l}\n"))
+        .collect();
+    format!(
+        r#"apiVersion: build.tripod.dev/v1alpha1
+kind: ImageBuild
+metadata:
+  name: {name}
+spec:
+  source:
+    inline:
+      dockerfile: |
+{indented}  platforms: [linux/amd64]
+  retries: 1
+  output:
+    image: {registry}/team/{name}:1
+    insecure: true
+{ON_REAL_NODE}"#
+    )
+}
+
+/// The kubelet is killed while a build runs, and its service manager (here
+/// `tripod-dev serve`) starts it again: the build finishes (or is retried:
+/// `retries: 1`), and its result is reported once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubelet_killed_mid_build_the_build_finishes_once() {
+    let mut env = TestEnv::with_builds("node-kubelet").await;
+    let registry = env.shared.registry.clone().expect("registry");
+    let busybox = env.shared.info.busybox_image.clone();
+    env.start_controller("c1");
+    let dockerfile = format!("FROM {busybox}\nRUN echo kubelet-marker && sleep 15\n");
+    env.apply(&inline("survive", &registry, &dockerfile));
+    eventually("the RUN step runs", BUILD, || async {
+        std::process::Command::new("pgrep")
+            .args(["-f", "kubelet-marker"])
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|_| ())
+    })
+    .await;
+    let kubelets = std::process::Command::new("pgrep")
+        .args([
+            "-f",
+            "kubelet --config=.*--hostname-override=tripod-linux-amd64",
+        ])
+        .output()
+        .expect("pgrep");
+    let pids = String::from_utf8_lossy(&kubelets.stdout).to_string();
+    assert!(!pids.trim().is_empty(), "no kubelet found");
+    for pid in pids.split_whitespace() {
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", pid])
+            .status();
+    }
+    let (ok, out) = env.wait_for("condition=Ready", "ib/survive", "300s");
+    let ib = env.builds().get("survive").await.expect("get");
+    assert!(ok, "{out}\n{:#?}", ib.status);
+    let status = ib.status.expect("status");
+    assert_eq!(status.phase, Some(Phase::Succeeded));
+    // Reported once: one Succeeded Event.
+    let (_, events) = env.kubectl(
+        &[
+            "get",
+            "events",
+            "--field-selector",
+            "involvedObject.name=survive,reason=Succeeded",
+            "-o",
+            "name",
+        ],
+        None,
+    );
+    assert_eq!(events.lines().count(), 1, "{events}");
+    // The kubelet runs again (a new process).
+    let again = std::process::Command::new("pgrep")
+        .args([
+            "-f",
+            "kubelet --config=.*--hostname-override=tripod-linux-amd64",
+        ])
+        .output()
+        .expect("pgrep");
+    let again = String::from_utf8_lossy(&again.stdout).to_string();
+    assert!(!again.trim().is_empty() && again != pids, "{again}");
+    env.cleanup().await;
+}
