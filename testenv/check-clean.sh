@@ -5,7 +5,7 @@
 # the bridge, blackhole routes, iptables rules or chains, changed sysctls.
 set -uo pipefail
 deadline=$(( $(date +%s) + 180 ))
-while [ -e /run/tripod-node/host.json ] || pgrep -f /run/tripod-node >/dev/null; do
+while [ -e /run/tripod-node/host.json ] || pgrep -f "/run/tripod-node|tripod-dev serve" >/dev/null; do
   if [ "$(date +%s)" -gt "$deadline" ]; then break; fi
   sleep 1
 done

@@ -310,9 +310,11 @@ impl TestEnv {
     /// Runs the real kubectl in this namespace, `stdin` piped to it.
     pub fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> (bool, String) {
         let mut cmd = Command::new(&self.shared.kubectl);
-        cmd.args(args)
-            .arg("-n")
+        // The namespace first: arguments after `--` belong to the command
+        // `kubectl exec` runs.
+        cmd.arg("-n")
             .arg(&self.ns)
+            .args(args)
             .env("KUBECONFIG", &self.shared.kubeconfig)
             .stdin(if stdin.is_some() {
                 Stdio::piped()
