@@ -22,7 +22,7 @@ for i in $(seq "$n"); do
   kubectl annotate --overwrite ib hello "build.tripod.dev/rebuild=bench-$t0-$i" >/dev/null
   created=""; started=""
   while :; do
-    read -r id phase < <(kubectl get ib hello -o jsonpath='{.status.buildID} {.status.phase}')
+    read -r id phase < <(kubectl get ib hello -o jsonpath='{.status.buildID} {.status.phase}{"\n"}') || true
     if [ "$id" != "$before" ] && [ -n "$id" ] && [ -z "$started" ]; then
       state=$(kubectl get pods -l "build.tripod.dev/build-id=$id" \
         -o jsonpath='{.items[0].status.containerStatuses[?(@.name=="agent")].state}' 2>/dev/null || true)

@@ -143,7 +143,7 @@ pub fn source_dir() -> PathBuf {
     }
     let built_from = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     if built_from.join("testenv/build.sh").exists() {
-        return std::path::absolute(&built_from).unwrap_or(built_from);
+        return std::fs::canonicalize(&built_from).unwrap_or(built_from);
     }
     std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."))
 }
