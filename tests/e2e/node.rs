@@ -243,3 +243,48 @@ async fn kubectl_logs_and_exec_reach_a_running_build_pod() {
     assert!(ok, "{out}");
     env.cleanup().await;
 }
+
+/// The alternative to the seccomp profile, for nodes without it: a user
+/// namespace for the Pod (`hostUsers: false`, runc ≥ 1.2) and CAP_SYS_ADMIN
+/// for buildd, which then holds only inside that namespace. Root in the
+/// build is an unprivileged user on the node: the RUN step sees a uid map
+/// that does not start at the node's root.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_namespaced_build_pod_with_sys_admin_builds_too() {
+    // SYS_ADMIN needs Pod Security `privileged`: an unlabelled namespace.
+    let mut env = TestEnv::new("node-userns").await;
+    let registry = env.shared.registry.clone().expect("registry");
+    let busybox = env.shared.info.busybox_image.clone();
+    let port = crate::common::free_port();
+    env.start_controller_with(
+        "c1",
+        port,
+        &[
+            "--build-pod-user-namespace",
+            "--buildd-security-context",
+            r#"{"runAsUser":0,"capabilities":{"add":["SYS_ADMIN"]}}"#,
+        ],
+    );
+    let dockerfile = format!("FROM {busybox}\nRUN echo uidmap: $(cat /proc/self/uid_map)\n");
+    env.apply(&inline("userns", &registry, &dockerfile));
+    let (ok, out) = env.wait_for("condition=Ready", "ib/userns", "300s");
+    let ib = env.builds().get("userns").await.expect("get");
+    assert!(ok, "{out}\n{:#?}", ib.status);
+    let pods = env.pods_of("userns").await;
+    let pod = &pods[0];
+    assert_eq!(pod.spec.as_ref().and_then(|s| s.host_users), Some(false));
+    let (ok, log) = env.kubectl(&["logs", &pod.name_any(), "-c", "agent"], None);
+    assert!(ok, "{log}");
+    let map = log
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("uidmap: "))
+        .unwrap_or_else(|| panic!("no uid map in the log:\n{log}"));
+    let fields: Vec<&str> = map.split_whitespace().collect();
+    assert_eq!(fields.first(), Some(&"0"), "{map}");
+    assert_ne!(
+        fields.get(1),
+        Some(&"0"),
+        "root in the Pod is root on the node: {map}"
+    );
+    env.cleanup().await;
+}
