@@ -92,6 +92,13 @@ impl TlsDir {
             move |source| TlsError::Io { what, path, source }
         };
         fs::create_dir_all(&self.dir).map_err(io("create", &self.dir))?;
+        // Never chmod or chown through a symlink someone put in its place.
+        if !fs::symlink_metadata(&self.dir)
+            .map_err(io("stat", &self.dir))?
+            .is_dir()
+        {
+            return Err(TlsError::Permissions(self.dir.clone()));
+        }
         let mode = if self.group.is_some() { 0o750 } else { 0o700 };
         fs::set_permissions(&self.dir, fs::Permissions::from_mode(mode))
             .map_err(io("chmod", &self.dir))?;
@@ -121,12 +128,13 @@ impl TlsDir {
     }
 
     fn check(&self) -> Result<(), TlsError> {
-        let meta = fs::metadata(&self.dir).map_err(|source| TlsError::Io {
+        // Not followed: a symlink in a shared volume could point anywhere.
+        let meta = fs::symlink_metadata(&self.dir).map_err(|source| TlsError::Io {
             what: "stat",
             path: self.dir.clone(),
             source,
         })?;
-        if meta.permissions().mode() & 0o027 != 0 {
+        if !meta.is_dir() || meta.permissions().mode() & 0o027 != 0 {
             return Err(TlsError::Permissions(self.dir.clone()));
         }
         Ok(())

@@ -75,19 +75,8 @@ async fn kubelet_killed_mid_build_the_build_finishes_once() {
     assert!(ok, "{out}\n{:#?}", ib.status);
     let status = ib.status.expect("status");
     assert_eq!(status.phase, Some(Phase::Succeeded));
-    // Reported once: one Succeeded Event.
-    let (_, events) = env.kubectl(
-        &[
-            "get",
-            "events",
-            "--field-selector",
-            "involvedObject.name=survive,reason=Succeeded",
-            "-o",
-            "name",
-        ],
-        None,
-    );
-    assert_eq!(events.lines().count(), 1, "{events}");
+    // Reported once: one Succeeded Event, not repeated.
+    common::assert_reported_once(&env, "survive").await;
     // The kubelet runs again (a new process).
     let again = std::process::Command::new("pgrep")
         .args([

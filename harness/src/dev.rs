@@ -230,12 +230,23 @@ fn pid_alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "))
 }
 
+/// The pid in `DIR/serve.pid`, if that process is still this directory's
+/// `tripod-dev serve` (a stale file may name an unrelated process).
 fn read_pid(dir: &Path) -> Option<u32> {
-    std::fs::read_to_string(dir.join("serve.pid"))
+    let pid: u32 = std::fs::read_to_string(dir.join("serve.pid"))
         .ok()?
         .trim()
         .parse()
-        .ok()
+        .ok()?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let args: Vec<String> = String::from_utf8_lossy(&cmdline)
+        .split('\0')
+        .map(str::to_string)
+        .collect();
+    let ours = args.iter().any(|a| a == "serve")
+        && args.iter().any(|a| Path::new(a) == dir)
+        && args.first().is_some_and(|a| a.ends_with("tripod-dev"));
+    ours.then_some(pid)
 }
 
 fn tail(path: &Path, lines: usize) -> String {
@@ -406,7 +417,7 @@ async fn down(dir: &Path, purge: bool) -> Result<(), DevError> {
                 .status();
             let started = Instant::now();
             // Pods get their grace period; the host is then put back.
-            while pid_alive(pid) && started.elapsed() < Duration::from_secs(150) {
+            while pid_alive(pid) && started.elapsed() < Duration::from_secs(300) {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
             if pid_alive(pid) {
@@ -435,11 +446,6 @@ async fn serve(opts: &EnvOptions, stdin_guard: bool) -> Result<(), DevError> {
     let dir = &opts.dir;
     std::fs::create_dir_all(dir).map_err(io(format!("create {}", dir.display())))?;
     let _ = std::fs::remove_file(dir.join("ready"));
-    let mut env = Env::start(opts).await?;
-    env.write_files(dir)?;
-    std::fs::write(dir.join("ready"), "").map_err(io("write ready marker"))?;
-    tracing::info!(api = %env.info.api_url, "Tripod dev environment ready");
-
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).map_err(io("install SIGTERM handler"))?;
     let mut int = signal(SignalKind::interrupt()).map_err(io("install SIGINT handler"))?;
@@ -454,6 +460,18 @@ async fn serve(opts: &EnvOptions, stdin_guard: bool) -> Result<(), DevError> {
         while stdin.read(&mut buf).await.is_ok_and(|n| n > 0) {}
     };
     tokio::pin!(stdin_closed);
+    // A stop while it starts: dropping the half-started environment tears
+    // down what it had set up.
+    let mut env = tokio::select! {
+        env = Env::start(opts) => env?,
+        _ = term.recv() => return Ok(()),
+        _ = int.recv() => return Ok(()),
+        _ = hup.recv() => return Ok(()),
+        _ = &mut stdin_closed => return Ok(()),
+    };
+    env.write_files(dir)?;
+    std::fs::write(dir.join("ready"), "").map_err(io("write ready marker"))?;
+    tracing::info!(api = %env.info.api_url, "Tripod dev environment ready");
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {

@@ -106,16 +106,33 @@ impl EnvInfo {
 }
 
 /// A running environment. Stop it with [`Env::stop`].
+/// Dropping it (an error, a panic) stops everything too, less gracefully:
+/// the fields drop in this order, the host's teardown last.
 #[derive(Debug)]
 pub struct Env {
+    controller: Option<Child>,
+    kwok: Option<Kwok>,
+    node: Option<RealNode>,
+    registry: Option<Registry>,
     cp: ControlPlane,
     host: Host,
-    node: Option<RealNode>,
-    kwok: Option<Kwok>,
-    registry: Option<Registry>,
-    controller: Option<Child>,
     /// What it offers.
     pub info: EnvInfo,
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        for child in [
+            self.controller.as_mut(),
+            self.registry.as_mut().map(|r| &mut r.child),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
 
 /// Runs `bash <source>/testenv/<script> args…`, its stderr passed through
@@ -248,12 +265,12 @@ impl Env {
             metrics: None,
         };
         let mut env = Env {
+            controller: None,
+            kwok: Some(kwok),
+            node: Some(node),
+            registry: Some(registry),
             cp,
             host,
-            node: Some(node),
-            kwok: Some(kwok),
-            registry: Some(registry),
-            controller: None,
             info: info.clone(),
         };
         if opts.controller {
@@ -308,10 +325,12 @@ impl Env {
 
     /// Restarts the kubelet if it exited, as a node's service manager would.
     /// Call it periodically.
+    /// It also puts back the sysctls a (re)started kubelet changed.
     pub fn keep_alive(&mut self) {
         if let Some(node) = self.node.as_mut() {
             node.restart_kubelet_if_exited();
         }
+        self.host.restore_sysctls();
     }
 
     /// Stops everything in reverse order and leaves the host as found.

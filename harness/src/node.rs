@@ -77,13 +77,14 @@ const SYSCTLS: [&str; 7] = [
     "net/ipv4/ip_forward",
 ];
 /// Directories the kubelet and libcni write outside their roots.
-const OUTSIDE_DIRS: [&str; 3] = [
+const OUTSIDE_DIRS: [&str; 4] = [
     "/var/lib/kubelet/device-plugins",
+    "/var/lib/kubelet",
     "/var/log/containers",
     "/var/lib/cni",
 ];
 /// How long a start waits for another node on this machine to stop.
-const LOCK_WAIT: Duration = Duration::from_secs(150);
+const LOCK_WAIT: Duration = Duration::from_secs(300);
 /// How long the node may take to report Ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(90);
 /// How long Pods may take to go away when the node stops.
@@ -214,8 +215,20 @@ impl Host {
                     tracing::warn!(dir = %old.data_dir.display(), "cleaning up after a node that was not stopped");
                     teardown(&old);
                 }
-                Err(e) => tracing::warn!("ignoring unreadable {}: {e}", record_path().display()),
+                Err(e) => {
+                    return Err(Error::Node(format!(
+                        "{} is unreadable ({e}): the host may still hold an earlier node's changes; undo them by hand, then delete it",
+                        record_path().display()
+                    )));
+                }
             }
+        }
+        // Another kubelet on this machine (its Pods live in the same
+        // `kubepods` cgroups, which the teardown empties): refuse.
+        if let Some(why) = other_kubelet() {
+            return Err(Error::Node(format!(
+                "this machine runs another kubelet ({why}); a Tripod node needs a machine without one"
+            )));
         }
         // Leftovers of a run that died before it recorded anything.
         sh_quiet("ip", &["link", "del", BRIDGE]);
@@ -246,7 +259,11 @@ impl Host {
             }
         }
         let json = serde_json::to_string_pretty(&record).map_err(|e| Error::Node(e.to_string()))?;
-        fs::write(record_path(), json)
+        // Written whole or not at all: a torn record would make the next
+        // start take the half-changed host for the original.
+        let tmp = run_dir().join("host.json.tmp");
+        fs::write(&tmp, json)
+            .and_then(|()| fs::rename(&tmp, record_path()))
             .map_err(|e| Error::io(format!("write {}", record_path().display()), e))?;
         let _ = fs::write(
             run_dir().join("owner"),
@@ -308,25 +325,132 @@ impl Drop for Host {
     }
 }
 
-/// Cleans up after a node whose harness was killed, when no node runs:
-/// returns whether there was anything to clean. Errs when a node runs.
+/// Cleans up after a node whose harness was killed: returns whether there
+/// was anything to clean. Waits (bounded) for a node that is stopping; errs
+/// when one still runs.
 pub fn cleanup_stale() -> Result<bool, Error> {
-    let Ok(text) = fs::read_to_string(record_path()) else {
+    if !record_path().exists() {
         return Ok(false);
-    };
+    }
     let lock = fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
         .open(run_dir().join("lock"))
         .map_err(|e| Error::io(format!("open {RUN_DIR}/lock"), e))?;
-    if lock.try_lock().is_err() {
-        return Ok(false);
+    let until = Instant::now() + Duration::from_secs(60);
+    while lock.try_lock().is_err() {
+        if Instant::now() > until {
+            let owner = fs::read_to_string(run_dir().join("owner")).unwrap_or_default();
+            return Err(Error::Node(format!(
+                "a Tripod node still runs on this machine ({})",
+                owner.trim()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(500));
     }
+    // Under the lock: the stopping node may have cleaned up meanwhile.
+    let Ok(text) = fs::read_to_string(record_path()) else {
+        return Ok(false);
+    };
     let record: HostRecord = serde_json::from_str(&text)
         .map_err(|e| Error::Node(format!("{}: {e}", record_path().display())))?;
     teardown(&record);
     Ok(true)
+}
+
+/// Signs of a kubelet that is not ours: its ports in use, or `kubepods`
+/// cgroups while no node of ours runs (checked under the lock, after our
+/// own leftovers were cleaned).
+fn other_kubelet() -> Option<String> {
+    for port in [10248u16, 10250] {
+        if std::net::TcpStream::connect_timeout(
+            &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+            Duration::from_millis(300),
+        )
+        .is_ok()
+        {
+            return Some(format!("something listens on 127.0.0.1:{port}"));
+        }
+    }
+    kubepods_cgroups()
+        .first()
+        .map(|cg| format!("{} exists", cg.display()))
+}
+
+/// Removes what the kubelet and the CNI plugins added to one iptables
+/// family since `snapshot` (an `iptables-save` of before): new rules that
+/// are the harness's own (its comment) or belong to or jump to `KUBE-*` /
+/// `CNI-*` chains, then those chains. Rules others added meanwhile stay.
+fn restore_iptables(save: &str, restore: &str, snapshot: &str) -> Result<(), String> {
+    let current = Command::new(save)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("{save}: {e}"))?;
+    let current = String::from_utf8_lossy(&current.stdout).into_owned();
+    let tables = |text: &str| -> BTreeMap<String, Vec<String>> {
+        let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        let mut table = String::new();
+        for line in text.lines() {
+            if let Some(t) = line.strip_prefix('*') {
+                table = t.to_string();
+            } else if !table.is_empty() && (line.starts_with("-A ") || line.starts_with(':')) {
+                out.entry(table.clone()).or_default().push(line.to_string());
+            }
+        }
+        out
+    };
+    let before = tables(snapshot);
+    let ours = |line: &str| {
+        line.contains("KUBE-") || line.contains("CNI-") || line.contains(EGRESS_RULE_COMMENT)
+    };
+    let mut script = String::new();
+    for (table, lines) in tables(&current) {
+        let old = before.get(&table).cloned().unwrap_or_default();
+        let mut body = String::new();
+        for line in lines.iter().filter(|l| l.starts_with("-A ") && ours(l)) {
+            if !old.contains(line) {
+                body.push_str(&format!("-D {}\n", &line[3..]));
+            }
+        }
+        for line in lines.iter().filter(|l| l.starts_with(':')) {
+            let chain = line[1..].split_whitespace().next().unwrap_or_default();
+            let existed = old.iter().any(|o| o.starts_with(&format!(":{chain} ")));
+            if !existed && (chain.starts_with("KUBE-") || chain.starts_with("CNI-")) {
+                body.push_str(&format!("-F {chain}\n-X {chain}\n"));
+            }
+        }
+        if !body.is_empty() {
+            script.push_str(&format!("*{table}\n{body}COMMIT\n"));
+        }
+    }
+    if script.is_empty() {
+        return Ok(());
+    }
+    let mut child = Command::new(restore)
+        .arg("--noflush")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("{restore}: {e}"))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        use std::io::Write;
+        stdin
+            .write_all(script.as_bytes())
+            .map_err(|e| format!("{restore}: {e}"))?;
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| format!("{restore}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{restore} --noflush: {}\n{script}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
 }
 
 fn restore_sysctls(record: &HostRecord) {
@@ -340,23 +464,43 @@ fn restore_sysctls(record: &HostRecord) {
     }
 }
 
-/// Pids of processes whose command line mentions `needle`.
-fn pids_mentioning(needle: &str) -> Vec<u32> {
-    let me = std::process::id();
+/// Whether one command-line argument names `dir` or a path under it
+/// (`/dir`, `/dir/x`, `--flag=/dir/x`), not merely contains its text.
+fn arg_names(arg: &str, dir: &str) -> bool {
+    let value = arg.split_once('=').map_or(arg, |(_, v)| v);
+    [arg, value]
+        .iter()
+        .any(|a| *a == dir || a.starts_with(&format!("{dir}/")))
+}
+
+/// Pids of processes with an argument naming `dir` (see [`arg_names`]),
+/// this process and its ancestors excepted.
+fn pids_naming(dir: &str) -> Vec<u32> {
+    let mut spared = vec![std::process::id()];
+    let mut pid = std::process::id();
+    while let Some(parent) = fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let after = s.rsplit_once(')')?.1.to_string();
+            after.split_whitespace().nth(1)?.parse::<u32>().ok()
+        })
+        .filter(|p| *p > 1)
+    {
+        spared.push(parent);
+        pid = parent;
+    }
     let Ok(entries) = fs::read_dir("/proc") else {
         return Vec::new();
     };
     entries
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| *pid != me)
+        .filter(|pid| !spared.contains(pid))
         .filter(|pid| {
-            fs::read(format!("/proc/{pid}/cmdline"))
-                .map(|c| {
-                    String::from_utf8_lossy(&c)
-                        .replace('\0', " ")
-                        .contains(needle)
-                })
-                .unwrap_or(false)
+            fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                String::from_utf8_lossy(&c)
+                    .split('\0')
+                    .any(|arg| arg_names(arg, dir))
+            })
         })
         .collect()
 }
@@ -421,8 +565,8 @@ fn teardown(record: &HostRecord) {
     // shims, kwok), then whatever runs in the Pods' cgroups.
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let mut pids = pids_mentioning(RUN_DIR);
-        pids.extend(pids_mentioning(&data));
+        let mut pids = pids_naming(RUN_DIR);
+        pids.extend(pids_naming(&data));
         for cg in kubepods_cgroups() {
             if let Ok(procs) = fs::read_to_string(cg.join("cgroup.procs")) {
                 pids.extend(procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()));
@@ -455,45 +599,24 @@ fn teardown(record: &HostRecord) {
     for range in BLACKHOLES {
         sh_quiet("ip", &["route", "del", "blackhole", range]);
     }
-    for (file, restore) in [
-        ("iptables", "iptables-restore"),
-        ("ip6tables", "ip6tables-restore"),
+    for (file, save, restore) in [
+        ("iptables", "iptables-save", "iptables-restore"),
+        ("ip6tables", "ip6tables-save", "ip6tables-restore"),
     ] {
         let path = run_dir().join(file);
-        if let Ok(mut saved) = fs::read_to_string(&path) {
-            // A table the snapshot lacks was empty: restore it empty (its
-            // rules and the kubelet's and CNI's chains go).
-            for table in ["filter", "nat", "mangle", "raw"] {
-                if !saved.contains(&format!("*{table}\n")) {
-                    saved.push_str(&format!("*{table}\nCOMMIT\n"));
-                }
-            }
-            let ok = Command::new(restore)
-                .stdin(Stdio::piped())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .and_then(|mut child| {
-                    if let Some(mut stdin) = child.stdin.take() {
-                        use std::io::Write;
-                        stdin.write_all(saved.as_bytes())?;
-                    }
-                    child.wait()
-                })
-                .is_ok_and(|s| s.success());
-            if !ok {
-                tracing::warn!("{restore} < {} failed", path.display());
-            }
+        if let Ok(snapshot) = fs::read_to_string(&path)
+            && let Err(e) = restore_iptables(save, restore, &snapshot)
+        {
+            tracing::warn!("iptables not fully restored: {e}");
         }
     }
     restore_sysctls(record);
-    for (dir, existed) in &record.outside_dirs {
-        if !existed {
+    // Deepest first; a directory that existed before stays.
+    for dir in OUTSIDE_DIRS {
+        if record.outside_dirs.get(dir) == Some(&false) {
             let _ = fs::remove_dir_all(dir);
         }
     }
-    // /var/lib/kubelet itself, when only the device-plugins dir made it.
-    let _ = fs::remove_dir("/var/lib/kubelet");
     for name in ["iptables", "ip6tables", "owner", "host.json"] {
         let _ = fs::remove_file(run_dir().join(name));
     }
@@ -854,7 +977,7 @@ oomScoreAdj: 0
 
         let nodes: Api<Node> = Api::all(client.clone());
         let until = Instant::now() + READY_TIMEOUT;
-        let mut sysctls_restored = false;
+        let mut kubelet_healthy = false;
         loop {
             if let Some(k) = node.kubelet.as_mut()
                 && let Ok(Some(status)) = k.try_wait()
@@ -864,10 +987,11 @@ oomScoreAdj: 0
                     tail(&kubelet_log)
                 )));
             }
-            // The kubelet sets its sysctls before it serves healthz.
-            if !sysctls_restored && healthz().await {
-                _host.restore_sysctls();
-                sysctls_restored = true;
+            // The kubelet sets its sysctls once its runtime is up, before
+            // the node turns Ready; they are put back then (and whenever a
+            // restarted kubelet sets them again: `Env::keep_alive`).
+            if !kubelet_healthy && healthz().await {
+                kubelet_healthy = true;
             }
             let ready = nodes
                 .get_opt(NODE_NAME)
@@ -881,7 +1005,8 @@ oomScoreAdj: 0
                         .iter()
                         .any(|c| c.type_ == "Ready" && c.status == "True")
                 });
-            if ready && sysctls_restored {
+            if ready && kubelet_healthy {
+                _host.restore_sysctls();
                 break;
             }
             if Instant::now() > until {

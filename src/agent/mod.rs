@@ -179,14 +179,22 @@ pub async fn run_once(cfg: AgentConfig) -> Result<(), AgentError> {
         attempt: cfg.attempt,
         agent_version: env!("CARGO_PKG_VERSION").into(),
     };
-    let (out_tx, mut inbound, assignment) = open_session(&endpoint, &hello).await?;
-    tracing::info!(platform = %assignment.platform, tags = ?assignment.tags, "assignment received");
-
-    // A Pod being deleted (cancel, timeout, deletion) gets SIGTERM: stop
-    // the build in buildd at once, so its RUN processes end within the
-    // Pod's grace period, and exit without reporting.
+    // A Pod being deleted (cancel, timeout, deletion) gets SIGTERM. The
+    // agent is its container's PID 1, so without a handler SIGTERM would be
+    // ignored: handle it from the start.
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| AgentError::Env(format!("cannot handle SIGTERM: {e}")))?;
+    let (out_tx, mut inbound, assignment) = tokio::select! {
+        session = open_session(&endpoint, &hello) => session?,
+        _ = term.recv() => {
+            return Err(AgentError::Failed("terminated before the build started".into()));
+        }
+    };
+    tracing::info!(platform = %assignment.platform, tags = ?assignment.tags, "assignment received");
+
+    // SIGTERM during the build: stop it in buildd at once, so its RUN
+    // processes end within the Pod's grace period, and exit without
+    // reporting.
     let outcome = tokio::select! {
         outcome = build(&cfg, &assignment, &out_tx) => outcome,
         _ = term.recv() => {
@@ -439,7 +447,10 @@ async fn build(
             }
             // buildah's output, as it comes: the Pod log (`kubectl logs`)
             // is where a user reads why a build failed.
-            Some(bpb::build_event::Event::Log(l)) => println!("{}", l.line),
+            Some(bpb::build_event::Event::Log(l)) => {
+                use std::io::Write;
+                let _ = writeln!(std::io::stdout(), "{}", l.line);
+            }
             Some(bpb::build_event::Event::Result(r)) => {
                 return Ok(pb::Pushed {
                     digest: r.digest,

@@ -37,8 +37,13 @@ pub fn parse_seccomp_profile(text: &str) -> Result<SeccompProfile, String> {
             type_: text.into(),
             ..Default::default()
         }),
+        // `localhost/…` is the old annotation syntax, and a miscased
+        // RuntimeDefault is a typo: both would only fail at Pod start.
         path if !path.is_empty()
             && !path.starts_with('/')
+            && !path.starts_with("localhost/")
+            && !path.eq_ignore_ascii_case("runtimedefault")
+            && !path.eq_ignore_ascii_case("unconfined")
             && !path.split('/').any(|c| c == ".." || c.is_empty()) =>
         {
             Ok(SeccompProfile {

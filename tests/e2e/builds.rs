@@ -539,21 +539,7 @@ async fn controller_killed_mid_build_still_reports_exactly_once() {
         .expect("registry answers");
     assert_eq!(s.image.expect("image").digest, confirmed);
     // Reported once: one Succeeded Event.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let events: Api<k8s_openapi::api::events::v1::Event> =
-        Api::namespaced(env.client.clone(), &env.ns);
-    let succeeded = events
-        .list(&ListParams::default())
-        .await
-        .expect("events")
-        .items
-        .into_iter()
-        .filter(|e| {
-            e.reason.as_deref() == Some("Succeeded")
-                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("survivor")
-        })
-        .count();
-    assert_eq!(succeeded, 1);
+    crate::common::assert_reported_once(&env, "survivor").await;
     env.cleanup().await;
 }
 

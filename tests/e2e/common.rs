@@ -380,6 +380,35 @@ where
     }
 }
 
+/// Asserts that `name`'s success was reported once: its `Succeeded` Event
+/// appears (it is published after the status) and it is one Event that was
+/// not repeated (an Event recorder merges repeats into a series).
+pub async fn assert_reported_once(env: &TestEnv, name: &str) {
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(env.client.clone(), &env.ns);
+    let succeeded = eventually("the Succeeded Event", Duration::from_secs(30), || async {
+        let found: Vec<_> = events
+            .list(&ListParams::default())
+            .await
+            .ok()?
+            .items
+            .into_iter()
+            .filter(|e| {
+                e.reason.as_deref() == Some("Succeeded")
+                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)
+            })
+            .collect();
+        (!found.is_empty()).then_some(found)
+    })
+    .await;
+    assert_eq!(succeeded.len(), 1, "{succeeded:#?}");
+    let e = &succeeded[0];
+    assert!(
+        e.series.as_ref().is_none_or(|s| s.count <= 1) && e.deprecated_count.unwrap_or(1) <= 1,
+        "reported more than once: {e:#?}"
+    );
+}
+
 /// A plain HTTP GET on loopback: (status code, body).
 pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))

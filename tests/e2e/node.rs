@@ -214,7 +214,7 @@ async fn kubectl_logs_and_exec_reach_a_running_build_pod() {
     let busybox = env.shared.info.busybox_image.clone();
     env.start_controller("c1");
     let dockerfile =
-        format!("FROM {busybox}\nRUN echo logs-marker-start && sleep 8 && echo logs-marker-end\n");
+        format!("FROM {busybox}\nRUN echo logs-marker-start && sleep 20 && echo logs-marker-end\n");
     env.apply(&inline("logs", &registry, &dockerfile));
     let pod = eventually("the build Pod runs its RUN step", BUILD, || async {
         let pods = env.pods_of("logs").await;
@@ -241,6 +241,7 @@ async fn kubectl_logs_and_exec_reach_a_running_build_pod() {
     .await;
     let (ok, out) = env.wait_for("condition=Ready", "ib/logs", "240s");
     assert!(ok, "{out}");
+    crate::common::assert_reported_once(&env, "logs").await;
     env.cleanup().await;
 }
 
