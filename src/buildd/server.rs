@@ -262,8 +262,8 @@ pub async fn serve<B: Backend>(
         let _ = out.flush();
     }
     // The address file tells a sidecar's agent where to dial: buildd listens
-    // on a free port, since Pods with hostNetwork (Windows HostProcess) or a
-    // node runner share the host's ports.
+    // on a free port, since Pods with hostNetwork (Windows HostProcess) and
+    // runners share the host's ports.
     let address_file = tls.path().join(ADDRESS_FILE);
     let tmp = tls.path().join(".address.tmp");
     if let Err(e) =

@@ -1,8 +1,8 @@
 //! Linux builds end to end: the controller creates a build Pod, the real
-//! scheduler binds it to the node whose Pods the node runner executes, the
-//! agent fetches the source and drives buildd (real buildah), the image is
-//! pushed to a real registry, and the controller records the digest only
-//! after the registry confirmed it.
+//! scheduler binds it to the real node (kubelet, containerd, runc), whose
+//! containers run the buildd image: the agent fetches the source and drives
+//! buildd (real buildah), the image is pushed to a real registry, and the
+//! controller records the digest only after the registry confirmed it.
 
 use std::time::Duration;
 
