@@ -38,26 +38,29 @@ command -v cargo >/dev/null || { echo "Rust (cargo) is required" >&2; exit 1; }
 step() { echo "==> $*" >&2; }
 # Everything below prints its progress while it compiles, and takes seconds
 # once cached under ~/.cache/tripod.
-step "Kubernetes control plane and kubelet (~12 minutes the first time)"
+step "Kubernetes control plane and kubelet (~7 minutes the first time)"
 bash testenv/build.sh >/dev/null
-step "containerd, runc, kwok (~9 minutes the first time)"
+step "containerd, runc, kwok (~3 minutes the first time)"
 bash testenv/node.sh >/dev/null
 # helm, for the chart tests: also built once from the Go modules.
 bash testenv/helm.sh >/dev/null
 # The Dockerfile's base images, seeded into a local registry (tests/image.rs):
 # debootstrap and this machine's Rust toolchain, ~3 minutes the first time.
-step "Dockerfile base images (~3 minutes the first time)"
+step "Dockerfile base images (~1 minute the first time)"
 bash testenv/base-images.sh >/dev/null
 # The images build Pods run: the Dockerfile's buildd target (a release build
-# of Tripod inside it, ~10 minutes the first time, ~3 after a source change).
+# of Tripod inside it, ~6 minutes the first time, 1-3 after a source change).
 step "buildd, pause and busybox images"
 bash testenv/images.sh build
 
 step "cargo build --workspace --bins (the tests run tripod and tripod-dev)"
 cargo build --locked --workspace --bins
 step "cargo test"
+baseline="$(mktemp)"
+bash testenv/check-clean.sh --sysctls "$baseline"
 cargo test --locked --workspace --all-targets -- --test-threads "${TRIPOD_TEST_THREADS:-4}"
 # The real node of the tests tears itself down once the test process is
 # gone: check that it left nothing behind.
 step "nothing left on the machine"
-bash testenv/check-clean.sh
+bash testenv/check-clean.sh "$baseline"
+rm -f "$baseline"

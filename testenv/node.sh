@@ -40,7 +40,7 @@ step() { echo "node.sh: $* (+$(( $(date +%s) - start ))s)" >&2; }
 
 PKG=github.com/containerd/containerd/v2
 ldf="-s -w -X $PKG/version.Version=$CONTAINERD_VERSION -X $PKG/version.Revision=module-proxy -X $PKG/version.Package=$PKG"
-step "building containerd $CONTAINERD_VERSION (first time only, ~3 min)"
+step "building containerd $CONTAINERD_VERSION (first time only, ~2 min)"
 CGO_ENABLED=0 go install -trimpath -tags urfave_cli_no_docs -ldflags "$ldf" \
   "$PKG/cmd/containerd@$CONTAINERD_VERSION" "$PKG/cmd/ctr@$CONTAINERD_VERSION" >&2
 CGO_ENABLED=0 go install -trimpath -tags "urfave_cli_no_docs no_grpc" -ldflags "$ldf" \
@@ -51,7 +51,7 @@ CGO_ENABLED=1 go install -trimpath -tags "seccomp urfave_cli_no_docs" \
   -ldflags "-s -w -X main.version=${RUNC_VERSION#v} -X main.gitCommit=module-proxy" \
   "github.com/opencontainers/runc@$RUNC_VERSION" >&2
 
-step "building kwok $KWOK_VERSION (first time only, ~3 min)"
+step "building kwok $KWOK_VERSION (first time only, ~1 min)"
 CGO_ENABLED=0 go install -trimpath \
   -ldflags "-s -w -X sigs.k8s.io/kwok/pkg/consts.Version=${KWOK_VERSION#v}" \
   "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION" >&2
