@@ -9,31 +9,12 @@ use std::time::Duration;
 
 use tripod::api::Phase;
 
-use crate::common::{ON_REAL_NODE, TestEnv, eventually};
+use crate::common::{TestEnv, eventually};
 
 const BUILD: Duration = Duration::from_secs(300);
 
 fn inline(name: &str, registry: &str, dockerfile: &str) -> String {
-    let indented: String = dockerfile
-        .lines()
-        .map(|l| format!("        {l}\n"))
-        .collect();
-    format!(
-        r#"apiVersion: build.tripod.dev/v1alpha1
-kind: ImageBuild
-metadata:
-  name: {name}
-spec:
-  source:
-    inline:
-      dockerfile: |
-{indented}  platforms: [linux/amd64]
-  retries: 1
-  output:
-    image: {registry}/team/{name}:1
-    insecure: true
-{ON_REAL_NODE}"#
-    )
+    common::real_node_build(name, registry, dockerfile, "  retries: 1\n")
 }
 
 /// The kubelet is killed while a build runs, and its service manager (here

@@ -126,19 +126,7 @@ impl Kwok {
                         kwok.log.display()
                     )));
                 }
-                let ready = api
-                    .get_opt(&n.name)
-                    .await
-                    .ok()
-                    .flatten()
-                    .is_some_and(|node| {
-                        node.status
-                            .and_then(|s| s.conditions)
-                            .unwrap_or_default()
-                            .iter()
-                            .any(|c| c.type_ == "Ready" && c.status == "True")
-                    });
-                if ready {
+                if crate::node::is_ready(&api, &n.name).await {
                     break;
                 }
                 if Instant::now() > until {

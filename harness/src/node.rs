@@ -993,18 +993,7 @@ oomScoreAdj: 0
             if !kubelet_healthy && healthz().await {
                 kubelet_healthy = true;
             }
-            let ready = nodes
-                .get_opt(NODE_NAME)
-                .await
-                .ok()
-                .flatten()
-                .is_some_and(|n| {
-                    n.status
-                        .and_then(|s| s.conditions)
-                        .unwrap_or_default()
-                        .iter()
-                        .any(|c| c.type_ == "Ready" && c.status == "True")
-                });
+            let ready = is_ready(&nodes, NODE_NAME).await;
             if ready && kubelet_healthy {
                 _host.restore_sysctls();
                 break;
@@ -1124,6 +1113,17 @@ impl Drop for RealNode {
             let _ = child.wait();
         }
     }
+}
+
+/// Whether the Node `name` exists and reports `Ready=True`.
+pub(crate) async fn is_ready(nodes: &Api<Node>, name: &str) -> bool {
+    nodes.get_opt(name).await.ok().flatten().is_some_and(|n| {
+        n.status
+            .and_then(|s| s.conditions)
+            .unwrap_or_default()
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True")
+    })
 }
 
 /// SIGTERM, up to 10 s, then SIGKILL.

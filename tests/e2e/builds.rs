@@ -19,28 +19,7 @@ use crate::common::{ON_REAL_NODE, TestEnv, eventually};
 const BUILD: Duration = Duration::from_secs(240);
 
 fn inline(name: &str, registry: &str, dockerfile: &str, extra: &str) -> String {
-    let dockerfile = dockerfile.replace("BASE", &format!("{registry}/base/busybox:1"));
-    let indented: String = dockerfile
-        .lines()
-        .map(|l| format!("        {l}\n"))
-        .collect();
-    format!(
-        r#"apiVersion: build.tripod.dev/v1alpha1
-kind: ImageBuild
-metadata:
-  name: {name}
-spec:
-  source:
-    inline:
-      dockerfile: |
-{indented}      files:
-        hello.txt: "hello from tripod"
-  platforms: [linux/amd64]
-  output:
-    image: {registry}/team/{name}:1
-    insecure: true
-{ON_REAL_NODE}{extra}"#
-    )
+    crate::common::real_node_build(name, registry, dockerfile, extra)
 }
 
 async fn status(env: &TestEnv, name: &str) -> Option<tripod::api::ImageBuildStatus> {

@@ -440,6 +440,35 @@ pub fn metric(text: &str, series: &str) -> Option<f64> {
 /// environment it is tainted, and the other linux/amd64 node is simulated.
 pub const ON_REAL_NODE: &str = "  executor:\n    nodeSelector: {kubernetes.io/hostname: tripod-linux-amd64}\n    tolerations: [{key: tripod.dev/real-node, operator: Exists, effect: NoSchedule}]\n";
 
+/// An inline linux/amd64 ImageBuild that runs on the real node and pushes
+/// to `registry` (plain HTTP) as `team/<name>:1`; `BASE` in the Dockerfile
+/// stands for the busybox base image there; the context holds `hello.txt`.
+/// `extra` is appended to the spec.
+pub fn real_node_build(name: &str, registry: &str, dockerfile: &str, extra: &str) -> String {
+    let dockerfile = dockerfile.replace("BASE", &format!("{registry}/base/busybox:1"));
+    let indented: String = dockerfile
+        .lines()
+        .map(|l| format!("        {l}\n"))
+        .collect();
+    format!(
+        r#"apiVersion: build.tripod.dev/v1alpha1
+kind: ImageBuild
+metadata:
+  name: {name}
+spec:
+  source:
+    inline:
+      dockerfile: |
+{indented}      files:
+        hello.txt: "hello from tripod"
+  platforms: [linux/amd64]
+  output:
+    image: {registry}/team/{name}:1
+    insecure: true
+{ON_REAL_NODE}{extra}"#
+    )
+}
+
 /// A minimal inline ImageBuild manifest.
 pub fn manifest(name: &str, platforms: &[&str], extra: &str) -> String {
     format!(

@@ -11,30 +11,12 @@ use kube::ResourceExt;
 use sha2::Digest;
 use tripod::api::Phase;
 
-use crate::common::{ON_REAL_NODE, TestEnv, eventually};
+use crate::common::{TestEnv, eventually};
 
 const BUILD: Duration = Duration::from_secs(300);
 
 fn inline(name: &str, registry: &str, dockerfile: &str) -> String {
-    let indented: String = dockerfile
-        .lines()
-        .map(|l| format!("        {l}\n"))
-        .collect();
-    format!(
-        r#"apiVersion: build.tripod.dev/v1alpha1
-kind: ImageBuild
-metadata:
-  name: {name}
-spec:
-  source:
-    inline:
-      dockerfile: |
-{indented}  platforms: [linux/amd64]
-  output:
-    image: {registry}/team/{name}:1
-    insecure: true
-{ON_REAL_NODE}"#
-    )
+    crate::common::real_node_build(name, registry, dockerfile, "")
 }
 
 /// A Debian package built here with dpkg-deb: `/usr/bin/tripod-greet`.
