@@ -25,6 +25,9 @@ impl From<ExecutorError> for Status {
     }
 }
 
+/// How long a new session may take to send its `Hello`.
+pub const HELLO_DEADLINE: Duration = Duration::from_secs(10);
+
 fn claim_from(h: pb::Hello) -> Claim {
     Claim {
         token: h.token,
@@ -149,7 +152,16 @@ impl pb::executor_server::Executor for ExecutorService {
         request: Request<Streaming<pb::AgentMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
         let mut inbound = request.into_inner();
-        let hello = match inbound.message().await?.and_then(|m| m.message) {
+        // A stream that never says hello is not kept open.
+        let first = tokio::time::timeout(HELLO_DEADLINE, inbound.message())
+            .await
+            .map_err(|_| {
+                Status::deadline_exceeded(format!(
+                    "no hello within {}s of opening the session",
+                    HELLO_DEADLINE.as_secs()
+                ))
+            })??;
+        let hello = match first.and_then(|m| m.message) {
             Some(pb::agent_message::Message::Hello(h)) => h,
             _ => {
                 return Err(Status::invalid_argument(

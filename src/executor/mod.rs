@@ -69,7 +69,60 @@ pub struct Claim {
     pub attempt: u32,
 }
 
+/// A DNS-1123 label (a namespace's name): 1–63 of `a-z0-9-`, alphanumeric
+/// at both ends.
+fn is_dns1123_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// A DNS-1123 subdomain (an object's name): dot-separated labels, at most
+/// 253 characters.
+fn is_dns1123_subdomain(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 253 && s.split('.').all(is_dns1123_label)
+}
+
+/// A label value: at most 63 of `A-Za-z0-9-_.`, alphanumeric at both ends
+/// (empty is a valid label value, but never a build ID).
+fn is_label_value(s: &str) -> bool {
+    let alnum = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
+    !s.is_empty()
+        && s.len() <= 63
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && alnum(s.chars().next())
+        && alnum(s.chars().last())
+}
+
 impl Claim {
+    /// Checks every field that reaches an API path or a label selector,
+    /// before any API call: the wire never shapes a request.
+    pub fn validate(&self) -> Result<Platform, ExecutorError> {
+        let invalid = |field: &str, what: &str, value: &str| {
+            let shown: String = value.chars().take(80).collect();
+            ExecutorError::InvalidClaim(format!("hello.{field}: {shown:?} is not {what}"))
+        };
+        if !is_dns1123_label(&self.namespace) {
+            return Err(invalid("namespace", "a namespace name", &self.namespace));
+        }
+        if !is_dns1123_subdomain(&self.image_build) {
+            return Err(invalid("image_build", "an object name", &self.image_build));
+        }
+        if !is_label_value(&self.build_id) {
+            return Err(invalid("build_id", "a build ID", &self.build_id));
+        }
+        if self.attempt == 0 {
+            return Err(invalid("attempt", "an attempt number (1 or more)", "0"));
+        }
+        self.platform
+            .parse()
+            .map_err(|e| ExecutorError::InvalidClaim(format!("hello.platform: {e}")))
+    }
+
     fn describe(&self) -> String {
         format!(
             "{}/{} build {} platform {} attempt {}",
@@ -172,15 +225,7 @@ impl Executors {
 
     /// Checks a claim against the token Secret and the ImageBuild's status.
     pub async fn authenticate(&self, claim: &Claim) -> Result<Authenticated, ExecutorError> {
-        if claim.namespace.is_empty() || claim.image_build.is_empty() || claim.build_id.is_empty() {
-            return Err(ExecutorError::InvalidClaim(
-                "hello: namespace, image_build and build_id are required".into(),
-            ));
-        }
-        let platform: Platform = claim
-            .platform
-            .parse()
-            .map_err(|e| ExecutorError::InvalidClaim(format!("hello.platform: {e}")))?;
+        let platform = claim.validate()?;
         let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &claim.namespace);
         let selector = format!(
             "{LABEL_BUILD_ID}={},{LABEL_PLATFORM}={},{LABEL_ATTEMPT}={}",
@@ -432,5 +477,46 @@ impl Executors {
             .verify(reference, digest, creds.as_ref())
             .await
             .map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claim() -> Claim {
+        Claim {
+            token: "t".into(),
+            namespace: "team-a".into(),
+            image_build: "app.v2".into(),
+            build_id: "0a1b2c3d4e5f".into(),
+            platform: "linux/amd64".into(),
+            attempt: 1,
+        }
+    }
+
+    #[test]
+    fn claims_that_would_shape_a_request_are_refused_by_field() {
+        assert!(claim().validate().is_ok());
+        type Case = (&'static str, fn(&mut Claim));
+        let cases: [Case; 9] = [
+            ("hello.namespace", |c| {
+                c.namespace = "default/secrets#".into()
+            }),
+            ("hello.namespace", |c| c.namespace = String::new()),
+            ("hello.namespace", |c| c.namespace = "Default".into()),
+            ("hello.image_build", |c| c.image_build = "a/b".into()),
+            ("hello.image_build", |c| c.image_build = "x?watch=1".into()),
+            ("hello.build_id", |c| c.build_id = "id,tripod.dev/x".into()),
+            ("hello.build_id", |c| c.build_id = "a!=b".into()),
+            ("hello.attempt", |c| c.attempt = 0),
+            ("hello.platform", |c| c.platform = "linux/amd64,x".into()),
+        ];
+        for (field, change) in cases {
+            let mut c = claim();
+            change(&mut c);
+            let err = c.validate().expect_err(field).to_string();
+            assert!(err.contains(field), "{field}: {err}");
+        }
     }
 }

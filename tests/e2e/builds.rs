@@ -101,6 +101,24 @@ async fn failing_run_fails_the_platform_naming_the_step() {
 }
 
 /// Opens a session as an agent would, with a given token and claim.
+/// A client of the executor service at `host:port`, trusting `ca`.
+async fn executor_client(
+    host: &str,
+    port: u16,
+    ca: Vec<u8>,
+) -> pb::executor_client::ExecutorClient<tonic::transport::Channel> {
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("https://{host}:{port}"))
+        .expect("endpoint")
+        .tls_config(
+            tonic::transport::ClientTlsConfig::new()
+                .domain_name(host)
+                .ca_certificate(tonic::transport::Certificate::from_pem(ca)),
+        )
+        .expect("tls");
+    let channel = endpoint.connect().await.expect("connect executor service");
+    pb::executor_client::ExecutorClient::new(channel)
+}
+
 async fn hello(
     host: &str,
     port: u16,
@@ -113,16 +131,7 @@ async fn hello(
     ),
     tonic::Status,
 > {
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("https://{host}:{port}"))
-        .expect("endpoint")
-        .tls_config(
-            tonic::transport::ClientTlsConfig::new()
-                .domain_name(host)
-                .ca_certificate(tonic::transport::Certificate::from_pem(ca)),
-        )
-        .expect("tls");
-    let channel = endpoint.connect().await.expect("connect executor service");
-    let mut client = pb::executor_client::ExecutorClient::new(channel);
+    let mut client = executor_client(host, port, ca).await;
     let (tx, rx) = tokio::sync::mpsc::channel(8);
     tx.send(pb::AgentMessage {
         message: Some(pb::agent_message::Message::Hello(hello)),
@@ -142,10 +151,11 @@ async fn tokens_speak_only_for_their_build_and_unconfirmed_digests_are_refused()
     let registry = env.shared.registry.clone().expect("registry");
     let c = env.start_controller("c1");
     let executor_port = env.controller(c).executor_port;
-    // Two builds whose Pods land on the arm64 node, where nothing runs them:
-    // this test plays their agent.
+    // Two builds whose Pods land on the simulated arm64 node, where nothing
+    // runs them: this test plays their agent.
     for name in ["one", "two"] {
         let manifest = inline(name, &registry, "FROM scratch\nCOPY hello.txt /\n", "")
+            .replace(ON_REAL_NODE, "")
             .replace("platforms: [linux/amd64]", "platforms: [linux/arm64]");
         env.apply(&manifest);
     }
@@ -188,13 +198,41 @@ async fn tokens_speak_only_for_their_build_and_unconfirmed_digests_are_refused()
         attempt,
         agent_version: "test".into(),
     };
+    let node_ip = env.shared.info.node_ip.clone();
+    // A claim whose namespace would reshape the API request (today's
+    // `default/secrets#` would LIST every Secret of `default`): refused by
+    // field, before any API call.
+    let mut bad = claim("one", "0a1b2c3d4e5f", 1, &token_one);
+    bad.namespace = "default/secrets#".into();
+    let err = hello(&node_ip, executor_port, ca.clone(), bad)
+        .await
+        .expect_err("a malformed namespace must be refused");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("hello.namespace"), "{err:?}");
+    // A session that never says hello is closed by the service.
+    let mut client = executor_client(&node_ip, executor_port, ca.clone()).await;
+    let (_silent, rx) = tokio::sync::mpsc::channel::<pb::AgentMessage>(1);
+    let answer = tokio::time::timeout(
+        Duration::from_secs(60),
+        client.session(ReceiverStream::new(rx)),
+    )
+    .await
+    .expect("the service ends a silent session by itself");
+    let err = match answer {
+        Err(status) => status,
+        Ok(response) => response
+            .into_inner()
+            .message()
+            .await
+            .expect_err("no assignment without hello"),
+    };
+    assert_eq!(err.code(), tonic::Code::DeadlineExceeded, "{err:?}");
     // One's token, claiming to be two: refused.
     let two_id = labels_two
         .get("build.tripod.dev/build-id")
         .cloned()
         .unwrap_or_default();
     assert_eq!(Some(&two_id), s_two.build_id.as_ref());
-    let node_ip = env.shared.info.node_ip.clone();
     let err = hello(
         &node_ip,
         executor_port,
