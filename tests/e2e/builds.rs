@@ -351,9 +351,13 @@ async fn git_build_uses_revision_and_context_dir() {
     let daemon_bin =
         std::path::Path::new(String::from_utf8_lossy(&exec_path.stdout).trim()).join("git-daemon");
     let mut cmd = tripod_harness::supervised_command(&daemon_bin);
+    // Its per-connection children are not killed with it: they end by
+    // themselves when a client (a Pod whose network is gone) stops talking.
     cmd.args([
         "--reuseaddr",
         "--export-all",
+        "--init-timeout=10",
+        "--timeout=60",
         &format!("--listen={}", env.shared.info.node_ip),
         &format!("--port={port}"),
         &format!("--base-path={}", root.display()),
