@@ -88,20 +88,12 @@ pub struct Options {
 /// script's trimmed stdout). The script's stderr is passed through so that
 /// build progress shows; a cached build returns at once.
 pub fn ensure_binaries(repo_root: &Path) -> Result<PathBuf, Error> {
-    let script = repo_root.join("testenv").join("build.sh");
-    let out = std::process::Command::new("bash")
-        .arg(&script)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .output()
-        .map_err(|e| Error::io(format!("run bash {}", script.display()), e))?;
-    let dir = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    if !out.status.success() || dir.is_empty() {
-        return Err(Error::Build {
-            script,
-            status: out.status,
-        });
+    let dir = crate::scripts::script(repo_root, "build.sh", &[])?;
+    let dir = dir.trim();
+    if dir.is_empty() {
+        return Err(Error::Script(
+            "testenv/build.sh printed no directory".into(),
+        ));
     }
     Ok(PathBuf::from(dir))
 }

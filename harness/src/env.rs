@@ -20,6 +20,7 @@ use crate::kwok::{Kwok, SimNode};
 use crate::node::{BUILDD_SECCOMP_PROFILE, Host, NODE_IP, NODE_NAME, NodeOptions, RealNode};
 use crate::process::{spawn_supervised, supervised_command};
 use crate::registry::{Registry, start_registry_on};
+use crate::scripts::script;
 
 /// Namespace the local controller runs in.
 pub const SYSTEM_NAMESPACE: &str = "tripod-system";
@@ -133,29 +134,6 @@ impl Drop for Env {
             let _ = child.wait();
         }
     }
-}
-
-/// Runs `bash <source>/testenv/<script> args…`, its stderr passed through
-/// (build progress), and returns its stdout.
-pub fn script(source_dir: &Path, name: &str, args: &[&str]) -> Result<String, Error> {
-    let path = source_dir.join("testenv").join(name);
-    let out = Command::new("bash")
-        .arg(&path)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .output()
-        .map_err(|e| Error::io(format!("run bash {}", path.display()), e))?;
-    if !out.status.success() {
-        return Err(Error::Script(format!(
-            "{} {} failed ({}); its output is above",
-            path.display(),
-            args.join(" "),
-            out.status
-        )));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Builds (once, then cached under `~/.cache/tripod`) everything an

@@ -25,6 +25,7 @@ pub mod kwok;
 pub mod node;
 pub mod process;
 pub mod registry;
+pub mod scripts;
 
 pub use certs::{ADMIN_GROUP, ADMIN_USER, Pki};
 pub use controlplane::{ControlPlane, KUBERNETES_VERSION, Options, ensure_binaries, free_port};
@@ -42,14 +43,6 @@ pub enum Error {
         /// The underlying error.
         #[source]
         source: io::Error,
-    },
-    /// `testenv/build.sh` exited unsuccessfully or printed no directory.
-    #[error("{script} failed ({status}); its output is above")]
-    Build {
-        /// The script that was run.
-        script: PathBuf,
-        /// Its exit status.
-        status: ExitStatus,
     },
     /// Generating the certificates or keys failed.
     #[error("generating testenv certificates: {0}")]
@@ -110,7 +103,7 @@ pub enum Error {
     /// The real node, kwok or the host's network could not be set up.
     #[error("node: {0}")]
     Node(String),
-    /// A harness script (`testenv/*.sh`) failed.
+    /// A harness script (`testenv/*.sh`) failed or gave no answer.
     #[error("{0}")]
     Script(String),
     /// A Kubernetes API call (or building a client) failed.
