@@ -8,10 +8,29 @@ use k8s_openapi::api::core::v1::Pod;
 /// Annotation on a build Pod: the outcome the controller accepted from its
 /// executor, after the registry confirmed the digest (`{"digest", "size"}`).
 pub const ANNOTATION_RESULT: &str = "build.tripod.dev/result";
+/// Annotation on a build Pod: the controller's MAC over the Pod's UID and
+/// [`ANNOTATION_RESULT`]; a result without a valid one is not accepted.
+pub const ANNOTATION_RESULT_MAC: &str = "build.tripod.dev/result-mac";
 /// Annotation on a build Pod: the failure its executor reported (`{"reason", "message"}`).
 pub const ANNOTATION_FAILURE: &str = "build.tripod.dev/failure";
 /// Annotation on a build Pod: the build step its executor runs.
 pub const ANNOTATION_STEP: &str = "build.tripod.dev/step";
+
+/// Longest message kept from outside input (a registry's or an agent's
+/// error) in a status field, an Event, an annotation or a log line.
+pub const MAX_MESSAGE: usize = 2000;
+/// Longest build step kept.
+pub const MAX_STEP: usize = 256;
+
+/// `text` cut to at most `max` characters, marked when cut.
+pub fn cap(text: &str, max: usize) -> String {
+    if text.chars().count() <= max {
+        return text.to_string();
+    }
+    let mut out: String = text.chars().take(max.saturating_sub(1)).collect();
+    out.push('…');
+    out
+}
 
 /// A pushed image an executor reported and the registry confirmed.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

@@ -436,6 +436,35 @@ pub fn redact_url(url: &str) -> String {
     )
 }
 
+/// Splits the credentials out of a clone URL: the URL without its
+/// user-info (an `ssh://` URL keeps its user name, which is not a secret),
+/// and the user name and password it carried (percent-decoded; for
+/// `ssh://`, none: ssh takes no password from a URL). scp-like
+/// `user@host:path` addresses are returned as they are.
+pub fn split_userinfo(url: &str) -> (String, Option<(String, String)>) {
+    let Some(scheme_end) = url.find("://") else {
+        return (url.to_string(), None);
+    };
+    let scheme = &url[..scheme_end];
+    let rest = &url[scheme_end + 3..];
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    let Some(at) = authority.rfind('@') else {
+        return (url.to_string(), None);
+    };
+    let userinfo = &authority[..at];
+    let host_and_path = format!("{}{}", &authority[at + 1..], &rest[authority_end..]);
+    if is_ssh_scheme(scheme) {
+        let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+        return (format!("{scheme}://{user}@{host_and_path}"), None);
+    }
+    let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
+    (
+        format!("{scheme}://{host_and_path}"),
+        Some((percent_decode(user), percent_decode(password))),
+    )
+}
+
 fn is_ssh_scheme(scheme: &str) -> bool {
     ["ssh", "git+ssh", "ssh+git"]
         .iter()
@@ -1035,6 +1064,35 @@ async fn write_inline(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn userinfo_is_split_out_of_clone_urls() {
+        assert_eq!(
+            split_userinfo("https://bot:s%40cret@git.example/r.git"),
+            (
+                "https://git.example/r.git".to_string(),
+                Some(("bot".to_string(), "s@cret".to_string()))
+            )
+        );
+        assert_eq!(
+            split_userinfo("https://TOKEN@git.example:8443/r.git?x=a@b"),
+            (
+                "https://git.example:8443/r.git?x=a@b".to_string(),
+                Some(("TOKEN".to_string(), String::new()))
+            )
+        );
+        assert_eq!(
+            split_userinfo("ssh://git:pw@git.example/r.git"),
+            ("ssh://git@git.example/r.git".to_string(), None)
+        );
+        for plain in [
+            "https://git.example/r.git",
+            "git@git.example:r.git",
+            "/srv/r.git",
+        ] {
+            assert_eq!(split_userinfo(plain), (plain.to_string(), None));
+        }
+    }
     use std::os::unix::fs::PermissionsExt;
 
     fn scratch(name: &str) -> PathBuf {

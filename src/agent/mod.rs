@@ -64,6 +64,10 @@ pub struct AgentConfig {
     pub namespace: String,
     /// Name of the ImageBuild.
     pub image_build: String,
+    /// UID of the ImageBuild.
+    pub image_build_uid: String,
+    /// Name of the build Pod.
+    pub pod: String,
     /// Build ID.
     pub build_id: String,
     /// Platform.
@@ -88,6 +92,8 @@ impl AgentConfig {
             executor_address: var("TRIPOD_EXECUTOR_ADDRESS")?,
             namespace: var("TRIPOD_NAMESPACE")?,
             image_build: var("TRIPOD_IMAGEBUILD")?,
+            image_build_uid: var("TRIPOD_IMAGEBUILD_UID")?,
+            pod: var("TRIPOD_POD_NAME")?,
             build_id: var("TRIPOD_BUILD_ID")?,
             platform: var("TRIPOD_PLATFORM")?,
             attempt: var("TRIPOD_ATTEMPT")?
@@ -178,6 +184,8 @@ pub async fn run_once(cfg: AgentConfig) -> Result<(), AgentError> {
         platform: cfg.platform.clone(),
         attempt: cfg.attempt,
         agent_version: env!("CARGO_PKG_VERSION").into(),
+        pod: cfg.pod.clone(),
+        image_build_uid: cfg.image_build_uid.clone(),
     };
     // A Pod being deleted (cancel, timeout, deletion) gets SIGTERM. The
     // agent is its container's PID 1, so without a handler SIGTERM would be
@@ -185,7 +193,7 @@ pub async fn run_once(cfg: AgentConfig) -> Result<(), AgentError> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| AgentError::Env(format!("cannot handle SIGTERM: {e}")))?;
     let (out_tx, mut inbound, assignment) = tokio::select! {
-        session = open_session(&endpoint, &hello) => session?,
+        session = open_session_with_retry(&endpoint, &hello, HELLO_RETRY_WITHIN) => session?,
         _ = term.recv() => {
             return Err(AgentError::Failed("terminated before the build started".into()));
         }
@@ -231,7 +239,13 @@ pub async fn run_once(cfg: AgentConfig) -> Result<(), AgentError> {
             tokio::time::sleep(Duration::from_secs(1)).await;
             ack = match open_session(&endpoint, &hello).await {
                 Ok((tx, mut inbound, _)) => send_outcome(&tx, &mut inbound, msg.clone()).await,
-                Err(e) => Err(e.to_string()),
+                Err(Refusal::Final(e)) => {
+                    // The attempt is over (its outcome was recorded and the
+                    // build moved on) or the token is no longer valid.
+                    ack = Err(e.to_string());
+                    break;
+                }
+                Err(Refusal::Retry(e)) => Err(e.to_string()),
             };
         }
         ack
@@ -257,9 +271,69 @@ type Session = (
     pb::Assignment,
 );
 
+/// How long the agent keeps saying hello while the controller answers
+/// "not yet" or "busy" (its status write lags the Pod, a restart, a new
+/// leader).
+const HELLO_RETRY_WITHIN: Duration = Duration::from_secs(180);
+
+/// Why a session did not open.
+#[derive(Debug)]
+enum Refusal {
+    /// Worth another try (unreachable, not yet recorded, busy).
+    Retry(AgentError),
+    /// Will not change (unauthenticated, stale attempt, invalid hello).
+    Final(AgentError),
+}
+
+impl From<Refusal> for AgentError {
+    fn from(r: Refusal) -> Self {
+        match r {
+            Refusal::Retry(e) | Refusal::Final(e) => e,
+        }
+    }
+}
+
+fn refusal(s: tonic::Status) -> Refusal {
+    let e = AgentError::Executor(format!("{}: {}", s.code(), s.message()));
+    match s.code() {
+        tonic::Code::Unavailable
+        | tonic::Code::ResourceExhausted
+        | tonic::Code::DeadlineExceeded
+        | tonic::Code::Aborted
+        | tonic::Code::Internal
+        | tonic::Code::Unknown
+        | tonic::Code::Cancelled => Refusal::Retry(e),
+        _ => Refusal::Final(e),
+    }
+}
+
+/// [`open_session`] again, with backoff (0.5 s doubling to 10 s), while the
+/// refusal is worth retrying and `within` has not passed.
+async fn open_session_with_retry(
+    endpoint: &Endpoint,
+    hello: &pb::Hello,
+    within: Duration,
+) -> Result<Session, AgentError> {
+    let start = Instant::now();
+    let mut delay = Duration::from_millis(500);
+    loop {
+        match open_session(endpoint, hello).await {
+            Ok(session) => return Ok(session),
+            Err(Refusal::Retry(e)) if start.elapsed() + delay < within => {
+                tracing::info!(error = %e, retry_in_ms = delay.as_millis() as u64, "hello not answered yet; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+            Err(r) => return Err(r.into()),
+        }
+    }
+}
+
 /// Connects, says hello and waits for the assignment.
-async fn open_session(endpoint: &Endpoint, hello: &pb::Hello) -> Result<Session, AgentError> {
-    let channel = connect_with_retry(endpoint, Duration::from_secs(60)).await?;
+async fn open_session(endpoint: &Endpoint, hello: &pb::Hello) -> Result<Session, Refusal> {
+    let channel = connect_with_retry(endpoint, Duration::from_secs(60))
+        .await
+        .map_err(Refusal::Retry)?;
     let mut executor = pb::executor_client::ExecutorClient::new(channel);
     let (out_tx, out_rx) = mpsc::channel::<pb::AgentMessage>(64);
     out_tx
@@ -267,22 +341,18 @@ async fn open_session(endpoint: &Endpoint, hello: &pb::Hello) -> Result<Session,
             message: Some(pb::agent_message::Message::Hello(hello.clone())),
         })
         .await
-        .map_err(|_| AgentError::Executor("session closed".into()))?;
+        .map_err(|_| Refusal::Retry(AgentError::Executor("session closed".into())))?;
     let mut inbound = executor
         .session(ReceiverStream::new(out_rx))
         .await
-        .map_err(|s| AgentError::Executor(format!("{}: {}", s.code(), s.message())))?
+        .map_err(refusal)?
         .into_inner();
     match inbound.message().await {
         Ok(Some(pb::ControllerMessage {
             message: Some(pb::controller_message::Message::Assignment(a)),
         })) => Ok((out_tx, inbound, a)),
-        Ok(_) => Err(AgentError::Executor("no assignment".into())),
-        Err(s) => Err(AgentError::Executor(format!(
-            "{}: {}",
-            s.code(),
-            s.message()
-        ))),
+        Ok(_) => Err(Refusal::Retry(AgentError::Executor("no assignment".into()))),
+        Err(s) => Err(refusal(s)),
     }
 }
 

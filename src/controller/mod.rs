@@ -27,10 +27,14 @@ use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use tracing::{Instrument, field};
 
-use crate::api::{BuildRunner, ImageBuild, LABEL_NAME, Phase, RunnerPhase};
+use crate::api::{
+    BuildRunner, ImageBuild, LABEL_ATTEMPT, LABEL_BUILD_ID, LABEL_NAME, Phase, RunnerPhase,
+};
+use crate::executor::token::{self, TokenKey};
 use crate::http::{self, Health};
 use crate::leader::{LeaderElector, LeaseConfig};
 use crate::metrics::Metrics;
+use crate::outcome::{ANNOTATION_FAILURE, ANNOTATION_RESULT, ANNOTATION_RESULT_MAC, Failed};
 use crate::platform::{Os, Platform};
 use plan::{EventKind, Observed};
 use pod::{PodSettings, name_label};
@@ -72,9 +76,13 @@ pub enum ControllerError {
     /// with backoff.
     #[error("{0}")]
     PodRejected(String),
-    /// A token could not be generated.
-    #[error("cannot generate a build token: {0}")]
-    Token(#[source] std::io::Error),
+    /// The token key could not be read or created, or a token issued.
+    #[error(transparent)]
+    Token(#[from] crate::executor::token::TokenError),
+    /// A Secret with a build Pod's name exists but is not its token Secret
+    /// (another owner, or not made by Tripod): the Pod is not created.
+    #[error("{0}")]
+    TokenSecretConflict(String),
     /// A signal handler could not be installed.
     #[error("cannot install signal handler: {0}")]
     Signal(#[source] std::io::Error),
@@ -170,6 +178,10 @@ pub struct ControllerConfig {
         value_parser = crate::controller::pod::parse_seccomp_profile,
     )]
     pub buildd_seccomp_profile: SeccompProfile,
+    /// Most concurrent executor sessions (one per running build Pod);
+    /// more are refused with RESOURCE_EXHAUSTED and the agent retries.
+    #[arg(long, default_value_t = 2000, env = "TRIPOD_EXECUTOR_MAX_SESSIONS")]
+    pub executor_max_sessions: usize,
     /// Least milliseconds between two writes of a platform's current step.
     #[arg(long, default_value_t = 2000)]
     pub step_interval_ms: u64,
@@ -238,6 +250,7 @@ pub struct Context {
     runners: Store<BuildRunner>,
     failures: Mutex<HashMap<ObjectRef<ImageBuild>, u32>>,
     executor_ca: String,
+    token_key: TokenKey,
 }
 
 /// Runs the controller until SIGTERM/SIGINT, or until leadership is lost.
@@ -314,27 +327,7 @@ pub async fn run(cfg: ControllerConfig) -> Result<(), ControllerError> {
         cfg.executor_tls_sans.clone()
     };
     let executor_tls = crate::executor::tls::ensure(&client, &tls_namespace, &sans).await?;
-    {
-        let service = crate::executor::grpc::ExecutorService::new(
-            crate::executor::Executors::new(client.clone()),
-            Duration::from_millis(cfg.step_interval_ms),
-        );
-        let mut stop = stop_rx.clone();
-        let tls = executor_tls.clone();
-        let addr = cfg.executor_listen;
-        tokio::spawn(
-            async move {
-                let shutdown = async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                };
-                tracing::info!(%addr, "serving the executor service");
-                if let Err(e) = crate::executor::grpc::serve(addr, &tls, service, shutdown).await {
-                    tracing::error!(error = %e, "executor service stopped");
-                }
-            }
-            .instrument(tracing::info_span!("executor_service")),
-        );
-    }
+    let token_key = token::ensure_key(&client, &tls_namespace).await?;
 
     let (ib_api, pod_api): (Api<ImageBuild>, Api<Pod>) = match &cfg.namespace {
         Some(ns) => (
@@ -368,6 +361,33 @@ pub async fn run(cfg: ControllerConfig) -> Result<(), ControllerError> {
         )
         .reconcile_all_on(runner_events);
     let builds = controller.store();
+    {
+        let service = crate::executor::grpc::ExecutorService::new(
+            crate::executor::Executors::new(crate::executor::ExecutorsConfig {
+                client: client.clone(),
+                key: token_key.clone(),
+                builds: Some(builds.clone()),
+                max_sessions: cfg.executor_max_sessions,
+            }),
+            Duration::from_millis(cfg.step_interval_ms),
+        );
+        let mut stop = stop_rx.clone();
+        let tls = executor_tls.clone();
+        let addr = cfg.executor_listen;
+        tokio::spawn(
+            async move {
+                let shutdown = async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                };
+                tracing::info!(%addr, "serving the executor service");
+                if let Err(e) = crate::executor::grpc::serve(addr, &tls, service, shutdown).await {
+                    tracing::error!(error = %e, "executor service stopped");
+                }
+            }
+            .instrument(tracing::info_span!("executor_service")),
+        );
+    }
+
     let recorder = Recorder::new(
         client.clone(),
         Reporter {
@@ -384,6 +404,7 @@ pub async fn run(cfg: ControllerConfig) -> Result<(), ControllerError> {
         runners: runner_store.clone(),
         failures: Mutex::new(HashMap::new()),
         executor_ca: executor_tls.ca_pem.clone(),
+        token_key,
     });
 
     {
@@ -530,6 +551,7 @@ async fn reconcile_inner(
         .items
         .into_iter()
         .filter(|p| p.owner_references().iter().any(|o| o.uid == uid))
+        .map(|p| unsigned_result_to_failure(p, &ctx.token_key))
         .collect();
     let runners: Vec<BuildRunner> = if needs_runners(ib) {
         ctx.runners.state().iter().map(|r| (**r).clone()).collect()
@@ -557,42 +579,31 @@ async fn reconcile_inner(
     let mut rejected: Option<String> = None;
     for pod in &plan.create {
         let pod_name = pod.name_any();
-        let mut secret = pod::token_secret(pod);
-        secret.data = Some(BTreeMap::from([
-            (
-                crate::executor::token::TOKEN_KEY.to_string(),
-                ByteString(
-                    crate::executor::token::generate()
-                        .map_err(ControllerError::Token)?
-                        .into_bytes(),
-                ),
-            ),
-            (
-                crate::executor::token::CA_KEY.to_string(),
-                ByteString(ctx.executor_ca.clone().into_bytes()),
-            ),
-        ]));
-        // Created once: a second create must not replace the token.
-        match secrets_api.create(&PostParams::default(), &secret).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(s)) if s.code == 409 => {}
-            Err(e) => return Err(kube_err(format!("create token Secret {ns}/{pod_name}"))(e)),
+        if let Err(conflict) = ensure_token_secret(&secrets_api, ib, pod, ctx).await? {
+            tracing::warn!(pod = %pod_name, "{conflict}");
+            plan.events.push(plan::PlannedEvent {
+                kind: EventKind::Warning,
+                reason: plan::REASON_POD_REJECTED.into(),
+                message: conflict.clone(),
+            });
+            plan::pod_rejected(
+                &mut plan.status,
+                &pod_platform(pod),
+                &conflict,
+                ib.metadata.generation.unwrap_or(0),
+                jiff::Timestamp::now(),
+            );
+            rejected = Some(conflict);
+            continue;
         }
         match pods_api.patch(&pod_name, &ssa, &Patch::Apply(pod)).await {
             Ok(_) => tracing::info!(pod = %pod_name, "created build Pod"),
             Err(kube::Error::Api(s)) if pod_refused(s.code) => {
                 let message = format!("the API server refused build Pod {pod_name}: {}", s.message);
                 tracing::warn!(pod = %pod_name, code = s.code, "{message}");
-                let platform = pod
-                    .metadata
-                    .annotations
-                    .as_ref()
-                    .and_then(|a| a.get(pod::ANNOTATION_PLATFORM))
-                    .cloned()
-                    .unwrap_or_default();
                 plan::pod_rejected(
                     &mut plan.status,
-                    &platform,
+                    &pod_platform(pod),
                     &message,
                     ib.metadata.generation.unwrap_or(0),
                     jiff::Timestamp::now(),
@@ -673,6 +684,128 @@ async fn reconcile_inner(
         Some(after) => Action::requeue(after.max(Duration::from_secs(1))),
         None => Action::await_change(),
     })
+}
+
+fn pod_platform(pod: &Pod) -> String {
+    pod.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(pod::ANNOTATION_PLATFORM))
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// Creates the token Secret of a build Pod about to be created. A Secret of
+/// that name that already exists is used only when it is this build's:
+/// owned by this ImageBuild's UID, made by Tripod, with a token that
+/// verifies for this Pod. Anything else is a conflict (`Ok(Err(message))`):
+/// the Pod is not created, since it would mount someone else's Secret.
+async fn ensure_token_secret(
+    api: &Api<Secret>,
+    ib: &ImageBuild,
+    pod: &Pod,
+    ctx: &Context,
+) -> Result<Result<(), String>, ControllerError> {
+    let ns = ib.namespace().unwrap_or_default();
+    let pod_name = pod.name_any();
+    let labels = pod.metadata.labels.clone().unwrap_or_default();
+    let label = |k: &str| labels.get(k).cloned().unwrap_or_default();
+    let build_id = label(LABEL_BUILD_ID);
+    let attempt: u32 = label(LABEL_ATTEMPT).parse().unwrap_or(0);
+    let platform = pod_platform(pod);
+    let name = ib.name_any();
+    let uid = ib.uid().unwrap_or_default();
+    let subject = token::Subject {
+        namespace: &ns,
+        image_build: &name,
+        image_build_uid: &uid,
+        pod: &pod_name,
+        build_id: &build_id,
+        platform: &platform,
+        attempt,
+    };
+    let mut secret = pod::token_secret(pod);
+    secret.data = Some(BTreeMap::from([
+        (
+            token::TOKEN_KEY.to_string(),
+            ByteString(ctx.token_key.issue(&subject)?.into_bytes()),
+        ),
+        (
+            token::CA_KEY.to_string(),
+            ByteString(ctx.executor_ca.clone().into_bytes()),
+        ),
+    ]));
+    match api.create(&PostParams::default(), &secret).await {
+        Ok(_) => return Ok(Ok(())),
+        Err(kube::Error::Api(s)) if s.code == 409 => {}
+        Err(e) => return Err(kube_err(format!("create token Secret {ns}/{pod_name}"))(e)),
+    }
+    // Created before (a reconcile that stopped between the Secret and the
+    // Pod): keep its token, if it is ours.
+    let existing = api
+        .get_opt(&pod_name)
+        .await
+        .map_err(kube_err(format!("get token Secret {ns}/{pod_name}")))?;
+    let Some(existing) = existing else {
+        return Ok(Err(format!(
+            "token Secret {ns}/{pod_name} vanished while being created; retrying"
+        )));
+    };
+    let owned = existing
+        .owner_references()
+        .iter()
+        .any(|o| o.uid == uid && o.controller == Some(true));
+    let managed = existing
+        .labels()
+        .get("app.kubernetes.io/managed-by")
+        .is_some_and(|v| v == "tripod");
+    let token_ok = existing
+        .data
+        .as_ref()
+        .and_then(|d| d.get(token::TOKEN_KEY))
+        .is_some_and(|t| {
+            ctx.token_key
+                .verify(&subject, &String::from_utf8_lossy(&t.0))
+        });
+    if owned && managed && token_ok {
+        return Ok(Ok(()));
+    }
+    Ok(Err(format!(
+        "Secret {ns}/{pod_name} already exists and is not the token Secret Tripod made for this \
+         build Pod (owner UID, managed-by label or token do not match); the Pod is not created \
+         until it is deleted"
+    )))
+}
+
+/// A result annotation without the controller's valid MAC (written by
+/// someone else with `pods/patch`) is read as a failure of the attempt.
+fn unsigned_result_to_failure(mut pod: Pod, key: &TokenKey) -> Pod {
+    let uid = pod.metadata.uid.clone().unwrap_or_default();
+    let Some(annotations) = pod.metadata.annotations.as_mut() else {
+        return pod;
+    };
+    let Some(result) = annotations.get(ANNOTATION_RESULT).cloned() else {
+        return pod;
+    };
+    let signed = annotations
+        .get(ANNOTATION_RESULT_MAC)
+        .is_some_and(|mac| key.verify_result(&uid, &result, mac));
+    if !signed {
+        annotations.remove(ANNOTATION_RESULT);
+        let failed = Failed {
+            reason: "ResultNotSigned".into(),
+            message: format!(
+                "the result annotation of Pod {} does not carry the controller's signature; \
+                 it was not written by the executor service",
+                pod.metadata.name.as_deref().unwrap_or_default()
+            ),
+        };
+        annotations.insert(
+            ANNOTATION_FAILURE.to_string(),
+            serde_json::to_string(&failed).unwrap_or_default(),
+        );
+    }
+    pod
 }
 
 /// Whether an API error on a Pod create is a refusal that retrying the same

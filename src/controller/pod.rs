@@ -197,6 +197,8 @@ pub fn build_pod(ib: &ImageBuild, name: &str, key: &PodKey<'_>, settings: &PodSe
         env("TRIPOD_EXECUTOR_ADDRESS", &settings.executor_address),
         env("TRIPOD_NAMESPACE", &namespace),
         env("TRIPOD_IMAGEBUILD", &ib.name_any()),
+        env("TRIPOD_IMAGEBUILD_UID", &ib.uid().unwrap_or_default()),
+        env("TRIPOD_POD_NAME", name),
         env("TRIPOD_BUILD_ID", key.build_id),
         env("TRIPOD_PLATFORM", &platform.to_string()),
         env("TRIPOD_ATTEMPT", &key.attempt.to_string()),

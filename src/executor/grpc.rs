@@ -20,13 +20,27 @@ impl From<ExecutorError> for Status {
             ExecutorError::Unauthenticated(_) => Status::unauthenticated(e.to_string()),
             ExecutorError::Stale(_) => Status::failed_precondition(e.to_string()),
             ExecutorError::Secret(_) => Status::failed_precondition(e.to_string()),
+            ExecutorError::NotYet(_) => Status::unavailable(e.to_string()),
+            ExecutorError::Busy(_) => Status::resource_exhausted(e.to_string()),
             ExecutorError::Kube { .. } => Status::unavailable(e.to_string()),
+            ExecutorError::AlreadyReported(_) => Status::already_exists(e.to_string()),
         }
     }
 }
 
 /// How long a new session may take to send its `Hello`.
 pub const HELLO_DEADLINE: Duration = Duration::from_secs(10);
+/// Most concurrent HTTP/2 streams (sessions) on one connection: an agent
+/// needs one, a reconnecting agent two.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 4;
+/// HTTP/2 PING interval; a connection that does not answer within
+/// [`KEEPALIVE_TIMEOUT`] is closed, ending its sessions.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
+/// See [`KEEPALIVE_INTERVAL`].
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest message an agent may send (a failure with its last lines fits
+/// many times over).
+pub const MAX_AGENT_MESSAGE: usize = 256 * 1024;
 
 fn claim_from(h: pb::Hello) -> Claim {
     Claim {
@@ -36,6 +50,8 @@ fn claim_from(h: pb::Hello) -> Claim {
         build_id: h.build_id,
         platform: h.platform,
         attempt: h.attempt,
+        pod: h.pod,
+        image_build_uid: h.image_build_uid,
     }
 }
 
@@ -115,7 +131,7 @@ fn outcome_from(o: pb::Outcome) -> Result<Outcome, Status> {
                 } else {
                     f.reason
                 },
-                message: message.chars().take(2000).collect(),
+                message: crate::outcome::cap(&message, crate::outcome::MAX_MESSAGE),
             }))
         }
         None => Err(Status::invalid_argument("outcome: empty")),
@@ -171,6 +187,7 @@ impl pb::executor_server::Executor for ExecutorService {
         };
         let claim = claim_from(hello);
         let auth = self.logic.authenticate(&claim).await?;
+        let guard = self.logic.sessions().register(&auth.namespace, &auth.pod)?;
         let assignment = self.logic.assignment(&auth).await?;
         let (tx, rx) = mpsc::channel(8);
         tx.send(controller_message(
@@ -190,6 +207,7 @@ impl pb::executor_server::Executor for ExecutorService {
         );
         tokio::spawn(
             async move {
+                let _registered = guard;
                 tracing::info!("agent connected");
                 let mut last_write: Option<Instant> = None;
                 let mut pending_step: Option<String> = None;
@@ -262,7 +280,14 @@ pub async fn serve(
     let identity = tonic::transport::Identity::from_pem(&tls.cert_pem, &tls.key_pem);
     tonic::transport::Server::builder()
         .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?
-        .add_service(pb::executor_server::ExecutorServer::new(service))
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .tcp_keepalive(Some(KEEPALIVE_INTERVAL))
+        .add_service(
+            pb::executor_server::ExecutorServer::new(service)
+                .max_decoding_message_size(MAX_AGENT_MESSAGE),
+        )
         .serve_with_shutdown(addr, shutdown)
         .await
 }

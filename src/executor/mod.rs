@@ -9,17 +9,22 @@ pub mod grpc;
 pub mod tls;
 pub mod token;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
 
 use k8s_openapi::api::core::v1::{Pod, Secret};
-use kube::api::{ListParams, Patch, PatchParams};
-use kube::{Api, Client, ResourceExt};
+use kube::api::{Patch, PatchParams};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Api, Client};
 
-use crate::api::{ImageBuild, LABEL_ATTEMPT, LABEL_BUILD_ID, LABEL_PLATFORM, SecretReference};
-use crate::outcome::{ANNOTATION_FAILURE, ANNOTATION_RESULT, ANNOTATION_STEP, Failed, Pushed};
+use crate::api::{ImageBuild, SecretReference};
+use crate::outcome::{
+    ANNOTATION_FAILURE, ANNOTATION_RESULT, ANNOTATION_RESULT_MAC, ANNOTATION_STEP, Failed, Pushed,
+};
 use crate::platform::Platform;
 use crate::reference::ImageRef;
 use crate::registry::{RegistryClient, credentials_for};
+use crate::source::split_userinfo;
 
 /// Errors of the executor service, each mapped to a gRPC status.
 #[derive(Debug, thiserror::Error)]
@@ -30,9 +35,18 @@ pub enum ExecutorError {
     /// The token does not speak for the claimed build.
     #[error("the token does not belong to {0}")]
     Unauthenticated(String),
-    /// The claimed attempt is not the current one.
+    /// The claimed attempt is over (superseded, finished, or its ImageBuild
+    /// is gone).
     #[error("{0}")]
     Stale(String),
+    /// The claimed attempt is not yet recorded in the ImageBuild's status
+    /// (the controller writes it right after creating the Pod): retry.
+    #[error("{0}")]
+    NotYet(String),
+    /// Another session of the same build Pod is live, or the service is at
+    /// its session limit: retry later.
+    #[error("{0}")]
+    Busy(String),
     /// A Kubernetes request failed.
     #[error("{what}: {source}")]
     Kube {
@@ -42,9 +56,12 @@ pub enum ExecutorError {
         #[source]
         source: kube::Error,
     },
-    /// A Secret the build needs is missing or malformed.
+    /// A Secret the build needs is missing, malformed or not allowed.
     #[error("{0}")]
     Secret(String),
+    /// The outcome of this attempt was already recorded.
+    #[error("{0}")]
+    AlreadyReported(String),
 }
 
 fn kube_err(what: impl Into<String>) -> impl FnOnce(kube::Error) -> ExecutorError {
@@ -67,6 +84,21 @@ pub struct Claim {
     pub platform: String,
     /// Attempt number.
     pub attempt: u32,
+    /// Name of the build Pod.
+    pub pod: String,
+    /// UID of the ImageBuild.
+    pub image_build_uid: String,
+}
+
+/// Longest token accepted (a v1 token is 100 characters).
+const MAX_TOKEN_LEN: usize = 200;
+
+/// A Kubernetes UID: 1–64 of `0-9a-z-`.
+fn is_uid(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || b.is_ascii_lowercase() || b == b'-')
 }
 
 /// A DNS-1123 label (a namespace's name): 1–63 of `a-z0-9-`, alphanumeric
@@ -118,6 +150,17 @@ impl Claim {
         if self.attempt == 0 {
             return Err(invalid("attempt", "an attempt number (1 or more)", "0"));
         }
+        if !is_dns1123_subdomain(&self.pod) {
+            return Err(invalid("pod", "a Pod name", &self.pod));
+        }
+        if !is_uid(&self.image_build_uid) {
+            return Err(invalid("image_build_uid", "a UID", &self.image_build_uid));
+        }
+        if self.token.len() > MAX_TOKEN_LEN {
+            return Err(ExecutorError::InvalidClaim(format!(
+                "hello.token: longer than {MAX_TOKEN_LEN} bytes"
+            )));
+        }
         self.platform
             .parse()
             .map_err(|e| ExecutorError::InvalidClaim(format!("hello.platform: {e}")))
@@ -125,9 +168,21 @@ impl Claim {
 
     fn describe(&self) -> String {
         format!(
-            "{}/{} build {} platform {} attempt {}",
-            self.namespace, self.image_build, self.build_id, self.platform, self.attempt
+            "{}/{} build {} platform {} attempt {} (Pod {})",
+            self.namespace, self.image_build, self.build_id, self.platform, self.attempt, self.pod
         )
+    }
+
+    fn subject<'a>(&'a self, platform: &'a str) -> token::Subject<'a> {
+        token::Subject {
+            namespace: &self.namespace,
+            image_build: &self.image_build,
+            image_build_uid: &self.image_build_uid,
+            pod: &self.pod,
+            build_id: &self.build_id,
+            platform,
+            attempt: self.attempt,
+        }
     }
 }
 
@@ -198,6 +253,44 @@ pub struct Assignment {
     pub platform: String,
 }
 
+/// Whether `claim` is the current attempt of `build`: `NotYet` while the
+/// status has not caught up with a Pod the controller just created, `Stale`
+/// once the attempt is over.
+fn currentness(build: &ImageBuild, claim: &Claim, platform: &str) -> Result<(), ExecutorError> {
+    let name = format!("{}/{}", claim.namespace, claim.image_build);
+    if build.metadata.uid.as_deref() != Some(claim.image_build_uid.as_str()) {
+        return Err(ExecutorError::Stale(format!(
+            "ImageBuild {name} was deleted and created again"
+        )));
+    }
+    let status = build.status.clone().unwrap_or_default();
+    if status.build_id.as_deref() != Some(claim.build_id.as_str()) {
+        return Err(ExecutorError::NotYet(format!(
+            "build {} of {name} is not (or no longer) its current build",
+            claim.build_id
+        )));
+    }
+    let Some(ps) = status.platforms.iter().find(|p| p.platform == platform) else {
+        return Err(ExecutorError::Stale(format!(
+            "{name} does not build {platform}"
+        )));
+    };
+    let recorded = i64::from(ps.attempts);
+    let claimed = i64::from(claim.attempt);
+    if recorded < claimed {
+        return Err(ExecutorError::NotYet(format!(
+            "attempt {claimed} of {platform} is not yet recorded in {name}"
+        )));
+    }
+    if recorded > claimed || ps.phase.is_finished() {
+        return Err(ExecutorError::Stale(format!(
+            "{} is not the current attempt of {name}",
+            claim.describe()
+        )));
+    }
+    Ok(())
+}
+
 /// What an agent reports at the end.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -211,83 +304,150 @@ pub enum Outcome {
 #[derive(Clone)]
 pub struct Executors {
     client: Client,
+    key: token::TokenKey,
+    builds: Option<Store<ImageBuild>>,
+    sessions: Arc<Sessions>,
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// The live sessions: at most one per build Pod, at most `max` in all.
+#[derive(Debug)]
+pub struct Sessions {
+    live: Mutex<HashSet<String>>,
+    max: usize,
+}
+
+/// A registered session; dropping it ends the registration.
+#[derive(Debug)]
+pub struct SessionGuard {
+    sessions: Arc<Sessions>,
+    key: String,
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        if let Ok(mut live) = self.sessions.live.lock() {
+            live.remove(&self.key);
+        }
+    }
+}
+
+impl Sessions {
+    /// A registry of at most `max` sessions.
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(Self {
+            live: Mutex::new(HashSet::new()),
+            max,
+        })
+    }
+
+    /// Registers the session of `namespace/pod`, refused while another one
+    /// of the same Pod is live or `max` sessions are.
+    pub fn register(
+        self: &Arc<Self>,
+        namespace: &str,
+        pod: &str,
+    ) -> Result<SessionGuard, ExecutorError> {
+        let key = format!("{namespace}/{pod}");
+        let mut live = self
+            .live
+            .lock()
+            .map_err(|_| ExecutorError::Busy("session registry unavailable".into()))?;
+        if live.contains(&key) {
+            return Err(ExecutorError::Busy(format!(
+                "another session of Pod {key} is live"
+            )));
+        }
+        if live.len() >= self.max {
+            return Err(ExecutorError::Busy(format!(
+                "the executor service has {} live sessions, its limit",
+                self.max
+            )));
+        }
+        live.insert(key.clone());
+        Ok(SessionGuard {
+            sessions: self.clone(),
+            key,
+        })
+    }
+
+    /// How many sessions are live.
+    pub fn len(&self) -> usize {
+        self.live.lock().map(|l| l.len()).unwrap_or(0)
+    }
+
+    /// Whether no session is live.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Settings of [`Executors`].
+pub struct ExecutorsConfig {
+    /// Kubernetes client (the controller's).
+    pub client: Client,
+    /// The token key.
+    pub key: token::TokenKey,
+    /// The controller's ImageBuild cache, read before asking the API server.
+    pub builds: Option<Store<ImageBuild>>,
+    /// Most concurrent sessions.
+    pub max_sessions: usize,
 }
 
 impl Executors {
-    /// The service logic over a Kubernetes client.
-    pub fn new(client: Client) -> Self {
-        Self { client }
+    /// The service logic.
+    pub fn new(cfg: ExecutorsConfig) -> Self {
+        Self {
+            client: cfg.client,
+            key: cfg.key,
+            builds: cfg.builds,
+            sessions: Sessions::new(cfg.max_sessions),
+        }
     }
 
-    /// Checks a claim against the token Secret and the ImageBuild's status.
+    /// The live sessions.
+    pub fn sessions(&self) -> &Arc<Sessions> {
+        &self.sessions
+    }
+
+    /// Checks a claim: fields first, then the token's MAC (no Kubernetes
+    /// request before the token is known to be the controller's), then that
+    /// the claimed attempt is the ImageBuild's current one.
     pub async fn authenticate(&self, claim: &Claim) -> Result<Authenticated, ExecutorError> {
         let platform = claim.validate()?;
-        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &claim.namespace);
-        let selector = format!(
-            "{LABEL_BUILD_ID}={},{LABEL_PLATFORM}={},{LABEL_ATTEMPT}={}",
-            claim.build_id,
-            platform.label_value(),
-            claim.attempt
-        );
-        let found = secrets
-            .list(&ListParams::default().labels(&selector))
-            .await
-            .map_err(kube_err(format!(
-                "list token Secrets in {}",
-                claim.namespace
-            )))?
-            .items;
-        let owned: Vec<&Secret> = found
-            .iter()
-            .filter(|s| {
-                s.owner_references()
-                    .iter()
-                    .any(|o| o.kind == "ImageBuild" && o.name == claim.image_build)
-            })
-            .collect();
-        let [secret] = owned.as_slice() else {
+        let canonical = platform.to_string();
+        if !self.key.verify(&claim.subject(&canonical), &claim.token) {
             return Err(ExecutorError::Unauthenticated(claim.describe()));
+        }
+        // From the watch cache when it already shows this attempt, else
+        // from the API server (the status may be a moment behind).
+        let cached = self.builds.as_ref().and_then(|store| {
+            store.get(&ObjectRef::new(&claim.image_build).within(&claim.namespace))
+        });
+        let build = match cached {
+            Some(b) if currentness(&b, claim, &canonical).is_ok() => (*b).clone(),
+            _ => {
+                let builds: Api<ImageBuild> =
+                    Api::namespaced(self.client.clone(), &claim.namespace);
+                builds
+                    .get_opt(&claim.image_build)
+                    .await
+                    .map_err(kube_err(format!(
+                        "get ImageBuild {}/{}",
+                        claim.namespace, claim.image_build
+                    )))?
+                    .ok_or_else(|| {
+                        ExecutorError::Stale(format!(
+                            "ImageBuild {}/{} no longer exists",
+                            claim.namespace, claim.image_build
+                        ))
+                    })?
+            }
         };
-        let expected = secret
-            .data
-            .as_ref()
-            .and_then(|d| d.get(token::TOKEN_KEY))
-            .map(|b| b.0.clone())
-            .unwrap_or_default();
-        if expected.is_empty() || !constant_time_eq(&expected, claim.token.trim().as_bytes()) {
-            return Err(ExecutorError::Unauthenticated(claim.describe()));
-        }
-        let builds: Api<ImageBuild> = Api::namespaced(self.client.clone(), &claim.namespace);
-        let build = builds
-            .get(&claim.image_build)
-            .await
-            .map_err(kube_err(format!(
-                "get ImageBuild {}/{}",
-                claim.namespace, claim.image_build
-            )))?;
-        let status = build.status.clone().unwrap_or_default();
-        let current = status.build_id.as_deref() == Some(claim.build_id.as_str())
-            && status.platforms.iter().any(|p| {
-                p.platform == platform.to_string()
-                    && i64::from(p.attempts) == i64::from(claim.attempt)
-                    && !p.phase.is_finished()
-            });
-        if !current {
-            return Err(ExecutorError::Stale(format!(
-                "{} is not the current attempt of {}/{}",
-                claim.describe(),
-                claim.namespace,
-                claim.image_build
-            )));
-        }
+        currentness(&build, claim, &canonical)?;
         Ok(Authenticated {
             build,
             namespace: claim.namespace.clone(),
-            pod: secret.name_any(),
+            pod: claim.pod.clone(),
             platform,
         })
     }
@@ -325,12 +485,24 @@ impl Executors {
                     None => BTreeMap::new(),
                 };
                 let text = |k: &str| data.get(k).map(|v| String::from_utf8_lossy(v).to_string());
+                // Credentials written into the URL travel as credentials
+                // (never in a URL the agent logs, a label or an argv); a
+                // Secret's, when given, win.
+                let (url, from_url) = split_userinfo(&git.url);
+                let (url_user, url_password) = from_url.unzip();
+                let secret_has_basic =
+                    data.contains_key("username") || data.contains_key("password");
+                let (username, password) = if secret_has_basic {
+                    (text("username"), text("password"))
+                } else {
+                    (url_user, url_password)
+                };
                 AssignedSource::Git {
-                    url: git.url.clone(),
+                    url,
                     revision: git.revision.clone(),
                     context_dir: git.context_dir.clone(),
-                    username: text("username"),
-                    password: text("password"),
+                    username,
+                    password,
                     ssh_private_key: text("ssh-privatekey"),
                     known_hosts: text("known_hosts"),
                 }
@@ -376,7 +548,7 @@ impl Executors {
         if let Some(git) = &spec.source.git {
             labels.insert(
                 "org.opencontainers.image.source".to_string(),
-                git.url.clone(),
+                split_userinfo(&git.url).0,
             );
         }
         Ok(Assignment {
@@ -416,8 +588,77 @@ impl Executors {
 
     /// Records the current step.
     pub async fn progress(&self, auth: &Authenticated, step: &str) -> Result<(), ExecutorError> {
-        let step: String = step.chars().take(256).collect();
+        let step = crate::outcome::cap(step, crate::outcome::MAX_STEP);
         self.annotate(auth, ANNOTATION_STEP, &step).await
+    }
+
+    /// Records an outcome on the build Pod, once: the first outcome of an
+    /// attempt stands (a repeat of the same outcome is acknowledged again,
+    /// a different one refused). The write is conditional on the Pod's
+    /// resourceVersion, so two writers cannot both win.
+    async fn record(
+        &self,
+        auth: &Authenticated,
+        key: &str,
+        value: String,
+    ) -> Result<(), ExecutorError> {
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &auth.namespace);
+        let what = format!("Pod {}/{}", auth.namespace, auth.pod);
+        let pod = pods
+            .get_opt(&auth.pod)
+            .await
+            .map_err(kube_err(format!("get {what}")))?
+            .ok_or_else(|| ExecutorError::Stale(format!("{what} no longer exists")))?;
+        let build_uid = auth.build.metadata.uid.as_deref().unwrap_or_default();
+        if !pod
+            .metadata
+            .owner_references
+            .iter()
+            .flatten()
+            .any(|o| o.uid == build_uid)
+        {
+            return Err(ExecutorError::Stale(format!(
+                "{what} does not belong to this ImageBuild"
+            )));
+        }
+        let existing = pod.metadata.annotations.clone().unwrap_or_default();
+        if existing.contains_key(ANNOTATION_RESULT) || existing.contains_key(ANNOTATION_FAILURE) {
+            return if existing.get(key) == Some(&value) {
+                Ok(())
+            } else {
+                Err(ExecutorError::AlreadyReported(format!(
+                    "the outcome of this attempt is already recorded on {what}"
+                )))
+            };
+        }
+        let mut annotations = BTreeMap::from([(key.to_string(), value.clone())]);
+        if key == ANNOTATION_RESULT {
+            // The reconciler accepts a result only with this MAC: a result
+            // written by anyone else with `pods/patch` does not count.
+            let pod_uid = pod.metadata.uid.as_deref().unwrap_or_default();
+            annotations.insert(
+                ANNOTATION_RESULT_MAC.to_string(),
+                self.key.sign_result(pod_uid, &value),
+            );
+        }
+        let patch = serde_json::json!({"metadata": {
+            "resourceVersion": pod.metadata.resource_version,
+            "annotations": annotations,
+        }});
+        pods.patch(&auth.pod, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .map_err(|e| match e {
+                kube::Error::Api(s) if s.code == 409 => ExecutorError::Busy(format!(
+                    "{what} changed while recording the outcome; retry"
+                )),
+                e => kube_err(format!("annotate {what}"))(e),
+            })?;
+        Ok(())
+    }
+
+    async fn record_failure(&self, auth: &Authenticated, f: &Failed) -> Result<(), ExecutorError> {
+        let json = serde_json::to_string(f).unwrap_or_default();
+        self.record(auth, ANNOTATION_FAILURE, json).await
     }
 
     /// Records the outcome. A pushed digest is recorded only once the
@@ -431,8 +672,7 @@ impl Executors {
     ) -> Result<(bool, String), ExecutorError> {
         match outcome {
             Outcome::Failed(f) => {
-                let json = serde_json::to_string(&f).unwrap_or_default();
-                self.annotate(auth, ANNOTATION_FAILURE, &json).await?;
+                self.record_failure(auth, &f).await?;
                 Ok((false, format!("recorded failure {}", f.reason)))
             }
             Outcome::Pushed(p) => {
@@ -440,17 +680,16 @@ impl Executors {
                 match self.verify(&reference, &p.digest, assignment).await {
                     Ok(()) => {
                         let json = serde_json::to_string(&p).unwrap_or_default();
-                        self.annotate(auth, ANNOTATION_RESULT, &json).await?;
+                        self.record(auth, ANNOTATION_RESULT, json).await?;
                         Ok((true, format!("{reference} is {}", p.digest)))
                     }
                     Err(message) => {
                         let f = Failed {
                             reason: "DigestNotConfirmed".into(),
-                            message: message.clone(),
+                            message: crate::outcome::cap(&message, crate::outcome::MAX_MESSAGE),
                         };
-                        let json = serde_json::to_string(&f).unwrap_or_default();
-                        self.annotate(auth, ANNOTATION_FAILURE, &json).await?;
-                        Ok((false, message))
+                        self.record_failure(auth, &f).await?;
+                        Ok((false, f.message))
                     }
                 }
             }
@@ -492,6 +731,8 @@ mod tests {
             build_id: "0a1b2c3d4e5f".into(),
             platform: "linux/amd64".into(),
             attempt: 1,
+            pod: "app.v2-1-linux-amd64-1".into(),
+            image_build_uid: "6b1f0b6e-2f7a-4c1e-9a4e-0c1d2e3f4a5b".into(),
         }
     }
 
@@ -499,7 +740,7 @@ mod tests {
     fn claims_that_would_shape_a_request_are_refused_by_field() {
         assert!(claim().validate().is_ok());
         type Case = (&'static str, fn(&mut Claim));
-        let cases: [Case; 9] = [
+        let cases: [Case; 12] = [
             ("hello.namespace", |c| {
                 c.namespace = "default/secrets#".into()
             }),
@@ -511,6 +752,11 @@ mod tests {
             ("hello.build_id", |c| c.build_id = "a!=b".into()),
             ("hello.attempt", |c| c.attempt = 0),
             ("hello.platform", |c| c.platform = "linux/amd64,x".into()),
+            ("hello.pod", |c| c.pod = "../secrets".into()),
+            ("hello.image_build_uid", |c| {
+                c.image_build_uid = "a/b".into()
+            }),
+            ("hello.token", |c| c.token = "x".repeat(201)),
         ];
         for (field, change) in cases {
             let mut c = claim();
@@ -518,5 +764,63 @@ mod tests {
             let err = c.validate().expect_err(field).to_string();
             assert!(err.contains(field), "{field}: {err}");
         }
+    }
+
+    #[test]
+    fn one_live_session_per_pod_and_a_cap_on_all() {
+        let sessions = Sessions::new(2);
+        let a = sessions.register("ns", "a").unwrap();
+        assert!(matches!(
+            sessions.register("ns", "a"),
+            Err(ExecutorError::Busy(_))
+        ));
+        let b = sessions.register("other", "a").unwrap();
+        let err = sessions.register("ns", "c").unwrap_err().to_string();
+        assert!(err.contains("limit"), "{err}");
+        drop(a);
+        assert!(sessions.register("ns", "a").is_ok());
+        drop(b);
+        assert!(sessions.is_empty());
+    }
+
+    #[test]
+    fn currentness_tells_not_yet_from_over() {
+        use crate::api::{ImageBuildStatus, Phase, PlatformStatus};
+        let c = claim();
+        let mut ib = ImageBuild::new("app.v2", Default::default());
+        ib.metadata.uid = Some(c.image_build_uid.clone());
+        let with = |build_id: Option<&str>, attempts: i32, phase: Phase| {
+            let mut ib = ib.clone();
+            ib.status = Some(ImageBuildStatus {
+                build_id: build_id.map(str::to_string),
+                platforms: vec![PlatformStatus {
+                    platform: "linux/amd64".into(),
+                    attempts,
+                    phase,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            });
+            ib
+        };
+        let id = Some(c.build_id.as_str());
+        let check = |ib: &ImageBuild| currentness(ib, &c, "linux/amd64");
+        assert!(check(&with(id, 1, Phase::Building)).is_ok());
+        assert!(matches!(check(&ib), Err(ExecutorError::NotYet(_))));
+        assert!(matches!(
+            check(&with(id, 0, Phase::Pending)),
+            Err(ExecutorError::NotYet(_))
+        ));
+        assert!(matches!(
+            check(&with(id, 2, Phase::Building)),
+            Err(ExecutorError::Stale(_))
+        ));
+        assert!(matches!(
+            check(&with(id, 1, Phase::Succeeded)),
+            Err(ExecutorError::Stale(_))
+        ));
+        let mut recreated = with(id, 1, Phase::Building);
+        recreated.metadata.uid = Some("other".into());
+        assert!(matches!(check(&recreated), Err(ExecutorError::Stale(_))));
     }
 }

@@ -6,6 +6,7 @@
 
 mod common;
 
+mod abuse;
 mod api_validation;
 mod builds;
 mod controller;

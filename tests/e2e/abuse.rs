@@ -1,0 +1,334 @@
+//! Abuse of the executor service and of the build Pods' records, next to a
+//! legitimate build on the real node that must still succeed: a Hello that
+//! would reshape an API request, 200 streams that never say hello, tokens
+//! used for another build, platform or attempt, a second live session, a
+//! replayed session after success, a digest the registry does not have,
+//! and a result annotation written by someone with `pods/patch`.
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use kube::api::{ListParams, Patch, PatchParams};
+use kube::{Api, ResourceExt};
+use tokio_stream::wrappers::ReceiverStream;
+use tripod::api::Phase;
+use tripod::proto::executor::v1 as pb;
+
+use crate::common::{ON_REAL_NODE, TestEnv, assert_reported_once, eventually};
+
+const BUILD: Duration = Duration::from_secs(240);
+
+type Client = pb::executor_client::ExecutorClient<tonic::transport::Channel>;
+
+/// A client of the executor service at `host:port`, trusting `ca`.
+async fn executor_client(host: &str, port: u16, ca: Vec<u8>) -> Client {
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("https://{host}:{port}"))
+        .expect("endpoint")
+        .tls_config(
+            tonic::transport::ClientTlsConfig::new()
+                .domain_name(host)
+                .ca_certificate(tonic::transport::Certificate::from_pem(ca)),
+        )
+        .expect("tls");
+    let channel = endpoint.connect().await.expect("connect executor service");
+    pb::executor_client::ExecutorClient::new(channel)
+}
+
+type Session = (
+    tokio::sync::mpsc::Sender<pb::AgentMessage>,
+    tonic::Streaming<pb::ControllerMessage>,
+);
+
+/// Opens a session as an agent would and waits for the assignment.
+async fn hello(client: &mut Client, hello: pb::Hello) -> Result<Session, tonic::Status> {
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    tx.send(pb::AgentMessage {
+        message: Some(pb::agent_message::Message::Hello(hello)),
+    })
+    .await
+    .expect("send hello");
+    let mut inbound = client.session(ReceiverStream::new(rx)).await?.into_inner();
+    match inbound.message().await? {
+        Some(_) => Ok((tx, inbound)),
+        None => Err(tonic::Status::aborted("no assignment")),
+    }
+}
+
+/// Sends an outcome and returns the controller's Ack.
+async fn report(session: &mut Session, outcome: pb::outcome::Outcome) -> pb::Ack {
+    session
+        .0
+        .send(pb::AgentMessage {
+            message: Some(pb::agent_message::Message::Outcome(pb::Outcome {
+                outcome: Some(outcome),
+            })),
+        })
+        .await
+        .expect("send outcome");
+    loop {
+        match session.1.message().await.expect("ack") {
+            Some(pb::ControllerMessage {
+                message: Some(pb::controller_message::Message::Ack(a)),
+            }) => return a,
+            Some(_) => continue,
+            None => panic!("no ack"),
+        }
+    }
+}
+
+/// What an agent of one build Pod knows: its token Secret's content, the
+/// Pod's labels, the ImageBuild's UID.
+#[derive(Debug, Clone)]
+struct Agent {
+    pod: String,
+    token: String,
+    ca: Vec<u8>,
+    image_build: String,
+    uid: String,
+    build_id: String,
+    platform: String,
+    attempt: u32,
+}
+
+impl Agent {
+    fn hello(&self, ns: &str) -> pb::Hello {
+        pb::Hello {
+            token: self.token.clone(),
+            namespace: ns.to_string(),
+            image_build: self.image_build.clone(),
+            build_id: self.build_id.clone(),
+            platform: self.platform.clone(),
+            attempt: self.attempt,
+            agent_version: "test".into(),
+            pod: self.pod.clone(),
+            image_build_uid: self.uid.clone(),
+        }
+    }
+}
+
+/// The agent of `name`'s build Pod of `attempt`, once its token Secret exists.
+async fn agent_of(env: &TestEnv, name: &str, attempt: u32) -> Agent {
+    let secrets: Api<Secret> = Api::namespaced(env.client.clone(), &env.ns);
+    let uid = env
+        .builds()
+        .get(name)
+        .await
+        .expect("ImageBuild")
+        .uid()
+        .expect("uid");
+    eventually(
+        &format!("token of {name} attempt {attempt}"),
+        BUILD,
+        || async {
+            let selector =
+                format!("build.tripod.dev/name={name},build.tripod.dev/attempt={attempt}");
+            let list = secrets
+                .list(&ListParams::default().labels(&selector))
+                .await
+                .ok()?
+                .items;
+            let s = list.first()?.clone();
+            let data = s.data.clone()?;
+            let labels = s.labels();
+            Some(Agent {
+                pod: s.name_any(),
+                token: String::from_utf8_lossy(&data.get("token")?.0).to_string(),
+                ca: data.get("ca.crt")?.0.clone(),
+                image_build: name.to_string(),
+                uid: uid.clone(),
+                build_id: labels.get("build.tripod.dev/build-id")?.clone(),
+                platform: "linux/arm64".into(),
+                attempt,
+            })
+        },
+    )
+    .await
+}
+
+async fn status(env: &TestEnv, name: &str) -> Option<tripod::api::ImageBuildStatus> {
+    env.builds().get(name).await.ok()?.status
+}
+
+/// An inline build on the simulated arm64 node, where nothing runs its Pod:
+/// the test plays its agent.
+fn simulated(name: &str, registry: &str, extra: &str) -> String {
+    crate::common::real_node_build(name, registry, "FROM scratch\nCOPY hello.txt /\n", extra)
+        .replace(ON_REAL_NODE, "")
+        .replace("platforms: [linux/amd64]", "platforms: [linux/arm64]")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn executor_abuse_is_refused_and_legitimate_builds_succeed() {
+    let mut env = TestEnv::with_builds("abuse").await;
+    let registry = env.shared.registry.clone().expect("registry");
+    let c = env.start_controller("c1");
+    let port = env.controller(c).executor_port;
+    let host = env.shared.info.node_ip.clone();
+    let ns = env.ns.clone();
+    env.apply(&simulated("one", &registry, "  retries: 1\n"));
+    env.apply(&simulated("two", &registry, ""));
+    env.apply(&simulated("forged", &registry, ""));
+    let one = agent_of(&env, "one", 1).await;
+    let two = agent_of(&env, "two", 1).await;
+    let mut client = executor_client(&host, port, one.ca.clone()).await;
+
+    // 200 streams that never say hello, over 50 connections, while a real
+    // build runs beside them: each is ended by the service.
+    let mut idle = Vec::new();
+    for _ in 0..50 {
+        let c = executor_client(&host, port, one.ca.clone()).await;
+        for _ in 0..4 {
+            let mut c = c.clone();
+            idle.push(tokio::spawn(async move {
+                let (_silent, rx) = tokio::sync::mpsc::channel::<pb::AgentMessage>(1);
+                let answer = tokio::time::timeout(
+                    Duration::from_secs(90),
+                    c.session(ReceiverStream::new(rx)),
+                )
+                .await
+                .map_err(|_| "still open after 90 s".to_string())?;
+                let status = match answer {
+                    Err(status) => status,
+                    Ok(r) => r
+                        .into_inner()
+                        .message()
+                        .await
+                        .err()
+                        .ok_or("an assignment without hello")?,
+                };
+                Ok::<_, String>(status.code())
+            }));
+        }
+    }
+    env.apply(&crate::common::real_node_build(
+        "legit",
+        &registry,
+        "FROM BASE\nRUN echo built > /built.txt\n",
+        "",
+    ));
+
+    // A Hello whose namespace would reshape the API request: refused by
+    // field, before any API call.
+    let mut bad = one.hello(&ns);
+    bad.namespace = "default/secrets#".into();
+    let err = hello(&mut client, bad)
+        .await
+        .expect_err("malformed namespace");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("hello.namespace"), "{err:?}");
+
+    // One's token speaking for two, for another platform, for attempt 2.
+    let mut as_two = two.hello(&ns);
+    as_two.token = one.token.clone();
+    let mut other_platform = one.hello(&ns);
+    other_platform.platform = "linux/amd64".into();
+    let mut other_attempt = one.hello(&ns);
+    other_attempt.attempt = 2;
+    for (what, h) in [
+        ("another build", as_two),
+        ("another platform", other_platform),
+        ("another attempt", other_attempt),
+    ] {
+        let err = hello(&mut client, h).await.expect_err(what);
+        assert_eq!(err.code(), tonic::Code::Unauthenticated, "{what}: {err:?}");
+    }
+
+    // One live session per build Pod.
+    let mut first = hello(&mut client, one.hello(&ns)).await.expect("own token");
+    let err = hello(&mut client, one.hello(&ns))
+        .await
+        .expect_err("a second live session");
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    // Attempt 1 fails; attempt 2 is created with a token of its own, and
+    // attempt 1's token no longer opens a session.
+    let ack = report(
+        &mut first,
+        pb::outcome::Outcome::Failed(pb::Failed {
+            reason: "StepFailed".into(),
+            step: "STEP 1/1".into(),
+            message: "first attempt fails".into(),
+            last_lines: vec![],
+        }),
+    )
+    .await;
+    assert!(!ack.accepted);
+    drop(first);
+    let one_2 = agent_of(&env, "one", 2).await;
+    assert_ne!(one_2.token, one.token);
+    eventually("attempt 2 recorded", BUILD, || async {
+        (status(&env, "one").await?.platforms.first()?.attempts == 2).then_some(())
+    })
+    .await;
+    let err = hello(&mut client, one.hello(&ns))
+        .await
+        .expect_err("an older attempt");
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+
+    // A digest the registry does not have: refused, and the attempt fails.
+    let mut second = hello(&mut client, one_2.hello(&ns))
+        .await
+        .expect("attempt 2's token");
+    let ack = report(
+        &mut second,
+        pb::outcome::Outcome::Pushed(pb::Pushed {
+            digest: format!("sha256:{}", "0".repeat(64)),
+            size: 1,
+        }),
+    )
+    .await;
+    assert!(!ack.accepted, "{ack:?}");
+    let s = eventually("build one failed", BUILD, || async {
+        let s = status(&env, "one").await?;
+        (s.phase == Some(Phase::Failed)).then_some(s)
+    })
+    .await;
+    let msg = s.platforms[0].message.clone().unwrap_or_default();
+    assert!(msg.contains("DigestNotConfirmed"), "{msg}");
+    assert!(s.image.is_none());
+
+    // A result annotation written with `pods/patch`, not by the executor
+    // service: not accepted.
+    let forged = agent_of(&env, "forged", 1).await;
+    let pods: Api<Pod> = Api::namespaced(env.client.clone(), &ns);
+    let fake = format!(r#"{{"digest":"sha256:{}","size":1}}"#, "1".repeat(64));
+    pods.patch(
+        &forged.pod,
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({"metadata": {"annotations": {
+            "build.tripod.dev/result": fake,
+            "build.tripod.dev/result-mac": "00".repeat(32),
+        }}})),
+    )
+    .await
+    .expect("patch the result annotation");
+    let s = eventually("forged build failed", BUILD, || async {
+        let s = status(&env, "forged").await?;
+        (s.phase == Some(Phase::Failed)).then_some(s)
+    })
+    .await;
+    let msg = s.platforms[0].message.clone().unwrap_or_default();
+    assert!(msg.contains("ResultNotSigned"), "{msg}");
+    assert!(
+        s.image.is_none() && s.platforms[0].digest.is_none(),
+        "{s:#?}"
+    );
+
+    // The idle streams were all ended by the service.
+    for task in idle {
+        let code = task.await.expect("idle stream task").expect("idle stream");
+        assert_eq!(code, tonic::Code::DeadlineExceeded);
+    }
+
+    // The legitimate build succeeded, once; replaying its session after
+    // success is refused.
+    let (ok, out) = env.wait_for("condition=Ready", "ib/legit", "240s");
+    assert!(ok, "{out}\n{:#?}", status(&env, "legit").await);
+    assert_reported_once(&env, "legit").await;
+    let mut legit = agent_of(&env, "legit", 1).await;
+    legit.platform = "linux/amd64".into();
+    let err = hello(&mut client, legit.hello(&ns))
+        .await
+        .expect_err("a replayed session");
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    env.cleanup().await;
+}
