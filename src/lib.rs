@@ -16,6 +16,7 @@ pub mod platform;
 pub mod proto;
 pub mod reference;
 pub mod registry;
+pub mod secret_policy;
 pub mod source;
 pub mod telemetry;
 pub mod tls;

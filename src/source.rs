@@ -234,6 +234,31 @@ pub async fn fetch(
     dockerfile: Option<&str>,
     workspace: &Path,
 ) -> Result<Context, SourceError> {
+    fetch_with(source, dockerfile, workspace, &FetchLimits::default()).await
+}
+
+/// Bounds of a fetch.
+#[derive(Debug, Clone)]
+pub struct FetchLimits {
+    /// The longest one git command may run before it is killed.
+    pub git_command_timeout: std::time::Duration,
+}
+
+impl Default for FetchLimits {
+    fn default() -> Self {
+        Self {
+            git_command_timeout: GIT_COMMAND_TIMEOUT,
+        }
+    }
+}
+
+/// [`fetch`] with explicit limits.
+pub async fn fetch_with(
+    source: &Source,
+    dockerfile: Option<&str>,
+    workspace: &Path,
+    limits: &FetchLimits,
+) -> Result<Context, SourceError> {
     match source {
         Source::Git {
             url,
@@ -244,7 +269,7 @@ pub async fn fetch(
             let plan =
                 GitPlan::validate(url, revision.as_deref(), context_dir.as_deref(), dockerfile)?;
             let workspace = prepare_workspace(workspace).await?;
-            fetch_git(&plan, credentials.as_ref(), &workspace).await
+            fetch_git(&plan, credentials.as_ref(), &workspace, limits).await
         }
         Source::Inline {
             dockerfile: content,
@@ -597,6 +622,15 @@ const PASSTHROUGH_ENV: &[&str] = &[
     "GIT_SSL_CAPATH",
 ];
 
+/// The longest one git command may run: a fetch that has not finished by
+/// then is killed. (HTTP transfers also end after a minute below 1 KiB/s,
+/// ssh after 30 s without a connection or a minute without an answer.)
+pub const GIT_COMMAND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30 * 60);
+
+/// ssh options that bound its waits.
+const SSH_DEADLINES: &str =
+    "-o ConnectTimeout=30 -o ServerAliveInterval=15 -o ServerAliveCountMax=4";
+
 const ASKPASS_SCRIPT: &str = "#!/bin/sh\n\
 # Answers git's credential prompts from variables set on the git process.\n\
 case \"$1\" in\n\
@@ -674,7 +708,7 @@ fn write_private_dir(
         ("GIT_CONFIG_GLOBAL", "/dev/null".into()),
     ];
     let mut askpass = "/bin/false".to_string();
-    let mut ssh = "ssh -o BatchMode=yes".to_string();
+    let mut ssh = format!("ssh -o BatchMode=yes {SSH_DEADLINES}");
     match credentials {
         None => {}
         Some(GitCredentials::Basic { username, password }) => {
@@ -698,7 +732,7 @@ fn write_private_dir(
                 None => (path.join("known_hosts"), "accept-new"),
             };
             ssh = format!(
-                "ssh -i {} -o IdentitiesOnly=yes -o BatchMode=yes -o UserKnownHostsFile={} -o StrictHostKeyChecking={checking}",
+                "ssh -i {} -o IdentitiesOnly=yes -o BatchMode=yes {SSH_DEADLINES} -o UserKnownHostsFile={} -o StrictHostKeyChecking={checking}",
                 shell_quote(&key.display().to_string()),
                 shell_quote(&hosts.display().to_string()),
             );
@@ -726,6 +760,7 @@ struct Git<'a> {
     env: &'a GitEnv,
     redactor: &'a Redactor,
     url: String,
+    timeout: std::time::Duration,
 }
 
 impl Git<'_> {
@@ -762,15 +797,27 @@ impl Git<'_> {
                 "advice.detachedHead=false",
                 "-c",
                 "init.defaultBranch=tripod",
+                // A transfer slower than 1 KiB/s for a minute is a stall.
+                "-c",
+                "http.lowSpeedLimit=1024",
+                "-c",
+                "http.lowSpeedTime=60",
             ])
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
-        let output = cmd
-            .output()
+        let output = tokio::time::timeout(self.timeout, cmd.output())
             .await
+            .map_err(|_| SourceError::Git {
+                command: format!("git {}", args.first().copied().unwrap_or_default()),
+                url: self.url.clone(),
+                stderr: format!(
+                    "no result within {}s (the process was killed)",
+                    self.timeout.as_secs()
+                ),
+            })?
             .map_err(io_error("source.git: cannot run git"))?;
         Ok(GitOutput {
             success: output.status.success(),
@@ -807,8 +854,9 @@ async fn fetch_git(
     plan: &GitPlan<'_>,
     credentials: Option<&GitCredentials>,
     workspace: &Path,
+    limits: &FetchLimits,
 ) -> Result<Context, SourceError> {
-    let result = fetch_git_into(plan, credentials, workspace).await;
+    let result = fetch_git_into(plan, credentials, workspace, limits).await;
     if result.is_err() {
         // The repository configuration holds the URL, maybe with credentials.
         let _ = tokio::fs::remove_dir_all(workspace.join(".git")).await;
@@ -820,6 +868,7 @@ async fn fetch_git_into(
     plan: &GitPlan<'_>,
     credentials: Option<&GitCredentials>,
     workspace: &Path,
+    limits: &FetchLimits,
 ) -> Result<Context, SourceError> {
     let started = std::time::Instant::now();
     let redactor = Redactor::new(plan.url, credentials);
@@ -833,6 +882,7 @@ async fn fetch_git_into(
         env: &env,
         redactor: &redactor,
         url: shown_url.clone(),
+        timeout: limits.git_command_timeout,
     };
 
     git.check(&["init", "-q", "--template="]).await?;
@@ -1233,7 +1283,8 @@ mod tests {
         let env = GitEnv::prepare(None, &parent).await.expect("prepare");
         assert_eq!(var(&env, "GIT_ASKPASS"), Some("/bin/false"));
         assert_eq!(var(&env, "GIT_USERNAME"), None);
-        assert_eq!(var(&env, "GIT_SSH_COMMAND"), Some("ssh -o BatchMode=yes"));
+        let plain = format!("ssh -o BatchMode=yes {SSH_DEADLINES}");
+        assert_eq!(var(&env, "GIT_SSH_COMMAND"), Some(plain.as_str()));
         drop(env);
         let _ = std::fs::remove_dir_all(&parent);
     }
@@ -1259,7 +1310,7 @@ mod tests {
         assert_eq!(
             ssh,
             format!(
-                "ssh -i '{}' -o IdentitiesOnly=yes -o BatchMode=yes -o UserKnownHostsFile='{}' -o StrictHostKeyChecking=yes",
+                "ssh -i '{}' -o IdentitiesOnly=yes -o BatchMode=yes {SSH_DEADLINES} -o UserKnownHostsFile='{}' -o StrictHostKeyChecking=yes",
                 key.display(),
                 dir.join("known_hosts").display()
             )

@@ -507,3 +507,39 @@ async fn inline_files() {
     assert!(!parent.join("x").exists());
     let _ = std::fs::remove_dir_all(&parent);
 }
+
+#[tokio::test]
+async fn a_remote_that_never_answers_is_given_up_at_the_deadline() {
+    // Accepts connections and never says a word.
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let held = Arc::new(Mutex::new(Vec::new()));
+    let keep = held.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            keep.lock().expect("lock").push(conn);
+        }
+    });
+    let source = Source::Git {
+        url: format!("git://127.0.0.1:{port}/silent.git"),
+        revision: None,
+        context_dir: None,
+        credentials: None,
+    };
+    let parent = scratch();
+    let limits = tripod::source::FetchLimits {
+        git_command_timeout: Duration::from_secs(3),
+    };
+    let started = Instant::now();
+    let err = tokio::time::timeout(
+        Duration::from_secs(60),
+        tripod::source::fetch_with(&source, None, &parent.join("ws"), &limits),
+    )
+    .await
+    .expect("the fetch ends by itself")
+    .expect_err("nothing to fetch");
+    assert!(err.to_string().contains("no result within 3s"), "{err}");
+    assert!(started.elapsed() >= Duration::from_secs(3));
+    assert!(!held.lock().expect("lock").is_empty(), "git did connect");
+    let _ = std::fs::remove_dir_all(&parent);
+}

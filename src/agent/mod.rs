@@ -175,7 +175,11 @@ pub async fn run_once(cfg: AgentConfig) -> Result<(), AgentError> {
                 .ca_certificate(Certificate::from_pem(ca)),
         )
         .map_err(|e| AgentError::Executor(e.to_string()))?
-        .connect_timeout(Duration::from_secs(10));
+        .connect_timeout(Duration::from_secs(10))
+        // A controller that went away mid-build is noticed within 30 s.
+        .http2_keep_alive_interval(Duration::from_secs(20))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_while_idle(true);
     let hello = pb::Hello {
         token,
         namespace: cfg.namespace.clone(),
@@ -356,6 +360,10 @@ async fn open_session(endpoint: &Endpoint, hello: &pb::Hello) -> Result<Session,
     }
 }
 
+/// How long the controller may take to acknowledge an outcome (it asks the
+/// registry first).
+const ACK_DEADLINE: Duration = Duration::from_secs(120);
+
 /// Sends the outcome and waits for the controller's acknowledgement.
 async fn send_outcome(
     tx: &mpsc::Sender<pb::AgentMessage>,
@@ -365,8 +373,12 @@ async fn send_outcome(
     tx.send(msg)
         .await
         .map_err(|_| "the session closed before the outcome".to_string())?;
+    let deadline = tokio::time::Instant::now() + ACK_DEADLINE;
     loop {
-        match inbound.message().await {
+        let next = tokio::time::timeout_at(deadline, inbound.message())
+            .await
+            .map_err(|_| format!("no acknowledgement within {}s", ACK_DEADLINE.as_secs()))?;
+        match next {
             Ok(Some(pb::ControllerMessage {
                 message: Some(pb::controller_message::Message::Ack(a)),
             })) => return Ok(a),

@@ -213,8 +213,13 @@ pub struct GitSource {
         }
     ]))]
     pub context_dir: Option<String>,
-    /// A Secret in the same namespace with git credentials (`username` and
-    /// `password`, or `ssh-privatekey`).
+    /// A Secret in the same namespace with git credentials: of type
+    /// `kubernetes.io/basic-auth` (`username`, `password`) or
+    /// `kubernetes.io/ssh-auth` (`ssh-privatekey`, optional `known_hosts`),
+    /// annotated `build.tripod.dev/allow: "true"` to be usable by builds.
+    /// Any other Secret stalls the build naming this field. Credentials
+    /// written in the URL are used as `username`/`password` and never shown
+    /// (not in labels, logs, status or Events).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_ref: Option<SecretReference>,
 }
@@ -286,11 +291,17 @@ pub struct Output {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "tags_schema")]
     pub additional_tags: Vec<String>,
-    /// A `kubernetes.io/dockerconfigjson` Secret in the same namespace with
-    /// credentials for the registry.
+    /// A Secret in the same namespace with credentials for the registry: of
+    /// type `kubernetes.io/dockerconfigjson` and annotated
+    /// `build.tripod.dev/allow: "true"` to be usable by builds. Any other
+    /// Secret stalls the build naming this field.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub push_secret_ref: Option<SecretReference>,
-    /// Talk plain HTTP to the registry. For local development only.
+    /// Talk plain HTTP (or HTTPS without verifying its certificate) to the
+    /// output registry: the registry of `image`, and only that one. Base
+    /// images from other registries are still pulled over verified HTTPS;
+    /// push credentials for this registry travel unencrypted. For local
+    /// development only.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub insecure: bool,
 }

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Backend, BuildEvent, BuildFailure, BuildOutput, BuildSpec, parse_step};
 use crate::platform::Os;
+use crate::reference::ImageRef;
 
 const LAST_LINES: usize = 20;
 
@@ -81,9 +82,6 @@ impl Buildah {
                 cache.clone(),
             ]);
         }
-        if spec.insecure {
-            args.push("--tls-verify=false".into());
-        }
         if let Some(a) = authfile {
             args.push("--authfile".into());
             args.push(a.display().to_string());
@@ -95,6 +93,42 @@ impl Buildah {
         args.push(spec.context_dir.display().to_string());
         args
     }
+}
+
+/// The system's registries.conf, which a build's own extends.
+const SYSTEM_REGISTRIES_CONF: &str = "/etc/containers/registries.conf";
+
+/// The registries (`host[:port]`) a build pushes to: its tags' (and its
+/// cache's when that is in the same registry).
+pub fn output_registries(spec: &BuildSpec) -> Vec<String> {
+    let mut hosts: Vec<String> = spec
+        .tags
+        .iter()
+        .filter_map(|t| ImageRef::parse(t).ok())
+        .map(|r| r.registry)
+        .collect();
+    hosts.sort();
+    hosts.dedup();
+    hosts
+}
+
+/// A registries.conf: the system's, plus an `insecure` entry for each of
+/// `hosts` the system's does not mention already.
+pub fn registries_conf(system: Option<&str>, hosts: &[String]) -> String {
+    let mut text = system.unwrap_or_default().to_string();
+    if !text.is_empty() && !text.ends_with('\n') {
+        text.push('\n');
+    }
+    for host in hosts {
+        let quoted = format!("\"{host}\"");
+        if text.contains(&quoted) {
+            continue;
+        }
+        text.push_str(&format!(
+            "\n[[registry]]\nlocation = {quoted}\ninsecure = true\n"
+        ));
+    }
+    text
 }
 
 fn dockerfile_path(spec: &BuildSpec) -> PathBuf {
@@ -272,8 +306,25 @@ impl Buildah {
             }
             None => None,
         };
+        // `insecure` (plain HTTP, no TLS verification) applies to the
+        // output registry only, through a registries.conf of this build:
+        // base images from anywhere else are pulled with TLS verified.
+        let registries = if spec.insecure {
+            let system = std::fs::read_to_string(SYSTEM_REGISTRIES_CONF).ok();
+            let path = work.join("registries.conf");
+            write_private(
+                &path,
+                registries_conf(system.as_deref(), &output_registries(spec)).as_bytes(),
+            )?;
+            Some(path)
+        } else {
+            None
+        };
         let mut bud = self.command();
         bud.args(Self::bud_args(spec, authfile.as_deref()));
+        if let Some(conf) = &registries {
+            bud.env("CONTAINERS_REGISTRIES_CONF", conf);
+        }
         let run_bud = run(bud, events, cancel).await?;
         if run_bud.cancelled {
             return Err(BuildFailure::Cancelled);
@@ -291,8 +342,8 @@ impl Buildah {
             let digest_file = work.join(format!("digest-{i}"));
             let mut push = self.command();
             push.arg("push").arg("--digestfile").arg(&digest_file);
-            if spec.insecure {
-                push.arg("--tls-verify=false");
+            if let Some(conf) = &registries {
+                push.env("CONTAINERS_REGISTRIES_CONF", conf);
             }
             if let Some(a) = &authfile {
                 push.arg("--authfile").arg(a);
@@ -410,11 +461,43 @@ mod tests {
             "--build-arg VERSION=1.2",
             "--label org.opencontainers.image.source=x",
             "--cache-from r/cache --cache-to r/cache",
-            "--tls-verify=false",
             "--authfile /w/auth.json",
             "-t r/a:1 -t r/a:latest /ctx",
         ] {
             assert!(joined.contains(want), "{want} missing in {joined}");
         }
+        // `insecure` never turns TLS verification off for every registry.
+        assert!(!joined.contains("tls-verify"), "{joined}");
+    }
+
+    #[test]
+    fn insecure_is_scoped_to_the_output_registry() {
+        let spec = BuildSpec {
+            build_id: "b".into(),
+            context_dir: "/ctx".into(),
+            dockerfile: "Dockerfile".into(),
+            target: None,
+            build_args: vec![],
+            labels: BTreeMap::new(),
+            platform: "linux/amd64".parse().unwrap(),
+            tags: vec![
+                "10.88.0.1:5000/team/a:1".into(),
+                "10.88.0.1:5000/team/a:2".into(),
+            ],
+            cache_image: None,
+            docker_config_json: None,
+            insecure: true,
+        };
+        let hosts = output_registries(&spec);
+        assert_eq!(hosts, vec!["10.88.0.1:5000".to_string()]);
+        let conf = registries_conf(Some("unqualified-search-registries = []"), &hosts);
+        assert_eq!(
+            conf,
+            "unqualified-search-registries = []\n\n[[registry]]\nlocation = \"10.88.0.1:5000\"\ninsecure = true\n"
+        );
+        // A registry the system's file configures already is left to it.
+        let system = "[[registry]]\nlocation = \"10.88.0.1:5000\"\n";
+        assert_eq!(registries_conf(Some(system), &hosts), system);
+        assert!(registries_conf(None, &hosts).starts_with("\n[[registry]]"));
     }
 }

@@ -559,12 +559,19 @@ async fn reconcile_inner(
         Vec::new()
     };
 
+    let secret_problem = if needs_secret_check(ib) {
+        check_secrets(ib, ns, ctx).await?
+    } else {
+        None
+    };
+
     let plan = plan::plan(
         Observed {
             build: ib,
             pods: &pods,
             runners: &runners,
             now: jiff::Timestamp::now(),
+            secret_problem: secret_problem.as_ref(),
         },
         &ctx.settings,
     );
@@ -684,6 +691,63 @@ async fn reconcile_inner(
         Some(after) => Action::requeue(after.max(Duration::from_secs(1))),
         None => Action::await_change(),
     })
+}
+
+/// Whether the Secrets of a build are (re)checked: while it has not
+/// finished. A finished build keeps its result whatever becomes of them.
+fn needs_secret_check(ib: &ImageBuild) -> bool {
+    let status = ib.status.as_ref();
+    status.and_then(|s| s.build_id.as_deref()) != Some(plan::build_id(ib).as_str())
+        || !status.and_then(|s| s.phase).is_some_and(Phase::is_finished)
+}
+
+/// Reads the Secrets the spec names and says why one may not be used
+/// (secret_policy), naming its field.
+async fn check_secrets(
+    ib: &ImageBuild,
+    ns: &str,
+    ctx: &Context,
+) -> Result<Option<validate::InvalidSpec>, ControllerError> {
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let refs = [
+        (
+            "spec.source.git.secretRef",
+            ib.spec
+                .source
+                .git
+                .as_ref()
+                .and_then(|g| g.secret_ref.as_ref()),
+            crate::secret_policy::GIT_TYPES,
+        ),
+        (
+            "spec.output.pushSecretRef",
+            ib.spec.output.push_secret_ref.as_ref(),
+            crate::secret_policy::PUSH_TYPES,
+        ),
+    ];
+    for (field, reference, types) in refs {
+        let Some(r) = reference else { continue };
+        let secret = api
+            .get_opt(&r.name)
+            .await
+            .map_err(kube_err(format!("get Secret {ns}/{}", r.name)))?;
+        if let Err(message) =
+            crate::secret_policy::check(field, ns, &r.name, secret.as_ref(), types)
+        {
+            let message = message
+                .strip_prefix(&format!("{field}: "))
+                .unwrap_or(&message)
+                .to_string();
+            return Ok(Some(validate::InvalidSpec {
+                field: field.to_string(),
+                message: format!(
+                    "{message} (then request a rebuild: annotate the ImageBuild with {}=<any new value>)",
+                    crate::api::ANNOTATION_REBUILD
+                ),
+            }));
+        }
+    }
+    Ok(None)
 }
 
 fn pod_platform(pod: &Pod) -> String {

@@ -28,6 +28,9 @@ pub struct Observed<'a> {
     pub runners: &'a [BuildRunner],
     /// The time to plan at.
     pub now: Timestamp,
+    /// Why a Secret the spec names may not be used (read by the caller:
+    /// missing, wrong type, not opted in), if so.
+    pub secret_problem: Option<&'a InvalidSpec>,
 }
 
 /// Kind of a planned Kubernetes Event.
@@ -87,6 +90,10 @@ pub const RECONCILING: &str = "Reconciling";
 /// kstatus: the object cannot progress without a change.
 pub const STALLED: &str = "Stalled";
 
+/// How much later than `spec.timeout` a build Pod's
+/// `activeDeadlineSeconds` ends it.
+pub const POD_DEADLINE_GRACE: Duration = Duration::from_secs(10);
+
 /// The build ID of a generation (and rebuild request) of an ImageBuild.
 pub fn build_id(ib: &ImageBuild) -> String {
     let uid = ib.uid().unwrap_or_default();
@@ -143,7 +150,11 @@ pub fn plan(obs: Observed<'_>, settings: &PodSettings) -> Plan {
         }
     }
 
-    let req = match validate(&ib.spec) {
+    let checked = validate(&ib.spec).and_then(|req| match obs.secret_problem {
+        Some(problem) => Err(problem.clone()),
+        None => Ok(req),
+    });
+    let req = match checked {
         Ok(req) => req,
         Err(invalid) => {
             for pod in obs.pods {
@@ -259,6 +270,17 @@ pub fn plan(obs: Observed<'_>, settings: &PodSettings) -> Plan {
             }
             let remaining = req.timeout.saturating_sub(elapsed);
             out.requeue_after = Some(remaining);
+            // The node enforces the timeout too, should the controller be
+            // away when it passes; a little later than the controller, so
+            // that its message ("exceeded spec.timeout") is the one shown.
+            let deadline = i64::try_from((remaining + POD_DEADLINE_GRACE).as_secs())
+                .unwrap_or(i64::MAX)
+                .max(1);
+            for pod in &mut out.create {
+                if let Some(spec) = pod.spec.as_mut() {
+                    spec.active_deadline_seconds = Some(deadline);
+                }
+            }
         }
     } else {
         reason = finished_reason(&old);
@@ -856,6 +878,7 @@ mod tests {
                 pods,
                 runners,
                 now,
+                secret_problem: None,
             },
             &settings(),
         )
@@ -1100,6 +1123,53 @@ mod tests {
         apply(&mut b, &mut pods, &p);
         let again = run(&b, &pods, &[], at(10));
         assert!(again.create.is_empty() && again.delete.is_empty() && again.events.is_empty());
+    }
+
+    #[test]
+    fn a_secret_that_may_not_be_used_stalls_the_build_naming_the_field() {
+        let b = ib(&["linux/amd64"]);
+        let problem = InvalidSpec {
+            field: "spec.output.pushSecretRef".into(),
+            message: "Secret ns/push does not allow builds to use it".into(),
+        };
+        let p = plan(
+            Observed {
+                build: &b,
+                pods: &[],
+                runners: &[],
+                now: at(0),
+                secret_problem: Some(&problem),
+            },
+            &settings(),
+        );
+        assert!(p.create.is_empty());
+        assert_eq!(p.status.phase, Some(Phase::Failed));
+        let stalled = cond(&p.status, STALLED);
+        assert_eq!(stalled.status, "True");
+        assert!(
+            stalled.message.starts_with("spec.output.pushSecretRef: "),
+            "{}",
+            stalled.message
+        );
+        assert_eq!(p.invalid, Some(problem));
+    }
+
+    #[test]
+    fn build_pods_carry_the_remaining_timeout_as_active_deadline() {
+        let mut b = ib(&["linux/amd64"]);
+        b.spec.timeout = Some("10m".into());
+        let p = run(&b, &[], &[], at(0));
+        let deadline = p.create[0].spec.as_ref().unwrap().active_deadline_seconds;
+        assert_eq!(deadline, Some(600 + POD_DEADLINE_GRACE.as_secs() as i64));
+        // A retry 4 minutes into the build gets what is left.
+        let mut b2 = b.clone();
+        let mut pods = Vec::new();
+        apply(&mut b2, &mut pods, &p);
+        set_pod(&mut pods[0], Some("n1"), "Failed");
+        b2.spec.retries = Some(1);
+        let p2 = run(&b2, &pods, &[], at(240));
+        let deadline = p2.create[0].spec.as_ref().unwrap().active_deadline_seconds;
+        assert_eq!(deadline, Some(360 + POD_DEADLINE_GRACE.as_secs() as i64));
     }
 
     #[test]

@@ -457,17 +457,17 @@ impl Executors {
         namespace: &str,
         r: &SecretReference,
         field: &str,
+        types: &[&str],
     ) -> Result<BTreeMap<String, Vec<u8>>, ExecutorError> {
         let api: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
         let secret = api
             .get_opt(&r.name)
             .await
-            .map_err(kube_err(format!("get Secret {namespace}/{}", r.name)))?
-            .ok_or_else(|| {
-                ExecutorError::Secret(format!("{field}: Secret {namespace}/{} not found", r.name))
-            })?;
+            .map_err(kube_err(format!("get Secret {namespace}/{}", r.name)))?;
+        crate::secret_policy::check(field, namespace, &r.name, secret.as_ref(), types)
+            .map_err(ExecutorError::Secret)?;
         Ok(secret
-            .data
+            .and_then(|s| s.data)
             .unwrap_or_default()
             .into_iter()
             .map(|(k, v)| (k, v.0))
@@ -481,7 +481,15 @@ impl Executors {
         let source = match (&spec.source.git, &spec.source.inline) {
             (Some(git), _) => {
                 let data = match &git.secret_ref {
-                    Some(r) => self.secret_data(ns, r, "spec.source.git.secretRef").await?,
+                    Some(r) => {
+                        self.secret_data(
+                            ns,
+                            r,
+                            "spec.source.git.secretRef",
+                            crate::secret_policy::GIT_TYPES,
+                        )
+                        .await?
+                    }
                     None => BTreeMap::new(),
                 };
                 let text = |k: &str| data.get(k).map(|v| String::from_utf8_lossy(v).to_string());
@@ -526,7 +534,14 @@ impl Executors {
         );
         let docker_config_json = match &spec.output.push_secret_ref {
             Some(r) => {
-                let data = self.secret_data(ns, r, "spec.output.pushSecretRef").await?;
+                let data = self
+                    .secret_data(
+                        ns,
+                        r,
+                        "spec.output.pushSecretRef",
+                        crate::secret_policy::PUSH_TYPES,
+                    )
+                    .await?;
                 Some(data.get(".dockerconfigjson").cloned().ok_or_else(|| {
                     ExecutorError::Secret(format!(
                         "spec.output.pushSecretRef: Secret {ns}/{} has no .dockerconfigjson key",

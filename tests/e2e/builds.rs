@@ -116,7 +116,7 @@ fn git(dir: &std::path::Path, args: &[&str]) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn git_build_uses_revision_and_context_dir() {
+async fn git_build_uses_revision_and_context_dir_and_keeps_url_credentials_private() {
     let mut env = TestEnv::with_builds("build-git").await;
     let registry = env.shared.registry.clone().expect("registry");
     // A repository with the app in a subdirectory; v1 differs from main.
@@ -171,8 +171,12 @@ async fn git_build_uses_revision_and_context_dir() {
             .map(|_| ())
     })
     .await;
-    env.start_controller("c1");
+    let c = env.start_controller("c1");
     let node_ip = env.shared.info.node_ip.clone();
+    // Credentials written into the URL: they must reach git as credentials
+    // and nothing else (git:// takes none: a URL that kept them would not
+    // even resolve its host).
+    let sentinel = format!("SENTINEL{}", std::process::id());
     let manifest = format!(
         r#"apiVersion: build.tripod.dev/v1alpha1
 kind: ImageBuild
@@ -181,7 +185,7 @@ metadata:
 spec:
   source:
     git:
-      url: git://{node_ip}:{port}/repo.git
+      url: git://tripod:{sentinel}@{node_ip}:{port}/repo.git
       revision: v1
       contextDir: app
   platforms: [linux/amd64]
@@ -203,6 +207,56 @@ spec:
             .await
             .expect("registry answers");
         assert_eq!(digest, confirmed, "tag {tag}");
+    }
+    // Not in the image config (labels), the Pods (spec, logs), the status,
+    // the Events or the controller's log.
+    let (code, _, manifest) = tripod_harness::http_request(
+        &registry,
+        "GET",
+        &format!("/v2/team/from-git/manifests/{digest}"),
+        "application/vnd.oci.image.manifest.v1+json,application/vnd.docker.distribution.manifest.v2+json",
+    )
+    .expect("manifest");
+    assert_eq!(code, 200);
+    let manifest: serde_json::Value = serde_json::from_slice(&manifest).expect("manifest JSON");
+    let config_digest = manifest["config"]["digest"]
+        .as_str()
+        .expect("config digest");
+    let (code, _, config) = tripod_harness::http_request(
+        &registry,
+        "GET",
+        &format!("/v2/team/from-git/blobs/{config_digest}"),
+        "*/*",
+    )
+    .expect("config");
+    assert_eq!(code, 200);
+    let config = String::from_utf8_lossy(&config).to_string();
+    assert!(
+        config.contains(&format!("git://tripod@{node_ip}:{port}/repo.git"))
+            || config.contains(&format!("git://{node_ip}:{port}/repo.git")),
+        "the source label names the repository: {config}"
+    );
+    let pod = env.pods_of("from-git").await.remove(0).name_any();
+    let mut seen = vec![
+        ("image config", config),
+        ("controller log", env.controller_log(c)),
+        ("status", format!("{:?}", status(&env, "from-git").await)),
+    ];
+    for (what, args) in [
+        ("Pods", vec!["get", "pods", "-o", "json"]),
+        ("Events", vec!["get", "events", "-o", "json"]),
+        ("agent log", vec!["logs", &pod, "-c", "agent"]),
+        ("buildd log", vec!["logs", &pod, "-c", "buildd"]),
+    ] {
+        let (ok, out) = env.kubectl(&args, None);
+        assert!(ok, "{what}: {out}");
+        seen.push((what, out));
+    }
+    for (what, text) in seen {
+        assert!(
+            !text.contains(&sentinel),
+            "the URL's password leaked into the {what}: {text}"
+        );
     }
     let _ = daemon.kill();
     let _ = daemon.wait();
@@ -504,11 +558,18 @@ async fn a_failed_attempt_is_retried_and_the_second_succeeds() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn push_secrets_wrong_ones_fail_clearly_right_ones_push() {
+async fn push_secrets_wrong_ones_fail_clearly_right_ones_push_others_are_not_used() {
     let mut env = TestEnv::with_builds("build-auth").await;
     let registry = env.shared.auth_registry.clone().expect("auth registry");
     env.start_controller("c1");
-    for (name, pass) in [("wrong", "nope"), ("right", "s3cret")] {
+    // (name, password, Secret type, opted in)
+    let cases = [
+        ("wrong", "nope", "kubernetes.io/dockerconfigjson", true),
+        ("right", "s3cret", "kubernetes.io/dockerconfigjson", true),
+        ("unasked", "s3cret", "kubernetes.io/dockerconfigjson", false),
+        ("opaque", "s3cret", "Opaque", true),
+    ];
+    for (name, pass, type_, allowed) in cases {
         let auth = {
             const T: &[u8; 64] =
                 b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
@@ -528,8 +589,13 @@ async fn push_secrets_wrong_ones_fail_clearly_right_ones_push() {
             }
             out
         };
+        let annotations = if allowed {
+            "  annotations: {build.tripod.dev/allow: \"true\"}\n"
+        } else {
+            ""
+        };
         let secret = format!(
-            "apiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}-creds\ntype: kubernetes.io/dockerconfigjson\nstringData:\n  .dockerconfigjson: '{{\"auths\":{{\"{registry}\":{{\"auth\":\"{auth}\"}}}}}}'\n"
+            "apiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}-creds\n{annotations}type: {type_}\nstringData:\n  .dockerconfigjson: '{{\"auths\":{{\"{registry}\":{{\"auth\":\"{auth}\"}}}}}}'\n"
         );
         env.apply(&secret);
         let manifest = inline(name, &registry, "FROM scratch\nCOPY hello.txt /\n", "").replace(
@@ -553,6 +619,34 @@ async fn push_secrets_wrong_ones_fail_clearly_right_ones_push() {
         msg.contains("unauthorized") || msg.contains("authentication required"),
         "{msg}"
     );
+    // A Secret that did not opt in, or of another type, is not used: the
+    // build stalls naming the field, and no build Pod is made.
+    for (name, want) in [
+        (
+            "unasked",
+            "annotate it with build.tripod.dev/allow=\"true\"",
+        ),
+        ("opaque", "is of type Opaque"),
+    ] {
+        let (ok, out) = env.wait_for("condition=Stalled", &format!("ib/{name}"), "60s");
+        let s = status(&env, name).await.expect("status");
+        assert!(ok, "{out}\n{s:#?}");
+        let stalled = s
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Stalled")
+            .expect("Stalled");
+        assert!(
+            stalled.message.starts_with("spec.output.pushSecretRef: ")
+                && stalled.message.contains(want),
+            "{name}: {}",
+            stalled.message
+        );
+        assert!(
+            env.pods_of(name).await.is_empty(),
+            "{name}: a build Pod was made"
+        );
+    }
     env.cleanup().await;
 }
 
@@ -587,5 +681,46 @@ async fn ttl_after_finished_removes_pods_and_tokens_but_keeps_the_imagebuild() {
     let s = status(&env, "brief").await.expect("the ImageBuild stays");
     assert_eq!(s.phase, Some(Phase::Succeeded));
     assert!(s.image.is_some());
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn insecure_applies_to_the_output_registry_only() {
+    let mut env = TestEnv::with_builds("build-insecure").await;
+    let registry = env.shared.registry.clone().expect("registry");
+    // The same images, served over plain HTTP on another port: another
+    // registry as far as any client can tell.
+    let dir = env.shared.dir.join(format!("mirror-{}", env.ns));
+    std::fs::create_dir_all(&dir).expect("mirror dir");
+    std::os::unix::fs::symlink(env.shared.dir.join("registry"), dir.join("registry"))
+        .expect("share the registry's data");
+    let mut mirror = tripod_harness::registry::start_registry_on(
+        &env.shared.info.node_ip,
+        &dir,
+        "registry",
+        0,
+        None,
+    )
+    .expect("second registry");
+    env.start_controller("c1");
+    // `insecure` is for the output registry: a base image from the other
+    // plain-HTTP registry is not pulled without TLS.
+    let dockerfile = format!("FROM {}/base/busybox:1\nRUN true\n", mirror.address);
+    env.apply(&inline("elsewhere", &registry, &dockerfile, ""));
+    let (ok, out) = env.wait_for("condition=Stalled", "ib/elsewhere", "240s");
+    let s = status(&env, "elsewhere").await.expect("status");
+    assert!(ok, "{out}\n{s:#?}");
+    let msg = s.platforms[0].message.clone().unwrap_or_default();
+    assert!(
+        msg.contains(&mirror.address) && msg.to_lowercase().contains("https"),
+        "the pull from {} must fail for want of TLS: {msg}",
+        mirror.address
+    );
+    // The same base image from the output registry itself builds.
+    env.apply(&inline("here", &registry, "FROM BASE\nRUN true\n", ""));
+    let (ok, out) = env.wait_for("condition=Ready", "ib/here", "240s");
+    assert!(ok, "{out}\n{:#?}", status(&env, "here").await);
+    let _ = mirror.child.kill();
+    let _ = mirror.child.wait();
     env.cleanup().await;
 }
