@@ -80,6 +80,49 @@ pub enum RegistryError {
     },
 }
 
+/// What an image's config says about it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ImageFacts {
+    /// `os` of the config.
+    pub os: String,
+    /// `architecture` of the config.
+    pub architecture: String,
+    /// `variant` of the config, if any.
+    pub variant: Option<String>,
+    /// `config.Labels`.
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
+impl ImageFacts {
+    /// Reads an image config (JSON).
+    pub fn from_config(json: &str) -> Result<Self, String> {
+        #[derive(serde::Deserialize)]
+        struct Inner {
+            #[serde(rename = "Labels", default)]
+            labels: Option<std::collections::BTreeMap<String, String>>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Config {
+            #[serde(default)]
+            os: String,
+            #[serde(default)]
+            architecture: String,
+            #[serde(default)]
+            variant: Option<String>,
+            #[serde(default)]
+            config: Option<Inner>,
+        }
+        let c: Config =
+            serde_json::from_str(json).map_err(|e| format!("the image config is not JSON: {e}"))?;
+        Ok(Self {
+            os: c.os,
+            architecture: c.architecture,
+            variant: c.variant.filter(|v| !v.is_empty()),
+            labels: c.config.and_then(|i| i.labels).unwrap_or_default(),
+        })
+    }
+}
+
 /// A user name and password (or token) for a registry's HTTP Basic auth.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Credentials {
@@ -242,16 +285,7 @@ impl RegistryClient {
         creds: Option<&Credentials>,
     ) -> Result<String, RegistryError> {
         let image = parse_reference(reference)?;
-        let client = Client::try_from(ClientConfig {
-            protocol: ClientProtocol::HttpsExcept(self.insecure_registries.clone()),
-            connect_timeout: Some(CONNECT_TIMEOUT),
-            read_timeout: Some(READ_TIMEOUT),
-            ..Default::default()
-        })
-        .map_err(|e| RegistryError::Transport {
-            reference: reference.to_string(),
-            message: format!("cannot create the HTTP client: {}", error_chain(&e)),
-        })?;
+        let client = self.client(reference)?;
         let auth = match creds {
             Some(c) => RegistryAuth::Basic(c.username.clone(), c.password.clone()),
             None => RegistryAuth::Anonymous,
@@ -267,6 +301,48 @@ impl RegistryClient {
             Ok(digest) => Ok(digest),
             Err(e) => Err(self.map_error(reference, image.resolve_registry(), e)),
         }
+    }
+
+    /// The config of the image manifest `digest` in the repository of
+    /// `reference` (a tag reference).
+    pub async fn inspect(
+        &self,
+        reference: &str,
+        digest: &str,
+        creds: Option<&Credentials>,
+    ) -> Result<ImageFacts, RegistryError> {
+        let tagged = parse_reference(reference)?;
+        let image = Reference::with_digest(
+            tagged.registry().to_string(),
+            tagged.repository().to_string(),
+            digest.to_string(),
+        );
+        let client = self.client(reference)?;
+        let auth = match creds {
+            Some(c) => RegistryAuth::Basic(c.username.clone(), c.password.clone()),
+            None => RegistryAuth::Anonymous,
+        };
+        let (_, _, config) = client
+            .pull_manifest_and_config(&image, &auth)
+            .await
+            .map_err(|e| self.map_error(reference, image.resolve_registry(), e))?;
+        ImageFacts::from_config(&config).map_err(|message| RegistryError::Transport {
+            reference: reference.to_string(),
+            message,
+        })
+    }
+
+    fn client(&self, reference: &str) -> Result<Client, RegistryError> {
+        Client::try_from(ClientConfig {
+            protocol: ClientProtocol::HttpsExcept(self.insecure_registries.clone()),
+            connect_timeout: Some(CONNECT_TIMEOUT),
+            read_timeout: Some(READ_TIMEOUT),
+            ..Default::default()
+        })
+        .map_err(|e| RegistryError::Transport {
+            reference: reference.to_string(),
+            message: format!("cannot create the HTTP client: {}", error_chain(&e)),
+        })
     }
 
     /// `Ok(())` when `reference` resolves to `expected` (e.g.
@@ -304,7 +380,7 @@ impl RegistryClient {
         };
         let transport = |message: String| RegistryError::Transport {
             reference: reference.to_string(),
-            message,
+            message: crate::outcome::cap(&message, MAX_MESSAGE),
         };
         match e {
             OciDistributionError::UnauthorizedError { .. }
@@ -314,8 +390,16 @@ impl RegistryClient {
             OciDistributionError::ImageManifestNotFoundError(_) => RegistryError::NotFound {
                 reference: reference.to_string(),
             },
+            // The body of an error response is not repeated: it could be
+            // anything (a redirect may lead anywhere), and it would land in
+            // the status.
             OciDistributionError::ServerError { code, message, .. } => by_status(code)
-                .unwrap_or_else(|| transport(format!("HTTP {code}: {}", message.trim()))),
+                .unwrap_or_else(|| {
+                    transport(format!(
+                        "HTTP {code} ({} bytes of response body, not shown)",
+                        message.len()
+                    ))
+                }),
             OciDistributionError::RegistryError { envelope, .. } => {
                 envelope_error(reference, &envelope).unwrap_or_else(|| {
                     transport(format!(
@@ -342,6 +426,9 @@ impl RegistryClient {
         }
     }
 }
+
+/// Longest registry message kept in an error (and so in a status).
+pub const MAX_MESSAGE: usize = 300;
 
 /// Parses a tag reference, refusing references that carry a digest.
 fn parse_reference(reference: &str) -> Result<Reference, RegistryError> {
@@ -627,6 +714,36 @@ mod tests {
         assert!(
             c.insecure_registries
                 .contains(&"127.0.0.1:5000".to_string())
+        );
+    }
+
+    #[test]
+    fn error_bodies_are_not_repeated_and_messages_are_capped() {
+        let c = RegistryClient::new(vec![]);
+        let secret = "AKIA-not-to-be-shown";
+        let e = c.map_error(
+            "r.example/t/a:1",
+            "r.example",
+            OciDistributionError::ServerError {
+                code: 502,
+                url: "http://169.254.169.254/latest".into(),
+                message: format!("{secret}{}", "x".repeat(100_000)),
+            },
+        );
+        let text = e.to_string();
+        assert!(
+            !text.contains(secret) && text.contains("HTTP 502"),
+            "{text}"
+        );
+        let e = c.map_error(
+            "r.example/t/a:1",
+            "r.example",
+            OciDistributionError::GenericError(Some("y".repeat(100_000))),
+        );
+        assert!(
+            e.to_string().len() < MAX_MESSAGE + 200,
+            "{}",
+            e.to_string().len()
         );
     }
 }

@@ -119,8 +119,13 @@ pub struct ControllerConfig {
     #[arg(long, default_value_t = 15)]
     pub lease_duration_seconds: u64,
     /// Seconds between Lease renewals.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 2)]
     pub lease_renew_seconds: u64,
+    /// Seconds the leader keeps leading without a successful renewal; then
+    /// it stops reconciling and serving the executor. Must be more than
+    /// --lease-renew-seconds and less than --lease-duration-seconds.
+    #[arg(long, default_value_t = 10)]
+    pub lease_renew_deadline_seconds: u64,
     /// Image of the agent container of Linux build Pods. It fetches git
     /// sources with `git`, so by default it is the buildd image, which
     /// carries git (the controller image holds only the `tripod` binary).
@@ -281,19 +286,16 @@ pub async fn run(cfg: ControllerConfig) -> Result<(), ControllerError> {
         .clone()
         .or_else(|| cfg.namespace.clone())
         .unwrap_or_else(|| "default".into());
-    let elector = LeaderElector::new(
-        client.clone(),
-        LeaseConfig {
-            namespace: lease_namespace,
-            name: cfg.lease_name.clone(),
-            identity: identity.clone(),
-            lease_duration: Duration::from_secs(cfg.lease_duration_seconds.max(2)),
-            renew_every: Duration::from_secs(
-                cfg.lease_renew_seconds
-                    .clamp(1, cfg.lease_duration_seconds.max(2)),
-            ),
-        },
-    );
+    let lease = LeaseConfig {
+        namespace: lease_namespace,
+        name: cfg.lease_name.clone(),
+        identity: identity.clone(),
+        lease_duration: Duration::from_secs(cfg.lease_duration_seconds),
+        renew_every: Duration::from_secs(cfg.lease_renew_seconds),
+        renew_deadline: Duration::from_secs(cfg.lease_renew_deadline_seconds),
+    };
+    lease.validate()?;
+    let elector = LeaderElector::new(client.clone(), lease);
 
     let shutdown = shutdown_signal()?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

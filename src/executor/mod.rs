@@ -17,13 +17,13 @@ use kube::api::{Patch, PatchParams};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client};
 
-use crate::api::{ImageBuild, SecretReference};
+use crate::api::{ImageBuild, LABEL_BUILD_ID, SecretReference};
 use crate::outcome::{
     ANNOTATION_FAILURE, ANNOTATION_RESULT, ANNOTATION_RESULT_MAC, ANNOTATION_STEP, Failed, Pushed,
 };
 use crate::platform::Platform;
 use crate::reference::ImageRef;
-use crate::registry::{RegistryClient, credentials_for};
+use crate::registry::{ImageFacts, RegistryClient, credentials_for};
 use crate::source::split_userinfo;
 
 /// Errors of the executor service, each mapped to a gRPC status.
@@ -553,7 +553,7 @@ impl Executors {
         };
         let mut labels = BTreeMap::new();
         labels.insert(
-            "build.tripod.dev/build-id".to_string(),
+            LABEL_BUILD_ID.to_string(),
             auth.build
                 .status
                 .as_ref()
@@ -711,6 +711,9 @@ impl Executors {
         }
     }
 
+    /// The tag resolves to `digest`, and the image there is one only this
+    /// build could have made: its config carries this build's ID label and
+    /// this platform.
     async fn verify(
         &self,
         reference: &str,
@@ -727,11 +730,47 @@ impl Executors {
         } else {
             Vec::new()
         };
-        RegistryClient::new(insecure)
+        let client = RegistryClient::new(insecure);
+        client
             .verify(reference, digest, creds.as_ref())
             .await
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string())?;
+        let facts = client
+            .inspect(reference, digest, creds.as_ref())
+            .await
+            .map_err(|e| e.to_string())?;
+        check_facts(&facts, assignment)
     }
+}
+
+/// Whether an image's config is what this assignment builds.
+fn check_facts(facts: &ImageFacts, assignment: &Assignment) -> Result<(), String> {
+    let want_id = assignment.labels.get(LABEL_BUILD_ID).map(String::as_str);
+    let got_id = facts.labels.get(LABEL_BUILD_ID).map(String::as_str);
+    if want_id.is_none() || got_id != want_id {
+        return Err(format!(
+            "the image is not this build's: its label {LABEL_BUILD_ID} is {:?}, not {:?}",
+            got_id.unwrap_or(""),
+            want_id.unwrap_or("")
+        ));
+    }
+    let platform: Platform = assignment.platform.parse().map_err(|e| format!("{e}"))?;
+    let os_ok = facts.os == platform.os().as_str();
+    let arch_ok = facts.architecture == platform.arch();
+    let variant_ok = platform.variant().is_none() || facts.variant.as_deref() == platform.variant();
+    if !(os_ok && arch_ok && variant_ok) {
+        return Err(format!(
+            "the image is for {}/{}{}, not {platform}",
+            facts.os,
+            facts.architecture,
+            facts
+                .variant
+                .as_deref()
+                .map(|v| format!("/{v}"))
+                .unwrap_or_default()
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -837,5 +876,45 @@ mod tests {
         let mut recreated = with(id, 1, Phase::Building);
         recreated.metadata.uid = Some("other".into());
         assert!(matches!(check(&recreated), Err(ExecutorError::Stale(_))));
+    }
+
+    #[test]
+    fn only_an_image_with_this_builds_label_and_platform_is_accepted() {
+        let assignment = Assignment {
+            source: AssignedSource::Inline {
+                dockerfile: "FROM scratch".into(),
+                files: BTreeMap::new(),
+            },
+            dockerfile: None,
+            target: None,
+            build_args: vec![],
+            tags: vec!["r.example/t/a:1".into()],
+            cache_image: None,
+            docker_config_json: None,
+            insecure: false,
+            labels: BTreeMap::from([(LABEL_BUILD_ID.to_string(), "0a1b".to_string())]),
+            platform: "linux/arm64".into(),
+        };
+        let facts = |id: Option<&str>, os: &str, arch: &str| ImageFacts {
+            os: os.into(),
+            architecture: arch.into(),
+            variant: Some("v8".into()),
+            labels: id
+                .map(|v| BTreeMap::from([(LABEL_BUILD_ID.to_string(), v.to_string())]))
+                .unwrap_or_default(),
+        };
+        assert!(check_facts(&facts(Some("0a1b"), "linux", "arm64"), &assignment).is_ok());
+        for (f, want) in [
+            (facts(None, "linux", "arm64"), "not this build's"),
+            (facts(Some("ffff"), "linux", "arm64"), "not this build's"),
+            (
+                facts(Some("0a1b"), "linux", "amd64"),
+                "for linux/amd64/v8, not linux/arm64",
+            ),
+            (facts(Some("0a1b"), "windows", "arm64"), "not linux/arm64"),
+        ] {
+            let err = check_facts(&f, &assignment).unwrap_err();
+            assert!(err.contains(want), "{err}");
+        }
     }
 }

@@ -106,8 +106,18 @@ impl Agent {
     }
 }
 
-/// The agent of `name`'s build Pod of `attempt`, once its token Secret exists.
+/// The agent of `name`'s build Pod of `attempt`, once its token Secret
+/// exists and the status records the attempt.
 async fn agent_of(env: &TestEnv, name: &str, attempt: u32) -> Agent {
+    eventually(
+        &format!("{name} attempt {attempt} recorded"),
+        BUILD,
+        || async {
+            let s = status(env, name).await?;
+            (s.platforms.first()?.attempts >= i32::try_from(attempt).ok()?).then_some(())
+        },
+    )
+    .await;
     let secrets: Api<Secret> = Api::namespaced(env.client.clone(), &env.ns);
     let uid = env
         .builds()
@@ -143,6 +153,104 @@ async fn agent_of(env: &TestEnv, name: &str, attempt: u32) -> Agent {
         },
     )
     .await
+}
+
+/// One plain HTTP/1.0 request with a body: (status, headers, body).
+fn http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    content_type: &str,
+    body: &[u8],
+) -> (u16, String, Vec<u8>) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect registry");
+    write!(
+        s,
+        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .expect("write");
+    s.write_all(body).expect("write body");
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).expect("read");
+    let split = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or(buf.len());
+    let head = String::from_utf8_lossy(&buf[..split]).to_string();
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (
+        code,
+        head,
+        buf.get(split + 4..).unwrap_or_default().to_vec(),
+    )
+}
+
+fn sha256(data: &[u8]) -> String {
+    use sha2::Digest;
+    let d = sha2::Sha256::digest(data);
+    format!(
+        "sha256:{}",
+        d.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    )
+}
+
+/// Pushes an image made by someone else (an empty linux/arm64 image with
+/// no build ID label) to `registry/repo:tag`; returns its manifest digest.
+fn push_foreign_image(registry: &str, repo: &str, tag: &str) -> String {
+    let config = br#"{"architecture":"arm64","os":"linux","config":{"Labels":{"made-by":"someone else"}},"rootfs":{"type":"layers","diff_ids":[]}}"#;
+    let config_digest = sha256(config);
+    let (code, head, _) = http(
+        registry,
+        "POST",
+        &format!("/v2/{repo}/blobs/uploads/"),
+        "application/octet-stream",
+        b"",
+    );
+    assert_eq!(code, 202, "{head}");
+    let location = head
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("Location: ")
+                .or_else(|| l.strip_prefix("location: "))
+        })
+        .expect("upload location")
+        .trim()
+        .to_string();
+    let path = location
+        .split_once("://")
+        .map(|(_, rest)| rest[rest.find('/').unwrap_or(0)..].to_string())
+        .unwrap_or(location);
+    let sep = if path.contains('?') { '&' } else { '?' };
+    let (code, head, _) = http(
+        registry,
+        "PUT",
+        &format!("{path}{sep}digest={config_digest}"),
+        "application/octet-stream",
+        config,
+    );
+    assert_eq!(code, 201, "{head}");
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config.len()},
+        "layers": [],
+    }))
+    .expect("manifest");
+    let (code, head, _) = http(
+        registry,
+        "PUT",
+        &format!("/v2/{repo}/manifests/{tag}"),
+        "application/vnd.oci.image.manifest.v1+json",
+        &manifest,
+    );
+    assert_eq!(code, 201, "{head}");
+    sha256(&manifest)
 }
 
 async fn status(env: &TestEnv, name: &str) -> Option<tripod::api::ImageBuildStatus> {
@@ -285,6 +393,33 @@ async fn executor_abuse_is_refused_and_legitimate_builds_succeed() {
     let msg = s.platforms[0].message.clone().unwrap_or_default();
     assert!(msg.contains("DigestNotConfirmed"), "{msg}");
     assert!(s.image.is_none());
+
+    // An image that is in the registry under the build's tag, but was not
+    // made by this build (no build ID label of its own): refused.
+    let foreign = push_foreign_image(&registry, "team/two", "1");
+    let mut session = hello(&mut client, two.hello(&ns))
+        .await
+        .expect("two's token");
+    let ack = report(
+        &mut session,
+        pb::outcome::Outcome::Pushed(pb::Pushed {
+            digest: foreign.clone(),
+            size: 1,
+        }),
+    )
+    .await;
+    assert!(!ack.accepted, "{ack:?}");
+    assert!(ack.message.contains("not this build's"), "{ack:?}");
+    let s = eventually("build two failed", BUILD, || async {
+        let s = status(&env, "two").await?;
+        (s.phase == Some(Phase::Failed)).then_some(s)
+    })
+    .await;
+    let msg = s.platforms[0].message.clone().unwrap_or_default();
+    assert!(
+        msg.contains("DigestNotConfirmed") && msg.contains("not this build's"),
+        "{msg}"
+    );
 
     // A result annotation written with `pods/patch`, not by the executor
     // service: not accepted.

@@ -252,6 +252,8 @@ impl TestEnv {
             "4",
             "--lease-renew-seconds",
             "1",
+            "--lease-renew-deadline-seconds",
+            "3",
         ])
         // Build Pods on the real node: the buildd image, its seccomp
         // profile, the executor service on the node address.
