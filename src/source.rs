@@ -237,6 +237,25 @@ pub async fn fetch(
     fetch_with(source, dockerfile, workspace, &FetchLimits::default()).await
 }
 
+/// Checks a source and Dockerfile path as [`fetch`] does before touching
+/// anything: the URL, revision, context directory and Dockerfile path of a
+/// git source, the file names of an inline one.
+pub fn validate(source: &Source, dockerfile: Option<&str>) -> Result<(), SourceError> {
+    match source {
+        Source::Git {
+            url,
+            revision,
+            context_dir,
+            ..
+        } => GitPlan::validate(url, revision.as_deref(), context_dir.as_deref(), dockerfile)
+            .map(|_| ()),
+        Source::Inline {
+            dockerfile: content,
+            files,
+        } => validate_inline(content, files).map(|_| ()),
+    }
+}
+
 /// Bounds of a fetch.
 #[derive(Debug, Clone)]
 pub struct FetchLimits {

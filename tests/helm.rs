@@ -305,6 +305,44 @@ async fn chart_lints_installs_upgrades_and_uninstalls() {
         "{custom}"
     );
 
+    // Build Pods stay off control-plane nodes by default; the policy is
+    // a value.
+    assert!(
+        custom.contains("- --build-pod-denied-toleration-keys=node-role.kubernetes.io/control-plane,node-role.kubernetes.io/master")
+            && custom.contains("- --build-pod-denied-node-selector-keys=node-role.kubernetes.io/control-plane,node-role.kubernetes.io/master")
+            && !custom.contains("--build-pod-allowed-toleration-keys"),
+        "{custom}"
+    );
+    // NetworkPolicies for build Pods, one per listed namespace, only on
+    // request; the metadata address is excluded from their egress.
+    assert!(!custom.contains("kind: NetworkPolicy"));
+    let policies = env.run(
+        &env.helm,
+        &[
+            "template",
+            "tripod",
+            chart,
+            "-n",
+            NS,
+            "--set",
+            "networkPolicy.enabled=true",
+            "--set",
+            "networkPolicy.namespaces={team-a,team-b}",
+        ],
+        None,
+    );
+    assert_eq!(
+        policies.matches("kind: NetworkPolicy").count(),
+        2,
+        "{policies}"
+    );
+    assert!(
+        policies.contains("namespace: team-a")
+            && policies.contains("- 169.254.169.254/32")
+            && policies.contains("- fd00:ec2::254/128"),
+        "{policies}"
+    );
+
     // ServiceMonitor only on request.
     let rendered = env.helm(&["template", "tripod", chart, "-n", NS]);
     // Build Pods' buildd runs under the Localhost seccomp profile that the
@@ -373,6 +411,26 @@ async fn chart_lints_installs_upgrades_and_uninstalls() {
     );
     assert!(
         dry.contains("deployment.apps/tripod serverside-applied (server dry run)"),
+        "{dry}"
+    );
+    // The NetworkPolicies too (the test cluster's network does not enforce
+    // them: they are checked as objects, not as traffic rules).
+    for ns in ["team-a", "team-b"] {
+        env.kubectl(&["create", "namespace", ns]);
+    }
+    let networkpolicies: String = policies
+        .split("\n---")
+        .filter(|doc| doc.contains("kind: NetworkPolicy"))
+        .map(|doc| format!("---\n{}\n", doc.trim_start_matches("---")))
+        .collect();
+    let dry = env.run(
+        &env.kubectl,
+        &["apply", "--server-side", "--dry-run=server", "-f", "-"],
+        Some(&networkpolicies),
+    );
+    assert_eq!(
+        dry.matches("serverside-applied (server dry run)").count(),
+        2,
         "{dry}"
     );
 

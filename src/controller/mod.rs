@@ -187,6 +187,9 @@ pub struct ControllerConfig {
     /// more are refused with RESOURCE_EXHAUSTED and the agent retries.
     #[arg(long, default_value_t = 2000, env = "TRIPOD_EXECUTOR_MAX_SESSIONS")]
     pub executor_max_sessions: usize,
+    /// Where ImageBuilds may place their build Pods.
+    #[command(flatten)]
+    pub placement: validate::PlacementPolicy,
     /// Least milliseconds between two writes of a platform's current step.
     #[arg(long, default_value_t = 2000)]
     pub step_interval_ms: u64,
@@ -241,6 +244,7 @@ impl ControllerConfig {
             buildd_security_context: self.buildd_security_context.clone(),
             user_namespace: self.build_pod_user_namespace,
             buildd_seccomp_profile: self.buildd_seccomp_profile.clone(),
+            placement: self.placement.clone(),
         }
     }
 }

@@ -10,7 +10,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::ResourceExt;
 
 use super::pod::{PodKey, PodSettings, build_pod, pod_name, short_hash};
-use super::validate::{BuildRequest, InvalidSpec, validate};
+use super::validate::{BuildRequest, InvalidSpec, check_placement, validate};
 use crate::api::{
     ANNOTATION_REBUILD, BuildRunner, ExecutorRef, ImageBuild, ImageBuildStatus, ImageStatus,
     LABEL_BUILD_ID, Phase, PlatformStatus, RunnerOs, RunnerPhase,
@@ -150,10 +150,12 @@ pub fn plan(obs: Observed<'_>, settings: &PodSettings) -> Plan {
         }
     }
 
-    let checked = validate(&ib.spec).and_then(|req| match obs.secret_problem {
-        Some(problem) => Err(problem.clone()),
-        None => Ok(req),
-    });
+    let checked = validate(&ib.spec)
+        .and_then(|req| check_placement(&ib.spec, &settings.placement).map(|()| req))
+        .and_then(|req| match obs.secret_problem {
+            Some(problem) => Err(problem.clone()),
+            None => Ok(req),
+        });
     let req = match checked {
         Ok(req) => req,
         Err(invalid) => {
@@ -323,7 +325,12 @@ pub fn plan(obs: Observed<'_>, settings: &PodSettings) -> Plan {
         }
     }
 
-    let message = summary(&status, phase, &reason);
+    // A build that had finished keeps what its conditions said (a spec or
+    // Secret problem is not derivable from the platforms).
+    let message = match condition_message(&old, READY) {
+        Some(m) if finished_before && !m.is_empty() => m.clone(),
+        _ => summary(&status, phase, &reason),
+    };
     let cond_reason = match phase {
         Phase::Failed | Phase::Cancelled => reason.as_str(),
         other => other.as_str(),
@@ -839,6 +846,7 @@ mod tests {
                 crate::controller::pod::DEFAULT_BUILDD_SECCOMP_PROFILE,
             )
             .expect("default profile"),
+            placement: Default::default(),
         }
     }
 
@@ -1152,6 +1160,20 @@ mod tests {
             stalled.message
         );
         assert_eq!(p.invalid, Some(problem));
+        // The next reconcile of the finished build (which does not check
+        // the Secrets again) keeps the message.
+        let mut b2 = b.clone();
+        let mut pods = Vec::new();
+        apply(&mut b2, &mut pods, &p);
+        let p2 = run(&b2, &pods, &[], at(5));
+        let stalled = cond(&p2.status, STALLED);
+        assert_eq!(stalled.status, "True");
+        assert!(
+            stalled.message.starts_with("spec.output.pushSecretRef: "),
+            "{}",
+            stalled.message
+        );
+        assert_eq!(p2.status.phase, Some(Phase::Failed));
     }
 
     #[test]

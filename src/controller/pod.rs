@@ -79,6 +79,8 @@ pub struct PodSettings {
     /// Seccomp profile of the Linux buildd container (unless
     /// `buildd_security_context` sets one).
     pub buildd_seccomp_profile: SeccompProfile,
+    /// Which tolerations and nodeSelector keys ImageBuilds may use.
+    pub placement: super::validate::PlacementPolicy,
 }
 
 /// Identity of one build Pod.
@@ -475,6 +477,7 @@ mod tests {
             buildd_security_context: None,
             user_namespace: false,
             buildd_seccomp_profile: parse_seccomp_profile(DEFAULT_BUILDD_SECCOMP_PROFILE).unwrap(),
+            placement: Default::default(),
         }
     }
 

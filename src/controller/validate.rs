@@ -140,9 +140,160 @@ pub fn validate(spec: &ImageBuildSpec) -> Result<BuildRequest, InvalidSpec> {
     })
 }
 
+/// Node labels (and taint keys) of control-plane nodes: build Pods are kept
+/// off them by default.
+pub const CONTROL_PLANE_KEYS: &[&str] = &[
+    "node-role.kubernetes.io/control-plane",
+    "node-role.kubernetes.io/master",
+];
+
+/// Where the controller lets ImageBuild authors place build Pods: which
+/// tolerations and nodeSelector keys `spec.executor` may use.
+#[derive(clap::Args, Debug, Clone, PartialEq, Eq)]
+pub struct PlacementPolicy {
+    /// Taint keys `spec.executor.tolerations` must not tolerate (a
+    /// toleration without a key tolerates every taint, and is refused
+    /// too). Default: the control-plane taints.
+    #[arg(
+        long = "build-pod-denied-toleration-keys",
+        value_delimiter = ',',
+        default_values_t = CONTROL_PLANE_KEYS.iter().map(|k| k.to_string()).collect::<Vec<_>>()
+    )]
+    pub denied_toleration_keys: Vec<String>,
+    /// When set, the only taint keys `spec.executor.tolerations` may name.
+    #[arg(long = "build-pod-allowed-toleration-keys", value_delimiter = ',')]
+    pub allowed_toleration_keys: Option<Vec<String>>,
+    /// Node label keys `spec.executor.nodeSelector` must not use. Default:
+    /// the control-plane roles.
+    #[arg(
+        long = "build-pod-denied-node-selector-keys",
+        value_delimiter = ',',
+        default_values_t = CONTROL_PLANE_KEYS.iter().map(|k| k.to_string()).collect::<Vec<_>>()
+    )]
+    pub denied_node_selector_keys: Vec<String>,
+}
+
+impl Default for PlacementPolicy {
+    fn default() -> Self {
+        Self {
+            denied_toleration_keys: CONTROL_PLANE_KEYS.iter().map(|k| k.to_string()).collect(),
+            allowed_toleration_keys: None,
+            denied_node_selector_keys: CONTROL_PLANE_KEYS.iter().map(|k| k.to_string()).collect(),
+        }
+    }
+}
+
+/// Checks `spec.executor` against the controller's placement policy.
+pub fn check_placement(spec: &ImageBuildSpec, policy: &PlacementPolicy) -> Result<(), InvalidSpec> {
+    let Some(exec) = &spec.executor else {
+        return Ok(());
+    };
+    for (i, t) in exec.tolerations.iter().enumerate() {
+        let field = format!("spec.executor.tolerations[{i}]");
+        let key = t.key.as_deref().unwrap_or_default();
+        if key.is_empty() {
+            if !policy.denied_toleration_keys.is_empty() || policy.allowed_toleration_keys.is_some()
+            {
+                return Err(invalid(
+                    field,
+                    "a toleration without a key tolerates every taint; the controller's policy \
+                     does not allow it",
+                ));
+            }
+            continue;
+        }
+        if policy.denied_toleration_keys.iter().any(|d| d == key) {
+            return Err(invalid(
+                format!("{field}.key"),
+                format!("{key:?} may not be tolerated by build Pods (the controller's policy)"),
+            ));
+        }
+        if let Some(allowed) = &policy.allowed_toleration_keys
+            && !allowed.iter().any(|a| a == key)
+        {
+            return Err(invalid(
+                format!("{field}.key"),
+                format!(
+                    "{key:?} is not among the taints build Pods may tolerate ({})",
+                    allowed.join(", ")
+                ),
+            ));
+        }
+    }
+    for key in exec.node_selector.keys() {
+        if policy.denied_node_selector_keys.iter().any(|d| d == key) {
+            return Err(invalid(
+                format!("spec.executor.nodeSelector[{key}]"),
+                "build Pods may not select nodes by this label (the controller's policy)",
+            ));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn placement_policy_keeps_build_pods_off_control_plane_nodes() {
+        use k8s_openapi::api::core::v1::Toleration;
+        let with = |tolerations: Vec<Toleration>, selector: &[(&str, &str)]| {
+            let mut s = spec();
+            s.executor = Some(ExecutorSpec {
+                tolerations,
+                node_selector: selector
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                ..Default::default()
+            });
+            s
+        };
+        let tol = |key: Option<&str>| Toleration {
+            key: key.map(str::to_string),
+            operator: Some("Exists".into()),
+            ..Default::default()
+        };
+        let policy = PlacementPolicy::default();
+        let ok = with(
+            vec![tol(Some("tripod.dev/real-node"))],
+            &[("kubernetes.io/hostname", "n1")],
+        );
+        assert!(check_placement(&ok, &policy).is_ok());
+        let cases = [
+            (
+                with(
+                    vec![tol(Some("node-role.kubernetes.io/control-plane"))],
+                    &[],
+                ),
+                "spec.executor.tolerations[0].key",
+            ),
+            (
+                with(vec![tol(Some("a")), tol(None)], &[]),
+                "spec.executor.tolerations[1]",
+            ),
+            (
+                with(vec![], &[("node-role.kubernetes.io/master", "")]),
+                "spec.executor.nodeSelector[node-role.kubernetes.io/master]",
+            ),
+        ];
+        for (s, field) in cases {
+            assert_eq!(check_placement(&s, &policy).unwrap_err().field, field);
+        }
+        let strict = PlacementPolicy {
+            allowed_toleration_keys: Some(vec!["gpu".into()]),
+            ..Default::default()
+        };
+        let err = check_placement(&ok, &strict).unwrap_err();
+        assert!(err.message.contains("not among"), "{err}");
+        let open = PlacementPolicy {
+            denied_toleration_keys: vec![],
+            allowed_toleration_keys: None,
+            denied_node_selector_keys: vec![],
+        };
+        assert!(check_placement(&with(vec![tol(None)], &[]), &open).is_ok());
+    }
     use crate::api::{BuildSource, ExecutorSpec, InlineSource, Output};
 
     fn spec() -> ImageBuildSpec {

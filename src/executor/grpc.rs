@@ -42,7 +42,8 @@ pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// many times over).
 pub const MAX_AGENT_MESSAGE: usize = 256 * 1024;
 
-fn claim_from(h: pb::Hello) -> Claim {
+/// The claim of a Hello.
+pub fn claim_from(h: pb::Hello) -> Claim {
     Claim {
         token: h.token,
         namespace: h.namespace,
@@ -104,7 +105,9 @@ fn assignment_to_proto(a: &Assignment) -> pb::Assignment {
     }
 }
 
-fn outcome_from(o: pb::Outcome) -> Result<Outcome, Status> {
+/// The outcome an agent reports, checked (a sha256 digest; a failure's
+/// message capped).
+pub fn outcome_from(o: pb::Outcome) -> Result<Outcome, Status> {
     match o.outcome {
         Some(pb::outcome::Outcome::Pushed(p)) => {
             if !p.digest.starts_with("sha256:") || p.digest.len() != 71 {

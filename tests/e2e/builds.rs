@@ -561,7 +561,7 @@ async fn a_failed_attempt_is_retried_and_the_second_succeeds() {
 async fn push_secrets_wrong_ones_fail_clearly_right_ones_push_others_are_not_used() {
     let mut env = TestEnv::with_builds("build-auth").await;
     let registry = env.shared.auth_registry.clone().expect("auth registry");
-    env.start_controller("c1");
+    let c = env.start_controller("c1");
     // (name, password, Secret type, opted in)
     let cases = [
         ("wrong", "nope", "kubernetes.io/dockerconfigjson", true),
@@ -639,8 +639,9 @@ async fn push_secrets_wrong_ones_fail_clearly_right_ones_push_others_are_not_use
         assert!(
             stalled.message.starts_with("spec.output.pushSecretRef: ")
                 && stalled.message.contains(want),
-            "{name}: {}",
-            stalled.message
+            "{name}: {:#?}\n{}",
+            s,
+            env.controller_log(c)
         );
         assert!(
             env.pods_of(name).await.is_empty(),
