@@ -116,6 +116,7 @@ struct Component {
     name: &'static str,
     child: Child,
     log: PathBuf,
+    args: Vec<String>,
 }
 
 /// A running etcd + kube-apiserver + kube-controller-manager +
@@ -360,15 +361,62 @@ impl ControlPlane {
     }
 
     fn spawn(&mut self, name: &'static str, args: Vec<String>) -> Result<(), Error> {
+        let child = self.start_process(name, &args, false)?;
+        let log = self.log_file(name);
+        self.components.push(Component {
+            name,
+            child,
+            log,
+            args,
+        });
+        Ok(())
+    }
+
+    /// Starts any component whose process has exited again, with the same
+    /// arguments (as a service manager would); returns the names restarted.
+    /// A fault test kills kube-apiserver or etcd and watches what follows.
+    pub fn restart_exited(&mut self) -> Vec<&'static str> {
+        let mut restarted = Vec::new();
+        for i in 0..self.components.len() {
+            let (name, args) = {
+                let c = &mut self.components[i];
+                if !matches!(c.child.try_wait(), Ok(Some(_))) {
+                    continue;
+                }
+                (c.name, c.args.clone())
+            };
+            match self.start_process(name, &args, true) {
+                Ok(child) => {
+                    tracing::warn!(name, pid = child.id(), "restarted an exited component");
+                    self.components[i].child = child;
+                    restarted.push(name);
+                }
+                Err(e) => tracing::error!(name, error = %e, "could not restart"),
+            }
+        }
+        restarted
+    }
+
+    fn start_process(
+        &self,
+        name: &'static str,
+        args: &[String],
+        append: bool,
+    ) -> Result<Child, Error> {
         let binary = self.bin_dir.join(name);
         let log = self.log_file(name);
-        let file = fs::File::create(&log)
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .append(append)
+            .truncate(!append)
+            .open(&log)
             .map_err(|e| Error::io(format!("create {}", log.display()), e))?;
         let file2 = file
             .try_clone()
             .map_err(|e| Error::io(format!("dup {}", log.display()), e))?;
         let mut cmd = supervised_command(&binary);
-        cmd.args(&args)
+        cmd.args(args)
             .current_dir(&self.dir)
             .stdin(Stdio::null())
             .stdout(file)
@@ -379,8 +427,7 @@ impl ControlPlane {
             source,
         })?;
         tracing::debug!(name, pid = child.id(), log = %log.display(), "started");
-        self.components.push(Component { name, child, log });
-        Ok(())
+        Ok(child)
     }
 
     /// Polls `probe` until it succeeds, the component exits, or `timeout`.

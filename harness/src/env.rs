@@ -301,10 +301,11 @@ impl Env {
         w("env", env)
     }
 
-    /// Restarts the kubelet if it exited, as a node's service manager would.
-    /// Call it periodically.
-    /// It also puts back the sysctls a (re)started kubelet changed.
+    /// Restarts a control-plane component or the kubelet that exited, as a
+    /// service manager would. Call it periodically. It also puts back the
+    /// sysctls a (re)started kubelet changed.
     pub fn keep_alive(&mut self) {
+        self.cp.restart_exited();
         if let Some(node) = self.node.as_mut() {
             node.restart_kubelet_if_exited();
         }

@@ -479,12 +479,43 @@ fn drive_pod_platform(
             attempt,
         };
         let name = pod_name(&ib.name_any(), generation, rebuild, &key);
+        // The Pod of this attempt was running (bound to a node) when last
+        // seen: if it is gone now, it was deleted or lost with its node.
+        let was_running = ps.phase == Phase::Building
+            && ps
+                .executor
+                .as_ref()
+                .is_some_and(|e| e.name == name && e.node.is_some());
         ps.executor = Some(ExecutorRef {
             kind: "Pod".into(),
             name: name.clone(),
             node: None,
         });
-        let Some(pod) = pods.iter().find(|p| p.name_any() == name) else {
+        let found = pods.iter().find(|p| p.name_any() == name);
+        if found.is_none() && was_running {
+            let failure = format!("build Pod {name} disappeared (deleted, or lost with its node)");
+            if attempt < max_attempts {
+                out.events.push(PlannedEvent {
+                    kind: EventKind::Warning,
+                    reason: "Retrying".into(),
+                    message: format!(
+                        "{platform}: attempt {attempt} of {max_attempts} failed: {failure}"
+                    ),
+                });
+                ps.attempts += 1;
+                ps.attempt_start_time = Some(time(obs.now));
+                ps.digest = None;
+                ps.step = None;
+                ps.phase = Phase::Scheduling;
+                continue;
+            }
+            ps.phase = Phase::Failed;
+            ps.message = Some(format!(
+                "attempt {attempt} of {max_attempts} failed: {failure}"
+            ));
+            return;
+        }
+        let Some(pod) = found else {
             out.create.push(build_pod(ib, &name, &key, settings));
             ps.phase = Phase::Scheduling;
             ps.message = Some(format!(
@@ -1174,6 +1205,39 @@ mod tests {
             stalled.message
         );
         assert_eq!(p2.status.phase, Some(Phase::Failed));
+    }
+
+    #[test]
+    fn a_running_pod_that_disappears_costs_its_attempt() {
+        let mut b = ib(&["linux/amd64"]);
+        b.spec.retries = Some(1);
+        let mut pods = Vec::new();
+        let p = run(&b, &pods, &[], at(0));
+        apply(&mut b, &mut pods, &p);
+        set_pod(&mut pods[0], Some("n1"), "Running");
+        let p = run(&b, &pods, &[], at(1));
+        assert_eq!(p.status.platforms[0].phase, Phase::Building);
+        apply(&mut b, &mut pods, &p);
+        // Deleted (or gone with its node): attempt 2, a new Pod.
+        pods.clear();
+        let p = run(&b, &pods, &[], at(2));
+        assert_eq!(p.status.platforms[0].attempts, 2);
+        assert_eq!(p.create.len(), 1);
+        assert!(
+            p.create[0].name_any().ends_with("-2"),
+            "{}",
+            p.create[0].name_any()
+        );
+        assert!(p.events.iter().any(|e| e.message.contains("disappeared")));
+        // A Pod that was never seen running is simply created (again).
+        let mut fresh = ib(&["linux/amd64"]);
+        let mut none = Vec::new();
+        let p = run(&fresh, &none, &[], at(0));
+        apply(&mut fresh, &mut none, &p);
+        none.clear();
+        let p = run(&fresh, &none, &[], at(1));
+        assert_eq!(p.status.platforms[0].attempts, 1);
+        assert_eq!(p.create.len(), 1);
     }
 
     #[test]
