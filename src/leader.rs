@@ -260,6 +260,12 @@ impl LeaderElector {
     /// (or another replica took it); then returns, and the caller stops
     /// leading, before the Lease can expire for the others.
     pub async fn hold(&self) {
+        tracing::debug!(
+            lease = %self.cfg.name,
+            every_s = self.cfg.renew_every.as_secs(),
+            deadline_s = self.cfg.renew_deadline.as_secs(),
+            "holding the lease"
+        );
         let mut last_ok = tokio::time::Instant::now();
         loop {
             let deadline = last_ok + self.cfg.renew_deadline;
@@ -267,7 +273,10 @@ impl LeaderElector {
             tokio::time::sleep_until(next).await;
             let attempt = tokio::time::timeout_at(deadline, self.try_acquire_or_renew()).await;
             match attempt {
-                Ok(Ok(true)) => last_ok = tokio::time::Instant::now(),
+                Ok(Ok(true)) => {
+                    tracing::trace!(lease = %self.cfg.name, "renewed");
+                    last_ok = tokio::time::Instant::now();
+                }
                 Ok(Ok(false)) => {
                     tracing::error!(lease = %self.cfg.name, "another replica took the lease");
                     return;

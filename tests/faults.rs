@@ -104,7 +104,7 @@ async fn twenty_builds_survive_ten_controller_kills() {
         env.apply(&common::real_node_build(
             name,
             &registry,
-            &format!("FROM scratch\nCOPY hello.txt /hello-{i}.txt\n"),
+            &format!("FROM BASE\nRUN echo {i} > /n.txt\nCOPY hello.txt /hello-{i}.txt\n"),
             "  retries: 1\n",
         ));
     }
@@ -115,7 +115,7 @@ async fn twenty_builds_survive_ten_controller_kills() {
     let mut kills = 0;
     let mut finished_at_kill = Vec::new();
     for _ in 0..10 {
-        tokio::time::sleep(jitter.between(500, 3500)).await;
+        tokio::time::sleep(jitter.between(300, 1800)).await;
         env.kill_controller(current);
         kills += 1;
         let mut done = 0;
@@ -199,17 +199,18 @@ fn etcd_post(url: &str, path: &str, body: &str) -> serde_json::Value {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn builds_finish_across_an_apiserver_restart_and_an_etcd_compaction() {
+async fn a_frozen_apiserver_stops_the_leader_and_a_restart_with_compaction_is_survived() {
     let _serial = SERIAL.lock().await;
     let mut env = TestEnv::with_builds("fault-api").await;
     let registry = env.shared.registry.clone().expect("registry");
     let c = env.start_controller("c1");
+    let executor_port = env.controller(c).executor_port;
     let names = ["api-a", "api-b", "api-c"];
     for name in names {
         env.apply(&common::real_node_build(
             name,
             &registry,
-            &format!("FROM BASE\nRUN echo {name}-marker && sleep 10\n"),
+            &format!("FROM BASE\nRUN echo {name}-marker && sleep 12\n"),
             "",
         ));
     }
@@ -225,10 +226,54 @@ async fn builds_finish_across_an_apiserver_restart_and_an_etcd_compaction() {
     let apiserver = pgrep(&pattern);
     assert_eq!(apiserver.len(), 1, "{pattern}: {apiserver:?}");
     let etcd = etcd_url(apiserver[0]);
+
+    // 1. kube-apiserver frozen (SIGSTOP): requests hang instead of failing.
+    // The leader's renewals time out, and at its renew deadline (3 s here)
+    // it stops reconciling and serving the executor, and exits.
+    let frozen = Instant::now();
+    let signal = |sig: &str| {
+        let _ = Command::new("kill")
+            .args([sig, &apiserver[0].to_string()])
+            .status();
+    };
+    signal("-STOP");
+    let until = Instant::now() + Duration::from_secs(60);
+    let stopped = loop {
+        if let Ok(Some(status)) = env.controller(c).child.try_wait() {
+            break status;
+        }
+        if Instant::now() >= until {
+            signal("-CONT");
+            panic!(
+                "the leader did not stop at its renew deadline:\n{}",
+                env.controller_log(c)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let stopped_after = frozen.elapsed();
+    signal("-CONT");
+    assert!(!stopped.success(), "{stopped}");
+    let log = env.controller_log(c);
+    assert!(
+        log.contains("no renewal within the renew deadline"),
+        "{log}"
+    );
+    // As its Deployment would, a new process (same identity and address).
+    let c = env.start_controller_on("c1", executor_port);
+
+    // 2. kube-apiserver killed, and etcd compacted while it is down: when
+    // it is back (its service manager restarts it within seconds, inside
+    // the renew deadline), the controller's watches cannot resume where
+    // they were (410 Gone) and list again.
+    eventually("the new leader leads", BUILD, || async {
+        env.controller_log(c)
+            .contains("watches synced")
+            .then_some(())
+    })
+    .await;
     let down = Instant::now();
     kill9(&apiserver);
-    // While it is down, etcd compacts away every revision before now: the
-    // controller's watches cannot resume where they were (410 Gone).
     let range = etcd_post(&etcd, "/v3/kv/range", r#"{"key":"AA=="}"#);
     let revision: u64 = range["header"]["revision"]
         .as_str()
@@ -239,7 +284,6 @@ async fn builds_finish_across_an_apiserver_restart_and_an_etcd_compaction() {
         "/v3/kv/compaction",
         &format!(r#"{{"revision":"{revision}","physical":true}}"#),
     );
-    // The environment's service manager starts kube-apiserver again.
     eventually(
         "kube-apiserver is back",
         Duration::from_secs(120),
@@ -265,13 +309,18 @@ async fn builds_finish_across_an_apiserver_restart_and_an_etcd_compaction() {
         one_run_per_attempt(&env, name).await;
     }
     let log = env.controller_log(c);
-    let relists = log.matches("410").count();
+    let expired = log.matches("too old resource version").count();
+    assert!(
+        !log.contains("no renewal within the renew deadline"),
+        "the new leader kept its Lease across the restart:\n{log}"
+    );
     figures(
-        "apiserver-restart",
+        "apiserver",
         &format!(
-            "builds=3 apiserver_kills=1 compacted_revision={revision} outage_s={:.1} \
-             succeeded=3 lost=0 duplicated=0 converge_after_apiserver_back_s={:.1} \
-             controller_log_lines_mentioning_410={relists}",
+            "builds=3 apiserver_frozen=1 leader_stopped_after_s={:.1} apiserver_kills=1 \
+             compacted_revision={revision} outage_s={:.1} watches_expired_410={expired} \
+             succeeded=3 lost=0 duplicated=0 converge_after_apiserver_back_s={:.1}",
+            stopped_after.as_secs_f64(),
             outage.as_secs_f64(),
             back.elapsed().as_secs_f64()
         ),

@@ -302,14 +302,21 @@ pub async fn run(cfg: ControllerConfig) -> Result<(), ControllerError> {
     let elector = LeaderElector::new(client.clone(), lease);
 
     let shutdown = shutdown_signal()?;
+    // `true` once this replica stops: on SIGTERM/SIGINT, or when it can no
+    // longer renew its Lease. The executor service and the reconciler stop
+    // on it.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(
-        async move {
-            shutdown.await;
-            let _ = stop_tx.send(true);
-        }
-        .instrument(tracing::info_span!("signals")),
-    );
+    let stop_tx = Arc::new(stop_tx);
+    {
+        let stop_tx = stop_tx.clone();
+        tokio::spawn(
+            async move {
+                shutdown.await;
+                let _ = stop_tx.send(true);
+            }
+            .instrument(tracing::info_span!("signals")),
+        );
+    }
     let mut on_signal = stop_rx.clone();
     tokio::select! {
         r = elector.acquire() => r?,
@@ -434,36 +441,56 @@ pub async fn run(cfg: ControllerConfig) -> Result<(), ControllerError> {
         );
     }
 
-    let (lost_tx, lost_rx) = tokio::sync::oneshot::channel::<()>();
-    let holder = elector.clone();
-    tokio::spawn(
-        async move {
-            holder.hold().await;
-            let _ = lost_tx.send(());
-        }
-        .instrument(tracing::info_span!("lease")),
-    );
     let lost = Arc::new(AtomicBool::new(false));
-    let stop = {
+    {
+        let holder = elector.clone();
         let lost = lost.clone();
-        let mut on_signal = stop_rx.clone();
-        async move {
-            tokio::select! {
-                _ = on_signal.wait_for(|s| *s) => {}
-                _ = lost_rx => lost.store(true, Ordering::SeqCst),
+        let stop_tx = stop_tx.clone();
+        tokio::spawn(
+            async move {
+                holder.hold().await;
+                lost.store(true, Ordering::SeqCst);
+                let _ = stop_tx.send(true);
             }
+            .instrument(tracing::info_span!("lease")),
+        );
+    }
+    let stop = {
+        let mut stopping = stop_rx.clone();
+        async move {
+            let _ = stopping.wait_for(|s| *s).await;
+        }
+    };
+    // In-flight reconciles get a grace period to finish: short when the
+    // Lease is lost (another replica may lead any moment now), longer on
+    // SIGTERM. After it they are abandoned (a reconcile stuck on an API
+    // server that does not answer must not keep a former leader writing).
+    let abandon = {
+        let mut stopping = stop_rx.clone();
+        let lost = lost.clone();
+        async move {
+            let _ = stopping.wait_for(|s| *s).await;
+            let grace = if lost.load(Ordering::SeqCst) {
+                LOST_LEASE_GRACE
+            } else {
+                SHUTDOWN_GRACE
+            };
+            tokio::time::sleep(grace).await;
         }
     };
 
-    controller
+    let reconciling = controller
         .graceful_shutdown_on(stop)
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {
             if let Err(e) = res {
                 tracing::debug!(error = %e, "reconcile failed");
             }
-        })
-        .await;
+        });
+    tokio::select! {
+        _ = reconciling => {}
+        _ = abandon => tracing::warn!("in-flight reconciles abandoned at the end of the grace period"),
+    }
     ready.store(false, Ordering::SeqCst);
 
     if lost.load(Ordering::SeqCst) {
@@ -475,6 +502,11 @@ pub async fn run(cfg: ControllerConfig) -> Result<(), ControllerError> {
     tracing::info!("stopped");
     Ok(())
 }
+
+/// How long in-flight reconciles may take to finish once the Lease is lost.
+const LOST_LEASE_GRACE: Duration = Duration::from_secs(1);
+/// How long they may take on SIGTERM.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 
 /// Waits until a store has seen its initial list. `Store::wait_until_ready`
 /// wakes only the last of several concurrent waiters (the controller waits on

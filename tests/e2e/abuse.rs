@@ -266,6 +266,70 @@ fn simulated(name: &str, registry: &str, extra: &str) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_planted_token_secret_is_not_used_and_placement_is_policed() {
+    let mut env = TestEnv::with_builds("planted").await;
+    let registry = env.shared.registry.clone().expect("registry");
+    // A Secret under the name the build Pod's token Secret will have, made
+    // by someone else before the build: its CA and token must not reach
+    // the build.
+    let planted = "planted-1-linux-arm64-1";
+    env.apply(&format!(
+        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: {planted}\n  labels: {{app.kubernetes.io/managed-by: tripod}}\nstringData:\n  token: v1.x.y\n  ca.crt: not-the-executor-ca\n"
+    ));
+    env.start_controller("c1");
+    env.apply(&simulated("planted", &registry, ""));
+    let s = eventually("the Pod is refused", BUILD, || async {
+        let s = status(&env, "planted").await?;
+        let stalled = s.conditions.iter().find(|c| c.type_ == "Stalled")?;
+        (stalled.status == "True").then_some(s)
+    })
+    .await;
+    let msg = s.platforms[0].message.clone().unwrap_or_default();
+    assert!(
+        msg.contains(planted) && msg.contains("already exists"),
+        "{msg}"
+    );
+    assert!(
+        env.pods_of("planted").await.is_empty(),
+        "no Pod mounts the planted Secret"
+    );
+    // Once it is gone, the build goes on with a token Secret of its own.
+    let (ok, out) = env.kubectl(&["delete", "secret", planted], None);
+    assert!(ok, "{out}");
+    let agent = agent_of(&env, "planted", 1).await;
+    assert!(agent.token.starts_with("v1.") && agent.token != "v1.x.y");
+    eventually("the build Pod is made", BUILD, || async {
+        (!env.pods_of("planted").await.is_empty()).then_some(())
+    })
+    .await;
+
+    // A build that asks to run on control-plane nodes stalls, naming the
+    // field; no Pod is made.
+    env.apply(&simulated(
+        "bossy",
+        &registry,
+        "  executor:\n    tolerations: [{key: node-role.kubernetes.io/control-plane, operator: Exists, effect: NoSchedule}]\n",
+    ));
+    let (ok, out) = env.wait_for("condition=Stalled", "ib/bossy", "60s");
+    let s = status(&env, "bossy").await.expect("status");
+    assert!(ok, "{out}\n{s:#?}");
+    let stalled = s
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Stalled")
+        .expect("Stalled");
+    assert!(
+        stalled
+            .message
+            .starts_with("spec.executor.tolerations[0].key: "),
+        "{}",
+        stalled.message
+    );
+    assert!(env.pods_of("bossy").await.is_empty());
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn executor_abuse_is_refused_and_legitimate_builds_succeed() {
     let mut env = TestEnv::with_builds("abuse").await;
     let registry = env.shared.registry.clone().expect("registry");

@@ -65,6 +65,9 @@ async fn inline_build_reports_the_digest_the_registry_confirms() {
     };
     assert!(spec.containers.iter().any(mounts));
     assert!(!spec.init_containers.iter().flatten().any(mounts));
+    // The node ends the Pod by itself at spec.timeout (default 1h, plus a
+    // grace), should the controller be away.
+    assert_eq!(spec.active_deadline_seconds, Some(3600 + 10));
     env.cleanup().await;
 }
 

@@ -260,7 +260,7 @@ impl TestEnv {
         .args(self.shared.info.controller_args(executor_port))
         .args(extra)
         .env("KUBECONFIG", &self.shared.kubeconfig)
-        .env("RUST_LOG", "info,tripod=debug")
+        .env("RUST_LOG", "info,tripod=debug,tripod::leader=trace")
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err);
