@@ -238,12 +238,14 @@ impl LeaderElector {
         }
     }
 
-    /// Waits until this replica holds the Lease.
-    pub async fn acquire(&self) -> Result<(), LeaderError> {
+    /// Waits until this replica holds the Lease; returns when the successful
+    /// attempt started (what [`Self::hold`] counts its deadline from).
+    pub async fn acquire(&self) -> Result<tokio::time::Instant, LeaderError> {
         let mut logged = false;
         loop {
+            let started = tokio::time::Instant::now();
             match self.try_acquire_or_renew().await {
-                Ok(true) => return Ok(()),
+                Ok(true) => return Ok(started),
                 Ok(false) => {
                     if !logged {
                         tracing::info!(lease = %self.cfg.name, "another replica leads; standing by");
@@ -259,23 +261,27 @@ impl LeaderElector {
     /// Renews the Lease until no renewal succeeded within the renew deadline
     /// (or another replica took it); then returns, and the caller stops
     /// leading, before the Lease can expire for the others.
-    pub async fn hold(&self) {
+    /// `held_since` is when the last successful acquisition or renewal was
+    /// *sent*: the API server may have stored it any time after, so the
+    /// deadline counts from the earliest moment.
+    pub async fn hold(&self, held_since: tokio::time::Instant) {
         tracing::debug!(
             lease = %self.cfg.name,
             every_s = self.cfg.renew_every.as_secs(),
             deadline_s = self.cfg.renew_deadline.as_secs(),
             "holding the lease"
         );
-        let mut last_ok = tokio::time::Instant::now();
+        let mut last_ok = held_since;
         loop {
             let deadline = last_ok + self.cfg.renew_deadline;
             let next = (tokio::time::Instant::now() + self.cfg.renew_every).min(deadline);
             tokio::time::sleep_until(next).await;
+            let sent = tokio::time::Instant::now();
             let attempt = tokio::time::timeout_at(deadline, self.try_acquire_or_renew()).await;
             match attempt {
                 Ok(Ok(true)) => {
                     tracing::trace!(lease = %self.cfg.name, "renewed");
-                    last_ok = tokio::time::Instant::now();
+                    last_ok = sent;
                 }
                 Ok(Ok(false)) => {
                     tracing::error!(lease = %self.cfg.name, "another replica took the lease");

@@ -235,24 +235,25 @@ pub async fn run_once(cfg: AgentConfig) -> Result<(), AgentError> {
         let mut ack = send_outcome(&out_tx, &mut inbound, msg.clone()).await;
         drop(out_tx);
         let deadline = Instant::now() + Duration::from_secs(600);
-        while let Err(e) = &ack {
+        loop {
+            let e = match ack {
+                Ok(a) => break Ok(a),
+                // The attempt is over (its outcome was recorded and the
+                // build moved on), or the token is no longer valid: no
+                // retry changes that.
+                Err(Refusal::Final(e)) => break Err(e.to_string()),
+                Err(Refusal::Retry(e)) => e,
+            };
             if Instant::now() > deadline {
-                break;
+                break Err(e.to_string());
             }
             tracing::warn!(error = %e, "reporting the outcome failed; reconnecting");
             tokio::time::sleep(Duration::from_secs(1)).await;
             ack = match open_session(&endpoint, &hello).await {
                 Ok((tx, mut inbound, _)) => send_outcome(&tx, &mut inbound, msg.clone()).await,
-                Err(Refusal::Final(e)) => {
-                    // The attempt is over (its outcome was recorded and the
-                    // build moved on) or the token is no longer valid.
-                    ack = Err(e.to_string());
-                    break;
-                }
-                Err(Refusal::Retry(e)) => Err(e.to_string()),
+                Err(r) => Err(r),
             };
         }
-        ack
     };
     let ack = tokio::select! {
         ack = report => ack,
@@ -369,22 +370,28 @@ async fn send_outcome(
     tx: &mpsc::Sender<pb::AgentMessage>,
     inbound: &mut tonic::Streaming<pb::ControllerMessage>,
     msg: pb::AgentMessage,
-) -> Result<pb::Ack, String> {
+) -> Result<pb::Ack, Refusal> {
+    let retry = |m: String| Refusal::Retry(AgentError::Executor(m));
     tx.send(msg)
         .await
-        .map_err(|_| "the session closed before the outcome".to_string())?;
+        .map_err(|_| retry("the session closed before the outcome".into()))?;
     let deadline = tokio::time::Instant::now() + ACK_DEADLINE;
     loop {
         let next = tokio::time::timeout_at(deadline, inbound.message())
             .await
-            .map_err(|_| format!("no acknowledgement within {}s", ACK_DEADLINE.as_secs()))?;
+            .map_err(|_| {
+                retry(format!(
+                    "no acknowledgement within {}s",
+                    ACK_DEADLINE.as_secs()
+                ))
+            })?;
         match next {
             Ok(Some(pb::ControllerMessage {
                 message: Some(pb::controller_message::Message::Ack(a)),
             })) => return Ok(a),
             Ok(Some(_)) => continue,
-            Ok(None) => return Err("the session ended without an acknowledgement".into()),
-            Err(s) => return Err(format!("{}: {}", s.code(), s.message())),
+            Ok(None) => return Err(retry("the session ended without an acknowledgement".into())),
+            Err(s) => return Err(refusal(s)),
         }
     }
 }

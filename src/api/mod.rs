@@ -27,6 +27,56 @@ pub const LABEL_ATTEMPT: &str = "build.tripod.dev/attempt";
 /// Annotation that starts a new build of the same generation when its value changes.
 pub const ANNOTATION_REBUILD: &str = "build.tripod.dev/rebuild";
 
+/// A DNS-1123 label (a namespace's name): 1–63 of `a-z0-9-`, alphanumeric
+/// at both ends.
+pub fn is_dns1123_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// A DNS-1123 subdomain (an object's name): dot-separated labels, at most
+/// 253 characters.
+pub fn is_dns1123_subdomain(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 253 && s.split('.').all(is_dns1123_label)
+}
+
+/// A label value: at most 63 of `A-Za-z0-9-_.`, alphanumeric at both ends
+/// (empty is a valid label value, but never a build ID).
+pub fn is_label_value(s: &str) -> bool {
+    let alnum = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
+    !s.is_empty()
+        && s.len() <= 63
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && alnum(s.chars().next())
+        && alnum(s.chars().last())
+}
+
+impl ImageBuild {
+    /// The build ID of this generation (and rebuild request): 12 hex digits
+    /// of SHA-256 over the UID, the generation and the rebuild annotation.
+    /// It changes when the spec changes or a rebuild is asked for.
+    pub fn build_id(&self) -> String {
+        use kube::ResourceExt;
+        use sha2::Digest;
+        let uid = self.uid().unwrap_or_default();
+        let generation = self.metadata.generation.unwrap_or(0);
+        let rebuild = self
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(ANNOTATION_REBUILD))
+            .map(String::as_str)
+            .unwrap_or("");
+        let digest = sha2::Sha256::digest(format!("{uid}/{generation}/{rebuild}").as_bytes());
+        digest.iter().take(6).map(|b| format!("{b:02x}")).collect()
+    }
+}
+
 /// The CRDs Tripod installs, in a stable order.
 pub fn crds() -> Vec<CustomResourceDefinition> {
     vec![ImageBuild::crd(), BuildRunner::crd()]

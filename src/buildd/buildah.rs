@@ -121,7 +121,19 @@ pub fn registries_conf(system: Option<&str>, hosts: &[String]) -> String {
     }
     for host in hosts {
         let quoted = format!("\"{host}\"");
-        if text.contains(&quoted) {
+        // Configured already: a `[[registry]]` table (not a mirror's) with
+        // this location or prefix.
+        let mut table = String::new();
+        let configured = text.lines().any(|l| {
+            let l: String = l.chars().filter(|c| !c.is_whitespace()).collect();
+            if l.starts_with('[') {
+                table = l;
+                return false;
+            }
+            table == "[[registry]]"
+                && (l == format!("location={quoted}") || l == format!("prefix={quoted}"))
+        });
+        if configured {
             continue;
         }
         text.push_str(&format!(
@@ -495,9 +507,15 @@ mod tests {
             conf,
             "unqualified-search-registries = []\n\n[[registry]]\nlocation = \"10.88.0.1:5000\"\ninsecure = true\n"
         );
-        // A registry the system's file configures already is left to it.
+        // A registry the system's file configures already is left to it;
+        // one it only mentions (as a mirror) is not.
         let system = "[[registry]]\nlocation = \"10.88.0.1:5000\"\n";
         assert_eq!(registries_conf(Some(system), &hosts), system);
+        let mirror = "[[registry]]\nlocation = \"docker.io\"\n[[registry.mirror]]\nlocation = \"10.88.0.1:5000\"\n";
+        assert!(
+            registries_conf(Some(mirror), &hosts)
+                .ends_with("location = \"10.88.0.1:5000\"\ninsecure = true\n")
+        );
         assert!(registries_conf(None, &hosts).starts_with("\n[[registry]]"));
     }
 }

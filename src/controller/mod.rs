@@ -318,14 +318,29 @@ pub async fn run(cfg: ControllerConfig) -> Result<(), ControllerError> {
         );
     }
     let mut on_signal = stop_rx.clone();
-    tokio::select! {
+    let held_since = tokio::select! {
         r = elector.acquire() => r?,
         _ = on_signal.wait_for(|s| *s) => {
             tracing::info!("stopping before leadership was acquired");
             return Ok(());
         }
-    }
+    };
     tracing::info!(%identity, lease = %cfg.lease_name, "leading");
+    // Renewals start at once, before anything else is set up: a replica
+    // that cannot renew stops (`stop_rx`) whatever it is doing.
+    let (lost_tx, lost_rx) = tokio::sync::watch::channel(false);
+    {
+        let holder = elector.clone();
+        let stop_tx = stop_tx.clone();
+        tokio::spawn(
+            async move {
+                holder.hold(held_since).await;
+                let _ = lost_tx.send(true);
+                let _ = stop_tx.send(true);
+            }
+            .instrument(tracing::info_span!("lease")),
+        );
+    }
 
     let tls_namespace = elector.config().namespace.clone();
     let sans = if cfg.executor_tls_sans.is_empty() {
@@ -441,20 +456,6 @@ pub async fn run(cfg: ControllerConfig) -> Result<(), ControllerError> {
         );
     }
 
-    let lost = Arc::new(AtomicBool::new(false));
-    {
-        let holder = elector.clone();
-        let lost = lost.clone();
-        let stop_tx = stop_tx.clone();
-        tokio::spawn(
-            async move {
-                holder.hold().await;
-                lost.store(true, Ordering::SeqCst);
-                let _ = stop_tx.send(true);
-            }
-            .instrument(tracing::info_span!("lease")),
-        );
-    }
     let stop = {
         let mut stopping = stop_rx.clone();
         async move {
@@ -467,15 +468,14 @@ pub async fn run(cfg: ControllerConfig) -> Result<(), ControllerError> {
     // server that does not answer must not keep a former leader writing).
     let abandon = {
         let mut stopping = stop_rx.clone();
-        let lost = lost.clone();
+        let mut lost = lost_rx.clone();
         async move {
             let _ = stopping.wait_for(|s| *s).await;
-            let grace = if lost.load(Ordering::SeqCst) {
-                LOST_LEASE_GRACE
-            } else {
-                SHUTDOWN_GRACE
-            };
-            tokio::time::sleep(grace).await;
+            // SIGTERM's grace ends early if the Lease is lost meanwhile.
+            tokio::select! {
+                _ = tokio::time::sleep(SHUTDOWN_GRACE) => {}
+                _ = lost.wait_for(|l| *l) => tokio::time::sleep(LOST_LEASE_GRACE).await,
+            }
         }
     };
 
@@ -493,7 +493,7 @@ pub async fn run(cfg: ControllerConfig) -> Result<(), ControllerError> {
     }
     ready.store(false, Ordering::SeqCst);
 
-    if lost.load(Ordering::SeqCst) {
+    if *lost_rx.borrow() {
         return Err(ControllerError::LostLeadership(cfg.lease_name));
     }
     if let Err(e) = elector.release().await {
@@ -597,10 +597,15 @@ async fn reconcile_inner(
         Vec::new()
     };
 
-    let secret_problem = if needs_secret_check(ib) {
+    let secrets = if needs_secret_check(ib) {
         check_secrets(ib, ns, ctx).await?
     } else {
-        None
+        SecretCheck::Usable
+    };
+    let (secret_problem, secret_missing) = match secrets {
+        SecretCheck::Usable => (None, None),
+        SecretCheck::Missing(message) => (None, Some(message)),
+        SecretCheck::Refused(invalid) => (Some(invalid), None),
     };
 
     let plan = plan::plan(
@@ -622,6 +627,29 @@ async fn reconcile_inner(
     // Pod Security admission): said in the platform's status and an Event,
     // then retried with backoff, since fixing it happens outside the spec.
     let mut rejected: Option<String> = None;
+    // A Secret the build needs does not exist yet (it may be applied with
+    // the ImageBuild, or made by another controller): no Pod until it does;
+    // the platforms say so and the reconcile is retried with backoff.
+    if let Some(message) = secret_missing
+        && !plan.create.is_empty()
+    {
+        for pod in std::mem::take(&mut plan.create) {
+            plan::waiting(
+                &mut plan.status,
+                &pod_platform(&pod),
+                plan::REASON_SECRET_NOT_FOUND,
+                &message,
+                ib.metadata.generation.unwrap_or(0),
+                jiff::Timestamp::now(),
+            );
+        }
+        plan.events.push(plan::PlannedEvent {
+            kind: EventKind::Warning,
+            reason: plan::REASON_SECRET_NOT_FOUND.into(),
+            message: message.clone(),
+        });
+        rejected = Some(message);
+    }
     for pod in &plan.create {
         let pod_name = pod.name_any();
         if let Err(conflict) = ensure_token_secret(&secrets_api, ib, pod, ctx).await? {
@@ -739,13 +767,23 @@ fn needs_secret_check(ib: &ImageBuild) -> bool {
         || !status.and_then(|s| s.phase).is_some_and(Phase::is_finished)
 }
 
+/// What the Secrets an ImageBuild names allow.
+enum SecretCheck {
+    /// Every Secret named may be used.
+    Usable,
+    /// A Secret named does not exist (yet): wait and look again.
+    Missing(String),
+    /// A Secret named may not be used (type, opt-in): the build stalls.
+    Refused(validate::InvalidSpec),
+}
+
 /// Reads the Secrets the spec names and says why one may not be used
 /// (secret_policy), naming its field.
 async fn check_secrets(
     ib: &ImageBuild,
     ns: &str,
     ctx: &Context,
-) -> Result<Option<validate::InvalidSpec>, ControllerError> {
+) -> Result<SecretCheck, ControllerError> {
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
     let refs = [
         (
@@ -769,6 +807,12 @@ async fn check_secrets(
             .get_opt(&r.name)
             .await
             .map_err(kube_err(format!("get Secret {ns}/{}", r.name)))?;
+        if secret.is_none() {
+            return Ok(SecretCheck::Missing(format!(
+                "{field}: Secret {ns}/{} not found; waiting for it",
+                r.name
+            )));
+        }
         if let Err(message) =
             crate::secret_policy::check(field, ns, &r.name, secret.as_ref(), types)
         {
@@ -776,7 +820,7 @@ async fn check_secrets(
                 .strip_prefix(&format!("{field}: "))
                 .unwrap_or(&message)
                 .to_string();
-            return Ok(Some(validate::InvalidSpec {
+            return Ok(SecretCheck::Refused(validate::InvalidSpec {
                 field: field.to_string(),
                 message: format!(
                     "{message} (then request a rebuild: annotate the ImageBuild with {}=<any new value>)",
@@ -785,7 +829,7 @@ async fn check_secrets(
             }));
         }
     }
-    Ok(None)
+    Ok(SecretCheck::Usable)
 }
 
 fn pod_platform(pod: &Pod) -> String {
@@ -861,16 +905,29 @@ async fn ensure_token_secret(
         .labels()
         .get("app.kubernetes.io/managed-by")
         .is_some_and(|v| v == "tripod");
-    let token_ok = existing
-        .data
-        .as_ref()
-        .and_then(|d| d.get(token::TOKEN_KEY))
-        .is_some_and(|t| {
-            ctx.token_key
-                .verify(&subject, &String::from_utf8_lossy(&t.0))
-        });
-    if owned && managed && token_ok {
+    let data = existing.data.clone().unwrap_or_default();
+    let token_ok = data.get(token::TOKEN_KEY).is_some_and(|t| {
+        ctx.token_key
+            .verify(&subject, &String::from_utf8_lossy(&t.0))
+    });
+    let ca_ok = data
+        .get(token::CA_KEY)
+        .is_some_and(|c| c.0 == ctx.executor_ca.as_bytes());
+    if owned && managed && token_ok && ca_ok {
         return Ok(Ok(()));
+    }
+    if owned && managed {
+        // Ours, from before the token key or the executor CA changed:
+        // replaced (the next reconcile creates it afresh).
+        api.delete(&pod_name, &DeleteParams::default())
+            .await
+            .map_err(kube_err(format!(
+                "delete stale token Secret {ns}/{pod_name}"
+            )))?;
+        return Ok(Err(format!(
+            "token Secret {ns}/{pod_name} was stale (another token key or executor CA); \
+             replacing it"
+        )));
     }
     Ok(Err(format!(
         "Secret {ns}/{pod_name} already exists and is not the token Secret Tripod made for this \

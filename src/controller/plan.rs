@@ -9,7 +9,7 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::ResourceExt;
 
-use super::pod::{PodKey, PodSettings, build_pod, pod_name, short_hash};
+use super::pod::{PodKey, PodSettings, build_pod, pod_name};
 use super::validate::{BuildRequest, InvalidSpec, check_placement, validate};
 use crate::api::{
     ANNOTATION_REBUILD, BuildRunner, ExecutorRef, ImageBuild, ImageBuildStatus, ImageStatus,
@@ -96,10 +96,7 @@ pub const POD_DEADLINE_GRACE: Duration = Duration::from_secs(10);
 
 /// The build ID of a generation (and rebuild request) of an ImageBuild.
 pub fn build_id(ib: &ImageBuild) -> String {
-    let uid = ib.uid().unwrap_or_default();
-    let generation = ib.metadata.generation.unwrap_or(0);
-    let rebuild = rebuild_value(ib).unwrap_or("");
-    short_hash(&format!("{uid}/{generation}/{rebuild}"), 12)
+    ib.build_id()
 }
 
 fn rebuild_value(ib: &ImageBuild) -> Option<&str> {
@@ -813,6 +810,8 @@ fn kstatus(
 
 /// Reason of `Stalled=True` while the API server refuses a build Pod.
 pub const REASON_POD_REJECTED: &str = "BuildPodRejected";
+/// Reason of `Stalled=True` while a Secret the build names does not exist.
+pub const REASON_SECRET_NOT_FOUND: &str = "SecretNotFound";
 
 /// Marks `status` for a build Pod of `platform` that the API server refused
 /// with `message`: the message on that platform, and `Stalled=True` (reason
@@ -826,6 +825,27 @@ pub fn pod_rejected(
     generation: i64,
     now: Timestamp,
 ) {
+    waiting(
+        status,
+        platform,
+        REASON_POD_REJECTED,
+        message,
+        generation,
+        now,
+    );
+}
+
+/// Marks `status` for a platform whose build Pod cannot be made yet, for
+/// `reason`: the message on that platform, `Stalled=True` with
+/// `Reconciling=True` (the controller keeps trying) and `Ready=False`.
+pub fn waiting(
+    status: &mut ImageBuildStatus,
+    platform: &str,
+    reason: &str,
+    message: &str,
+    generation: i64,
+    now: Timestamp,
+) {
     for ps in status.platforms.iter_mut() {
         if ps.platform == platform {
             ps.message = Some(message.to_string());
@@ -835,7 +855,7 @@ pub fn pod_rejected(
         &status.conditions,
         generation,
         (false, true, true),
-        REASON_POD_REJECTED,
+        reason,
         message,
         now,
     );

@@ -120,6 +120,24 @@ pub fn validate(spec: &ImageBuildSpec) -> Result<BuildRequest, InvalidSpec> {
         }
     };
 
+    let secret_refs = [
+        (
+            "spec.source.git.secretRef.name",
+            spec.source.git.as_ref().and_then(|g| g.secret_ref.as_ref()),
+        ),
+        (
+            "spec.output.pushSecretRef.name",
+            spec.output.push_secret_ref.as_ref(),
+        ),
+    ];
+    for (field, r) in secret_refs {
+        if let Some(r) = r
+            && !crate::api::is_dns1123_subdomain(&r.name)
+        {
+            return Err(invalid(field, format!("{:?} is not a Secret name", r.name)));
+        }
+    }
+
     if let Some(exec) = &spec.executor {
         for key in ["kubernetes.io/os", "kubernetes.io/arch"] {
             if exec.node_selector.contains_key(key) {
@@ -234,6 +252,23 @@ pub fn check_placement(spec: &ImageBuildSpec, policy: &PlacementPolicy) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn secret_names_are_checked_before_they_reach_an_api_path() {
+        use crate::api::SecretReference;
+        let mut s = spec();
+        s.output.push_secret_ref = Some(SecretReference {
+            name: "../x".into(),
+        });
+        assert_eq!(
+            validate(&s).unwrap_err().field,
+            "spec.output.pushSecretRef.name"
+        );
+        s.output.push_secret_ref = Some(SecretReference {
+            name: "regcred".into(),
+        });
+        assert!(validate(&s).is_ok());
+    }
 
     #[test]
     fn placement_policy_keeps_build_pods_off_control_plane_nodes() {

@@ -17,7 +17,10 @@ use kube::api::{Patch, PatchParams};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client};
 
-use crate::api::{ImageBuild, LABEL_BUILD_ID, SecretReference};
+use crate::api::{
+    ImageBuild, LABEL_BUILD_ID, SecretReference, is_dns1123_label, is_dns1123_subdomain,
+    is_label_value,
+};
 use crate::outcome::{
     ANNOTATION_FAILURE, ANNOTATION_RESULT, ANNOTATION_RESULT_MAC, ANNOTATION_STEP, Failed, Pushed,
 };
@@ -99,35 +102,6 @@ fn is_uid(s: &str) -> bool {
         && s.len() <= 64
         && s.bytes()
             .all(|b| b.is_ascii_digit() || b.is_ascii_lowercase() || b == b'-')
-}
-
-/// A DNS-1123 label (a namespace's name): 1–63 of `a-z0-9-`, alphanumeric
-/// at both ends.
-fn is_dns1123_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
-}
-
-/// A DNS-1123 subdomain (an object's name): dot-separated labels, at most
-/// 253 characters.
-fn is_dns1123_subdomain(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 253 && s.split('.').all(is_dns1123_label)
-}
-
-/// A label value: at most 63 of `A-Za-z0-9-_.`, alphanumeric at both ends
-/// (empty is a valid label value, but never a build ID).
-fn is_label_value(s: &str) -> bool {
-    let alnum = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
-    !s.is_empty()
-        && s.len() <= 63
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-        && alnum(s.chars().next())
-        && alnum(s.chars().last())
 }
 
 impl Claim {
@@ -265,10 +239,19 @@ fn currentness(build: &ImageBuild, claim: &Claim, platform: &str) -> Result<(), 
     }
     let status = build.status.clone().unwrap_or_default();
     if status.build_id.as_deref() != Some(claim.build_id.as_str()) {
-        return Err(ExecutorError::NotYet(format!(
-            "build {} of {name} is not (or no longer) its current build",
-            claim.build_id
-        )));
+        // The build the ImageBuild asks for now, not yet in the status, is
+        // worth waiting for; any other is over.
+        return Err(if build.build_id() == claim.build_id {
+            ExecutorError::NotYet(format!(
+                "build {} of {name} is not yet recorded in its status",
+                claim.build_id
+            ))
+        } else {
+            ExecutorError::Stale(format!(
+                "build {} of {name} is no longer its current build",
+                claim.build_id
+            ))
+        });
     }
     let Some(ps) = status.platforms.iter().find(|p| p.platform == platform) else {
         return Err(ExecutorError::Stale(format!(
@@ -860,7 +843,17 @@ mod tests {
         let id = Some(c.build_id.as_str());
         let check = |ib: &ImageBuild| currentness(ib, &c, "linux/amd64");
         assert!(check(&with(id, 1, Phase::Building)).is_ok());
-        assert!(matches!(check(&ib), Err(ExecutorError::NotYet(_))));
+        // Not yet in the status: worth waiting for when it is the build the
+        // ImageBuild asks for now, over otherwise.
+        assert!(matches!(check(&ib), Err(ExecutorError::Stale(_))));
+        let mut current = ib.clone();
+        current.metadata.generation = Some(1);
+        let mut c2 = c.clone();
+        c2.build_id = current.build_id();
+        assert!(matches!(
+            currentness(&current, &c2, "linux/amd64"),
+            Err(ExecutorError::NotYet(_))
+        ));
         assert!(matches!(
             check(&with(id, 0, Phase::Pending)),
             Err(ExecutorError::NotYet(_))

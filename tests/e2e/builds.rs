@@ -571,7 +571,9 @@ async fn push_secrets_wrong_ones_fail_clearly_right_ones_push_others_are_not_use
         ("right", "s3cret", "kubernetes.io/dockerconfigjson", true),
         ("unasked", "s3cret", "kubernetes.io/dockerconfigjson", false),
         ("opaque", "s3cret", "Opaque", true),
+        ("late", "s3cret", "kubernetes.io/dockerconfigjson", true),
     ];
+    let mut late_secret = String::new();
     for (name, pass, type_, allowed) in cases {
         let auth = {
             const T: &[u8; 64] =
@@ -600,7 +602,11 @@ async fn push_secrets_wrong_ones_fail_clearly_right_ones_push_others_are_not_use
         let secret = format!(
             "apiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}-creds\n{annotations}type: {type_}\nstringData:\n  .dockerconfigjson: '{{\"auths\":{{\"{registry}\":{{\"auth\":\"{auth}\"}}}}}}'\n"
         );
-        env.apply(&secret);
+        if name == "late" {
+            late_secret = secret;
+        } else {
+            env.apply(&secret);
+        }
         let manifest = inline(name, &registry, "FROM scratch\nCOPY hello.txt /\n", "").replace(
             "    insecure: true\n",
             &format!("    insecure: true\n    pushSecretRef: {{name: {name}-creds}}\n"),
@@ -651,6 +657,30 @@ async fn push_secrets_wrong_ones_fail_clearly_right_ones_push_others_are_not_use
             "{name}: a build Pod was made"
         );
     }
+    // A Secret that does not exist yet is waited for (it may be applied
+    // after the ImageBuild): the build says so, then goes on once it exists.
+    let until = std::time::Instant::now() + Duration::from_secs(60);
+    let s = loop {
+        let s = status(&env, "late").await;
+        if let Some(s) = s.as_ref()
+            && s.conditions
+                .iter()
+                .any(|c| c.type_ == "Stalled" && c.reason == "SecretNotFound")
+        {
+            break s.clone();
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "not waiting for the Secret: {s:#?}\n{}",
+            env.controller_log(c)
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert_ne!(s.phase, Some(Phase::Failed), "{s:#?}");
+    assert!(env.pods_of("late").await.is_empty());
+    env.apply(&late_secret);
+    let (ok, out) = env.wait_for("condition=Ready", "ib/late", "240s");
+    assert!(ok, "{out}\n{:#?}", status(&env, "late").await);
     env.cleanup().await;
 }
 
