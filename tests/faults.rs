@@ -183,19 +183,16 @@ fn etcd_url(apiserver_pid: u32) -> String {
 
 /// POST a JSON body to etcd's HTTP gateway; the answer as JSON.
 fn etcd_post(url: &str, path: &str, body: &str) -> serde_json::Value {
-    use std::io::{Read, Write};
     let addr = url.trim_start_matches("http://");
-    let mut s = std::net::TcpStream::connect(addr).expect("connect etcd");
-    write!(
-        s,
-        "POST {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .expect("write");
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).expect("read");
-    let json = buf.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-    serde_json::from_str(json).unwrap_or_else(|e| panic!("etcd {path}: {e}: {buf}"))
+    let (_, head, answer) =
+        tripod_harness::http_send(addr, "POST", path, "application/json", body.as_bytes())
+            .expect("etcd request");
+    serde_json::from_slice(&answer).unwrap_or_else(|e| {
+        panic!(
+            "etcd {path}: {e}: {head}\n{}",
+            String::from_utf8_lossy(&answer)
+        )
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -30,7 +30,7 @@ pub mod scripts;
 pub use certs::{ADMIN_GROUP, ADMIN_USER, Pki};
 pub use controlplane::{ControlPlane, KUBERNETES_VERSION, Options, ensure_binaries, free_port};
 pub use process::{spawn_supervised, supervised_command};
-pub use registry::{Registry, http_request, start_registry};
+pub use registry::{Registry, http_request, http_send, start_registry};
 
 /// Errors of the test environment.
 #[derive(Debug, thiserror::Error)]

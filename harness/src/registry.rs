@@ -112,12 +112,37 @@ pub fn http_request(
     path: &str,
     accept: &str,
 ) -> std::io::Result<(u16, String, Vec<u8>)> {
+    exchange(
+        addr,
+        &format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\nAccept: {accept}\r\n\r\n"),
+        &[],
+    )
+}
+
+/// [`http_request`] with a body (a blob upload, a manifest, a JSON request).
+pub fn http_send(
+    addr: &str,
+    method: &str,
+    path: &str,
+    content_type: &str,
+    body: &[u8],
+) -> std::io::Result<(u16, String, Vec<u8>)> {
+    exchange(
+        addr,
+        &format!(
+            "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        ),
+        body,
+    )
+}
+
+/// Writes a request and reads the whole answer: `(status, head, body)`.
+fn exchange(addr: &str, head: &str, body: &[u8]) -> std::io::Result<(u16, String, Vec<u8>)> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr)?;
-    write!(
-        s,
-        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nAccept: {accept}\r\n\r\n"
-    )?;
+    s.write_all(head.as_bytes())?;
+    s.write_all(body)?;
     let mut buf = Vec::new();
     s.read_to_end(&mut buf)?;
     let split = buf

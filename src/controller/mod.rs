@@ -555,7 +555,7 @@ async fn reconcile(ib: Arc<ImageBuild>, ctx: Arc<Context>) -> Result<Action, Con
         .namespace()
         .ok_or_else(|| ControllerError::NoNamespace(ib.name_any()))?;
     span.record("namespace", ns.as_str());
-    span.record("build_id", plan::build_id(&ib).as_str());
+    span.record("build_id", ib.build_id().as_str());
     let started = Instant::now();
     let result = reconcile_inner(&ib, &ns, &ctx).instrument(span).await;
     ctx.metrics
@@ -627,6 +627,10 @@ async fn reconcile_inner(
     // Pod Security admission): said in the platform's status and an Event,
     // then retried with backoff, since fixing it happens outside the spec.
     let mut rejected: Option<String> = None;
+    // Build Pods refused (platform, why): marked after the loop over
+    // `plan.create`, which borrows the plan.
+    let mut held_back: Vec<(String, String)> = Vec::new();
+    let generation = ib.metadata.generation.unwrap_or(0);
     // A Secret the build needs does not exist yet (it may be applied with
     // the ImageBuild, or made by another controller): no Pod until it does;
     // the platforms say so and the reconcile is retried with backoff.
@@ -634,38 +638,21 @@ async fn reconcile_inner(
         && !plan.create.is_empty()
     {
         for pod in std::mem::take(&mut plan.create) {
-            plan::waiting(
-                &mut plan.status,
+            plan.hold_back(
                 &pod_platform(&pod),
                 plan::REASON_SECRET_NOT_FOUND,
                 &message,
-                ib.metadata.generation.unwrap_or(0),
+                generation,
                 jiff::Timestamp::now(),
             );
         }
-        plan.events.push(plan::PlannedEvent {
-            kind: EventKind::Warning,
-            reason: plan::REASON_SECRET_NOT_FOUND.into(),
-            message: message.clone(),
-        });
         rejected = Some(message);
     }
     for pod in &plan.create {
         let pod_name = pod.name_any();
         if let Err(conflict) = ensure_token_secret(&secrets_api, ib, pod, ctx).await? {
             tracing::warn!(pod = %pod_name, "{conflict}");
-            plan.events.push(plan::PlannedEvent {
-                kind: EventKind::Warning,
-                reason: plan::REASON_POD_REJECTED.into(),
-                message: conflict.clone(),
-            });
-            plan::pod_rejected(
-                &mut plan.status,
-                &pod_platform(pod),
-                &conflict,
-                ib.metadata.generation.unwrap_or(0),
-                jiff::Timestamp::now(),
-            );
+            held_back.push((pod_platform(pod), conflict.clone()));
             rejected = Some(conflict);
             continue;
         }
@@ -674,22 +661,20 @@ async fn reconcile_inner(
             Err(kube::Error::Api(s)) if pod_refused(s.code) => {
                 let message = format!("the API server refused build Pod {pod_name}: {}", s.message);
                 tracing::warn!(pod = %pod_name, code = s.code, "{message}");
-                plan::pod_rejected(
-                    &mut plan.status,
-                    &pod_platform(pod),
-                    &message,
-                    ib.metadata.generation.unwrap_or(0),
-                    jiff::Timestamp::now(),
-                );
-                plan.events.push(plan::PlannedEvent {
-                    kind: EventKind::Warning,
-                    reason: plan::REASON_POD_REJECTED.into(),
-                    message: message.clone(),
-                });
+                held_back.push((pod_platform(pod), message.clone()));
                 rejected = Some(message);
             }
             Err(e) => return Err(kube_err(format!("create Pod {ns}/{pod_name}"))(e)),
         }
+    }
+    for (platform, message) in held_back {
+        plan.hold_back(
+            &platform,
+            plan::REASON_POD_REJECTED,
+            &message,
+            generation,
+            jiff::Timestamp::now(),
+        );
     }
     for pod_name in &plan.delete {
         match pods_api.delete(pod_name, &DeleteParams::default()).await {
@@ -763,7 +748,7 @@ async fn reconcile_inner(
 /// finished. A finished build keeps its result whatever becomes of them.
 fn needs_secret_check(ib: &ImageBuild) -> bool {
     let status = ib.status.as_ref();
-    status.and_then(|s| s.build_id.as_deref()) != Some(plan::build_id(ib).as_str())
+    status.and_then(|s| s.build_id.as_deref()) != Some(ib.build_id().as_str())
         || !status.and_then(|s| s.phase).is_some_and(Phase::is_finished)
 }
 

@@ -94,11 +94,6 @@ pub const STALLED: &str = "Stalled";
 /// `activeDeadlineSeconds` ends it.
 pub const POD_DEADLINE_GRACE: Duration = Duration::from_secs(10);
 
-/// The build ID of a generation (and rebuild request) of an ImageBuild.
-pub fn build_id(ib: &ImageBuild) -> String {
-    ib.build_id()
-}
-
 fn rebuild_value(ib: &ImageBuild) -> Option<&str> {
     ib.metadata
         .annotations
@@ -137,7 +132,7 @@ pub fn plan(obs: Observed<'_>, settings: &PodSettings) -> Plan {
     let ib = obs.build;
     let generation = ib.metadata.generation.unwrap_or(0);
     let old = ib.status.clone().unwrap_or_default();
-    let id = build_id(ib);
+    let id = ib.build_id();
     let mut out = Plan::default();
 
     // Pods of older builds are stopped whatever happens next.
@@ -491,25 +486,9 @@ fn drive_pod_platform(
         let found = pods.iter().find(|p| p.name_any() == name);
         if found.is_none() && was_running {
             let failure = format!("build Pod {name} disappeared (deleted, or lost with its node)");
-            if attempt < max_attempts {
-                out.events.push(PlannedEvent {
-                    kind: EventKind::Warning,
-                    reason: "Retrying".into(),
-                    message: format!(
-                        "{platform}: attempt {attempt} of {max_attempts} failed: {failure}"
-                    ),
-                });
-                ps.attempts += 1;
-                ps.attempt_start_time = Some(time(obs.now));
-                ps.digest = None;
-                ps.step = None;
-                ps.phase = Phase::Scheduling;
+            if retry_after_failure(ps, out, platform, max_attempts, &failure, obs.now) {
                 continue;
             }
-            ps.phase = Phase::Failed;
-            ps.message = Some(format!(
-                "attempt {attempt} of {max_attempts} failed: {failure}"
-            ));
             return;
         }
         let Some(pod) = found else {
@@ -551,24 +530,9 @@ fn drive_pod_platform(
             _ => None,
         };
         if let Some(failure) = failure {
-            if attempt < max_attempts {
-                out.events.push(PlannedEvent {
-                    kind: EventKind::Warning,
-                    reason: "Retrying".into(),
-                    message: format!(
-                        "{platform}: attempt {attempt} of {max_attempts} failed: {failure}"
-                    ),
-                });
-                ps.attempts += 1;
-                ps.attempt_start_time = Some(time(obs.now));
-                ps.digest = None;
-                ps.step = None;
+            if retry_after_failure(ps, out, platform, max_attempts, &failure, obs.now) {
                 continue;
             }
-            ps.phase = Phase::Failed;
-            ps.message = Some(format!(
-                "attempt {attempt} of {max_attempts} failed: {failure}"
-            ));
             return;
         }
         if is_terminating(pod) {
@@ -594,6 +558,37 @@ fn drive_pod_platform(
         }
         return;
     }
+}
+
+/// Records that the current attempt of a platform failed: the next
+/// attempt (and a `Retrying` Event) while attempts remain, else the
+/// platform fails. Returns whether to go on with the next attempt.
+fn retry_after_failure(
+    ps: &mut PlatformStatus,
+    out: &mut Plan,
+    platform: &Platform,
+    max_attempts: u32,
+    failure: &str,
+    now: Timestamp,
+) -> bool {
+    let attempt = ps.attempts.unsigned_abs();
+    if attempt < max_attempts {
+        out.events.push(PlannedEvent {
+            kind: EventKind::Warning,
+            reason: "Retrying".into(),
+            message: format!("{platform}: attempt {attempt} of {max_attempts} failed: {failure}"),
+        });
+        ps.attempts += 1;
+        ps.attempt_start_time = Some(time(now));
+        ps.digest = None;
+        ps.step = None;
+        return true;
+    }
+    ps.phase = Phase::Failed;
+    ps.message = Some(format!(
+        "attempt {attempt} of {max_attempts} failed: {failure}"
+    ));
+    false
 }
 
 fn unschedulable_message(pod: &Pod) -> Option<String> {
@@ -813,26 +808,32 @@ pub const REASON_POD_REJECTED: &str = "BuildPodRejected";
 /// Reason of `Stalled=True` while a Secret the build names does not exist.
 pub const REASON_SECRET_NOT_FOUND: &str = "SecretNotFound";
 
-/// Marks `status` for a build Pod of `platform` that the API server refused
-/// with `message`: the message on that platform, and `Stalled=True` (reason
-/// `BuildPodRejected`) with `Reconciling=True`, since the controller keeps
-/// retrying, and `Ready=False`. The next reconcile that creates the Pod
-/// computes the conditions afresh.
-pub fn pod_rejected(
-    status: &mut ImageBuildStatus,
-    platform: &str,
-    message: &str,
-    generation: i64,
-    now: Timestamp,
-) {
-    waiting(
-        status,
-        platform,
-        REASON_POD_REJECTED,
-        message,
-        generation,
-        now,
-    );
+impl Plan {
+    /// The build Pod of `platform` is not made now, for `reason` (the API
+    /// server refused it, a Secret is missing, its token Secret name is
+    /// taken): the platform and the conditions say so ([`waiting`]), with
+    /// one Warning Event per message.
+    pub fn hold_back(
+        &mut self,
+        platform: &str,
+        reason: &str,
+        message: &str,
+        generation: i64,
+        now: Timestamp,
+    ) {
+        waiting(&mut self.status, platform, reason, message, generation, now);
+        if !self
+            .events
+            .iter()
+            .any(|e| e.reason == reason && e.message == message)
+        {
+            self.events.push(PlannedEvent {
+                kind: EventKind::Warning,
+                reason: reason.to_string(),
+                message: message.to_string(),
+            });
+        }
+    }
 }
 
 /// Marks `status` for a platform whose build Pod cannot be made yet, for
@@ -966,9 +967,10 @@ mod tests {
     fn refused_pod_stalls_until_a_reconcile_creates_it() {
         let b = ib(&["linux/amd64", "linux/arm64"]);
         let mut p = run(&b, &[], &[], at(0));
-        pod_rejected(
+        waiting(
             &mut p.status,
             "linux/arm64",
+            REASON_POD_REJECTED,
             "the API server refused build Pod x: violates PodSecurity",
             1,
             at(1),
@@ -997,7 +999,14 @@ mod tests {
 
         // Refused again later: Stalled keeps its transition time.
         let mut again = p.status.clone();
-        pod_rejected(&mut again, "linux/arm64", "still refused", 1, at(5));
+        waiting(
+            &mut again,
+            "linux/arm64",
+            REASON_POD_REJECTED,
+            "still refused",
+            1,
+            at(5),
+        );
         assert_eq!(cond(&again, STALLED).last_transition_time, time(at(1)));
     }
 

@@ -67,6 +67,22 @@ pub enum ExecutorError {
     AlreadyReported(String),
 }
 
+/// Creates `secret` in `api`; when one of its name exists already
+/// (another replica made it first), returns that one instead.
+pub(crate) async fn create_or_get(
+    api: &Api<Secret>,
+    secret: &Secret,
+) -> Result<Secret, kube::Error> {
+    match api.create(&kube::api::PostParams::default(), secret).await {
+        Ok(created) => Ok(created),
+        Err(kube::Error::Api(s)) if s.code == 409 => {
+            api.get(secret.metadata.name.as_deref().unwrap_or_default())
+                .await
+        }
+        Err(e) => Err(e),
+    }
+}
+
 fn kube_err(what: impl Into<String>) -> impl FnOnce(kube::Error) -> ExecutorError {
     let what = what.into();
     move |source| ExecutorError::Kube { what, source }

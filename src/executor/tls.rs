@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{ObjectMeta, PostParams};
+use kube::api::ObjectMeta;
 use kube::{Api, Client};
 use rcgen::ExtendedKeyUsagePurpose;
 
@@ -88,15 +88,9 @@ pub async fn ensure(
         ])),
         ..Default::default()
     };
-    match api.create(&PostParams::default(), &secret).await {
-        Ok(_) => Ok(tls),
-        // Another replica created it first: use theirs.
-        Err(kube::Error::Api(s)) if s.code == 409 => {
-            let s = api.get(SECRET_NAME).await.map_err(kube)?;
-            from_secret(namespace, &s)
-        }
-        Err(e) => Err(kube(e)),
-    }
+    // Another replica may have created it first: then theirs is used.
+    let s = super::create_or_get(&api, &secret).await.map_err(kube)?;
+    from_secret(namespace, &s)
 }
 
 fn from_secret(namespace: &str, s: &Secret) -> Result<ExecutorTls, ExecutorTlsError> {

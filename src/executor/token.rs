@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{ObjectMeta, PostParams};
+use kube::api::ObjectMeta;
 use kube::{Api, Client};
 use ring::hmac;
 use ring::rand::{SecureRandom, SystemRandom};
@@ -202,7 +202,7 @@ pub async fn ensure_key(client: &Client, namespace: &str) -> Result<TokenKey, To
     if let Some(s) = api.get_opt(KEY_SECRET_NAME).await.map_err(kube)? {
         return from_secret(&s);
     }
-    let (key, bytes) = TokenKey::generate()?;
+    let (_, bytes) = TokenKey::generate()?;
     let secret = Secret {
         metadata: ObjectMeta {
             name: Some(KEY_SECRET_NAME.into()),
@@ -217,14 +217,9 @@ pub async fn ensure_key(client: &Client, namespace: &str) -> Result<TokenKey, To
         data: Some(BTreeMap::from([(KEY_DATA.to_string(), ByteString(bytes))])),
         ..Default::default()
     };
-    match api.create(&PostParams::default(), &secret).await {
-        Ok(_) => Ok(key),
-        Err(kube::Error::Api(s)) if s.code == 409 => {
-            let s = api.get(KEY_SECRET_NAME).await.map_err(kube)?;
-            from_secret(&s)
-        }
-        Err(e) => Err(kube(e)),
-    }
+    // Another replica may have created it first: then theirs is used.
+    let s = super::create_or_get(&api, &secret).await.map_err(kube)?;
+    from_secret(&s)
 }
 
 #[cfg(test)]

@@ -163,32 +163,7 @@ fn http(
     content_type: &str,
     body: &[u8],
 ) -> (u16, String, Vec<u8>) {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).expect("connect registry");
-    write!(
-        s,
-        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    )
-    .expect("write");
-    s.write_all(body).expect("write body");
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).expect("read");
-    let split = buf
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .unwrap_or(buf.len());
-    let head = String::from_utf8_lossy(&buf[..split]).to_string();
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (
-        code,
-        head,
-        buf.get(split + 4..).unwrap_or_default().to_vec(),
-    )
+    tripod_harness::http_send(addr, method, path, content_type, body).expect("registry request")
 }
 
 fn sha256(data: &[u8]) -> String {
