@@ -1,9 +1,11 @@
 //! The outcome contract between the executor service and the reconcile
-//! plan: what the executor service records on a build Pod (after the
-//! registry confirmed a digest) and what the plan reads back. It lives
+//! plan: what the executor service records on a build Pod or a runner's
+//! Lease object (after the registry confirmed a digest) and what the plan
+//! reads back. It lives
 //! below both, so neither imports the other.
 
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 /// Annotation on a build Pod: the outcome the controller accepted from its
 /// executor, after the registry confirmed the digest (`{"digest", "size"}`).
@@ -72,7 +74,13 @@ pub struct ExecutorReport {
 impl ExecutorReport {
     /// Reads the report annotations of a Pod.
     pub fn from_pod(pod: &Pod) -> Self {
-        let a = pod.metadata.annotations.as_ref();
+        Self::from_meta(&pod.metadata)
+    }
+
+    /// Reads the report annotations of an executor object (a build Pod or
+    /// a runner's Lease object).
+    pub fn from_meta(meta: &ObjectMeta) -> Self {
+        let a = meta.annotations.as_ref();
         let get = |k: &str| a.and_then(|a| a.get(k));
         Self {
             pushed: get(ANNOTATION_RESULT).and_then(|v| serde_json::from_str(v).ok()),

@@ -6,8 +6,10 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-/// A BuildRunner is a machine outside the cluster (a macOS host) whose
-/// `tripod agent` takes builds of its os/arch from the controller.
+/// A BuildRunner is a build machine outside the cluster (a macOS host, or
+/// any Linux host) whose `tripod agent --runner` takes builds of its os/arch
+/// from the controller. The controller keeps its token in the Secret
+/// `tripod-runner-<name>` of its own namespace.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
 #[kube(
     group = "build.tripod.dev",
@@ -16,11 +18,12 @@ use serde::{Deserialize, Serialize};
     status = "BuildRunnerStatus",
     shortname = "br",
     category = "tripod",
-    doc = "BuildRunner registers an external build machine (a macOS host) whose tripod agent takes builds of its os/arch.",
+    doc = "BuildRunner registers a build machine outside the cluster (a macOS host, or any Linux host) whose `tripod agent --runner` takes builds of its os/arch.",
     printcolumn(name = "OS", type_ = "string", json_path = ".spec.os"),
     printcolumn(name = "Arch", type_ = "string", json_path = ".spec.arch"),
     printcolumn(name = "Capacity", type_ = "integer", json_path = ".spec.capacity"),
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(name = "Emulates", type_ = "string", json_path = ".spec.emulatedArchs"),
     printcolumn(
         name = "Age",
         type_ = "date",
@@ -28,6 +31,12 @@ use serde::{Deserialize, Serialize};
     )
 )]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "self.os == 'linux' || !has(self.emulatedArchs) || size(self.emulatedArchs) == 0",
+        "message": "spec.emulatedArchs: only Linux runners emulate other architectures"
+    }
+]))]
 pub struct BuildRunnerSpec {
     /// Operating system of the runner: `darwin` (the macOS leg), or `linux`/`windows`.
     pub os: RunnerOs,
@@ -46,6 +55,20 @@ pub struct BuildRunnerSpec {
     /// Labels an ImageBuild's `spec.executor.runnerSelector` can match.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    /// Further architectures a Linux runner builds through user-mode
+    /// emulation (qemu-user with binfmt_misc on the host), e.g. `[arm64]` on
+    /// an amd64 host. Such platforms are marked `emulated` in the ImageBuild's
+    /// status. The agent checks at connection that the host really runs them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 8))]
+    #[schemars(extend("x-kubernetes-list-type" = "set"))]
+    #[schemars(extend("x-kubernetes-validations" = [
+        {
+            "rule": "self.all(a, a in ['amd64', 'arm64', 'arm', '386', 'ppc64le', 's390x', 'riscv64', 'mips64le', 'loong64'])",
+            "message": "each must be one of amd64, arm64, arm, 386, ppc64le, s390x, riscv64, mips64le, loong64"
+        }
+    ]))]
+    pub emulated_archs: Vec<String>,
 }
 
 fn default_capacity() -> i32 {

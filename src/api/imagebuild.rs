@@ -45,6 +45,12 @@ use serde::{Deserialize, Serialize};
     )
 )]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "!has(self.executor) || !has(self.executor.runnerPlatforms) || self.executor.runnerPlatforms.all(p, p in self.platforms && p.startsWith('linux/'))",
+        "message": "spec.executor.runnerPlatforms: each entry must be a linux platform listed in spec.platforms"
+    }
+]))]
 pub struct ImageBuildSpec {
     /// Where the build context comes from: exactly one of `git` or `inline`.
     pub source: BuildSource,
@@ -113,8 +119,8 @@ pub struct ImageBuildSpec {
     #[schemars(range(min = 0))]
     pub ttl_seconds_after_finished: Option<i64>,
 
-    /// Where builds run: settings for build Pods (linux and windows) and the
-    /// labels a BuildRunner must carry (darwin).
+    /// Where builds run: settings for build Pods (linux and windows), and
+    /// which platforms go to BuildRunners (darwin always) and which runners.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub executor: Option<ExecutorSpec>,
 }
@@ -340,9 +346,52 @@ pub struct ExecutorSpec {
     /// Compute resources for the builder container of build Pods.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
-    /// Labels a BuildRunner must carry to take a darwin build.
+    /// Labels a BuildRunner must carry (in its `spec.labels`) to take a
+    /// platform of this build that runs on runners.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub runner_selector: BTreeMap<String, String>,
+    /// Linux platforms (entries of `spec.platforms`) to build on
+    /// BuildRunners instead of in build Pods, e.g. `linux/arm64` on a Linux
+    /// runner that emulates arm64. darwin platforms always build on runners.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    #[schemars(extend("x-kubernetes-list-type" = "set"))]
+    pub runner_platforms: Vec<String>,
+    /// The builder, instead of the one the executor's host picks: `buildah`
+    /// (linux platforms, in build Pods or on Linux runners) or `darwin`
+    /// (darwin platforms on macOS runners). A backend that cannot build one
+    /// of `spec.platforms` is refused before anything runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<BackendName>,
+}
+
+/// A build backend.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendName {
+    /// buildah: Linux images, on Linux (natively or through qemu-user emulation).
+    Buildah,
+    /// The darwin backend: macOS images on a macOS runner (RUN under Seatbelt).
+    Darwin,
+}
+
+impl BackendName {
+    /// The name as written in the resource and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendName::Buildah => "buildah",
+            BackendName::Darwin => "darwin",
+        }
+    }
+
+    /// The backend of a name, if it is one.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "buildah" => Some(BackendName::Buildah),
+            "darwin" => Some(BackendName::Darwin),
+            _ => None,
+        }
+    }
 }
 
 /// Where an ImageBuild is.
@@ -467,11 +516,15 @@ pub struct PlatformStatus {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ExecutorRef {
-    /// `Pod` (linux, windows) or `Runner` (darwin).
+    /// `Pod` (a build Pod) or `Runner` (a BuildRunner holding a lease).
     pub kind: String,
     /// Name of the Pod or BuildRunner.
     pub name: String,
     /// The node the Pod was bound to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
+    /// True when a runner builds this platform through user-mode emulation
+    /// (qemu-user) instead of on a CPU of its architecture.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub emulated: bool,
 }

@@ -24,6 +24,8 @@ pub const LABEL_PLATFORM: &str = "build.tripod.dev/platform";
 pub const LABEL_BUILD_ID: &str = "build.tripod.dev/build-id";
 /// Label on build Pods: the attempt number (1-based).
 pub const LABEL_ATTEMPT: &str = "build.tripod.dev/attempt";
+/// Annotation on runner Lease objects: the canonical platform they lease.
+pub const ANNOTATION_PLATFORM: &str = "build.tripod.dev/platform";
 /// Annotation that starts a new build of the same generation when its value changes.
 pub const ANNOTATION_REBUILD: &str = "build.tripod.dev/rebuild";
 

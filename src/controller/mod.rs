@@ -4,8 +4,11 @@
 //! it lists what the plan needs, applies the plan with server-side apply
 //! under one field manager, publishes Events and keeps the metrics.
 
+pub mod lease;
 pub mod plan;
 pub mod pod;
+mod runner_leg;
+pub mod runners;
 pub mod validate;
 
 use std::collections::HashMap;
@@ -19,7 +22,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{Pod, SeccompProfile, Secret, SecurityContext};
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -30,12 +33,14 @@ use tracing::{Instrument, field};
 use crate::api::{
     BuildRunner, ImageBuild, LABEL_ATTEMPT, LABEL_BUILD_ID, LABEL_NAME, Phase, RunnerPhase,
 };
+use crate::executor::runners::{LeaseKey, NoRunner, RunnerHub};
 use crate::executor::token::{self, TokenKey};
 use crate::http::{self, Health};
 use crate::leader::{LeaderElector, LeaseConfig};
 use crate::metrics::Metrics;
 use crate::outcome::{ANNOTATION_FAILURE, ANNOTATION_RESULT, ANNOTATION_RESULT_MAC, Failed};
 use crate::platform::{Os, Platform};
+use k8s_openapi::api::coordination::v1::Lease;
 use plan::{EventKind, Observed};
 use pod::{PodSettings, name_label};
 
@@ -89,6 +94,10 @@ pub enum ControllerError {
     /// The ImageBuild has no namespace (it is namespaced: a malformed event).
     #[error("ImageBuild {0} has no namespace")]
     NoNamespace(String),
+    /// A runner reported an outcome while its lease was being expired:
+    /// the reconcile is repeated with what was recorded.
+    #[error("{0}")]
+    LeaseChanged(String),
 }
 
 fn kube_err(action: impl Into<String>) -> impl FnOnce(kube::Error) -> ControllerError {
@@ -260,6 +269,8 @@ pub struct Context {
     failures: Mutex<HashMap<ObjectRef<ImageBuild>, u32>>,
     executor_ca: String,
     token_key: TokenKey,
+    leases: Store<Lease>,
+    hub: Arc<RunnerHub>,
 }
 
 /// Runs the controller until SIGTERM/SIGINT, or until leadership is lost.
@@ -366,28 +377,60 @@ pub async fn run(cfg: ControllerConfig) -> Result<(), ControllerError> {
     };
     let runner_api: Api<BuildRunner> = Api::all(client.clone());
     let (runner_store, runner_writer) = reflector::store();
+    // Every ImageBuild is looked at again when a runner's spec or phase
+    // changes (not for its heartbeat time or active builds).
+    let mut seen: HashMap<String, (Option<i64>, Option<RunnerPhase>)> = HashMap::new();
     let runner_events = reflector::reflector(
         runner_writer,
         watcher(runner_api, watcher::Config::default()),
     )
     .default_backoff()
     .touched_objects()
-    .filter_map(|r| async move {
-        match r {
-            Ok(_) => Some(()),
+    .filter_map(move |r| {
+        let changed = match r {
+            Ok(r) => {
+                let now = (
+                    r.metadata.generation,
+                    r.status.as_ref().and_then(|s| s.phase),
+                );
+                seen.insert(r.name_any(), now) != Some(now)
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "BuildRunner watch failed");
-                None
+                false
             }
-        }
+        };
+        async move { changed.then_some(()) }
     });
+    // Runner Lease objects, cached for the hub and the executor service;
+    // a change reconciles the owning ImageBuild.
+    let lease_api: Api<Lease> = match &cfg.namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let (lease_store, lease_writer) = reflector::store();
+    let lease_events = reflector::reflector(
+        lease_writer,
+        watcher(
+            lease_api,
+            watcher::Config::default().labels("app.kubernetes.io/managed-by=tripod"),
+        ),
+    )
+    .default_backoff()
+    .touched_objects();
+    let (trigger_tx, trigger_rx) = tokio::sync::mpsc::unbounded_channel();
+    let hub = RunnerHub::new(lease_store.clone(), trigger_tx);
 
     let controller = Controller::new(ib_api, watcher::Config::default().any_semantic())
         .owns(
             pod_api,
             watcher::Config::default().labels("app.kubernetes.io/managed-by=tripod"),
         )
-        .reconcile_all_on(runner_events);
+        .owns_stream(lease_events)
+        .reconcile_all_on(runner_events)
+        .reconcile_on(tokio_stream::wrappers::UnboundedReceiverStream::new(
+            trigger_rx,
+        ));
     let builds = controller.store();
     {
         let service = crate::executor::grpc::ExecutorService::new(
@@ -396,6 +439,8 @@ pub async fn run(cfg: ControllerConfig) -> Result<(), ControllerError> {
                 key: token_key.clone(),
                 builds: Some(builds.clone()),
                 max_sessions: cfg.executor_max_sessions,
+                runners: Some(runner_store.clone()),
+                hub: Some(hub.clone()),
             }),
             Duration::from_millis(cfg.step_interval_ms),
         );
@@ -432,13 +477,36 @@ pub async fn run(cfg: ControllerConfig) -> Result<(), ControllerError> {
         runners: runner_store.clone(),
         failures: Mutex::new(HashMap::new()),
         executor_ca: executor_tls.ca_pem.clone(),
-        token_key,
+        token_key: token_key.clone(),
+        leases: lease_store.clone(),
+        hub: hub.clone(),
     });
+    {
+        let upkeep = runners::Upkeep {
+            client: client.clone(),
+            namespace: tls_namespace.clone(),
+            key: token_key,
+            ca_pem: executor_tls.ca_pem.clone(),
+            runners: runner_store.clone(),
+            hub: hub.clone(),
+        };
+        let mut stop = stop_rx.clone();
+        tokio::spawn(
+            async move {
+                tokio::select! {
+                    _ = upkeep.run() => {}
+                    _ = stop.wait_for(|s| *s) => {}
+                }
+            }
+            .instrument(tracing::info_span!("runners")),
+        );
+    }
 
     {
         let ready = ready.clone();
         let builds = builds.clone();
         let runners = runner_store.clone();
+        let leases = lease_store.clone();
         tokio::spawn(
             async move {
                 if let Err(e) = synced(&builds).await {
@@ -447,6 +515,10 @@ pub async fn run(cfg: ControllerConfig) -> Result<(), ControllerError> {
                 }
                 if let Err(e) = synced(&runners).await {
                     tracing::error!(error = %e, "BuildRunner cache never synced");
+                    return;
+                }
+                if let Err(e) = synced(&leases).await {
+                    tracing::error!(error = %e, "Lease cache never synced");
                     return;
                 }
                 ready.store(true, Ordering::SeqCst);
@@ -542,6 +614,11 @@ fn needs_runners(ib: &ImageBuild) -> bool {
         .platforms
         .iter()
         .any(|p| p.parse::<Platform>().is_ok_and(|p| p.os() == Os::Darwin))
+        || ib
+            .spec
+            .executor
+            .as_ref()
+            .is_some_and(|e| !e.runner_platforms.is_empty())
 }
 
 async fn reconcile(ib: Arc<ImageBuild>, ctx: Arc<Context>) -> Result<Action, ControllerError> {
@@ -591,7 +668,31 @@ async fn reconcile_inner(
         .filter(|p| p.owner_references().iter().any(|o| o.uid == uid))
         .map(|p| unsigned_result_to_failure(p, &ctx.token_key))
         .collect();
-    let runners: Vec<BuildRunner> = if needs_runners(ib) {
+    // Runner leases: read fresh (like the Pods) when the build uses
+    // runners or the cache shows it has some.
+    let has_leases = ctx
+        .leases
+        .state()
+        .iter()
+        .any(|l| l.owner_references().iter().any(|o| o.uid == uid));
+    let uses_runners = needs_runners(ib) || has_leases;
+    let leases: Vec<Lease> = if uses_runners {
+        Api::<Lease>::namespaced(ctx.client.clone(), ns)
+            .list(&ListParams::default().labels(&format!("{LABEL_NAME}={}", name_label(&name))))
+            .await
+            .map_err(kube_err(format!("list Leases of {ns}/{name}")))?
+            .items
+            .into_iter()
+            .filter(|l| l.owner_references().iter().any(|o| o.uid == uid))
+            .map(|mut l| {
+                unsigned_result_in(&mut l.metadata, "Lease", &ctx.token_key);
+                l
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let runners: Vec<BuildRunner> = if uses_runners {
         ctx.runners.state().iter().map(|r| (**r).clone()).collect()
     } else {
         Vec::new()
@@ -612,6 +713,7 @@ async fn reconcile_inner(
         Observed {
             build: ib,
             pods: &pods,
+            leases: &leases,
             runners: &runners,
             now: jiff::Timestamp::now(),
             secret_problem: secret_problem.as_ref(),
@@ -689,6 +791,8 @@ async fn reconcile_inner(
         }
     }
 
+    let pokes = apply_leases(ib, ns, &leases, &mut plan, ctx).await?;
+
     // Status.
     let ib_api: Api<ImageBuild> = Api::namespaced(ctx.client.clone(), ns);
     let status_patch = serde_json::json!({
@@ -700,6 +804,15 @@ async fn reconcile_inner(
         .patch_status(&name, &ssa, &Patch::Apply(&status_patch))
         .await
         .map_err(kube_err(format!("update status of {ns}/{name}")))?;
+
+    // Runners with new work or work taken back hear of it now that the
+    // status records it.
+    for runner in &pokes {
+        ctx.hub.poke(runner);
+    }
+    if !plan.expire.is_empty() || !plan.delete_leases.is_empty() {
+        ctx.hub.wake_waiters();
+    }
 
     // Events and metrics, after the status is written.
     let reference = ib.object_ref(&());
@@ -742,6 +855,121 @@ async fn reconcile_inner(
         Some(after) => Action::requeue(after.max(Duration::from_secs(1))),
         None => Action::await_change(),
     })
+}
+
+/// Applies the runner leg of a plan: expires the leases of runners that are
+/// gone (only if unchanged since read: an outcome recorded meanwhile wins),
+/// takes back leases, and hands out new ones through the hub. Returns the
+/// runners to wake once the status is written.
+async fn apply_leases(
+    ib: &ImageBuild,
+    ns: &str,
+    leases: &[Lease],
+    plan: &mut plan::Plan,
+    ctx: &Context,
+) -> Result<Vec<String>, ControllerError> {
+    let api: Api<Lease> = Api::namespaced(ctx.client.clone(), ns);
+    let mut pokes = Vec::new();
+    let holder = |name: &str| {
+        leases
+            .iter()
+            .find(|l| l.name_any() == name)
+            .and_then(|l| crate::executor::runners::lease_holder(l))
+            .map(str::to_string)
+    };
+    for expiry in &plan.expire {
+        let params = DeleteParams {
+            preconditions: Some(kube::api::Preconditions {
+                resource_version: expiry.resource_version.clone(),
+                uid: None,
+            }),
+            ..Default::default()
+        };
+        match api.delete(&expiry.name, &params).await {
+            Ok(_) => tracing::info!(lease = %expiry.name, "lease expired: its runner is gone"),
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(kube::Error::Api(s)) if s.code == 409 => {
+                return Err(ControllerError::LeaseChanged(format!(
+                    "lease {ns}/{} changed while expiring it (its runner reported); looking again",
+                    expiry.name
+                )));
+            }
+            Err(e) => return Err(kube_err(format!("expire lease {ns}/{}", expiry.name))(e)),
+        }
+        pokes.extend(holder(&expiry.name));
+    }
+    for name in &plan.delete_leases {
+        match api.delete(name, &DeleteParams::default()).await {
+            Ok(_) => tracing::info!(lease = %name, "lease taken back"),
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(kube_err(format!("delete lease {ns}/{name}"))(e)),
+        }
+        pokes.extend(holder(name));
+    }
+    let mut waiting = plan.waits_for_runner;
+    let generation = ib.metadata.generation.unwrap_or(0);
+    let id = ib.build_id();
+    for request in std::mem::take(&mut plan.leases) {
+        let key = LeaseKey {
+            namespace: ns.to_string(),
+            name: request.name.clone(),
+        };
+        let chosen = match ctx.hub.reserve(&request.candidates, key.clone()) {
+            Ok(c) => c,
+            Err(NoRunner(why)) => {
+                for ps in plan.status.platforms.iter_mut() {
+                    if ps.platform == request.platform {
+                        ps.message = Some(format!("waiting for a runner: {why}"));
+                    }
+                }
+                waiting = true;
+                continue;
+            }
+        };
+        let Ok(platform) = request.platform.parse::<Platform>() else {
+            ctx.hub.release(&key);
+            continue;
+        };
+        let object = lease::build_lease(&lease::LeaseFor {
+            build: ib,
+            name: &request.name,
+            key: pod::PodKey {
+                platform: &platform,
+                build_id: &id,
+                attempt: request.attempt,
+            },
+            runner: &chosen.runner,
+            emulated: chosen.emulated,
+            now: jiff::Timestamp::now(),
+        });
+        let ssa = PatchParams::apply(FIELD_MANAGER).force();
+        if let Err(e) = api.patch(&request.name, &ssa, &Patch::Apply(&object)).await {
+            ctx.hub.release(&key);
+            return Err(kube_err(format!("create lease {ns}/{}", request.name))(e));
+        }
+        tracing::info!(lease = %request.name, runner = %chosen.runner, emulated = chosen.emulated, generation, "leased to runner");
+        for ps in plan.status.platforms.iter_mut() {
+            if ps.platform == request.platform {
+                ps.phase = Phase::Building;
+                ps.executor = Some(crate::api::ExecutorRef {
+                    kind: "Runner".into(),
+                    name: chosen.runner.clone(),
+                    node: None,
+                    emulated: chosen.emulated,
+                });
+                ps.message = Some(format!(
+                    "leased to runner {}{}",
+                    chosen.runner,
+                    if chosen.emulated { " (emulated)" } else { "" }
+                ));
+            }
+        }
+        pokes.push(chosen.runner);
+    }
+    if waiting {
+        ctx.hub.wait(ObjectRef::from_obj(ib));
+    }
+    Ok(pokes)
 }
 
 /// Whether the Secrets of a build are (re)checked: while it has not
@@ -924,12 +1152,19 @@ async fn ensure_token_secret(
 /// A result annotation without the controller's valid MAC (written by
 /// someone else with `pods/patch`) is read as a failure of the attempt.
 fn unsigned_result_to_failure(mut pod: Pod, key: &TokenKey) -> Pod {
-    let uid = pod.metadata.uid.clone().unwrap_or_default();
-    let Some(annotations) = pod.metadata.annotations.as_mut() else {
-        return pod;
+    unsigned_result_in(&mut pod.metadata, "Pod", key);
+    pod
+}
+
+/// [`unsigned_result_to_failure`] for the metadata of any executor object.
+fn unsigned_result_in(meta: &mut ObjectMeta, kind: &str, key: &TokenKey) {
+    let uid = meta.uid.clone().unwrap_or_default();
+    let name = meta.name.clone().unwrap_or_default();
+    let Some(annotations) = meta.annotations.as_mut() else {
+        return;
     };
     let Some(result) = annotations.get(ANNOTATION_RESULT).cloned() else {
-        return pod;
+        return;
     };
     let signed = annotations
         .get(ANNOTATION_RESULT_MAC)
@@ -939,9 +1174,8 @@ fn unsigned_result_to_failure(mut pod: Pod, key: &TokenKey) -> Pod {
         let failed = Failed {
             reason: "ResultNotSigned".into(),
             message: format!(
-                "the result annotation of Pod {} does not carry the controller's signature; \
-                 it was not written by the executor service",
-                pod.metadata.name.as_deref().unwrap_or_default()
+                "the result annotation of {kind} {name} does not carry the controller's signature; \
+                 it was not written by the executor service"
             ),
         };
         annotations.insert(
@@ -949,7 +1183,6 @@ fn unsigned_result_to_failure(mut pod: Pod, key: &TokenKey) -> Pod {
             serde_json::to_string(&failed).unwrap_or_default(),
         );
     }
-    pod
 }
 
 /// Whether an API error on a Pod create is a refusal that retrying the same

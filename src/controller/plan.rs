@@ -5,15 +5,18 @@
 use std::time::Duration;
 
 use jiff::Timestamp;
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::ResourceExt;
 
 use super::pod::{PodKey, PodSettings, build_pod, pod_name};
+use super::runner_leg::RunnerLeg;
+pub use super::runner_leg::{Expiry, LeaseRequest};
 use super::validate::{BuildRequest, InvalidSpec, check_placement, validate};
 use crate::api::{
     ANNOTATION_REBUILD, BuildRunner, ExecutorRef, ImageBuild, ImageBuildStatus, ImageStatus,
-    LABEL_BUILD_ID, Phase, PlatformStatus, RunnerOs, RunnerPhase,
+    LABEL_BUILD_ID, Phase, PlatformStatus,
 };
 use crate::platform::{Os, Platform};
 
@@ -24,6 +27,8 @@ pub struct Observed<'a> {
     pub build: &'a ImageBuild,
     /// The Pods it owns (of any build).
     pub pods: &'a [Pod],
+    /// Its runner Lease objects (of any build).
+    pub leases: &'a [Lease],
     /// All BuildRunners.
     pub runners: &'a [BuildRunner],
     /// The time to plan at.
@@ -81,6 +86,14 @@ pub struct Plan {
     pub requeue_after: Option<Duration>,
     /// The spec is invalid: do not retry until it changes.
     pub invalid: Option<InvalidSpec>,
+    /// Leases to hand to runners.
+    pub leases: Vec<LeaseRequest>,
+    /// Leases whose runner is gone, to delete (if unchanged).
+    pub expire: Vec<Expiry>,
+    /// Names of Lease objects to delete.
+    pub delete_leases: Vec<String>,
+    /// A platform waits for a matching runner to come Online.
+    pub waits_for_runner: bool,
 }
 
 /// Condition types (kstatus).
@@ -119,6 +132,19 @@ fn is_terminating(pod: &Pod) -> bool {
     pod.metadata.deletion_timestamp.is_some()
 }
 
+fn lease_build_id(lease: &Lease) -> Option<&str> {
+    lease
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(LABEL_BUILD_ID))
+        .map(String::as_str)
+}
+
+fn lease_is_open(lease: &Lease) -> bool {
+    lease.metadata.deletion_timestamp.is_none()
+}
+
 fn pod_build_id(pod: &Pod) -> Option<&str> {
     pod.metadata
         .labels
@@ -135,10 +161,15 @@ pub fn plan(obs: Observed<'_>, settings: &PodSettings) -> Plan {
     let id = ib.build_id();
     let mut out = Plan::default();
 
-    // Pods of older builds are stopped whatever happens next.
+    // Pods and leases of older builds are stopped whatever happens next.
     for pod in obs.pods {
         if pod_build_id(pod) != Some(id.as_str()) && !is_terminating(pod) {
             out.delete.push(pod.name_any());
+        }
+    }
+    for lease in obs.leases {
+        if lease_build_id(lease) != Some(id.as_str()) && lease_is_open(lease) {
+            out.delete_leases.push(lease.name_any());
         }
     }
 
@@ -154,6 +185,11 @@ pub fn plan(obs: Observed<'_>, settings: &PodSettings) -> Plan {
             for pod in obs.pods {
                 if !is_terminating(pod) && !out.delete.contains(&pod.name_any()) {
                     out.delete.push(pod.name_any());
+                }
+            }
+            for lease in obs.leases {
+                if lease_is_open(lease) && !out.delete_leases.contains(&lease.name_any()) {
+                    out.delete_leases.push(lease.name_any());
                 }
             }
             let mut status = ImageBuildStatus {
@@ -227,13 +263,18 @@ pub fn plan(obs: Observed<'_>, settings: &PodSettings) -> Plan {
         .iter()
         .filter(|p| pod_build_id(p) == Some(id.as_str()))
         .collect();
+    let current_leases: Vec<&Lease> = obs
+        .leases
+        .iter()
+        .filter(|l| lease_build_id(l) == Some(id.as_str()))
+        .collect();
 
     let finished_before = status.phase.is_some_and(Phase::is_finished);
     if !finished_before {
         if ib.spec.cancel {
             stop(
                 &mut status,
-                &current_pods,
+                (&current_pods, &current_leases),
                 &mut out,
                 Phase::Cancelled,
                 "cancelled by spec.cancel",
@@ -244,7 +285,13 @@ pub fn plan(obs: Observed<'_>, settings: &PodSettings) -> Plan {
                 "the build exceeded spec.timeout ({})",
                 ib.spec.timeout.as_deref().unwrap_or("1h")
             );
-            stop(&mut status, &current_pods, &mut out, Phase::Failed, &msg);
+            stop(
+                &mut status,
+                (&current_pods, &current_leases),
+                &mut out,
+                Phase::Failed,
+                &msg,
+            );
             reason = "Timeout".into();
         } else {
             drive_platforms(
@@ -259,7 +306,13 @@ pub fn plan(obs: Observed<'_>, settings: &PodSettings) -> Plan {
             );
             if let Some(failed) = status.platforms.iter().find(|p| p.phase == Phase::Failed) {
                 let msg = format!("stopped because {} failed", failed.platform);
-                stop(&mut status, &current_pods, &mut out, Phase::Cancelled, &msg);
+                stop(
+                    &mut status,
+                    (&current_pods, &current_leases),
+                    &mut out,
+                    Phase::Cancelled,
+                    &msg,
+                );
                 reason = "BuildFailed".into();
             }
             let remaining = req.timeout.saturating_sub(elapsed);
@@ -364,6 +417,12 @@ pub fn plan(obs: Observed<'_>, settings: &PodSettings) -> Plan {
                         out.delete.push(name);
                     }
                 }
+                for lease in &current_leases {
+                    let name = lease.name_any();
+                    if lease_is_open(lease) && !out.delete_leases.contains(&name) {
+                        out.delete_leases.push(name);
+                    }
+                }
             } else {
                 out.requeue_after = Some(ttl - since);
             }
@@ -390,8 +449,15 @@ fn condition_message<'a>(status: &'a ImageBuildStatus, type_: &str) -> Option<&'
         .map(|c| &c.message)
 }
 
-/// Stops every unfinished platform with `phase` and deletes their Pods.
-fn stop(status: &mut ImageBuildStatus, pods: &[&Pod], out: &mut Plan, phase: Phase, message: &str) {
+/// Stops every unfinished platform with `phase` and deletes their Pods and
+/// takes back their leases.
+fn stop(
+    status: &mut ImageBuildStatus,
+    (pods, leases): (&[&Pod], &[&Lease]),
+    out: &mut Plan,
+    phase: Phase,
+    message: &str,
+) {
     for ps in status
         .platforms
         .iter_mut()
@@ -405,6 +471,12 @@ fn stop(status: &mut ImageBuildStatus, pods: &[&Pod], out: &mut Plan, phase: Pha
         let name = pod.name_any();
         if !is_terminating(pod) && !out.delete.contains(&name) && pod_is_active(pod) {
             out.delete.push(name);
+        }
+    }
+    for lease in leases {
+        let name = lease.name_any();
+        if crate::executor::runners::lease_is_active(lease) && !out.delete_leases.contains(&name) {
+            out.delete_leases.push(name);
         }
     }
 }
@@ -429,17 +501,28 @@ fn drive_platforms(
 ) {
     let generation = ib.metadata.generation.unwrap_or(0);
     let rebuild = rebuild_value(ib);
-    for (platform, ps) in req.platforms.iter().zip(status.platforms.iter_mut()) {
+    let platforms = req.platforms.iter().zip(req.on_runner.iter());
+    for ((platform, on_runner), ps) in platforms.zip(status.platforms.iter_mut()) {
         if ps.phase.is_finished() {
             continue;
         }
-        match platform.os() {
-            Os::Linux | Os::Windows => {
-                drive_pod_platform(
-                    ib, req, id, generation, rebuild, platform, pods, obs, settings, ps, out,
-                );
+        if *on_runner {
+            RunnerLeg {
+                build: ib,
+                id,
+                generation,
+                rebuild,
+                max_attempts: req.retries + 1,
+                platform,
+                leases: obs.leases,
+                runners: obs.runners,
+                now: obs.now,
             }
-            Os::Darwin => drive_runner_platform(ib, platform, obs.runners, ps),
+            .drive(ps, out);
+        } else {
+            drive_pod_platform(
+                ib, req, id, generation, rebuild, platform, pods, obs, settings, ps, out,
+            );
         }
     }
 }
@@ -482,6 +565,7 @@ fn drive_pod_platform(
             kind: "Pod".into(),
             name: name.clone(),
             node: None,
+            emulated: false,
         });
         let found = pods.iter().find(|p| p.name_any() == name);
         if found.is_none() && was_running {
@@ -563,7 +647,7 @@ fn drive_pod_platform(
 /// Records that the current attempt of a platform failed: the next
 /// attempt (and a `Retrying` Event) while attempts remain, else the
 /// platform fails. Returns whether to go on with the next attempt.
-fn retry_after_failure(
+pub(super) fn retry_after_failure(
     ps: &mut PlatformStatus,
     out: &mut Plan,
     platform: &Platform,
@@ -649,52 +733,6 @@ pub fn pod_failure(pod: &Pod) -> String {
     } else {
         parts.join("; ")
     }
-}
-
-fn drive_runner_platform(
-    ib: &ImageBuild,
-    platform: &Platform,
-    runners: &[BuildRunner],
-    ps: &mut PlatformStatus,
-) {
-    let selector = ib
-        .spec
-        .executor
-        .as_ref()
-        .map(|e| e.runner_selector.clone())
-        .unwrap_or_default();
-    let matching: Vec<&BuildRunner> = runners
-        .iter()
-        .filter(|r| {
-            r.spec.os == RunnerOs::Darwin
-                && r.spec.arch == platform.arch()
-                && selector
-                    .iter()
-                    .all(|(k, v)| r.spec.labels.get(k) == Some(v))
-        })
-        .collect();
-    let online = matching
-        .iter()
-        .filter(|r| r.status.as_ref().and_then(|s| s.phase) == Some(RunnerPhase::Online))
-        .count();
-    let mut wanted = format!("os=darwin, arch={}", platform.arch());
-    for (k, v) in &selector {
-        wanted.push_str(&format!(", {k}={v}"));
-    }
-    ps.phase = Phase::Scheduling;
-    ps.executor = None;
-    ps.message = Some(if matching.is_empty() {
-        format!("waiting for a BuildRunner with {wanted}: none is registered")
-    } else if online == 0 {
-        format!(
-            "waiting for a BuildRunner with {wanted}: {} registered, none Online",
-            matching.len()
-        )
-    } else {
-        format!(
-            "waiting for a BuildRunner with {wanted}: {online} Online, but leasing builds to runners is not available in this version of Tripod"
-        )
-    });
 }
 
 fn aggregate(
@@ -878,7 +916,7 @@ mod tests {
     use super::*;
     use crate::api::{
         BuildRunnerSpec, BuildRunnerStatus, BuildSource, ExecutorSpec, ImageBuildSpec,
-        InlineSource, Output,
+        InlineSource, Output, RunnerOs, RunnerPhase,
     };
     use k8s_openapi::api::core::v1::{
         ContainerState, ContainerStateTerminated, ContainerStatus, PodSpec, PodStatus,
@@ -932,10 +970,21 @@ mod tests {
     }
 
     fn run(ib: &ImageBuild, pods: &[Pod], runners: &[BuildRunner], now: Timestamp) -> Plan {
+        run_with_leases(ib, pods, &[], runners, now)
+    }
+
+    fn run_with_leases(
+        ib: &ImageBuild,
+        pods: &[Pod],
+        leases: &[Lease],
+        runners: &[BuildRunner],
+        now: Timestamp,
+    ) -> Plan {
         plan(
             Observed {
                 build: ib,
                 pods,
+                leases,
                 runners,
                 now,
                 secret_problem: None,
@@ -1034,26 +1083,205 @@ mod tests {
         assert_eq!(p.requeue_after, Some(Duration::from_secs(3600)));
     }
 
-    #[test]
-    fn offline_runner_is_named_in_the_message() {
-        let b = ib(&["darwin/arm64"]);
+    fn runner(name: &str, os: RunnerOs, arch: &str, phase: RunnerPhase) -> BuildRunner {
         let mut r = BuildRunner::new(
-            "mac-1",
+            name,
             BuildRunnerSpec {
-                os: RunnerOs::Darwin,
-                arch: "arm64".into(),
-                capacity: 1,
-                labels: BTreeMap::new(),
+                os,
+                arch: arch.into(),
+                capacity: 2,
+                labels: BTreeMap::from([("pool".to_string(), "a".to_string())]),
+                emulated_archs: if os == RunnerOs::Linux {
+                    vec!["arm64".into()]
+                } else {
+                    Vec::new()
+                },
             },
         );
         r.status = Some(BuildRunnerStatus {
-            phase: Some(RunnerPhase::Offline),
+            phase: Some(phase),
             ..Default::default()
         });
+        r
+    }
+
+    /// Applies the runner leg as the reconciler would: the first candidate
+    /// gets each lease; expired and taken-back leases are deleted.
+    fn apply_leases(ib: &mut ImageBuild, leases: &mut Vec<Lease>, plan: &Plan) {
+        let mut status = plan.status.clone();
+        leases.retain(|l| {
+            !plan.delete_leases.contains(&l.name_any())
+                && !plan.expire.iter().any(|e| e.name == l.name_any())
+        });
+        for req in &plan.leases {
+            let c = &req.candidates[0];
+            let platform: Platform = req.platform.parse().unwrap();
+            let id = ib.build_id();
+            leases.push(crate::controller::lease::build_lease(
+                &crate::controller::lease::LeaseFor {
+                    build: ib,
+                    name: &req.name,
+                    key: PodKey {
+                        platform: &platform,
+                        build_id: &id,
+                        attempt: req.attempt,
+                    },
+                    runner: &c.runner,
+                    emulated: c.emulated,
+                    now: at(0),
+                },
+            ));
+            let ps = status
+                .platforms
+                .iter_mut()
+                .find(|p| p.platform == req.platform)
+                .unwrap();
+            ps.phase = Phase::Building;
+            ps.executor = Some(ExecutorRef {
+                kind: "Runner".into(),
+                name: c.runner.clone(),
+                node: None,
+                emulated: c.emulated,
+            });
+        }
+        ib.status = Some(status);
+    }
+
+    #[test]
+    fn offline_runner_is_named_in_the_message() {
+        let b = ib(&["darwin/arm64"]);
+        let r = runner("mac-1", RunnerOs::Darwin, "arm64", RunnerPhase::Offline);
         let p = run(&b, &[], &[r], at(0));
         let msg = p.status.platforms[0].message.clone().unwrap();
-        assert!(msg.contains("1 registered, none Online"), "{msg}");
-        assert!(p.create.is_empty());
+        assert!(
+            msg.contains("1 registered, none Online (mac-1 Offline)"),
+            "{msg}"
+        );
+        assert!(p.create.is_empty() && p.leases.is_empty());
+        assert!(p.waits_for_runner);
+    }
+
+    #[test]
+    fn runner_platforms_are_leased_to_matching_online_runners_emulated_last() {
+        let mut b = ib(&["linux/amd64", "linux/arm64", "darwin/arm64"]);
+        b.spec.executor = Some(ExecutorSpec {
+            runner_platforms: vec!["linux/arm64".into()],
+            runner_selector: BTreeMap::from([("pool".to_string(), "a".to_string())]),
+            ..Default::default()
+        });
+        let runners = [
+            runner("linux-1", RunnerOs::Linux, "amd64", RunnerPhase::Online),
+            runner("mac-1", RunnerOs::Darwin, "arm64", RunnerPhase::Online),
+            runner("mac-2", RunnerOs::Darwin, "arm64", RunnerPhase::Draining),
+        ];
+        let p = run(&b, &[], &runners, at(0));
+        // linux/amd64 stays a Pod.
+        assert_eq!(p.create.len(), 1);
+        let reqs: Vec<(&str, Vec<(&str, bool)>)> = p
+            .leases
+            .iter()
+            .map(|r| {
+                (
+                    r.platform.as_str(),
+                    r.candidates
+                        .iter()
+                        .map(|c| (c.runner.as_str(), c.emulated))
+                        .collect(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            reqs,
+            [
+                ("linux/arm64", vec![("linux-1", true)]),
+                ("darwin/arm64", vec![("mac-1", false)]),
+            ]
+        );
+        assert_eq!(p.leases[0].name, "app-1-linux-arm64-1");
+        // A selector no runner carries: none matches.
+        b.spec.executor.as_mut().unwrap().runner_selector =
+            BTreeMap::from([("pool".to_string(), "b".to_string())]);
+        let p = run(&b, &[], &runners, at(0));
+        let msg = p.status.platforms[2].message.clone().unwrap();
+        assert!(msg.contains("pool=b: none is registered"), "{msg}");
+    }
+
+    #[test]
+    fn a_lost_runner_expires_its_lease_counts_the_attempt_and_goes_elsewhere() {
+        let mut b = ib(&["darwin/arm64"]);
+        b.spec.retries = Some(1);
+        let mut runners = vec![
+            runner("mac-1", RunnerOs::Darwin, "arm64", RunnerPhase::Online),
+            runner("mac-2", RunnerOs::Darwin, "arm64", RunnerPhase::Offline),
+        ];
+        let mut leases = Vec::new();
+        let p = run_with_leases(&b, &[], &leases, &runners, at(0));
+        assert_eq!(p.leases[0].candidates[0].runner, "mac-1");
+        apply_leases(&mut b, &mut leases, &p);
+        let p = run_with_leases(&b, &[], &leases, &runners, at(1));
+        let ps = &p.status.platforms[0];
+        assert_eq!((ps.phase, ps.attempts), (Phase::Building, 1));
+        assert_eq!(ps.executor.as_ref().unwrap().name, "mac-1");
+        assert!(p.leases.is_empty() && p.expire.is_empty());
+        b.status = Some(p.status.clone());
+        // mac-1 goes Offline, mac-2 comes Online.
+        runners[0].status.as_mut().unwrap().phase = Some(RunnerPhase::Offline);
+        runners[1].status.as_mut().unwrap().phase = Some(RunnerPhase::Online);
+        let p = run_with_leases(&b, &[], &leases, &runners, at(30));
+        assert_eq!(p.expire.len(), 1);
+        assert_eq!(p.expire[0].name, "app-1-darwin-arm64-1");
+        let ps = &p.status.platforms[0];
+        assert_eq!(ps.attempts, 2);
+        assert_eq!(p.leases[0].name, "app-1-darwin-arm64-2");
+        assert_eq!(p.leases[0].candidates[0].runner, "mac-2");
+        assert!(
+            p.events
+                .iter()
+                .any(|e| e.reason == "Retrying" && e.message.contains("runner mac-1 went Offline"))
+        );
+        apply_leases(&mut b, &mut leases, &p);
+        // The second runner reports a verified push.
+        let l = leases
+            .iter_mut()
+            .find(|l| l.name_any() == "app-1-darwin-arm64-2")
+            .unwrap();
+        l.metadata.annotations.get_or_insert_default().insert(
+            ANNOTATION_RESULT.into(),
+            format!("{{\"digest\":\"sha256:{}\"}}", "d".repeat(64)),
+        );
+        let p = run_with_leases(&b, &[], &leases, &runners, at(40));
+        assert_eq!(p.status.phase, Some(Phase::Succeeded));
+        let ps = &p.status.platforms[0];
+        assert_eq!(ps.executor.as_ref().unwrap().name, "mac-2");
+        assert!(ps.digest.as_deref().unwrap().ends_with("dddd"));
+    }
+
+    #[test]
+    fn a_lease_that_vanishes_costs_its_attempt_and_cancel_takes_leases_back() {
+        let mut b = ib(&["darwin/arm64"]);
+        let runners = [runner(
+            "mac-1",
+            RunnerOs::Darwin,
+            "arm64",
+            RunnerPhase::Online,
+        )];
+        let mut leases = Vec::new();
+        let p = run_with_leases(&b, &[], &leases, &runners, at(0));
+        apply_leases(&mut b, &mut leases, &p);
+        b.spec.cancel = true;
+        let p = run_with_leases(&b, &[], &leases, &runners, at(1));
+        assert_eq!(p.delete_leases, ["app-1-darwin-arm64-1"]);
+        assert_eq!(p.status.phase, Some(Phase::Cancelled));
+        b.spec.cancel = false;
+        let p = run_with_leases(&b, &[], &[], &runners, at(2));
+        let ps = &p.status.platforms[0];
+        assert_eq!(ps.phase, Phase::Failed);
+        assert!(
+            ps.message
+                .as_deref()
+                .unwrap()
+                .contains("ended without a report")
+        );
     }
 
     #[test]
@@ -1204,6 +1432,7 @@ mod tests {
             Observed {
                 build: &b,
                 pods: &[],
+                leases: &[],
                 runners: &[],
                 now: at(0),
                 secret_problem: Some(&problem),

@@ -110,7 +110,7 @@ pub fn name_label(name: &str) -> String {
 
 /// Fits `base` + `suffix` into `max` characters, replacing the end of `base`
 /// by a hash of the whole when too long.
-fn fit(base: &str, suffix: &str, max: usize) -> String {
+pub(crate) fn fit(base: &str, suffix: &str, max: usize) -> String {
     let full = format!("{base}{suffix}");
     if full.len() <= max {
         return full;

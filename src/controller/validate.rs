@@ -5,9 +5,9 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use crate::api::{ImageBuildSpec, default_platforms};
+use crate::api::{BackendName, ImageBuildSpec, default_platforms};
 use crate::duration;
-use crate::platform::Platform;
+use crate::platform::{Os, Platform};
 use crate::reference::ImageRef;
 
 /// The longest build Tripod accepts.
@@ -45,6 +45,10 @@ pub struct BuildRequest {
     pub retries: u32,
     /// When finished builds' executors are cleaned up.
     pub ttl_after_finished: Option<Duration>,
+    /// For each platform: built on a BuildRunner (else in a build Pod).
+    pub on_runner: Vec<bool>,
+    /// The backend the spec asks for, if any.
+    pub backend: Option<BackendName>,
 }
 
 /// Validates a spec.
@@ -138,6 +142,8 @@ pub fn validate(spec: &ImageBuildSpec) -> Result<BuildRequest, InvalidSpec> {
         }
     }
 
+    let mut on_runner: Vec<bool> = platforms.iter().map(|p| p.os() == Os::Darwin).collect();
+    let mut backend = None;
     if let Some(exec) = &spec.executor {
         for key in ["kubernetes.io/os", "kubernetes.io/arch"] {
             if exec.node_selector.contains_key(key) {
@@ -147,6 +153,44 @@ pub fn validate(spec: &ImageBuildSpec) -> Result<BuildRequest, InvalidSpec> {
                 ));
             }
         }
+        for (i, text) in exec.runner_platforms.iter().enumerate() {
+            let field = format!("spec.executor.runnerPlatforms[{i}]");
+            let p: Platform = text.parse().map_err(|e| invalid(&field, format!("{e}")))?;
+            if p.os() != Os::Linux {
+                return Err(invalid(
+                    field,
+                    format!(
+                        "{p}: only linux platforms are chosen for runners (darwin always builds on one)"
+                    ),
+                ));
+            }
+            let Some(at) = platforms.iter().position(|q| *q == p) else {
+                return Err(invalid(field, format!("{p} is not in spec.platforms")));
+            };
+            on_runner[at] = true;
+        }
+        if let Some(b) = exec.backend {
+            for p in &platforms {
+                let builds = match b {
+                    BackendName::Buildah => p.os() == Os::Linux,
+                    BackendName::Darwin => p.os() == Os::Darwin,
+                };
+                if !builds {
+                    return Err(invalid(
+                        "spec.executor.backend",
+                        format!(
+                            "{} cannot build {p}: it builds {} platforms only",
+                            b.as_str(),
+                            match b {
+                                BackendName::Buildah => "linux",
+                                BackendName::Darwin => "darwin",
+                            }
+                        ),
+                    ));
+                }
+            }
+            backend = Some(b);
+        }
     }
 
     Ok(BuildRequest {
@@ -155,6 +199,8 @@ pub fn validate(spec: &ImageBuildSpec) -> Result<BuildRequest, InvalidSpec> {
         timeout,
         retries,
         ttl_after_finished,
+        on_runner,
+        backend,
     })
 }
 

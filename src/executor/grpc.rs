@@ -20,6 +20,7 @@ impl From<ExecutorError> for Status {
             ExecutorError::Unauthenticated(_) => Status::unauthenticated(e.to_string()),
             ExecutorError::Stale(_) => Status::failed_precondition(e.to_string()),
             ExecutorError::Secret(_) => Status::failed_precondition(e.to_string()),
+            ExecutorError::Mismatch(_) => Status::failed_precondition(e.to_string()),
             ExecutorError::NotYet(_) => Status::unavailable(e.to_string()),
             ExecutorError::Busy(_) => Status::resource_exhausted(e.to_string()),
             ExecutorError::Kube { .. } => Status::unavailable(e.to_string()),
@@ -56,7 +57,7 @@ pub fn claim_from(h: pb::Hello) -> Claim {
     }
 }
 
-fn assignment_to_proto(a: &Assignment) -> pb::Assignment {
+pub(crate) fn assignment_to_proto(a: &Assignment) -> pb::Assignment {
     let source = match &a.source {
         AssignedSource::Git {
             url,
@@ -102,6 +103,10 @@ fn assignment_to_proto(a: &Assignment) -> pb::Assignment {
         insecure: a.insecure,
         labels: a.labels.clone().into_iter().collect(),
         platform: a.platform.clone(),
+        backend: a
+            .backend
+            .map(|b| b.as_str().to_string())
+            .unwrap_or_default(),
     }
 }
 
@@ -182,9 +187,15 @@ impl pb::executor_server::Executor for ExecutorService {
             })??;
         let hello = match first.and_then(|m| m.message) {
             Some(pb::agent_message::Message::Hello(h)) => h,
+            Some(pb::agent_message::Message::RunnerHello(h)) => {
+                let rx =
+                    super::runner_grpc::start(self.logic.clone(), h, inbound, self.step_interval)
+                        .await?;
+                return Ok(Response::new(ReceiverStream::new(rx)));
+            }
             _ => {
                 return Err(Status::invalid_argument(
-                    "the first message of a session must be hello",
+                    "the first message of a session must be hello or runner_hello",
                 ));
             }
         };

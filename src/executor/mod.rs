@@ -1,17 +1,23 @@
 //! The executor service (`tripod.executor.v1.Executor`), served by the
-//! controller over TLS. An agent authenticates with the token Secret of its
-//! build Pod, receives its assignment and reports progress and one outcome.
-//! Outcomes are recorded as annotations on the build Pod (after the
-//! registry confirmed a pushed digest); the reconcile plan reads them from
-//! there, so the status has one writer.
+//! controller over TLS. An agent in a build Pod authenticates with the token
+//! Secret of its build Pod, receives its assignment and reports progress and
+//! one outcome; a runner's agent authenticates with its runner token and
+//! takes leases ([`leases`], [`runners`]). Outcomes are recorded as
+//! annotations on the build Pod or the Lease object (after the registry
+//! confirmed a pushed digest); the reconcile plan reads them from there, so
+//! the status has one writer.
 
 pub mod grpc;
+pub mod leases;
+mod runner_grpc;
+pub mod runners;
 pub mod tls;
 pub mod token;
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::{Patch, PatchParams};
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -62,6 +68,10 @@ pub enum ExecutorError {
     /// A Secret the build needs is missing, malformed or not allowed.
     #[error("{0}")]
     Secret(String),
+    /// The runner's host cannot build what its BuildRunner promises, or
+    /// this service does not lease builds to runners.
+    #[error("{0}")]
+    Mismatch(String),
     /// The outcome of this attempt was already recorded.
     #[error("{0}")]
     AlreadyReported(String),
@@ -176,17 +186,20 @@ impl Claim {
     }
 }
 
-/// An authenticated session: the build Pod it speaks for.
+/// An authenticated session: the build Pod (or runner lease) it speaks for.
 #[derive(Debug, Clone)]
 pub struct Authenticated {
     /// The ImageBuild.
     pub build: ImageBuild,
     /// Namespace.
     pub namespace: String,
-    /// Name of the build Pod (and of its token Secret).
+    /// Name of the build Pod (and of its token Secret), or of the Lease
+    /// object when `runner` is set.
     pub pod: String,
     /// The canonical platform.
     pub platform: Platform,
+    /// The runner holding the lease `pod`, for a runner's build.
+    pub runner: Option<String>,
 }
 
 /// Source of an assignment.
@@ -241,6 +254,8 @@ pub struct Assignment {
     pub labels: BTreeMap<String, String>,
     /// Canonical platform.
     pub platform: String,
+    /// The backend the ImageBuild asks for, if any.
+    pub backend: Option<crate::api::BackendName>,
 }
 
 /// Whether `claim` is the current attempt of `build`: `NotYet` while the
@@ -306,6 +321,8 @@ pub struct Executors {
     key: token::TokenKey,
     builds: Option<Store<ImageBuild>>,
     sessions: Arc<Sessions>,
+    runners: Option<Store<crate::api::BuildRunner>>,
+    hub: Option<Arc<runners::RunnerHub>>,
 }
 
 /// The live sessions: at most one per build Pod, at most `max` in all.
@@ -390,6 +407,21 @@ pub struct ExecutorsConfig {
     pub builds: Option<Store<ImageBuild>>,
     /// Most concurrent sessions.
     pub max_sessions: usize,
+    /// The controller's BuildRunner cache (runner sessions).
+    pub runners: Option<Store<crate::api::BuildRunner>>,
+    /// The runner hub; without it, runner sessions are refused.
+    pub hub: Option<Arc<runners::RunnerHub>>,
+}
+
+impl Authenticated {
+    /// Kind of the executor object: `Pod` or `Lease`.
+    pub fn kind(&self) -> &'static str {
+        if self.runner.is_some() {
+            "Lease"
+        } else {
+            "Pod"
+        }
+    }
 }
 
 impl Executors {
@@ -400,6 +432,8 @@ impl Executors {
             key: cfg.key,
             builds: cfg.builds,
             sessions: Sessions::new(cfg.max_sessions),
+            runners: cfg.runners,
+            hub: cfg.hub,
         }
     }
 
@@ -448,6 +482,7 @@ impl Executors {
             namespace: claim.namespace.clone(),
             pod: claim.pod.clone(),
             platform,
+            runner: None,
         })
     }
 
@@ -580,6 +615,7 @@ impl Executors {
             insecure: spec.output.insecure,
             labels,
             platform: auth.platform.to_string(),
+            backend: spec.executor.as_ref().and_then(|e| e.backend),
         })
     }
 
@@ -589,15 +625,20 @@ impl Executors {
         key: &str,
         value: &str,
     ) -> Result<(), ExecutorError> {
-        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &auth.namespace);
         let patch = serde_json::json!({"metadata": {"annotations": {key: value}}});
-        pods.patch(&auth.pod, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-            .map_err(kube_err(format!(
-                "annotate Pod {}/{}",
-                auth.namespace, auth.pod
-            )))?;
-        Ok(())
+        let what = format!("annotate {} {}/{}", auth.kind(), auth.namespace, auth.pod);
+        let params = PatchParams::default();
+        match auth.runner {
+            None => Api::<Pod>::namespaced(self.client.clone(), &auth.namespace)
+                .patch(&auth.pod, &params, &Patch::Merge(&patch))
+                .await
+                .map(drop),
+            Some(_) => Api::<Lease>::namespaced(self.client.clone(), &auth.namespace)
+                .patch(&auth.pod, &params, &Patch::Merge(&patch))
+                .await
+                .map(drop),
+        }
+        .map_err(kube_err(what))
     }
 
     /// Records the current step.
@@ -616,16 +657,44 @@ impl Executors {
         key: &str,
         value: String,
     ) -> Result<(), ExecutorError> {
-        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &auth.namespace);
-        let what = format!("Pod {}/{}", auth.namespace, auth.pod);
-        let pod = pods
+        match auth.runner {
+            None => {
+                let api: Api<Pod> = Api::namespaced(self.client.clone(), &auth.namespace);
+                self.record_on(api, auth, key, value).await
+            }
+            Some(_) => {
+                let api: Api<Lease> = Api::namespaced(self.client.clone(), &auth.namespace);
+                self.record_on(api, auth, key, value).await
+            }
+        }
+    }
+
+    /// [`record`](Self::record) on the executor object (a build Pod or a
+    /// runner's Lease object) in `api`. A Lease object is deleted when its
+    /// lease expires: a write conditional on its resourceVersion cannot
+    /// land on a lease that expired meanwhile (the fencing).
+    async fn record_on<K>(
+        &self,
+        api: Api<K>,
+        auth: &Authenticated,
+        key: &str,
+        value: String,
+    ) -> Result<(), ExecutorError>
+    where
+        K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    {
+        let what = format!("{} {}/{}", auth.kind(), auth.namespace, auth.pod);
+        let object = api
             .get_opt(&auth.pod)
             .await
             .map_err(kube_err(format!("get {what}")))?
             .ok_or_else(|| ExecutorError::Stale(format!("{what} no longer exists")))?;
+        let pod = object.meta();
         let build_uid = auth.build.metadata.uid.as_deref().unwrap_or_default();
+        if pod.deletion_timestamp.is_some() {
+            return Err(ExecutorError::Stale(format!("{what} is being deleted")));
+        }
         if !pod
-            .metadata
             .owner_references
             .iter()
             .flatten()
@@ -635,7 +704,7 @@ impl Executors {
                 "{what} does not belong to this ImageBuild"
             )));
         }
-        let existing = pod.metadata.annotations.clone().unwrap_or_default();
+        let existing = pod.annotations.clone().unwrap_or_default();
         if existing.contains_key(ANNOTATION_RESULT) || existing.contains_key(ANNOTATION_FAILURE) {
             return if existing.get(key) == Some(&value) {
                 Ok(())
@@ -649,22 +718,25 @@ impl Executors {
         if key == ANNOTATION_RESULT {
             // The reconciler accepts a result only with this MAC: a result
             // written by anyone else with `pods/patch` does not count.
-            let pod_uid = pod.metadata.uid.as_deref().unwrap_or_default();
+            let pod_uid = pod.uid.as_deref().unwrap_or_default();
             annotations.insert(
                 ANNOTATION_RESULT_MAC.to_string(),
                 self.key.sign_result(pod_uid, &value),
             );
         }
         let patch = serde_json::json!({"metadata": {
-            "resourceVersion": pod.metadata.resource_version,
+            "resourceVersion": pod.resource_version,
             "annotations": annotations,
         }});
-        pods.patch(&auth.pod, &PatchParams::default(), &Patch::Merge(&patch))
+        api.patch(&auth.pod, &PatchParams::default(), &Patch::Merge(&patch))
             .await
             .map_err(|e| match e {
                 kube::Error::Api(s) if s.code == 409 => ExecutorError::Busy(format!(
                     "{what} changed while recording the outcome; retry"
                 )),
+                kube::Error::Api(s) if s.code == 404 => {
+                    ExecutorError::Stale(format!("{what} no longer exists"))
+                }
                 e => kube_err(format!("annotate {what}"))(e),
             })?;
         Ok(())
@@ -903,6 +975,7 @@ mod tests {
             insecure: false,
             labels: BTreeMap::from([(LABEL_BUILD_ID.to_string(), "0a1b".to_string())]),
             platform: "linux/arm64".into(),
+            backend: None,
         };
         let facts = |id: Option<&str>, os: &str, arch: &str| ImageFacts {
             os: os.into(),

@@ -94,6 +94,33 @@ impl Subject<'_> {
     }
 }
 
+/// What a runner token speaks for: one BuildRunner (by name and UID: a
+/// BuildRunner deleted and created again needs a new token) at one rotation
+/// (the value of its [`ANNOTATION_ROTATE`] annotation).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunnerSubject<'a> {
+    /// Name of the BuildRunner.
+    pub runner: &'a str,
+    /// Its UID.
+    pub uid: &'a str,
+    /// Its rotation value (empty before the first rotation).
+    pub rotation: &'a str,
+}
+
+/// Annotation on a BuildRunner: set it to a new value to rotate the
+/// runner's token (the old one stops working at once).
+pub const ANNOTATION_ROTATE: &str = "build.tripod.dev/rotate-token";
+
+impl RunnerSubject<'_> {
+    fn message(&self, nonce: &str) -> Vec<u8> {
+        // A different first part and part count from build tokens: a build
+        // token never verifies as a runner token, nor the other way round.
+        ["v1-runner", self.runner, self.uid, self.rotation, nonce]
+            .join("\0")
+            .into_bytes()
+    }
+}
+
 /// The controller's token key.
 #[derive(Clone)]
 pub struct TokenKey {
@@ -137,14 +164,33 @@ impl TokenKey {
 
     /// A new token for `subject`: `v1.<nonce>.<mac>`.
     pub fn issue(&self, subject: &Subject<'_>) -> Result<String, TokenError> {
-        let nonce = hex(&random(NONCE_LEN)?);
-        let tag = hmac::sign(&self.key, &subject.message(&nonce));
-        Ok(format!("{VERSION}.{nonce}.{}", hex(tag.as_ref())))
+        self.issue_with(|nonce| subject.message(nonce))
     }
 
     /// Whether `token` was issued by this key for exactly `subject`
     /// (compared in constant time).
     pub fn verify(&self, subject: &Subject<'_>, token: &str) -> bool {
+        self.verify_with(token, |nonce| subject.message(nonce))
+    }
+
+    /// A new runner token for `subject`.
+    pub fn issue_runner(&self, subject: &RunnerSubject<'_>) -> Result<String, TokenError> {
+        self.issue_with(|nonce| subject.message(nonce))
+    }
+
+    /// Whether `token` was issued by this key for exactly this runner at
+    /// this rotation.
+    pub fn verify_runner(&self, subject: &RunnerSubject<'_>, token: &str) -> bool {
+        self.verify_with(token, |nonce| subject.message(nonce))
+    }
+
+    fn issue_with(&self, message: impl Fn(&str) -> Vec<u8>) -> Result<String, TokenError> {
+        let nonce = hex(&random(NONCE_LEN)?);
+        let tag = hmac::sign(&self.key, &message(&nonce));
+        Ok(format!("{VERSION}.{nonce}.{}", hex(tag.as_ref())))
+    }
+
+    fn verify_with(&self, token: &str, message: impl Fn(&str) -> Vec<u8>) -> bool {
         let mut parts = token.trim().split('.');
         let (Some(VERSION), Some(nonce), Some(tag), None) =
             (parts.next(), parts.next(), parts.next(), parts.next())
@@ -157,7 +203,7 @@ impl TokenKey {
         let Some(tag) = unhex(tag) else {
             return false;
         };
-        hmac::verify(&self.key, &subject.message(nonce), &tag).is_ok()
+        hmac::verify(&self.key, &message(nonce), &tag).is_ok()
     }
 }
 
@@ -279,5 +325,37 @@ mod tests {
         assert!(!key.verify_result("uid-1", "{\"digest\":1}", &mac));
         assert!(!other_key.verify_result("uid-1", "{}", &mac));
         assert!(!key.verify_result("uid-1", "{}", "zz"));
+    }
+
+    #[test]
+    fn a_runner_token_speaks_only_for_its_runner_and_rotation() {
+        let (key, _) = TokenKey::generate().unwrap();
+        let a = RunnerSubject {
+            runner: "mac-1",
+            uid: "u1",
+            rotation: "",
+        };
+        let token = key.issue_runner(&a).unwrap();
+        assert!(key.verify_runner(&a, &token));
+        for other in [
+            RunnerSubject {
+                runner: "mac-2",
+                ..a.clone()
+            },
+            RunnerSubject {
+                uid: "u2",
+                ..a.clone()
+            },
+            RunnerSubject {
+                rotation: "2",
+                ..a.clone()
+            },
+        ] {
+            assert!(!key.verify_runner(&other, &token), "{other:?}");
+        }
+        // Build tokens and runner tokens never stand in for each other.
+        let build = key.issue(&subject()).unwrap();
+        assert!(!key.verify_runner(&a, &build));
+        assert!(!key.verify(&subject(), &token));
     }
 }
