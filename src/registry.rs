@@ -332,6 +332,57 @@ impl RegistryClient {
         })
     }
 
+    /// Pushes an image made of `layers` (gzip-compressed OCI layer tars)
+    /// and `config` (an OCI image config) to every reference in `tags`
+    /// (blobs once, the manifest under each tag), and returns the manifest
+    /// digest the registry answers for the first tag with the pushed size.
+    pub async fn push_image(
+        &self,
+        tags: &[String],
+        layers: Vec<Vec<u8>>,
+        config: Vec<u8>,
+        creds: Option<&Credentials>,
+    ) -> Result<(String, i64), RegistryError> {
+        use oci_client::client::{Config, ImageLayer};
+        use oci_client::manifest::{OciImageManifest, OciManifest};
+        let Some(first) = tags.first() else {
+            return Err(RegistryError::InvalidReference {
+                reference: String::new(),
+                reason: "no tag to push".into(),
+            });
+        };
+        let image = parse_reference(first)?;
+        let client = self.client(first)?;
+        let auth = match creds {
+            Some(c) => RegistryAuth::Basic(c.username.clone(), c.password.clone()),
+            None => RegistryAuth::Anonymous,
+        };
+        let layers: Vec<ImageLayer> = layers
+            .into_iter()
+            .map(|l| ImageLayer::oci_v1_gzip(l, None))
+            .collect();
+        let config = Config::oci_v1(config, None);
+        let size =
+            config.data.len() as i64 + layers.iter().map(|l| l.data.len() as i64).sum::<i64>();
+        let manifest = OciImageManifest::build(&layers, &config, None);
+        client
+            .push(&image, &layers, config, &auth, Some(manifest.clone()))
+            .await
+            .map_err(|e| self.map_error(first, image.resolve_registry(), e))?;
+        for tag in &tags[1..] {
+            let other = parse_reference(tag)?;
+            client
+                .push_manifest(&other, &OciManifest::Image(manifest.clone()))
+                .await
+                .map_err(|e| self.map_error(tag, other.resolve_registry(), e))?;
+        }
+        let digest = client
+            .fetch_manifest_digest(&image, &auth)
+            .await
+            .map_err(|e| self.map_error(first, image.resolve_registry(), e))?;
+        Ok((digest, size))
+    }
+
     fn client(&self, reference: &str) -> Result<Client, RegistryError> {
         Client::try_from(ClientConfig {
             protocol: ClientProtocol::HttpsExcept(self.insecure_registries.clone()),

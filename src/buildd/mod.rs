@@ -4,6 +4,7 @@
 //! Domain types here are free of proto: [`server`] converts.
 
 pub mod buildah;
+pub mod darwin;
 pub mod server;
 pub mod spawn;
 
@@ -185,6 +186,11 @@ pub struct BuilddArgs {
     /// group when buildd runs as another user (root in a build Pod).
     #[arg(long, value_name = "GID")]
     pub tls_group: Option<u32>,
+    /// Stop (cancelling running builds) when standard input closes: a
+    /// runner's agent spawns buildd so, and buildd ends with it however the
+    /// agent ends.
+    #[arg(long)]
+    pub exit_with_stdin: bool,
 }
 
 /// Build backends.
@@ -192,6 +198,27 @@ pub struct BuilddArgs {
 pub enum BackendKind {
     /// buildah (Linux).
     Buildah,
+    /// darwin: macOS images (RUN only on macOS hosts).
+    Darwin,
+}
+
+impl From<crate::api::BackendName> for BackendKind {
+    fn from(b: crate::api::BackendName) -> Self {
+        match b {
+            crate::api::BackendName::Buildah => BackendKind::Buildah,
+            crate::api::BackendName::Darwin => BackendKind::Darwin,
+        }
+    }
+}
+
+impl BackendKind {
+    /// The name on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendKind::Buildah => "buildah",
+            BackendKind::Darwin => "darwin",
+        }
+    }
 }
 
 /// Errors of `tripod buildd`.
@@ -219,23 +246,30 @@ pub async fn run(args: BuilddArgs) -> Result<(), BuilddError> {
             .map(|p| p.join(".buildd-work"))
             .unwrap_or_else(|| PathBuf::from("/tmp/tripod-buildd-work"))
     });
-    let backend = match args.backend {
-        BackendKind::Buildah => buildah::Buildah {
-            program: args.buildah,
-            root: args.storage_root,
-            runroot: args.runroot,
-            storage_driver: args.storage_driver,
-            work_dir,
-        },
+    let tls = match args.tls_group {
+        Some(gid) => crate::tls::TlsDir::shared_with_group(tls_dir, gid),
+        None => crate::tls::TlsDir::new(tls_dir),
     };
-    server::serve(
-        args.listen,
-        match args.tls_group {
-            Some(gid) => crate::tls::TlsDir::shared_with_group(tls_dir, gid),
-            None => crate::tls::TlsDir::new(tls_dir),
-        },
-        server::BuilderService::new(backend),
-    )
-    .await?;
+    let opts = server::ServeOptions {
+        addr: args.listen,
+        tls,
+        exit_with_stdin: args.exit_with_stdin,
+    };
+    match args.backend {
+        BackendKind::Buildah => {
+            let backend = buildah::Buildah {
+                program: args.buildah,
+                root: args.storage_root,
+                runroot: args.runroot,
+                storage_driver: args.storage_driver,
+                work_dir,
+            };
+            server::serve(opts, server::BuilderService::new(backend)).await?;
+        }
+        BackendKind::Darwin => {
+            let backend = darwin::Darwin { work_dir };
+            server::serve(opts, server::BuilderService::new(backend)).await?;
+        }
+    }
     Ok(())
 }

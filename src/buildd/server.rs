@@ -239,14 +239,30 @@ impl<B: Backend> pb::builder_server::Builder for BuilderService<B> {
     }
 }
 
-/// Serves `service` with mTLS from `tls` on `addr`. Prints `LISTENING
-/// host:port` on stdout once bound (the handshake a spawning agent reads),
-/// and stops on SIGTERM/SIGINT after cancelling running builds.
+/// Where and how buildd serves.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Address to listen on.
+    pub addr: SocketAddr,
+    /// TLS directory.
+    pub tls: TlsDir,
+    /// Stop when standard input closes.
+    pub exit_with_stdin: bool,
+}
+
+/// Serves `service` with mTLS from `opts.tls` on `opts.addr`. Prints
+/// `LISTENING host:port` on stdout once bound (the handshake a spawning
+/// agent reads), and stops on SIGTERM/SIGINT (or standard input closing,
+/// when asked) after cancelling running builds.
 pub async fn serve<B: Backend>(
-    addr: SocketAddr,
-    tls: TlsDir,
+    opts: ServeOptions,
     service: BuilderService<B>,
 ) -> Result<(), ServeError> {
+    let ServeOptions {
+        addr,
+        tls,
+        exit_with_stdin,
+    } = opts;
     tls.ensure()?;
     let tls_config = tls.server_config()?;
     let listener = tokio::net::TcpListener::bind(addr)
@@ -275,6 +291,20 @@ pub async fn serve<B: Backend>(
     let handle = service.handle();
     let shutdown = async move {
         use tokio::signal::unix::{SignalKind, signal};
+        let stdin_closed = async {
+            if !exit_with_stdin {
+                return std::future::pending::<()>().await;
+            }
+            use tokio::io::AsyncReadExt;
+            let mut stdin = tokio::io::stdin();
+            let mut buf = [0u8; 64];
+            while let Ok(n) = stdin.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+            }
+            tracing::info!("standard input closed: the agent is gone");
+        };
         match (
             signal(SignalKind::terminate()),
             signal(SignalKind::interrupt()),
@@ -283,9 +313,10 @@ pub async fn serve<B: Backend>(
                 tokio::select! {
                     _ = term.recv() => {}
                     _ = int.recv() => {}
+                    _ = stdin_closed => {}
                 }
             }
-            _ => std::future::pending::<()>().await,
+            _ => stdin_closed.await,
         }
         tracing::info!("stopping: cancelling running builds");
         handle.cancel_all();
