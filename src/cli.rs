@@ -68,8 +68,13 @@ pub fn run(cli: Cli) -> ExitCode {
                     })
                     .and_then(|(cfg, rt)| rt.block_on(crate::agent::run_once(cfg)))
                     .map_err(Into::into)
+            } else if args.runner.name.is_some() {
+                runtime().and_then(|rt| {
+                    rt.block_on(crate::agent::runner::run(args.runner))
+                        .map_err(Into::into)
+                })
             } else {
-                Err("runner mode (long-lived agents on macOS BuildRunners) is not available in this version; use --once".into())
+                Err("tripod agent needs --once (in a build Pod) or --runner NAME (on a build host)".into())
             }
         }
         Command::Buildd(args) => {

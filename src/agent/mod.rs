@@ -1,7 +1,8 @@
-//! `tripod agent --once`: the executor inside a build Pod. It opens a
-//! session with the controller's executor service, authenticates with its
-//! build's token, fetches the source, drives buildd over loopback mTLS,
-//! streams progress and reports one outcome; its exit code reflects it.
+//! `tripod agent`: an executor. `--once` is the agent inside a build Pod: it
+//! opens a session with the controller's executor service, authenticates
+//! with its build's token, fetches the source, drives buildd over loopback
+//! mTLS, streams progress and reports one outcome; its exit code reflects
+//! it. `--runner NAME` is the long-lived agent of a BuildRunner ([`runner`]).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -18,12 +19,18 @@ use crate::proto::executor::v1 as pb;
 use crate::source::{self, GitCredentials, Source};
 use crate::tls::TlsDir;
 
+pub mod journal;
+pub mod runner;
+
 /// `tripod agent`.
 #[derive(clap::Args, Debug)]
 pub struct AgentArgs {
     /// Run one build (the build Pod form) and exit with its result.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "name")]
     pub once: bool,
+    /// Runner mode.
+    #[command(flatten)]
+    pub runner: runner::RunnerArgs,
 }
 
 /// Errors of the agent. Each ends the process with a non-zero code.
@@ -112,7 +119,7 @@ fn read(path: PathBuf) -> Result<Vec<u8>, AgentError> {
     std::fs::read(&path).map_err(|source| AgentError::Token { path, source })
 }
 
-fn source_from(a: &pb::Assignment) -> Result<Source, AgentError> {
+pub(crate) fn source_from(a: &pb::Assignment) -> Result<Source, AgentError> {
     match a.source.as_ref().and_then(|s| s.source.as_ref()) {
         Some(pb::source::Source::Git(g)) => {
             let credentials = if !g.ssh_private_key.is_empty() {
@@ -143,7 +150,7 @@ fn source_from(a: &pb::Assignment) -> Result<Source, AgentError> {
     }
 }
 
-fn failed(reason: &str, step: &str, message: &str, last_lines: Vec<String>) -> pb::AgentMessage {
+pub(crate) fn failed(reason: &str, step: &str, message: &str, last_lines: Vec<String>) -> pb::AgentMessage {
     pb::AgentMessage {
         message: Some(pb::agent_message::Message::Outcome(pb::Outcome {
             outcome: Some(pb::outcome::Outcome::Failed(pb::Failed {
@@ -451,7 +458,7 @@ async fn cancel_in_buildd(cfg: &AgentConfig) {
     }
 }
 
-type Failure = (String, String, String, Vec<String>);
+pub(crate) type Failure = (String, String, String, Vec<String>);
 
 async fn build(
     cfg: &AgentConfig,
@@ -490,8 +497,38 @@ async fn build(
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
-    let request = bpb::BuildRequest {
-        build_id: buildd_build_id(cfg),
+    let request = build_request(buildd_build_id(cfg), &context, a);
+    drive_buildd(
+        &mut client,
+        request,
+        |step| {
+            // Never wait on progress: the session may be gone (a
+            // controller restart) while the build goes on.
+            let _ = out.try_send(pb::AgentMessage {
+                message: Some(pb::agent_message::Message::Progress(pb::Progress {
+                    step,
+                    log_lines: Vec::new(),
+                })),
+            });
+        },
+        // buildah's output, as it comes: the Pod log (`kubectl logs`) is
+        // where a user reads why a build failed.
+        |line| {
+            use std::io::Write;
+            let _ = writeln!(std::io::stdout(), "{line}");
+        },
+    )
+    .await
+}
+
+/// buildd's request for an assignment, its context fetched.
+pub(crate) fn build_request(
+    build_id: String,
+    context: &source::Context,
+    a: &pb::Assignment,
+) -> bpb::BuildRequest {
+    bpb::BuildRequest {
+        build_id,
         context_dir: context.dir.display().to_string(),
         dockerfile: context.dockerfile.display().to_string(),
         target: a.target.clone(),
@@ -509,7 +546,21 @@ async fn build(
         cache_image: a.cache_image.clone(),
         docker_config_json: a.docker_config_json.clone(),
         insecure: a.insecure,
-    };
+    }
+}
+
+/// Runs one build on buildd: its steps go to `on_step`, its output lines
+/// to `on_log`; the pushed image, or why not.
+pub(crate) async fn drive_buildd(
+    client: &mut crate::proto::buildd::v1::builder_client::BuilderClient<
+        tonic::transport::Channel,
+    >,
+    request: bpb::BuildRequest,
+    mut on_step: impl FnMut(String),
+    mut on_log: impl FnMut(String),
+) -> Result<pb::Pushed, Failure> {
+    let fail =
+        |reason: &str, message: String| (reason.to_string(), String::new(), message, Vec::new());
     let mut stream = client
         .build(request)
         .await
@@ -525,21 +576,9 @@ async fn build(
         match ev.event {
             Some(bpb::build_event::Event::Step(s)) => {
                 tracing::debug!(step = %s.text, "step");
-                // Never wait on progress: the session may be gone (a
-                // controller restart) while the build goes on.
-                let _ = out.try_send(pb::AgentMessage {
-                    message: Some(pb::agent_message::Message::Progress(pb::Progress {
-                        step: s.text,
-                        log_lines: Vec::new(),
-                    })),
-                });
+                on_step(s.text);
             }
-            // buildah's output, as it comes: the Pod log (`kubectl logs`)
-            // is where a user reads why a build failed.
-            Some(bpb::build_event::Event::Log(l)) => {
-                use std::io::Write;
-                let _ = writeln!(std::io::stdout(), "{}", l.line);
-            }
+            Some(bpb::build_event::Event::Log(l)) => on_log(l.line),
             Some(bpb::build_event::Event::Result(r)) => {
                 return Ok(pb::Pushed {
                     digest: r.digest,

@@ -35,6 +35,8 @@ pub struct RunnerClaim {
     pub held: Vec<Claim>,
     /// It is draining.
     pub draining: bool,
+    /// Labels the agent was started with.
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// An authenticated runner.
@@ -184,6 +186,18 @@ impl Executors {
                         " (emulated arches need qemu-user-static with binfmt_misc)"
                     } else {
                         ""
+                    }
+                )));
+            }
+        }
+        for (k, v) in &claim.labels {
+            if runner.spec.labels.get(k) != Some(v) {
+                return Err(ExecutorError::Mismatch(format!(
+                    "the agent was started with --label {k}={v}, but BuildRunner {} has {}: make them agree",
+                    claim.runner,
+                    match runner.spec.labels.get(k) {
+                        Some(other) => format!("{k}={other}"),
+                        None => format!("no label {k}"),
                     }
                 )));
             }

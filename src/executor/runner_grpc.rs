@@ -59,6 +59,7 @@ pub fn runner_claim_from(h: pb::RunnerHello) -> RunnerClaim {
         emulated_platforms: h.emulated_platforms,
         held: h.held.into_iter().map(lease_claim).collect(),
         draining: h.draining,
+        labels: h.labels.into_iter().collect(),
     }
 }
 
