@@ -74,7 +74,10 @@ pub fn run(cli: Cli) -> ExitCode {
                         .map_err(Into::into)
                 })
             } else {
-                Err("tripod agent needs --once (in a build Pod) or --runner NAME (on a build host)".into())
+                Err(
+                    "tripod agent needs --once (in a build Pod) or --runner NAME (on a build host)"
+                        .into(),
+                )
             }
         }
         Command::Buildd(args) => {

@@ -8,10 +8,13 @@
 #                                target (base images from testenv/base-images.sh)
 #                              localhost/tripod-pause:1            a static pause program
 #                              localhost/tripod-busybox:1          Debian's busybox-static
+#                              localhost/tripod-busybox:1-arm64    the same for arm64
+#                                (Debian's arm64 package, from emulation.sh)
 #   images.sh push REGISTRY  pushes them (plain HTTP) as
 #                              REGISTRY/tripod/buildd:src-<hash>
 #                              REGISTRY/tripod/pause:1
 #                              REGISTRY/base/busybox:1
+#                              REGISTRY/base/busybox:1-arm64
 #                              REGISTRY/base/debian:bookworm (the debootstrap Debian of
 #                                base-images.sh, as the buildd build pulled it)
 #                            and prints one `name=reference` line each.
@@ -32,6 +35,7 @@ src_hash() {
 buildd_tag="localhost/tripod-buildd:src-$(src_hash)"
 pause_tag="localhost/tripod-pause:$(sha256sum "$here/pause.c" | cut -c1-12)"
 busybox_tag="localhost/tripod-busybox:1"
+busybox_arm64_tag="localhost/tripod-busybox:1-arm64"
 
 have() { b inspect --type image "$1" >/dev/null 2>&1; }
 
@@ -62,6 +66,24 @@ build() {
     b copy "$c" "$tmp" / >/dev/null
     b config --env PATH=/bin --cmd /bin/sh --os linux --arch "$(dpkg --print-architecture)" "$c"
     b commit -q "$c" "$busybox_tag" >/dev/null
+    rm -rf "$tmp"
+  fi
+  if ! have "$busybox_arm64_tag"; then
+    echo "images.sh: building the arm64 busybox base image" >&2
+    arm64="$(bash "$here/emulation.sh")"
+    tmp="$(mktemp -d)"
+    mkdir -p "$tmp/bin" "$tmp/etc" "$tmp/tmp"
+    chmod 1777 "$tmp/tmp"
+    cp "$arm64" "$tmp/bin/busybox"
+    for applet in $(/bin/busybox --list); do
+      [ "$applet" = busybox ] || ln -s busybox "$tmp/bin/$applet"
+    done
+    printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n' > "$tmp/etc/passwd"
+    printf 'root:x:0:\nnobody:x:65534:\n' > "$tmp/etc/group"
+    c="$(b from scratch)"
+    b copy "$c" "$tmp" / >/dev/null
+    b config --env PATH=/bin --cmd /bin/sh --os linux --arch arm64 --variant v8 "$c"
+    b commit -q "$c" "$busybox_arm64_tag" >/dev/null
     rm -rf "$tmp"
   fi
   if ! have "$buildd_tag"; then
@@ -102,7 +124,8 @@ push() {
   build
   for pair in "buildd=$buildd_tag=tripod/buildd:${buildd_tag##*:}" \
               "pause=$pause_tag=tripod/pause:1" \
-              "busybox=$busybox_tag=base/busybox:1"; do
+              "busybox=$busybox_tag=base/busybox:1" \
+              "busybox_arm64=$busybox_arm64_tag=base/busybox:1-arm64"; do
     name="${pair%%=*}"; rest="${pair#*=}"; tag="${rest%%=*}"; dest="$registry/${rest#*=}"
     b push -q --tls-verify=false "$tag" "docker://$dest" >&2
     echo "$name=$dest"

@@ -66,6 +66,10 @@ pub struct EnvInfo {
     pub buildd_image: String,
     /// A busybox base image in the registry (`base/busybox:1`).
     pub busybox_image: String,
+    /// The arm64 busybox base image (`base/busybox:1-arm64`), for builds
+    /// through the emulating runner.
+    #[serde(default)]
+    pub busybox_arm64_image: Option<String>,
     /// The Debian base made by debootstrap (`base/debian:bookworm`), when
     /// the buildd image build left it in the image storage.
     pub debian_image: Option<String>,
@@ -235,6 +239,7 @@ impl Env {
             node_name: NODE_NAME.to_string(),
             buildd_image,
             busybox_image,
+            busybox_arm64_image: image("busybox_arm64").ok(),
             debian_image: image("debian").ok(),
             kubelet_root: node.kubelet_root.clone(),
             buildd_seccomp_profile: BUILDD_SECCOMP_PROFILE.to_string(),

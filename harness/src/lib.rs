@@ -25,6 +25,7 @@ pub mod kwok;
 pub mod node;
 pub mod process;
 pub mod registry;
+pub mod runner;
 pub mod scripts;
 
 pub use certs::{ADMIN_GROUP, ADMIN_USER, Pki};

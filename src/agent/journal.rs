@@ -129,7 +129,13 @@ pub struct Journal {
 
 fn file_name(key: &str) -> String {
     key.chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect::<String>()
         + ".json"
 }
@@ -181,7 +187,9 @@ impl Journal {
                 .and_then(|t| serde_json::from_slice::<Entry>(&t).map_err(|e| e.to_string()))
             {
                 Ok(entry) => out.push(entry),
-                Err(e) => tracing::warn!(file = %p.display(), error = %e, "unreadable journal entry"),
+                Err(e) => {
+                    tracing::warn!(file = %p.display(), error = %e, "unreadable journal entry")
+                }
             }
         }
         out.sort_by_key(|e| e.lease.key());

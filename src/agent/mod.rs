@@ -150,7 +150,12 @@ pub(crate) fn source_from(a: &pb::Assignment) -> Result<Source, AgentError> {
     }
 }
 
-pub(crate) fn failed(reason: &str, step: &str, message: &str, last_lines: Vec<String>) -> pb::AgentMessage {
+pub(crate) fn failed(
+    reason: &str,
+    step: &str,
+    message: &str,
+    last_lines: Vec<String>,
+) -> pb::AgentMessage {
     pb::AgentMessage {
         message: Some(pb::agent_message::Message::Outcome(pb::Outcome {
             outcome: Some(pb::outcome::Outcome::Failed(pb::Failed {
@@ -552,9 +557,7 @@ pub(crate) fn build_request(
 /// Runs one build on buildd: its steps go to `on_step`, its output lines
 /// to `on_log`; the pushed image, or why not.
 pub(crate) async fn drive_buildd(
-    client: &mut crate::proto::buildd::v1::builder_client::BuilderClient<
-        tonic::transport::Channel,
-    >,
+    client: &mut crate::proto::buildd::v1::builder_client::BuilderClient<tonic::transport::Channel>,
     request: bpb::BuildRequest,
     mut on_step: impl FnMut(String),
     mut on_log: impl FnMut(String),

@@ -157,12 +157,20 @@ pub fn choose_backend(
     let parse = |name: &str, from: &str| match name {
         "buildah" => Ok(BackendKind::Buildah),
         "darwin" => Ok(BackendKind::Darwin),
-        other => Err(format!("{from}: unknown backend {other:?} (buildah or darwin)")),
+        other => Err(format!(
+            "{from}: unknown backend {other:?} (buildah or darwin)"
+        )),
     };
     let (kind, from) = if !requested.is_empty() {
-        (parse(requested, "spec.executor.backend")?, "spec.executor.backend")
+        (
+            parse(requested, "spec.executor.backend")?,
+            "spec.executor.backend",
+        )
     } else if let Some(e) = env.filter(|e| !e.is_empty()) {
-        (parse(e, "TRIPOD_BACKEND on the runner")?, "TRIPOD_BACKEND on the runner")
+        (
+            parse(e, "TRIPOD_BACKEND on the runner")?,
+            "TRIPOD_BACKEND on the runner",
+        )
     } else {
         match target.os() {
             Os::Linux => (BackendKind::Buildah, "this host"),
@@ -322,7 +330,12 @@ pub async fn run(args: RunnerArgs) -> Result<(), AgentError> {
             host_arch: host_arch().into(),
             platforms: platforms.clone(),
             emulated_platforms: emulated.clone(),
-            held: shared.journal.all().iter().map(|e| e.lease.to_ref()).collect(),
+            held: shared
+                .journal
+                .all()
+                .iter()
+                .map(|e| e.lease.to_ref())
+                .collect(),
             draining: draining_since.is_some(),
             labels: labels.clone().into_iter().collect(),
         };
@@ -435,20 +448,27 @@ impl Session<'_> {
                 )));
             }
         };
-        tracing::info!(capacity = welcome.capacity, heartbeat_s = welcome.heartbeat_seconds, "connected to the controller");
+        tracing::info!(
+            capacity = welcome.capacity,
+            heartbeat_s = welcome.heartbeat_seconds,
+            "connected to the controller"
+        );
         // Outcomes owed from before (a broken session, a restart).
         for e in shared.journal.all() {
             if let Some(o) = &e.outcome {
                 let _ = tx
-                    .send(send(pb::agent_message::Message::LeaseOutcome(pb::LeaseOutcome {
-                        lease: Some(e.lease.to_ref()),
-                        outcome: Some(o.to_proto()),
-                    })))
+                    .send(send(pb::agent_message::Message::LeaseOutcome(
+                        pb::LeaseOutcome {
+                            lease: Some(e.lease.to_ref()),
+                            outcome: Some(o.to_proto()),
+                        },
+                    )))
                     .await;
             }
         }
-        let mut beat =
-            tokio::time::interval(Duration::from_secs(u64::from(welcome.heartbeat_seconds.max(1))));
+        let mut beat = tokio::time::interval(Duration::from_secs(u64::from(
+            welcome.heartbeat_seconds.max(1),
+        )));
         beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let drain_timeout = Duration::from_secs(shared.args.drain_timeout);
         let mut last_resend = Instant::now();
@@ -564,7 +584,10 @@ impl Session<'_> {
                 let refuse_drain = self.draining_since.is_some();
                 tokio::spawn(async move {
                     let outcome = if refuse_drain {
-                        Some(failure("RunnerDraining", "the runner is draining and takes no new builds"))
+                        Some(failure(
+                            "RunnerDraining",
+                            "the runner is draining and takes no new builds",
+                        ))
                     } else {
                         build_lease(&shared, &lease, &a, cancel).await
                     };
@@ -651,7 +674,13 @@ fn failure(reason: &str, message: &str) -> Outcome {
 
 fn sanitize(s: &str) -> String {
     s.chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect()
 }
 
@@ -694,7 +723,8 @@ async fn build_in_buildd(
     a: &pb::Assignment,
     cancel: &CancellationToken,
 ) -> Result<pb::Pushed, super::Failure> {
-    let fail = |reason: &str, message: String| (reason.to_string(), String::new(), message, Vec::new());
+    let fail =
+        |reason: &str, message: String| (reason.to_string(), String::new(), message, Vec::new());
     let target: Platform = a
         .platform
         .parse()
@@ -707,7 +737,11 @@ async fn build_in_buildd(
         shared.args.test_darwin.is_some(),
     )
     .map_err(|m| fail("InvalidRequest", m))?;
-    let dir = shared.args.work_dir.join("builds").join(sanitize(&lease.key()));
+    let dir = shared
+        .args
+        .work_dir
+        .join("builds")
+        .join(sanitize(&lease.key()));
     let _ = tokio::fs::remove_dir_all(&dir).await;
     let src = source_from(a).map_err(|e| fail("SourceFailed", e.to_string()))?;
     let dockerfile = (!a.dockerfile.is_empty()).then_some(a.dockerfile.as_str());
@@ -786,13 +820,28 @@ mod tests {
         let linux: Platform = "linux/arm64".parse().unwrap();
         let darwin: Platform = "darwin/arm64".parse().unwrap();
         let windows: Platform = "windows/amd64".parse().unwrap();
-        assert_eq!(choose_backend("", None, "linux", &linux, false), Ok(BackendKind::Buildah));
-        assert_eq!(choose_backend("", None, "darwin", &darwin, false), Ok(BackendKind::Darwin));
-        assert_eq!(choose_backend("", None, "linux", &darwin, true), Ok(BackendKind::Darwin));
+        assert_eq!(
+            choose_backend("", None, "linux", &linux, false),
+            Ok(BackendKind::Buildah)
+        );
+        assert_eq!(
+            choose_backend("", None, "darwin", &darwin, false),
+            Ok(BackendKind::Darwin)
+        );
+        assert_eq!(
+            choose_backend("", None, "linux", &darwin, true),
+            Ok(BackendKind::Darwin)
+        );
         let err = choose_backend("", None, "linux", &darwin, false).unwrap_err();
-        assert!(err.contains("cannot build darwin/arm64 on a linux host"), "{err}");
+        assert!(
+            err.contains("cannot build darwin/arm64 on a linux host"),
+            "{err}"
+        );
         let err = choose_backend("buildah", None, "linux", &darwin, true).unwrap_err();
-        assert!(err.starts_with("spec.executor.backend chose the buildah backend"), "{err}");
+        assert!(
+            err.starts_with("spec.executor.backend chose the buildah backend"),
+            "{err}"
+        );
         let err = choose_backend("", Some("darwin"), "linux", &linux, true).unwrap_err();
         assert!(err.starts_with("TRIPOD_BACKEND on the runner"), "{err}");
         assert!(choose_backend("", Some("nope"), "linux", &linux, false).is_err());
