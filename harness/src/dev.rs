@@ -163,10 +163,15 @@ pub async fn run(cmd: DevCommand) -> Result<(), DevError> {
             };
             up(&dir, &tripod).await?;
             if no_example {
-                Ok(())
-            } else {
-                example(&dir, &source_dir().join("examples/hello.yaml")).await
+                return Ok(());
             }
+            // A build Pod on the real node, then the runner leg: a darwin
+            // image on the darwin test runner and a linux/arm64 image on
+            // the emulating Linux runner.
+            for example_file in ["hello.yaml", "hello-darwin.yaml", "hello-arm64.yaml"] {
+                example(&dir, &source_dir().join("examples").join(example_file)).await?;
+            }
+            Ok(())
         }
         DevCommand::Down { dir, purge } => down(&absolute(&dir)?, purge).await,
         DevCommand::Serve {
@@ -554,18 +559,44 @@ async fn example(dir: &Path, path: &Path) -> Result<(), DevError> {
             .unwrap_or_default()
     };
     let selector = format!("build.tripod.dev/name={name}");
-    println!();
-    println!("$ kubectl get pods -l {selector} -o wide");
-    print!(
-        "{}",
-        kubectl(&["get", "pods", "-l", &selector, "-o", "wide"])
-    );
-    println!();
-    println!("$ kubectl logs -l {selector} -c agent");
-    print!(
-        "{}",
-        kubectl(&["logs", "-l", &selector, "-c", "agent", "--tail=-1"])
-    );
+    let platforms = status["platforms"].as_array().cloned().unwrap_or_default();
+    let on_pods = platforms
+        .iter()
+        .any(|p| p["executor"]["kind"].as_str() == Some("Pod"));
+    if on_pods {
+        println!();
+        println!("$ kubectl get pods -l {selector} -o wide");
+        print!(
+            "{}",
+            kubectl(&["get", "pods", "-l", &selector, "-o", "wide"])
+        );
+        println!();
+        println!("$ kubectl logs -l {selector} -c agent");
+        print!(
+            "{}",
+            kubectl(&["logs", "-l", &selector, "-c", "agent", "--tail=-1"])
+        );
+    }
+    for p in platforms
+        .iter()
+        .filter(|p| p["executor"]["kind"].as_str() == Some("Runner"))
+    {
+        println!(
+            "  {} built on runner {}{}",
+            p["platform"].as_str().unwrap_or_default(),
+            p["executor"]["name"].as_str().unwrap_or_default(),
+            if p["executor"]["emulated"].as_bool() == Some(true) {
+                " (emulated)"
+            } else {
+                ""
+            }
+        );
+    }
+    if !platforms.is_empty() && !on_pods {
+        println!();
+        println!("$ kubectl get buildrunners");
+        print!("{}", kubectl(&["get", "buildrunners"]));
+    }
     let image = &status["image"];
     let (Some(reference), Some(digest), Some(pinned)) = (
         image["reference"].as_str(),

@@ -115,6 +115,7 @@ impl EnvInfo {
 /// the fields drop in this order, the host's teardown last.
 #[derive(Debug)]
 pub struct Env {
+    runners: Vec<crate::runner::Runner>,
     controller: Option<Child>,
     kwok: Option<Kwok>,
     node: Option<RealNode>,
@@ -138,6 +139,84 @@ impl Drop for Env {
             let _ = child.wait();
         }
     }
+}
+
+/// The runners `tripod dev` starts next to the node.
+pub const DEV_RUNNERS: [(&str, &str); 2] = [
+    (
+        "dev-linux",
+        "{os: linux, arch: amd64, capacity: 2, emulatedArchs: [arm64]}",
+    ),
+    ("dev-darwin", "{os: darwin, arch: arm64, capacity: 2}"),
+];
+
+/// Registers the BuildRunners of [`DEV_RUNNERS`] and starts their agents:
+/// a Linux runner (buildah, arm64 through qemu-user) and a darwin test
+/// runner (COPY-only darwin images on this Linux host). Waits until both
+/// are Online.
+async fn start_dev_runners(
+    client: &Client,
+    opts: &EnvOptions,
+    dir: &Path,
+    logs: &Path,
+    executor_port: u16,
+) -> Result<Vec<crate::runner::Runner>, Error> {
+    use crate::runner::{Runner, RunnerOptions};
+    let gvk = kube::api::GroupVersionKind::gvk("build.tripod.dev", "v1alpha1", "BuildRunner");
+    let ar = kube::api::ApiResource::from_gvk_with_plural(&gvk, "buildrunners");
+    let api: Api<kube::api::DynamicObject> = Api::all_with(client.clone(), &ar);
+    let mut started = Vec::new();
+    for (name, spec) in DEV_RUNNERS {
+        let manifest = format!(
+            "apiVersion: build.tripod.dev/v1alpha1\nkind: BuildRunner\nmetadata:\n  name: {name}\nspec: {spec}\n"
+        );
+        let obj: kube::api::DynamicObject =
+            serde_yaml::from_str(&manifest).map_err(|e| Error::Script(e.to_string()))?;
+        api.patch(
+            name,
+            &PatchParams::apply("tripod-dev").force(),
+            &Patch::Apply(&obj),
+        )
+        .await?;
+        let runner = Runner::start(
+            client,
+            RunnerOptions {
+                tripod: opts.tripod.clone(),
+                name: name.to_string(),
+                controller: format!("{NODE_IP}:{executor_port}"),
+                secret_namespace: SYSTEM_NAMESPACE.to_string(),
+                capacity: 2,
+                labels: Vec::new(),
+                test_darwin: (name == "dev-darwin").then(|| "arm64".to_string()),
+                work_dir: dir.join("runners").join(name),
+                log: logs.join(format!("runner-{name}.log")),
+                rust_log: "info".into(),
+            },
+        )
+        .await?;
+        started.push(runner);
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for (name, _) in DEV_RUNNERS {
+        loop {
+            let phase = api
+                .get(name)
+                .await
+                .ok()
+                .and_then(|o| o.data["status"]["phase"].as_str().map(str::to_string));
+            if phase.as_deref() == Some("Online") {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(Error::Script(format!(
+                    "BuildRunner {name} is not Online after 60 s ({phase:?}); see {}",
+                    logs.join(format!("runner-{name}.log")).display()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+    Ok(started)
 }
 
 /// Builds (once, then cached under `~/.cache/tripod`) everything an
@@ -248,6 +327,7 @@ impl Env {
             metrics: None,
         };
         let mut env = Env {
+            runners: Vec::new(),
             controller: None,
             kwok: Some(kwok),
             node: Some(node),
@@ -275,6 +355,8 @@ impl Env {
                 Some(spawn_supervised(cmd).map_err(|e| Error::io("start tripod controller", e))?);
             info.metrics = Some(format!("http://127.0.0.1:{metrics_port}/metrics"));
             env.info = info;
+            env.runners = start_dev_runners(&client, opts, &dir, &logs, executor_port).await?;
+            step(started, "runners Online");
         }
         step(started, "environment ready");
         Ok(env)
@@ -319,6 +401,18 @@ impl Env {
 
     /// Stops everything in reverse order and leaves the host as found.
     pub async fn stop(mut self) {
+        // Runners first: they drain (nothing runs on them by now) and leave.
+        for r in &self.runners {
+            r.terminate();
+        }
+        let until = Instant::now() + Duration::from_secs(15);
+        for r in &mut self.runners {
+            while r.wait_exit(Duration::ZERO).is_none() && Instant::now() < until {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            r.kill();
+        }
+        self.runners.clear();
         if let Some(mut c) = self.controller.take() {
             let _ = Command::new("kill")
                 .args(["-TERM", &c.id().to_string()])

@@ -806,8 +806,12 @@ async fn build_in_buildd(
         }
     }
     .await;
-    buildd.shutdown(Duration::from_secs(10)).await;
-    let _ = tokio::fs::remove_dir_all(&dir).await;
+    // The outcome goes out now; buildd stops and its directory goes in
+    // the background.
+    tokio::spawn(async move {
+        buildd.shutdown(Duration::from_secs(10)).await;
+        let _ = tokio::fs::remove_dir_all(&dir).await;
+    });
     result
 }
 

@@ -239,6 +239,9 @@ impl<B: Backend> pb::builder_server::Builder for BuilderService<B> {
     }
 }
 
+/// How long open connections may stay once buildd is stopping.
+const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// Where and how buildd serves.
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
@@ -321,14 +324,28 @@ pub async fn serve<B: Backend>(
         tracing::info!("stopping: cancelling running builds");
         handle.cancel_all();
     };
-    tonic::transport::Server::builder()
+    // Once stopping, open connections get a short grace to end (their
+    // builds were cancelled); a client that keeps its connection open does
+    // not hold buildd up.
+    let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
+    let shutdown = async move {
+        shutdown.await;
+        let _ = stopping_tx.send(());
+    };
+    let server = tonic::transport::Server::builder()
         .tls_config(tls_config)?
         .add_service(pb::builder_server::BuilderServer::new(service))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
             shutdown,
-        )
-        .await?;
+        );
+    tokio::select! {
+        r = server => r?,
+        _ = async {
+            let _ = stopping_rx.await;
+            tokio::time::sleep(STOP_GRACE).await;
+        } => tracing::info!("stopped with connections still open"),
+    }
     Ok(())
 }
 

@@ -46,6 +46,8 @@ pub enum SpawnError {
 /// A running child buildd.
 pub struct SpawnedBuildd {
     child: Child,
+    /// Held open while buildd should live.
+    _stdin: Option<tokio::process::ChildStdin>,
     /// Where it listens.
     pub addr: SocketAddr,
     /// Its TLS directory.
@@ -71,7 +73,9 @@ pub async fn spawn(
         .args(["buildd", "--listen", "127.0.0.1:0", "--tls-dir"])
         .arg(tls_dir)
         .args(args)
-        .stdin(Stdio::null())
+        // buildd started with --exit-with-stdin ends when this pipe
+        // closes: when the agent drops it, or dies however it dies.
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .process_group(0)
@@ -114,7 +118,13 @@ pub async fn spawn(
     };
     // Keep draining stdout so buildd never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    Ok(SpawnedBuildd { child, addr, tls })
+    let stdin = child.stdin.take();
+    Ok(SpawnedBuildd {
+        child,
+        _stdin: stdin,
+        addr,
+        tls,
+    })
 }
 
 /// Dials buildd at `addr` with the client identity of `tls`.

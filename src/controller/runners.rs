@@ -102,6 +102,7 @@ impl Upkeep {
                     tracing::warn!(runner = %name, error = %e, "runner status");
                 }
             }
+            self.hub.wake_if_room();
             let names: Vec<String> = runners.iter().map(|r| r.name_any()).collect();
             secrets.retain(|n, _| names.contains(n));
             for connected in self.hub.connected() {

@@ -313,7 +313,10 @@ impl RunnerHub {
             .collect();
         let now = Instant::now();
         for (key, (r, at)) in &st.reservations {
-            if r == runner && now.duration_since(*at) < RESERVATION_TTL {
+            // Once the cache shows the Lease object, it counts (or not:
+            // finished, being deleted) from there.
+            if r == runner && now.duration_since(*at) < RESERVATION_TTL && self.lease(key).is_none()
+            {
                 keys.insert(key.clone());
             }
         }
@@ -401,6 +404,23 @@ impl RunnerHub {
     /// Reconciles `build` again when a runner connects or has room.
     pub fn wait(&self, build: ObjectRef<ImageBuild>) {
         self.lock().waiters.insert(build);
+    }
+
+    /// Wakes the waiting ImageBuilds when a connected runner that takes
+    /// work is below its capacity (the upkeep calls it every second: a
+    /// lease that ended frees room whatever path it took).
+    pub fn wake_if_room(&self) {
+        let st = self.lock();
+        if st.waiters.is_empty() {
+            return;
+        }
+        let room = st.conns.iter().any(|(name, c)| {
+            !c.info.draining && self.load(&st, name) < c.info.capacity.max(1) as usize
+        });
+        drop(st);
+        if room {
+            self.wake_waiters();
+        }
     }
 
     /// Requests reconciles of every waiting ImageBuild.

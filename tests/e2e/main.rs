@@ -12,3 +12,4 @@ mod builds;
 mod controller;
 mod leadership;
 mod node;
+mod runners;
