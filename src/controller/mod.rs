@@ -196,6 +196,12 @@ pub struct ControllerConfig {
     /// more are refused with RESOURCE_EXHAUSTED and the agent retries.
     #[arg(long, default_value_t = 2000, env = "TRIPOD_EXECUTOR_MAX_SESSIONS")]
     pub executor_max_sessions: usize,
+    /// Label selector of the BuildRunners this controller manages (their
+    /// tokens, status and leases), when several Tripod installations share a
+    /// cluster; BuildRunners it does not select do not exist for it.
+    /// Default: all.
+    #[arg(long, value_name = "SELECTOR", env = "TRIPOD_BUILDRUNNER_SELECTOR")]
+    pub buildrunner_selector: Option<String>,
     /// Where ImageBuilds may place their build Pods.
     #[command(flatten)]
     pub placement: validate::PlacementPolicy,
@@ -382,7 +388,13 @@ pub async fn run(cfg: ControllerConfig) -> Result<(), ControllerError> {
     let mut seen: HashMap<String, (Option<i64>, Option<RunnerPhase>)> = HashMap::new();
     let runner_events = reflector::reflector(
         runner_writer,
-        watcher(runner_api, watcher::Config::default()),
+        watcher(
+            runner_api,
+            match &cfg.buildrunner_selector {
+                Some(selector) => watcher::Config::default().labels(selector),
+                None => watcher::Config::default(),
+            },
+        ),
     )
     .default_backoff()
     .touched_objects()

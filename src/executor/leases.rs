@@ -111,16 +111,15 @@ impl Executors {
         })
     }
 
-    async fn build_runner(&self, name: &str) -> Result<Option<BuildRunner>, ExecutorError> {
-        if let Some(store) = &self.runners
-            && let Some(r) = store.get(&ObjectRef::new(name))
-        {
-            return Ok(Some((*r).clone()));
-        }
-        let api: Api<BuildRunner> = Api::all(self.client.clone());
-        api.get_opt(name)
-            .await
-            .map_err(kube_err(format!("get BuildRunner {name}")))
+    /// The BuildRunner `name`, from the controller's cache only: an
+    /// unauthenticated client costs no API request, and a BuildRunner this
+    /// controller does not manage (`--buildrunner-selector`) is unknown. A
+    /// runner connecting right after its BuildRunner was created retries.
+    fn build_runner(&self, name: &str) -> Result<Option<BuildRunner>, ExecutorError> {
+        let store = self.runners.as_ref().ok_or_else(|| {
+            ExecutorError::Mismatch("this executor service does not lease builds to runners".into())
+        })?;
+        Ok(store.get(&ObjectRef::new(name)).map(|r| (*r).clone()))
     }
 
     /// Checks a runner's hello: fields first, then the token's MAC against
@@ -147,8 +146,7 @@ impl Executors {
         // Unknown runner and wrong token look the same from outside.
         let unauthenticated = || ExecutorError::Unauthenticated(format!("runner {}", claim.runner));
         let runner = self
-            .build_runner(&claim.runner)
-            .await?
+            .build_runner(&claim.runner)?
             .ok_or_else(unauthenticated)?;
         let rotation = rotation(&runner);
         let subject = RunnerSubject {

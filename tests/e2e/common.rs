@@ -254,6 +254,12 @@ impl TestEnv {
             "1",
             "--lease-renew-deadline-seconds",
             "3",
+            // BuildRunners are cluster-scoped: each test's controller
+            // manages only its own.
+            &format!(
+                "--buildrunner-selector=tripod.dev/test-namespace={}",
+                self.ns
+            ),
         ])
         // Build Pods on the real node: the buildd image, its seccomp
         // profile, the executor service on the node address.
