@@ -104,6 +104,32 @@ fn dev_up_writes_a_usable_env_and_down_stops_everything() {
     ));
     assert!(ok && out.trim() == confirmed, "{out}");
 
+    // And the runner leg: a darwin image on the darwin test runner, a
+    // linux/arm64 one on the emulating Linux runner; the registry answers
+    // the digest each status holds.
+    assert!(
+        up_out.contains("darwin/arm64 built on runner dev-darwin"),
+        "{up_out}"
+    );
+    assert!(
+        up_out.contains("linux/arm64 built on runner dev-linux (emulated)"),
+        "{up_out}"
+    );
+    for name in ["hello-darwin", "hello-arm64"] {
+        let confirmed = rt
+            .block_on(
+                tripod::registry::RegistryClient::new(vec![registry.clone()])
+                    .resolve(&format!("{registry}/examples/{name}:latest"), None),
+            )
+            .expect("registry answers");
+        let (ok, out) = sh(&format!(
+            ". {dir_s}/env && kubectl get ib {name} -o jsonpath='{{.status.image.digest}}'"
+        ));
+        assert!(ok && out.trim() == confirmed, "{name}: {out}");
+    }
+    let (ok, out) = sh(&format!(". {dir_s}/env && kubectl get buildrunners"));
+    assert!(ok && out.contains("dev-linux") && out.contains("Online"), "{out}");
+
     // `up` again is harmless.
     let (ok, out) = tripod(&["dev", "up", "--dir", &dir_s]);
     assert!(ok && out.contains("Already running"), "{out}");
