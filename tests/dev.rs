@@ -128,7 +128,10 @@ fn dev_up_writes_a_usable_env_and_down_stops_everything() {
         assert!(ok && out.trim() == confirmed, "{name}: {out}");
     }
     let (ok, out) = sh(&format!(". {dir_s}/env && kubectl get buildrunners"));
-    assert!(ok && out.contains("dev-linux") && out.contains("Online"), "{out}");
+    assert!(
+        ok && out.contains("dev-linux") && out.contains("Online"),
+        "{out}"
+    );
 
     // `up` again is harmless.
     let (ok, out) = tripod(&["dev", "up", "--dir", &dir_s]);
