@@ -151,13 +151,18 @@ impl Journal {
         })
     }
 
-    /// Records `entry` (atomically: a crash leaves the old or the new).
+    /// Records `entry` (atomically and durably: a crash or power loss
+    /// leaves the old or the new).
     pub fn write(&self, entry: &Entry) -> std::io::Result<()> {
+        use std::io::Write;
         let path = self.dir.join(file_name(&entry.lease.key()));
         let tmp = path.with_extension("tmp");
         let json = serde_json::to_vec(entry).map_err(std::io::Error::other)?;
-        std::fs::write(&tmp, json)?;
-        std::fs::rename(&tmp, &path)
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&json)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)?;
+        std::fs::File::open(&self.dir)?.sync_all()
     }
 
     /// Forgets lease `key`.

@@ -215,6 +215,8 @@ struct Running {
 enum Event {
     Step(LeaseId, String),
     Done(LeaseId),
+    /// An outcome that could not be journaled: sent as it is.
+    Unjournaled(LeaseId, Outcome),
 }
 
 fn read_trimmed(path: &PathBuf) -> Result<String, AgentError> {
@@ -495,6 +497,10 @@ impl Session<'_> {
                                 outcome: Some(o.to_proto()),
                             })
                         }
+                        Event::Unjournaled(l, o) => pb::agent_message::Message::LeaseOutcome(pb::LeaseOutcome {
+                            lease: Some(l.to_ref()),
+                            outcome: Some(o.to_proto()),
+                        }),
                     };
                     if tx.send(send(m)).await.is_err() {
                         return Ok(SessionEnd::Broken("session closed (established)".into()));
@@ -508,14 +514,15 @@ impl Session<'_> {
                         .unwrap_or_default();
                     let draining = self.draining_since.is_some();
                     let owed = shared.journal.all();
+                    let held: Vec<pb::LeaseRef> = owed.iter().map(|e| e.lease.to_ref()).collect();
                     if draining && running.is_empty() && owed.is_empty() {
-                        let _ = tx.send(send(pb::agent_message::Message::Heartbeat(pb::Heartbeat { running, draining }))).await;
+                        let _ = tx.send(send(pb::agent_message::Message::Heartbeat(pb::Heartbeat { running, draining, held }))).await;
                         // Let the last heartbeat leave before closing.
                         drop(tx);
                         let _ = tokio::time::timeout(Duration::from_secs(2), inbound.message()).await;
                         return Ok(SessionEnd::Drained);
                     }
-                    if tx.send(send(pb::agent_message::Message::Heartbeat(pb::Heartbeat { running, draining }))).await.is_err() {
+                    if tx.send(send(pb::agent_message::Message::Heartbeat(pb::Heartbeat { running, draining, held }))).await.is_err() {
                         return Ok(SessionEnd::Broken("session closed (established)".into()));
                     }
                     if let Some(since) = *self.draining_since && since.elapsed() > drain_timeout {
@@ -558,14 +565,21 @@ impl Session<'_> {
                     return;
                 }
                 if self.draining_since.is_some() {
-                    tracing::warn!(lease = %lease.key(), "offered a lease while draining; it is reported back as not taken");
+                    tracing::warn!(lease = %lease.key(), "offered a lease while draining: reported failed (RunnerDraining), to be retried elsewhere");
                 }
                 let entry = Entry {
                     lease: lease.clone(),
                     outcome: None,
                 };
                 if let Err(e) = shared.journal.write(&entry) {
-                    tracing::error!(lease = %lease.key(), error = %e, "cannot journal the lease; not taking it");
+                    tracing::error!(lease = %lease.key(), error = %e, "cannot journal the lease; reporting it failed");
+                    let _ = shared.events.send(Event::Unjournaled(
+                        lease,
+                        failure(
+                            "RunnerJournal",
+                            &format!("the runner cannot write its journal: {e}"),
+                        ),
+                    ));
                     return;
                 }
                 let cancel = CancellationToken::new();
@@ -695,10 +709,9 @@ async fn build_lease(
     let Ok(_slot) = shared.slots.acquire().await else {
         return Some(failure("Internal", "the runner is shutting down"));
     };
-    let result = tokio::select! {
-        r = build_in_buildd(shared, lease, a, &cancel) => r,
-        _ = cancel.cancelled() => Err(("Cancelled".to_string(), String::new(), "the build was stopped".to_string(), Vec::new())),
-    };
+    // Cancellation is handled inside, so buildd is always asked to stop
+    // its build and is shut down.
+    let result = build_in_buildd(shared, lease, a, &cancel).await;
     Some(match result {
         Ok(p) => Outcome::Pushed {
             digest: p.digest,
@@ -745,9 +758,13 @@ async fn build_in_buildd(
     let _ = tokio::fs::remove_dir_all(&dir).await;
     let src = source_from(a).map_err(|e| fail("SourceFailed", e.to_string()))?;
     let dockerfile = (!a.dockerfile.is_empty()).then_some(a.dockerfile.as_str());
-    let context = source::fetch(&src, dockerfile, &dir.join("source"))
-        .await
-        .map_err(|e| fail("SourceFailed", e.to_string()))?;
+    let source_dir = dir.join("source");
+    let context = tokio::select! {
+        c = source::fetch(&src, dockerfile, &source_dir) => {
+            c.map_err(|e| fail("SourceFailed", e.to_string()))?
+        }
+        _ = cancel.cancelled() => return Err(fail("Cancelled", "the build was stopped".into())),
+    };
     let mut buildd_args = vec![
         "--backend".to_string(),
         backend.as_str().to_string(),
@@ -755,6 +772,18 @@ async fn build_in_buildd(
         dir.join("work").display().to_string(),
         "--exit-with-stdin".to_string(),
     ];
+    if backend == BackendKind::Darwin {
+        // RUN (macOS) may not read the runner's token, journal or other builds.
+        let private = [
+            Some(shared.args.work_dir.clone()),
+            shared.args.token_file.clone(),
+            shared.args.ca_file.clone(),
+        ];
+        for p in private.into_iter().flatten() {
+            buildd_args.push("--sandbox-private".to_string());
+            buildd_args.push(p.display().to_string());
+        }
+    }
     if backend == BackendKind::Buildah {
         let storage = shared.args.work_dir.join("storage");
         buildd_args.extend([

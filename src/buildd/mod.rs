@@ -191,6 +191,11 @@ pub struct BuilddArgs {
     /// agent ends.
     #[arg(long)]
     pub exit_with_stdin: bool,
+    /// darwin backend: a path RUN steps may not read (repeatable: the
+    /// runner's work directory, token and CA files), the build's own root
+    /// excepted.
+    #[arg(long = "sandbox-private", value_name = "PATH")]
+    pub sandbox_private: Vec<PathBuf>,
 }
 
 /// Build backends.
@@ -267,7 +272,10 @@ pub async fn run(args: BuilddArgs) -> Result<(), BuilddError> {
             server::serve(opts, server::BuilderService::new(backend)).await?;
         }
         BackendKind::Darwin => {
-            let backend = darwin::Darwin { work_dir };
+            let backend = darwin::Darwin {
+                work_dir,
+                private: args.sandbox_private,
+            };
             server::serve(opts, server::BuilderService::new(backend)).await?;
         }
     }

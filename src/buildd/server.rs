@@ -298,14 +298,26 @@ pub async fn serve<B: Backend>(
             if !exit_with_stdin {
                 return std::future::pending::<()>().await;
             }
-            use tokio::io::AsyncReadExt;
-            let mut stdin = tokio::io::stdin();
-            let mut buf = [0u8; 64];
-            while let Ok(n) = stdin.read(&mut buf).await {
-                if n == 0 {
-                    break;
-                }
+            // A plain thread: a blocking read cannot be cancelled, and one
+            // on the runtime's blocking pool would hold its shutdown up.
+            let (closed_tx, closed_rx) = tokio::sync::oneshot::channel::<()>();
+            let reader = std::thread::Builder::new()
+                .name("stdin-watch".into())
+                .spawn(move || {
+                    use std::io::Read;
+                    let mut stdin = std::io::stdin();
+                    let mut buf = [0u8; 64];
+                    while let Ok(n) = stdin.read(&mut buf) {
+                        if n == 0 {
+                            break;
+                        }
+                    }
+                    let _ = closed_tx.send(());
+                });
+            if reader.is_err() {
+                return std::future::pending::<()>().await;
             }
+            let _ = closed_rx.await;
             tracing::info!("standard input closed: the agent is gone");
         };
         match (

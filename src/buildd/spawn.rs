@@ -79,7 +79,9 @@ pub async fn spawn(
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .process_group(0)
-        .kill_on_drop(true)
+        // Dropped without `shutdown`, buildd still ends: its standard
+        // input closes and it cancels its builds (buildah's whole group).
+        .kill_on_drop(false)
         .spawn()
         .map_err(|source| SpawnError::Start {
             program: program.to_path_buf(),
@@ -152,8 +154,10 @@ impl SpawnedBuildd {
         self.child.id()
     }
 
-    /// SIGTERM, then SIGKILL after `grace`. Returns whether it exited on SIGTERM.
+    /// Closes its standard input and sends SIGTERM, then SIGKILL (to its
+    /// process group) after `grace`. Returns whether it exited in time.
     pub async fn shutdown(mut self, grace: Duration) -> bool {
+        drop(self._stdin.take());
         let Some(pid) = self.child.id() else {
             return true;
         };

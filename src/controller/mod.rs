@@ -277,6 +277,8 @@ pub struct Context {
     token_key: TokenKey,
     leases: Store<Lease>,
     hub: Arc<RunnerHub>,
+    /// The caches (ImageBuilds, BuildRunners, Leases) have loaded.
+    synced: Arc<AtomicBool>,
 }
 
 /// Runs the controller until SIGTERM/SIGINT, or until leadership is lost.
@@ -453,6 +455,7 @@ pub async fn run(cfg: ControllerConfig) -> Result<(), ControllerError> {
                 max_sessions: cfg.executor_max_sessions,
                 runners: Some(runner_store.clone()),
                 hub: Some(hub.clone()),
+                synced: ready.clone(),
             }),
             Duration::from_millis(cfg.step_interval_ms),
         );
@@ -492,6 +495,7 @@ pub async fn run(cfg: ControllerConfig) -> Result<(), ControllerError> {
         token_key: token_key.clone(),
         leases: lease_store.clone(),
         hub: hub.clone(),
+        synced: ready.clone(),
     });
     {
         let upkeep = runners::Upkeep {
@@ -688,6 +692,11 @@ async fn reconcile_inner(
         .iter()
         .any(|l| l.owner_references().iter().any(|o| o.uid == uid));
     let uses_runners = needs_runners(ib) || has_leases;
+    // Until the BuildRunner and Lease caches have loaded, a runner looks
+    // deleted and its leases look free: the runner leg waits for them.
+    if uses_runners && !ctx.synced.load(Ordering::SeqCst) {
+        return Ok(Action::requeue(Duration::from_secs(1)));
+    }
     let leases: Vec<Lease> = if uses_runners {
         Api::<Lease>::namespaced(ctx.client.clone(), ns)
             .list(&ListParams::default().labels(&format!("{LABEL_NAME}={}", name_label(&name))))
@@ -954,10 +963,21 @@ async fn apply_leases(
             emulated: chosen.emulated,
             now: jiff::Timestamp::now(),
         });
-        let ssa = PatchParams::apply(FIELD_MANAGER).force();
-        if let Err(e) = api.patch(&request.name, &ssa, &Patch::Apply(&object)).await {
-            ctx.hub.release(&key);
-            return Err(kube_err(format!("create lease {ns}/{}", request.name))(e));
+        // Created, never applied over: a Lease of that name that exists
+        // (a lagging read) is not silently handed to another runner.
+        match api.create(&PostParams::default(), &object).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 409 => {
+                ctx.hub.release(&key);
+                return Err(ControllerError::LeaseChanged(format!(
+                    "lease {ns}/{} exists already; looking again",
+                    request.name
+                )));
+            }
+            Err(e) => {
+                ctx.hub.release(&key);
+                return Err(kube_err(format!("create lease {ns}/{}", request.name))(e));
+            }
         }
         tracing::info!(lease = %request.name, runner = %chosen.runner, emulated = chosen.emulated, generation, "leased to runner");
         for ps in plan.status.platforms.iter_mut() {

@@ -89,7 +89,7 @@ impl Upkeep {
                 let name = runner.name_any();
                 let uid = runner.uid().unwrap_or_default();
                 let rot = rotation(runner);
-                self.hub.close_if_rotated(&name, &rot);
+                self.hub.close_if_stale(&name, &uid, &rot);
                 if secrets.get(&name) != Some(&(uid.clone(), rot.clone())) {
                     match self.ensure_secret(runner, &rot).await {
                         Ok(()) => {

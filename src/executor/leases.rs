@@ -46,6 +46,8 @@ pub struct RunnerIdentity {
     pub name: String,
     /// The token rotation it authenticated with.
     pub rotation: String,
+    /// The BuildRunner's UID.
+    pub uid: String,
     /// The capacity leased up to: the lower of the agent's and the spec's.
     pub capacity: u32,
 }
@@ -104,6 +106,12 @@ fn platform_of(lease: &Lease) -> Option<String> {
 }
 
 impl Executors {
+    /// Whether the controller's caches have loaded (before that, what a
+    /// runner holds cannot be told from what it lost).
+    pub fn synced(&self) -> bool {
+        self.synced.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// The runner hub, or why runner sessions are not served.
     pub fn hub(&self) -> Result<&Arc<RunnerHub>, ExecutorError> {
         self.hub.as_ref().ok_or_else(|| {
@@ -204,6 +212,7 @@ impl Executors {
         Ok(RunnerIdentity {
             name: claim.runner.clone(),
             rotation,
+            uid: runner.metadata.uid.clone().unwrap_or_default(),
             capacity: claim.capacity.max(1).min(spec_capacity),
         })
     }

@@ -323,6 +323,7 @@ pub struct Executors {
     sessions: Arc<Sessions>,
     runners: Option<Store<crate::api::BuildRunner>>,
     hub: Option<Arc<runners::RunnerHub>>,
+    synced: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The live sessions: at most one per build Pod, at most `max` in all.
@@ -411,6 +412,9 @@ pub struct ExecutorsConfig {
     pub runners: Option<Store<crate::api::BuildRunner>>,
     /// The runner hub; without it, runner sessions are refused.
     pub hub: Option<Arc<runners::RunnerHub>>,
+    /// True once the controller's caches (ImageBuilds, BuildRunners,
+    /// Leases) have loaded: runner sessions wait for it.
+    pub synced: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Authenticated {
@@ -434,6 +438,7 @@ impl Executors {
             sessions: Sessions::new(cfg.max_sessions),
             runners: cfg.runners,
             hub: cfg.hub,
+            synced: cfg.synced,
         }
     }
 
@@ -657,14 +662,16 @@ impl Executors {
         key: &str,
         value: String,
     ) -> Result<(), ExecutorError> {
-        match auth.runner {
+        match &auth.runner {
             None => {
                 let api: Api<Pod> = Api::namespaced(self.client.clone(), &auth.namespace);
-                self.record_on(api, auth, key, value).await
+                self.record_on(api, auth, key, value, |_| true).await
             }
-            Some(_) => {
+            Some(runner) => {
                 let api: Api<Lease> = Api::namespaced(self.client.clone(), &auth.namespace);
-                self.record_on(api, auth, key, value).await
+                // Still held by this runner, as read now (not from a cache).
+                let held = |l: &Lease| runners::lease_holder(l) == Some(runner.as_str());
+                self.record_on(api, auth, key, value, held).await
             }
         }
     }
@@ -679,6 +686,7 @@ impl Executors {
         auth: &Authenticated,
         key: &str,
         value: String,
+        still_ours: impl Fn(&K) -> bool,
     ) -> Result<(), ExecutorError>
     where
         K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
@@ -689,6 +697,11 @@ impl Executors {
             .await
             .map_err(kube_err(format!("get {what}")))?
             .ok_or_else(|| ExecutorError::Stale(format!("{what} no longer exists")))?;
+        if !still_ours(&object) {
+            return Err(ExecutorError::Stale(format!(
+                "{what} is no longer held by this executor"
+            )));
+        }
         let pod = object.meta();
         let build_uid = auth.build.metadata.uid.as_deref().unwrap_or_default();
         if pod.deletion_timestamp.is_some() {

@@ -75,6 +75,37 @@ struct Known {
     auth: Option<(Authenticated, Assignment)>,
     step: Option<String>,
     last_write: Option<Instant>,
+    /// When it was offered on this session (None: held from before).
+    offered_at: Option<Instant>,
+    /// Heartbeats in a row that did not list it as held.
+    missing: u8,
+    /// Its outcome is being checked and recorded.
+    recording: bool,
+}
+
+impl Known {
+    fn held() -> Self {
+        Known {
+            auth: None,
+            step: None,
+            last_write: None,
+            offered_at: None,
+            missing: 0,
+            recording: false,
+        }
+    }
+}
+
+/// Heartbeats in a row that must omit an offered lease before its attempt
+/// fails as never taken (and how long after the offer counting starts).
+const MISSING_HEARTBEATS: u8 = 2;
+const OFFER_SETTLE: Duration = Duration::from_secs(15);
+
+/// A recorded (or refused) outcome, back from its task.
+struct Recorded {
+    key: LeaseKey,
+    ack: pb::LeaseAck,
+    forget: bool,
 }
 
 /// Authenticates a runner's hello, registers the session and runs it in a
@@ -87,6 +118,11 @@ pub async fn start(
 ) -> Result<mpsc::Receiver<Result<pb::ControllerMessage, Status>>, Status> {
     let claim = runner_claim_from(hello);
     let hub = logic.hub()?.clone();
+    if !logic.synced() {
+        return Err(Status::unavailable(
+            "the controller is still loading its caches; retry",
+        ));
+    }
     let identity = logic.authenticate_runner(&claim).await?;
     let runner = identity.name.clone();
     let handle = hub.connect(
@@ -96,6 +132,7 @@ pub async fn start(
             draining: claim.draining,
             agent_version: claim.agent_version.chars().take(64).collect(),
             rotation: identity.rotation.clone(),
+            uid: identity.uid.clone(),
         },
     );
     let (tx, rx) = mpsc::channel(64);
@@ -115,24 +152,28 @@ pub async fn start(
             let mut known: HashMap<LeaseKey, Known> = claim
                 .held
                 .iter()
-                .map(|c| {
-                    (
-                        lease_key(c),
-                        Known {
-                            auth: None,
-                            step: None,
-                            last_write: None,
-                        },
-                    )
-                })
+                .map(|c| (lease_key(c), Known::held()))
                 .collect();
             let mut draining = claim.draining;
             let mut drained = false;
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            // Outcomes are checked (registry calls) and recorded in tasks of
+            // their own: heartbeats keep being read meanwhile.
+            let (recorded_tx, mut recorded_rx) = mpsc::channel::<Recorded>(64);
             loop {
                 let msg = tokio::select! {
                     m = inbound.message() => m,
+                    Some(r) = recorded_rx.recv() => {
+                        if r.forget {
+                            known.remove(&r.key);
+                        } else if let Some(k) = known.get_mut(&r.key) {
+                            k.recording = false;
+                        }
+                        if !send(&tx, pb::controller_message::Message::LeaseAck(r.ack)).await { break; }
+                        hub.wake_waiters();
+                        continue;
+                    }
                     _ = handle.poke.notified() => {
                         if !scan(&logic, &runner, draining, &mut known, &tx).await { break; }
                         continue;
@@ -162,6 +203,55 @@ pub async fn start(
                         draining |= h.draining;
                         drained = h.draining && h.running.is_empty() && known.is_empty();
                         hub.heard(&runner, handle.id, h.draining);
+                        let held: HashSet<LeaseKey> =
+                            h.held.into_iter().map(|r| lease_key(&lease_claim(r))).collect();
+                        for (key, k) in known.iter_mut() {
+                            let settled = k.offered_at.is_some_and(|t| t.elapsed() > OFFER_SETTLE);
+                            if held.contains(key) || k.recording || !settled {
+                                k.missing = 0;
+                                continue;
+                            }
+                            k.missing = k.missing.saturating_add(1);
+                            if k.missing == MISSING_HEARTBEATS
+                                && let Some((auth, _)) = k.auth.clone()
+                            {
+                                // Offered, never taken (lost on the way, or
+                                // refused by the agent): the attempt fails
+                                // rather than wait for ever.
+                                k.recording = true;
+                                let logic = logic.clone();
+                                let recorded_tx = recorded_tx.clone();
+                                let key = key.clone();
+                                let runner = runner.clone();
+                                tokio::spawn(async move {
+                                    let f = crate::outcome::Failed {
+                                        reason: "LeaseNotTaken".into(),
+                                        message: format!("runner {runner} was offered this lease but does not hold it"),
+                                    };
+                                    let placeholder = placeholder(&auth);
+                                    let result = logic.outcome(&auth, super::Outcome::Failed(f), &placeholder).await;
+                                    tracing::warn!(lease = %key, ?result, "an offered lease the runner does not hold failed its attempt");
+                                    let _ = recorded_tx
+                                        .send(Recorded {
+                                            key: key.clone(),
+                                            ack: pb::LeaseAck {
+                                                lease: Some(pb::LeaseRef {
+                                                    namespace: key.namespace.clone(),
+                                                    lease: key.name.clone(),
+                                                    ..Default::default()
+                                                }),
+                                                ack: Some(pb::Ack {
+                                                    accepted: false,
+                                                    message: "the lease was not taken: its attempt failed".into(),
+                                                }),
+                                                done: true,
+                                            },
+                                            forget: true,
+                                        })
+                                        .await;
+                                });
+                            }
+                        }
                     }
                     Some(pb::agent_message::Message::LeaseProgress(p)) => {
                         hub.heard(&runner, handle.id, draining);
@@ -178,10 +268,20 @@ pub async fn start(
                     Some(pb::agent_message::Message::LeaseOutcome(o)) => {
                         hub.heard(&runner, handle.id, draining);
                         let Some(r) = o.lease else { continue };
-                        let ack = outcome(&logic, &runner, r.clone(), o.outcome, &mut known).await;
-                        if !send(&tx, pb::controller_message::Message::LeaseAck(ack)).await {
-                            break;
+                        let key = lease_key(&lease_claim(r.clone()));
+                        let entry = known.entry(key.clone()).or_insert_with(Known::held);
+                        if entry.recording {
+                            continue; // a resend while the first is checked
                         }
+                        entry.recording = true;
+                        let assignment = entry.auth.as_ref().map(|(_, a)| a.clone());
+                        let logic = logic.clone();
+                        let runner = runner.clone();
+                        let recorded_tx = recorded_tx.clone();
+                        tokio::spawn(async move {
+                            let (ack, forget) = outcome(&logic, &runner, r, o.outcome, assignment).await;
+                            let _ = recorded_tx.send(Recorded { key, ack, forget }).await;
+                        });
                     }
                     _ => {}
                 }
@@ -257,8 +357,8 @@ async fn scan(
             key,
             Known {
                 auth: Some((offer.auth, assignment)),
-                step: None,
-                last_write: None,
+                offered_at: Some(Instant::now()),
+                ..Known::held()
             },
         );
         if !send(tx, m).await {
@@ -305,26 +405,26 @@ async fn flush_steps(logic: &Executors, known: &mut HashMap<LeaseKey, Known>, in
     }
 }
 
-/// Checks and records one lease's outcome; the ack says whether the agent
-/// may forget it (`done`).
+/// Checks and records one lease's outcome: the ack, and whether the
+/// session is done with the lease.
 async fn outcome(
     logic: &Executors,
     runner: &str,
     r: pb::LeaseRef,
     o: Option<pb::Outcome>,
-    known: &mut HashMap<LeaseKey, Known>,
-) -> pb::LeaseAck {
+    assignment: Option<Assignment>,
+) -> (pb::LeaseAck, bool) {
     let claim = lease_claim(r.clone());
     let key = lease_key(&claim);
-    let ack = |accepted: bool, message: String, done: bool| pb::LeaseAck {
-        lease: Some(r.clone()),
-        ack: Some(pb::Ack { accepted, message }),
-        done,
-    };
-    let outcome = match o.map(outcome_from) {
-        Some(Ok(o)) => o,
-        Some(Err(s)) => return ack(false, s.message().to_string(), true),
-        None => return ack(false, "lease_outcome.outcome: empty".into(), true),
+    let ack = |accepted: bool, message: String, done: bool| {
+        (
+            pb::LeaseAck {
+                lease: Some(r.clone()),
+                ack: Some(pb::Ack { accepted, message }),
+                done,
+            },
+            done,
+        )
     };
     let auth = match logic.authenticate_lease(runner, &claim).await {
         Ok(a) => a,
@@ -337,25 +437,48 @@ async fn outcome(
             // The fencing: a report for an attempt that is over (its lease
             // expired, the build moved on) never counts.
             tracing::warn!(lease = %key, attempt = claim.attempt, error = %e, "refused a runner's report: its lease is not current");
-            known.remove(&key);
             return ack(false, format!("refused: {e}"), true);
         }
     };
-    let assignment = match known.get(&key).and_then(|k| k.auth.as_ref()) {
-        Some((_, a)) => a.clone(),
-        None => match logic.assignment(&auth).await {
+    // A malformed outcome fails the attempt (rather than leave it hanging).
+    let outcome = match o.map(outcome_from) {
+        Some(Ok(o)) => o,
+        Some(Err(s)) => super::Outcome::Failed(crate::outcome::Failed {
+            reason: "InvalidOutcome".into(),
+            message: s.message().to_string(),
+        }),
+        None => super::Outcome::Failed(crate::outcome::Failed {
+            reason: "InvalidOutcome".into(),
+            message: "lease_outcome.outcome: empty".into(),
+        }),
+    };
+    // Only a push is verified against the assignment (its tags, registry
+    // credentials, labels); a failure needs none.
+    let assignment = match (&outcome, assignment) {
+        (super::Outcome::Failed(_), _) => placeholder(&auth),
+        (_, Some(a)) => a,
+        (_, None) => match logic.assignment(&auth).await {
             Ok(a) => a,
+            Err(ExecutorError::Secret(m)) => {
+                let f = crate::outcome::Failed {
+                    reason: "SecretRefused".into(),
+                    message: m,
+                };
+                let _ = logic
+                    .outcome(&auth, super::Outcome::Failed(f), &placeholder(&auth))
+                    .await;
+                return ack(
+                    false,
+                    "refused: the push Secret may no longer be used".into(),
+                    true,
+                );
+            }
             Err(e) => return ack(false, e.to_string(), false),
         },
     };
-    let result = logic.outcome(&auth, outcome, &assignment).await;
-    if let Ok(hub) = logic.hub() {
-        hub.wake_waiters();
-    }
-    match result {
+    match logic.outcome(&auth, outcome, &assignment).await {
         Ok((accepted, message)) => {
             tracing::info!(lease = %key, accepted, %message, "lease outcome recorded");
-            known.remove(&key);
             ack(accepted, message, true)
         }
         Err(e @ (ExecutorError::Kube { .. } | ExecutorError::Busy(_))) => {
@@ -363,7 +486,6 @@ async fn outcome(
         }
         Err(e) => {
             tracing::warn!(lease = %key, error = %e, "refused a runner's report");
-            known.remove(&key);
             ack(false, format!("refused: {e}"), true)
         }
     }

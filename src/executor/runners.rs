@@ -60,6 +60,8 @@ pub struct Connection {
     pub agent_version: String,
     /// The token rotation its session authenticated with.
     pub rotation: String,
+    /// The UID of the BuildRunner it authenticated as.
+    pub uid: String,
 }
 
 /// A runner that may take a lease.
@@ -120,6 +122,8 @@ struct State {
     assignments: u64,
     sessions: u64,
     waiters: HashSet<ObjectRef<ImageBuild>>,
+    /// Free slots per runner at the last [`RunnerHub::wake_if_room`].
+    last_free: HashMap<String, usize>,
 }
 
 /// See the module documentation.
@@ -407,18 +411,27 @@ impl RunnerHub {
     }
 
     /// Wakes the waiting ImageBuilds when a connected runner that takes
-    /// work is below its capacity (the upkeep calls it every second: a
-    /// lease that ended frees room whatever path it took).
+    /// work has more free slots than at the last look (the upkeep calls it
+    /// every second: a lease that ended frees room whatever path it took;
+    /// a runner whose room stays unused wakes nobody again).
     pub fn wake_if_room(&self) {
-        let st = self.lock();
-        if st.waiters.is_empty() {
-            return;
-        }
-        let room = st.conns.iter().any(|(name, c)| {
-            !c.info.draining && self.load(&st, name) < c.info.capacity.max(1) as usize
-        });
+        let mut st = self.lock();
+        let free: HashMap<String, usize> = st
+            .conns
+            .iter()
+            .filter(|(_, c)| !c.info.draining)
+            .map(|(name, c)| {
+                let cap = c.info.capacity.max(1) as usize;
+                (name.clone(), cap.saturating_sub(self.load(&st, name)))
+            })
+            .collect();
+        let more = free
+            .iter()
+            .any(|(name, f)| *f > st.last_free.get(name).copied().unwrap_or(0));
+        st.last_free = free;
+        let waiting = !st.waiters.is_empty();
         drop(st);
-        if room {
+        if more && waiting {
             self.wake_waiters();
         }
     }
@@ -431,14 +444,18 @@ impl RunnerHub {
         }
     }
 
-    /// Ends the session of `runner` when it authenticated with another
-    /// rotation than `rotation` (its token was rotated).
-    pub fn close_if_rotated(&self, runner: &str, rotation: &str) {
+    /// Ends the session of `runner` when it authenticated as another
+    /// BuildRunner of that name (deleted and created again, `uid`) or with
+    /// another rotation than `rotation` (its token was rotated).
+    pub fn close_if_stale(&self, runner: &str, uid: &str, rotation: &str) {
         let st = self.lock();
         if let Some(conn) = st.conns.get(runner)
-            && conn.info.rotation != rotation
+            && (conn.info.rotation != rotation || conn.info.uid != uid)
         {
-            tracing::info!(runner, "runner token rotated: closing its session");
+            tracing::info!(
+                runner,
+                "runner token rotated or BuildRunner recreated: closing its session"
+            );
             conn.handle.closed.cancel();
         }
     }
@@ -469,6 +486,7 @@ mod tests {
             draining: false,
             agent_version: "0.1.0".into(),
             rotation: String::new(),
+            uid: "u".into(),
         }
     }
 
@@ -534,7 +552,9 @@ mod tests {
         // The old session ending does not unregister the new one.
         hub.disconnect("a", first.id, true);
         assert_eq!(hub.liveness("a"), Liveness::Online);
-        hub.close_if_rotated("a", "2");
+        hub.close_if_stale("a", "u", "");
+        assert!(!second.closed.is_cancelled());
+        hub.close_if_stale("a", "u", "2");
         assert!(second.closed.is_cancelled());
     }
 }

@@ -182,8 +182,14 @@ fn pairs(raw: &str, legacy: bool) -> Result<Vec<(String, Option<String>)>, Strin
         && let Some(first) = ws.first()
         && !first.contains('=')
     {
-        let rest = raw.trim_start()[first.len()..].trim().to_string();
-        let value = words(&rest).join(" ");
+        // The rest of the raw text after the first word (split on the raw
+        // text: quotes and escapes change the unquoted word's length).
+        let rest = raw
+            .trim_start()
+            .split_once(char::is_whitespace)
+            .map(|(_, r)| r.trim())
+            .unwrap_or("");
+        let value = words(rest).join(" ");
         return Ok(vec![(first.clone(), Some(value))]);
     }
     ws.into_iter()
@@ -502,6 +508,18 @@ mod tests {
         );
         assert_eq!(expand("cost $5", &vars), "cost ");
         assert_eq!(expand("a$", &vars), "a$");
+    }
+
+    #[test]
+    fn legacy_env_with_quotes_and_non_ascii_names() {
+        assert_eq!(
+            pairs("\"é\" x y", true).unwrap(),
+            [("é".to_string(), Some("x y".to_string()))]
+        );
+        assert_eq!(
+            pairs("PATH /a b", true).unwrap(),
+            [("PATH".to_string(), Some("/a b".to_string()))]
+        );
     }
 
     #[test]

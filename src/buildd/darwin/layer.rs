@@ -27,8 +27,62 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// `path` under `base` with every directory on the way checked: none may
+/// be a symlink (one could point anywhere on the host). The last component
+/// may be anything, or not exist yet; missing directories are fine.
+pub fn safe_join(base: &Path, path: &str) -> Result<PathBuf, String> {
+    let joined = in_root(base, path)?;
+    let rel = joined.strip_prefix(base).unwrap_or(&joined).to_path_buf();
+    let mut cur = base.to_path_buf();
+    let parts: Vec<_> = rel.components().collect();
+    for (i, c) in parts.iter().enumerate() {
+        cur.push(c);
+        if i + 1 == parts.len() {
+            break;
+        }
+        match std::fs::symlink_metadata(&cur) {
+            Ok(m) if m.file_type().is_symlink() => {
+                return Err(format!(
+                    "{path}: goes through a symbolic link ({})",
+                    image_path(base, &cur)
+                ));
+            }
+            Ok(m) if !m.is_dir() => {
+                return Err(format!(
+                    "{path}: {} is not a directory",
+                    image_path(base, &cur)
+                ));
+            }
+            _ => {}
+        }
+    }
+    Ok(cur)
+}
+
+/// Creates the directory `path` under `base` (and its parents), refusing
+/// to go through symbolic links.
+pub fn safe_create_dirs(base: &Path, path: &str) -> Result<PathBuf, String> {
+    let target = safe_join(base, path)?;
+    let rel = target.strip_prefix(base).unwrap_or(&target).to_path_buf();
+    let mut cur = base.to_path_buf();
+    for c in rel.components() {
+        cur.push(c);
+        match std::fs::symlink_metadata(&cur) {
+            Ok(m) if m.is_dir() && !m.file_type().is_symlink() => {}
+            Ok(_) => {
+                return Err(format!(
+                    "{path}: {} exists and is not a directory",
+                    image_path(base, &cur)
+                ));
+            }
+            Err(_) => std::fs::create_dir(&cur).map_err(|e| format!("{}: {e}", cur.display()))?,
+        }
+    }
+    Ok(target)
+}
+
 /// `path` (absolute, in the image) as a path under `root`, or an error if
-/// it would leave it.
+/// it would leave it (by its text: use [`safe_join`] before touching it).
 pub fn in_root(root: &Path, path: &str) -> Result<PathBuf, String> {
     let mut out = root.to_path_buf();
     let mut depth = 0usize;
@@ -75,7 +129,8 @@ fn wildcard(pattern: &str, name: &str) -> bool {
 /// The context paths a COPY source names (a wildcard in its last part
 /// matches entries of its directory).
 fn resolve_source(context: &Path, src: &str) -> Result<Vec<PathBuf>, String> {
-    let path = in_root(context, src).map_err(|_| format!("{src}: outside the build context"))?;
+    in_root(context, src).map_err(|_| format!("{src}: outside the build context"))?;
+    let path = safe_join(context, src)?;
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().to_string())
@@ -100,10 +155,15 @@ fn resolve_source(context: &Path, src: &str) -> Result<Vec<PathBuf>, String> {
     Ok(vec![path])
 }
 
+/// Copies `from` (not following a symlink there) to `to`, whose parent
+/// directories exist and are not symlinks; an existing `to` that is not a
+/// directory is replaced, never written through.
 fn copy_entry(from: &Path, to: &Path, written: &mut BTreeSet<PathBuf>) -> Result<(), String> {
     let meta = std::fs::symlink_metadata(from).map_err(|e| format!("{}: {e}", from.display()))?;
-    if let Some(parent) = to.parent() {
-        std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
+    if let Ok(existing) = std::fs::symlink_metadata(to)
+        && (existing.file_type().is_symlink() || (!existing.is_dir() && meta.is_dir()))
+    {
+        std::fs::remove_file(to).map_err(|e| format!("{}: {e}", to.display()))?;
     }
     if meta.file_type().is_symlink() {
         let target = std::fs::read_link(from).map_err(|e| format!("{}: {e}", from.display()))?;
@@ -111,7 +171,9 @@ fn copy_entry(from: &Path, to: &Path, written: &mut BTreeSet<PathBuf>) -> Result
         std::os::unix::fs::symlink(&target, to).map_err(|e| format!("{}: {e}", to.display()))?;
         written.insert(to.to_path_buf());
     } else if meta.is_dir() {
-        std::fs::create_dir_all(to).map_err(|e| format!("{}: {e}", to.display()))?;
+        if std::fs::symlink_metadata(to).is_err() {
+            std::fs::create_dir(to).map_err(|e| format!("{}: {e}", to.display()))?;
+        }
         written.insert(to.to_path_buf());
         let mut entries: Vec<_> = std::fs::read_dir(from)
             .map_err(|e| format!("{}: {e}", from.display()))?
@@ -122,7 +184,17 @@ fn copy_entry(from: &Path, to: &Path, written: &mut BTreeSet<PathBuf>) -> Result
             copy_entry(&e.path(), &to.join(e.file_name()), written)?;
         }
     } else {
-        std::fs::copy(from, to).map_err(|e| format!("{}: {e}", from.display()))?;
+        // A fresh file: never through whatever was there.
+        let _ = std::fs::remove_file(to);
+        let mut src = std::fs::File::open(from).map_err(|e| format!("{}: {e}", from.display()))?;
+        let mut dst = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(to)
+            .map_err(|e| format!("{}: {e}", to.display()))?;
+        std::io::copy(&mut src, &mut dst).map_err(|e| format!("{}: {e}", from.display()))?;
+        dst.set_permissions(meta.permissions())
+            .map_err(|e| format!("{}: {e}", to.display()))?;
         written.insert(to.to_path_buf());
     }
     Ok(())
@@ -140,12 +212,25 @@ pub fn copy_into(
     chmod: Option<u32>,
 ) -> Result<Vec<String>, String> {
     use std::os::unix::fs::PermissionsExt;
-    let target = in_root(root, dest)?;
+    let target = safe_join(root, dest)?;
+    let target_is_dir =
+        std::fs::symlink_metadata(&target).is_ok_and(|m| m.is_dir() && !m.file_type().is_symlink());
     let many = sources.len() > 1
         || sources
             .iter()
             .any(|s| matches!(s, CopySource::Path(p) if p.contains(['*', '?'])));
-    let into_dir = dest.ends_with('/') || dest.ends_with("/.") || target.is_dir() || many;
+    let into_dir = dest.ends_with('/') || dest.ends_with("/.") || target_is_dir || many;
+    // The directory files go into (or the file's parent) exists, made
+    // without following symlinks.
+    let dir_part = if into_dir {
+        dest.to_string()
+    } else {
+        Path::new(dest)
+            .parent()
+            .map(|p| p.to_string_lossy().to_string())
+            .unwrap_or_else(|| "/".into())
+    };
+    safe_create_dirs(root, &dir_part)?;
     let mut written = BTreeSet::new();
     for source in sources {
         match source {
@@ -155,17 +240,23 @@ pub fn copy_into(
                         "{dest}: a here-document needs a file name as destination"
                     ));
                 }
-                if let Some(parent) = target.parent() {
-                    std::fs::create_dir_all(parent).map_err(|e| e.to_string())?;
+                if std::fs::symlink_metadata(&target).is_ok() {
+                    std::fs::remove_file(&target).map_err(|e| format!("{dest}: {e}"))?;
                 }
-                std::fs::write(&target, text).map_err(|e| format!("{dest}: {e}"))?;
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(&target)
+                    .map_err(|e| format!("{dest}: {e}"))?;
+                std::io::Write::write_all(&mut f, text.as_bytes())
+                    .map_err(|e| format!("{dest}: {e}"))?;
                 written.insert(target.clone());
             }
             CopySource::Path(src) => {
                 for from in resolve_source(context, src)? {
                     let is_dir = std::fs::symlink_metadata(&from).is_ok_and(|m| m.is_dir());
                     if is_dir {
-                        std::fs::create_dir_all(&target).map_err(|e| e.to_string())?;
+                        safe_create_dirs(root, dest)?;
                         let mut entries: Vec<_> = std::fs::read_dir(&from)
                             .map_err(|e| format!("{src}: {e}"))?
                             .filter_map(Result::ok)
@@ -407,6 +498,23 @@ mod tests {
         assert_eq!(w, ["/txt/a.txt", "/txt/b.txt"]);
         let w = copy_into(&root, &ctx, &[p("dir")], "/d", None).unwrap();
         assert_eq!(w, ["/d/sub", "/d/sub/c"]);
+        // Symbolic links: copied as links, never followed, never written
+        // through (in the context or in the image).
+        std::os::unix::fs::symlink("/", ctx.join("host")).unwrap();
+        let err = copy_into(&root, &ctx, &[p("host/etc/passwd")], "/x", None).unwrap_err();
+        assert!(err.contains("symbolic link"), "{err}");
+        let w = copy_into(&root, &ctx, &[p("host")], "/escape", None).unwrap();
+        assert_eq!(w, ["/escape"]);
+        assert_eq!(
+            std::fs::read_link(root.join("escape")).unwrap(),
+            Path::new("/")
+        );
+        let err = copy_into(&root, &ctx, &[p("a.txt")], "/escape/tmp/", None).unwrap_err();
+        assert!(err.contains("symbolic link"), "{err}");
+        // A file copied onto the link replaces the link itself.
+        copy_into(&root, &ctx, &[p("a.txt")], "/escape", None).unwrap();
+        let m = std::fs::symlink_metadata(root.join("escape")).unwrap();
+        assert!(m.is_file(), "the link was replaced, not followed");
         let err = copy_into(&root, &ctx, &[p("../etc/passwd")], "/x", None).unwrap_err();
         assert!(err.contains("outside the build context"), "{err}");
         assert!(copy_into(&root, &ctx, &[p("a.txt")], "/../../x", None).is_err());

@@ -34,6 +34,9 @@ pub const RUN_NEEDS_MACOS: &str = "RUN needs a macOS host: the darwin backend ru
 pub struct Darwin {
     /// Scratch space: one directory per build, removed afterwards.
     pub work_dir: PathBuf,
+    /// Paths RUN steps may not read (the runner's work directory, token
+    /// and CA files), the build's own root excepted.
+    pub private: Vec<PathBuf>,
 }
 
 /// The image config being assembled.
@@ -261,6 +264,7 @@ impl Darwin {
                             argv,
                             env: &cfg.env,
                             workdir: cfg.workdir.as_deref().unwrap_or("/"),
+                            private: &self.private,
                             events,
                             cancel,
                         })
@@ -287,8 +291,7 @@ impl Darwin {
                     }
                 }
                 Step::Workdir(w) => {
-                    let dir = layer::in_root(root, w).map_err(fail)?;
-                    let _ = std::fs::create_dir_all(dir);
+                    layer::safe_create_dirs(root, w).map_err(fail)?;
                     cfg.workdir = Some(w.clone());
                 }
                 Step::Entrypoint(e) => {

@@ -13,8 +13,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::buildd::BuildEvent;
 
-/// The Seatbelt profile: read anything, write only under `ROOT` and
-/// `TMP`, no network.
+/// The Seatbelt profile: read anything but `PRIVATE` (the runner's own
+/// files; the build's `ROOT` and `TMP` excepted), write only under `ROOT`
+/// and `TMP`, no network. RUN still runs as the agent's user: run the agent
+/// as a user of its own (docs/runners.md).
 const PROFILE: &str = r#"(version 1)
 (deny default)
 (allow process-fork)
@@ -24,6 +26,8 @@ const PROFILE: &str = r#"(version 1)
 (allow mach-lookup)
 (allow ipc-posix-shm)
 (allow file-read*)
+PRIVATE
+(allow file-read* (subpath (param "ROOT")) (subpath (param "TMP")))
 (allow file-write*
   (subpath (param "ROOT"))
   (subpath (param "TMP"))
@@ -47,6 +51,10 @@ pub struct RunIn<'a> {
     pub env: &'a [(String, String)],
     /// WORKDIR (an image path).
     pub workdir: &'a str,
+    /// Paths RUN may not read (the runner's work directory, with its
+    /// journal and other builds; its token and CA files), except the
+    /// build's own root.
+    pub private: &'a [std::path::PathBuf],
     /// Where output lines go.
     pub events: &'a mpsc::Sender<BuildEvent>,
     /// Stops the command.
@@ -58,11 +66,23 @@ pub async fn run(r: RunIn<'_>) -> Result<(), (String, Vec<String>)> {
     let fail = |m: String| (m, Vec::new());
     let tmp = r.root.with_file_name("tmp");
     std::fs::create_dir_all(&tmp).map_err(|e| fail(format!("{}: {e}", tmp.display())))?;
-    let cwd = super::layer::in_root(r.root, r.workdir).map_err(fail)?;
-    std::fs::create_dir_all(&cwd).map_err(|e| fail(format!("{}: {e}", cwd.display())))?;
+    let cwd = super::layer::safe_create_dirs(r.root, r.workdir).map_err(fail)?;
+    let denied: String = r
+        .private
+        .iter()
+        .map(|p| {
+            let quoted = p
+                .display()
+                .to_string()
+                .replace('\\', "\\\\")
+                .replace('"', "\\\"");
+            format!("(deny file-read* (subpath \"{quoted}\"))\n")
+        })
+        .collect();
+    let profile = PROFILE.replace("PRIVATE\n", &denied);
     let mut cmd = Command::new("/usr/bin/sandbox-exec");
     cmd.arg("-p")
-        .arg(PROFILE)
+        .arg(profile)
         .arg("-D")
         .arg(format!("ROOT={}", r.root.display()))
         .arg("-D")
