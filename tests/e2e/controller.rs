@@ -138,8 +138,8 @@ async fn each_platform_is_scheduled_on_a_matching_node() {
 
     // A runner that registers but is not online changes the message.
     let runner = format!(
-        "apiVersion: build.tripod.dev/v1alpha1\nkind: BuildRunner\nmetadata:\n  name: mac-{}\nspec:\n  os: darwin\n  arch: arm64\n",
-        env.ns
+        "apiVersion: build.tripod.dev/v1alpha1\nkind: BuildRunner\nmetadata:\n  name: mac-{}\n  labels: {{tripod.dev/test-namespace: {}}}\nspec:\n  os: darwin\n  arch: arm64\n",
+        env.ns, env.ns
     );
     env.apply(&runner);
     eventually("message about the offline runner", WAIT, || async {
