@@ -419,7 +419,8 @@ async fn a_killed_runner_goes_offline_its_lease_expires_and_another_runner_build
         offline_after.as_secs_f64(),
         reassigned_after.as_secs_f64()
     );
-    assert!(offline_after < Duration::from_secs(30), "{offline_after:?}");
+    // The figures are printed (docs/reliability.md), not asserted: the
+    // deadline of `wait_phase` above is the only timing here.
     let (ok, out) = env.wait_for("condition=Ready", "ib/slow", "240s");
     let s = status(&env, "slow").await.expect("status");
     assert!(ok, "{out}\n{s:#?}");

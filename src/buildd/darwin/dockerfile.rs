@@ -201,16 +201,15 @@ fn pairs(raw: &str, legacy: bool) -> Result<Vec<(String, Option<String>)>, Strin
         .collect()
 }
 
-fn command(c: &Command<'_>, shell: &[String]) -> Vec<String> {
+fn command(label: &str, c: &Command<'_>, shell: &[String]) -> Result<Vec<String>, String> {
     match c {
-        Command::Exec(args) => args.value.iter().map(|a| a.value.to_string()).collect(),
+        Command::Exec(args) => Ok(args.value.iter().map(|a| a.value.to_string()).collect()),
         Command::Shell(s) => {
             let mut v = shell.to_vec();
             v.push(s.value.to_string());
-            v
+            Ok(v)
         }
-        // A form added to the parser later: as written, through the shell.
-        _ => shell.to_vec(),
+        _ => Err(refuse(label, "a command form this version does not know")),
     }
 }
 
@@ -307,8 +306,8 @@ pub fn recipe(
                 Step::Workdir(workdir.clone())
             }
             Instruction::User(u) => Step::User(expand(&u.arguments.value, &vars)),
-            Instruction::Entrypoint(e) => Step::Entrypoint(command(&e.arguments, &shell)),
-            Instruction::Cmd(c) => Step::Cmd(command(&c.arguments, &shell)),
+            Instruction::Entrypoint(e) => Step::Entrypoint(command(&label, &e.arguments, &shell)?),
+            Instruction::Cmd(c) => Step::Cmd(command(&label, &c.arguments, &shell)?),
             Instruction::Expose(e) => Step::Expose(
                 e.arguments
                     .iter()
@@ -338,7 +337,7 @@ pub fn recipe(
                 if !r.here_docs.is_empty() {
                     return Err(refuse(&label, "RUN with here-documents is not supported"));
                 }
-                Step::Run(command(&r.arguments, &shell))
+                Step::Run(command(&label, &r.arguments, &shell)?)
             }
             Instruction::Copy(c) => copy_step(
                 &label,
