@@ -39,6 +39,29 @@ busybox_arm64_tag="localhost/tripod-busybox:1-arm64"
 
 have() { b inspect --type image "$1" >/dev/null 2>&1; }
 
+# busybox_image TAG BUSYBOX ARCH [CONFIG ARGS…]: a base image of one busybox
+# binary and its applets (listed by this host's busybox: the same package).
+busybox_image() {
+  local tag="$1" binary="$2" arch="$3"
+  shift 3
+  local tmp
+  tmp="$(mktemp -d)"
+  mkdir -p "$tmp/bin" "$tmp/etc" "$tmp/tmp"
+  chmod 1777 "$tmp/tmp"
+  cp "$binary" "$tmp/bin/busybox"
+  for applet in $(/bin/busybox --list); do
+    [ "$applet" = busybox ] || ln -s busybox "$tmp/bin/$applet"
+  done
+  printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\nnonroot:x:65532:65532:nonroot:/home/nonroot:/bin/sh\n' > "$tmp/etc/passwd"
+  printf 'root:x:0:\nnobody:x:65534:\nnonroot:x:65532:\n' > "$tmp/etc/group"
+  local c
+  c="$(b from scratch)"
+  b copy "$c" "$tmp" / >/dev/null
+  b config --env PATH=/bin --cmd /bin/sh --os linux --arch "$arch" "$@" "$c"
+  b commit -q "$c" "$tag" >/dev/null
+  rm -rf "$tmp"
+}
+
 build() {
   mkdir -p "$storage"
   if ! have "$pause_tag"; then
@@ -53,38 +76,12 @@ build() {
   fi
   if ! have "$busybox_tag"; then
     echo "images.sh: building the busybox base image" >&2
-    tmp="$(mktemp -d)"
-    mkdir -p "$tmp/bin" "$tmp/etc" "$tmp/tmp"
-    chmod 1777 "$tmp/tmp"
-    cp /bin/busybox "$tmp/bin/busybox"
-    for applet in $(/bin/busybox --list); do
-      [ "$applet" = busybox ] || ln -s busybox "$tmp/bin/$applet"
-    done
-    printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\nnonroot:x:65532:65532:nonroot:/home/nonroot:/bin/sh\n' > "$tmp/etc/passwd"
-    printf 'root:x:0:\nnobody:x:65534:\nnonroot:x:65532:\n' > "$tmp/etc/group"
-    c="$(b from scratch)"
-    b copy "$c" "$tmp" / >/dev/null
-    b config --env PATH=/bin --cmd /bin/sh --os linux --arch "$(dpkg --print-architecture)" "$c"
-    b commit -q "$c" "$busybox_tag" >/dev/null
-    rm -rf "$tmp"
+    busybox_image "$busybox_tag" /bin/busybox "$(dpkg --print-architecture)"
   fi
   if ! have "$busybox_arm64_tag"; then
     echo "images.sh: building the arm64 busybox base image" >&2
     arm64="$(bash "$here/emulation.sh")"
-    tmp="$(mktemp -d)"
-    mkdir -p "$tmp/bin" "$tmp/etc" "$tmp/tmp"
-    chmod 1777 "$tmp/tmp"
-    cp "$arm64" "$tmp/bin/busybox"
-    for applet in $(/bin/busybox --list); do
-      [ "$applet" = busybox ] || ln -s busybox "$tmp/bin/$applet"
-    done
-    printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n' > "$tmp/etc/passwd"
-    printf 'root:x:0:\nnobody:x:65534:\n' > "$tmp/etc/group"
-    c="$(b from scratch)"
-    b copy "$c" "$tmp" / >/dev/null
-    b config --env PATH=/bin --cmd /bin/sh --os linux --arch arm64 --variant v8 "$c"
-    b commit -q "$c" "$busybox_arm64_tag" >/dev/null
-    rm -rf "$tmp"
+    busybox_image "$busybox_arm64_tag" "$arm64" arm64 --variant v8
   fi
   if ! have "$buildd_tag"; then
     start=$(date +%s)

@@ -686,18 +686,6 @@ fn failure(reason: &str, message: &str) -> Outcome {
     }
 }
 
-fn sanitize(s: &str) -> String {
-    s.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
-}
-
 /// Builds one lease; `None` when it was stopped because the controller
 /// took it back.
 async fn build_lease(
@@ -754,7 +742,7 @@ async fn build_in_buildd(
         .args
         .work_dir
         .join("builds")
-        .join(sanitize(&lease.key()));
+        .join(crate::buildd::safe_name(&lease.key(), 200));
     let _ = tokio::fs::remove_dir_all(&dir).await;
     let src = source_from(a).map_err(|e| fail("SourceFailed", e.to_string()))?;
     let dockerfile = (!a.dockerfile.is_empty()).then_some(a.dockerfile.as_str());
@@ -810,7 +798,11 @@ async fn build_in_buildd(
             .connect()
             .await
             .map_err(|e| fail("Internal", e.to_string()))?;
-        let build_id = format!("{}-{}", lease.build_id, sanitize(&lease.lease));
+        let build_id = format!(
+            "{}-{}",
+            lease.build_id,
+            crate::buildd::safe_name(&lease.lease, 200)
+        );
         let request: bpb::BuildRequest = build_request(build_id.clone(), &context, a);
         let events = shared.events.clone();
         let key = lease.key();

@@ -269,12 +269,7 @@ impl Backend for Buildah {
         events: mpsc::Sender<BuildEvent>,
         cancel: CancellationToken,
     ) -> Result<BuildOutput, BuildFailure> {
-        if spec.platform.os() != Os::Linux {
-            return Err(BuildFailure::Invalid(format!(
-                "platform {}: the buildah backend builds linux platforms only",
-                spec.platform
-            )));
-        }
+        spec.require_os(Os::Linux, "buildah")?;
         if spec.tags.is_empty() {
             return Err(BuildFailure::Invalid(
                 "tags: at least one reference to push".into(),
@@ -293,7 +288,7 @@ impl Backend for Buildah {
                 dockerfile.display()
             )));
         }
-        let work = self.work_dir.join(sanitize(&spec.build_id));
+        let work = self.work_dir.join(super::safe_name(&spec.build_id, 64));
         std::fs::create_dir_all(&work)
             .map_err(|e| BuildFailure::Internal(format!("create {}: {e}", work.display())))?;
         let result = self.build_in(&spec, &work, &events, &cancel).await;
@@ -414,21 +409,6 @@ impl Buildah {
             .sum();
         Some(config + layers)
     }
-}
-
-fn sanitize(id: &str) -> String {
-    let s: String = id
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .take(64)
-        .collect();
-    if s.is_empty() { "build".into() } else { s }
 }
 
 fn write_private(path: &Path, data: &[u8]) -> Result<(), BuildFailure> {

@@ -42,6 +42,36 @@ pub struct BuildSpec {
     pub insecure: bool,
 }
 
+impl BuildSpec {
+    /// `Ok` when the platform's OS is `os`, the only one `backend` builds.
+    pub fn require_os(&self, os: crate::platform::Os, backend: &str) -> Result<(), BuildFailure> {
+        if self.platform.os() == os {
+            return Ok(());
+        }
+        Err(BuildFailure::Invalid(format!(
+            "platform {}: the {backend} backend builds {os} platforms only",
+            self.platform
+        )))
+    }
+}
+
+/// `id` as a file name: `[A-Za-z0-9-]`, anything else `_`, at most `max`
+/// characters (`build` when nothing is left).
+pub fn safe_name(id: &str, max: usize) -> String {
+    let s: String = id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(max)
+        .collect();
+    if s.is_empty() { "build".into() } else { s }
+}
+
 /// Progress of a build.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BuildEvent {

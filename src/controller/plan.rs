@@ -595,15 +595,8 @@ fn drive_pod_platform(
             .and_then(|s| s.phase.as_deref())
             .unwrap_or("Pending");
         let reported = ExecutorReport::from_pod(pod);
-        if let Some(pushed) = &reported.pushed {
-            ps.digest = Some(pushed.digest.clone());
-            ps.phase = Phase::Succeeded;
-            ps.step = None;
-            ps.message = None;
+        if take_report(ps, &reported) {
             return;
-        }
-        if let Some(step) = &reported.step {
-            ps.step = Some(step.clone());
         }
         let failure = match (&reported.failed, pod_phase) {
             (Some(f), _) => Some(f.to_string()),
@@ -642,6 +635,22 @@ fn drive_pod_platform(
         }
         return;
     }
+}
+
+/// Takes what an executor object's annotations report into the platform:
+/// a verified push makes it Succeeded (returns true), else its step.
+pub(super) fn take_report(ps: &mut PlatformStatus, reported: &ExecutorReport) -> bool {
+    if let Some(pushed) = &reported.pushed {
+        ps.digest = Some(pushed.digest.clone());
+        ps.phase = Phase::Succeeded;
+        ps.step = None;
+        ps.message = None;
+        return true;
+    }
+    if let Some(step) = &reported.step {
+        ps.step = Some(step.clone());
+    }
+    false
 }
 
 /// Records that the current attempt of a platform failed: the next

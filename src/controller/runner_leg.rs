@@ -7,7 +7,7 @@ use jiff::Timestamp;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::ResourceExt;
 
-use super::plan::{Plan, retry_after_failure};
+use super::plan::{Plan, retry_after_failure, take_report};
 use super::pod::{PodKey, pod_name};
 use crate::api::{BuildRunner, ExecutorRef, ImageBuild, Phase, PlatformStatus, RunnerPhase};
 use crate::executor::leases::is_emulated;
@@ -145,15 +145,8 @@ impl RunnerLeg<'_> {
                 emulated,
             });
             let reported = ExecutorReport::from_meta(&lease.metadata);
-            if let Some(pushed) = &reported.pushed {
-                ps.digest = Some(pushed.digest.clone());
-                ps.phase = Phase::Succeeded;
-                ps.step = None;
-                ps.message = None;
+            if take_report(ps, &reported) {
                 return;
-            }
-            if let Some(step) = &reported.step {
-                ps.step = Some(step.clone());
             }
             if let Some(f) = &reported.failed {
                 if self.retry(ps, out, &f.to_string()) {

@@ -13,7 +13,7 @@ use kube::runtime::reflector::ObjectRef;
 use super::runners::{ANNOTATION_EMULATED, LeaseKey, RunnerHub, lease_holder, lease_is_active};
 use super::token::{ANNOTATION_ROTATE, RunnerSubject};
 use super::{Authenticated, Claim, ExecutorError, Executors, currentness, kube_err};
-use crate::api::{BuildRunner, ImageBuild, LABEL_ATTEMPT, LABEL_BUILD_ID, is_dns1123_subdomain};
+use crate::api::{BuildRunner, LABEL_ATTEMPT, LABEL_BUILD_ID, is_dns1123_subdomain};
 use crate::platform::{Os, Platform};
 
 /// Who a runner's agent says it is, and what its host builds.
@@ -268,26 +268,7 @@ impl Executors {
                 "lease {key} is being taken back"
             )));
         }
-        let cached = self.builds.as_ref().and_then(|store| {
-            store.get(&ObjectRef::new(&claim.image_build).within(&claim.namespace))
-        });
-        let build = match cached {
-            Some(b) if currentness(&b, claim, &canonical).is_ok() => (*b).clone(),
-            _ => Api::<ImageBuild>::namespaced(self.client.clone(), &claim.namespace)
-                .get_opt(&claim.image_build)
-                .await
-                .map_err(kube_err(format!(
-                    "get ImageBuild {}/{}",
-                    claim.namespace, claim.image_build
-                )))?
-                .ok_or_else(|| {
-                    ExecutorError::Stale(format!(
-                        "ImageBuild {}/{} no longer exists",
-                        claim.namespace, claim.image_build
-                    ))
-                })?,
-        };
-        currentness(&build, claim, &canonical)?;
+        let build = self.current_build(claim, &canonical).await?;
         Ok(Authenticated {
             build,
             namespace: claim.namespace.clone(),

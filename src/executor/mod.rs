@@ -456,32 +456,7 @@ impl Executors {
         if !self.key.verify(&claim.subject(&canonical), &claim.token) {
             return Err(ExecutorError::Unauthenticated(claim.describe()));
         }
-        // From the watch cache when it already shows this attempt, else
-        // from the API server (the status may be a moment behind).
-        let cached = self.builds.as_ref().and_then(|store| {
-            store.get(&ObjectRef::new(&claim.image_build).within(&claim.namespace))
-        });
-        let build = match cached {
-            Some(b) if currentness(&b, claim, &canonical).is_ok() => (*b).clone(),
-            _ => {
-                let builds: Api<ImageBuild> =
-                    Api::namespaced(self.client.clone(), &claim.namespace);
-                builds
-                    .get_opt(&claim.image_build)
-                    .await
-                    .map_err(kube_err(format!(
-                        "get ImageBuild {}/{}",
-                        claim.namespace, claim.image_build
-                    )))?
-                    .ok_or_else(|| {
-                        ExecutorError::Stale(format!(
-                            "ImageBuild {}/{} no longer exists",
-                            claim.namespace, claim.image_build
-                        ))
-                    })?
-            }
-        };
-        currentness(&build, claim, &canonical)?;
+        let build = self.current_build(claim, &canonical).await?;
         Ok(Authenticated {
             build,
             namespace: claim.namespace.clone(),
@@ -489,6 +464,37 @@ impl Executors {
             platform,
             runner: None,
         })
+    }
+
+    /// The ImageBuild `claim` names, once its claimed attempt is checked to
+    /// be the current one: from the watch cache when it already shows this
+    /// attempt, else from the API server (the status may be a moment behind).
+    pub(crate) async fn current_build(
+        &self,
+        claim: &Claim,
+        canonical: &str,
+    ) -> Result<ImageBuild, ExecutorError> {
+        let cached = self.builds.as_ref().and_then(|store| {
+            store.get(&ObjectRef::new(&claim.image_build).within(&claim.namespace))
+        });
+        let build = match cached {
+            Some(b) if currentness(&b, claim, canonical).is_ok() => (*b).clone(),
+            _ => Api::<ImageBuild>::namespaced(self.client.clone(), &claim.namespace)
+                .get_opt(&claim.image_build)
+                .await
+                .map_err(kube_err(format!(
+                    "get ImageBuild {}/{}",
+                    claim.namespace, claim.image_build
+                )))?
+                .ok_or_else(|| {
+                    ExecutorError::Stale(format!(
+                        "ImageBuild {}/{} no longer exists",
+                        claim.namespace, claim.image_build
+                    ))
+                })?,
+        };
+        currentness(&build, claim, canonical)?;
+        Ok(build)
     }
 
     async fn secret_data(

@@ -18,10 +18,10 @@ use crate::common::{ON_REAL_NODE, TestEnv, assert_reported_once, eventually};
 
 const BUILD: Duration = Duration::from_secs(240);
 
-type Client = pb::executor_client::ExecutorClient<tonic::transport::Channel>;
+pub(crate) type Client = pb::executor_client::ExecutorClient<tonic::transport::Channel>;
 
 /// A client of the executor service at `host:port`, trusting `ca`.
-async fn executor_client(host: &str, port: u16, ca: Vec<u8>) -> Client {
+pub(crate) async fn executor_client(host: &str, port: u16, ca: Vec<u8>) -> Client {
     let endpoint = tonic::transport::Endpoint::from_shared(format!("https://{host}:{port}"))
         .expect("endpoint")
         .tls_config(

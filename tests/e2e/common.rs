@@ -454,6 +454,40 @@ pub const ON_REAL_NODE: &str = "  executor:\n    nodeSelector: {kubernetes.io/ho
 /// `extra` is appended to the spec.
 pub fn real_node_build(name: &str, registry: &str, dockerfile: &str, extra: &str) -> String {
     let dockerfile = dockerfile.replace("BASE", &format!("{registry}/base/busybox:1"));
+    inline_build(InlineBuild {
+        name,
+        registry,
+        dockerfile: &dockerfile,
+        platforms: "linux/amd64",
+        hello: "hello from tripod",
+        extra: &format!("{ON_REAL_NODE}{extra}"),
+    })
+}
+
+/// What [`inline_build`] makes.
+pub struct InlineBuild<'a> {
+    pub name: &'a str,
+    /// The registry (plain HTTP) the image goes to, as `team/<name>:1`.
+    pub registry: &'a str,
+    pub dockerfile: &'a str,
+    /// `spec.platforms`, as a YAML flow list's content.
+    pub platforms: &'a str,
+    /// The content of `hello.txt` in the context.
+    pub hello: &'a str,
+    /// Appended to the spec.
+    pub extra: &'a str,
+}
+
+/// An inline ImageBuild manifest.
+pub fn inline_build(b: InlineBuild<'_>) -> String {
+    let InlineBuild {
+        name,
+        registry,
+        dockerfile,
+        platforms,
+        hello,
+        extra,
+    } = b;
     let indented: String = dockerfile
         .lines()
         .map(|l| format!("        {l}\n"))
@@ -468,12 +502,12 @@ spec:
     inline:
       dockerfile: |
 {indented}      files:
-        hello.txt: "hello from tripod"
-  platforms: [linux/amd64]
+        hello.txt: "{hello}"
+  platforms: [{platforms}]
   output:
     image: {registry}/team/{name}:1
     insecure: true
-{ON_REAL_NODE}{extra}"#
+{extra}"#
     )
 }
 

@@ -109,27 +109,14 @@ async fn status(env: &TestEnv, name: &str) -> Option<ImageBuildStatus> {
 /// An inline build of `platforms` from `dockerfile` (with `hello.txt` in
 /// its context), pushed to the test registry as `team/<name>:1`.
 fn build(name: &str, registry: &str, dockerfile: &str, platforms: &str, extra: &str) -> String {
-    let indented: String = dockerfile
-        .lines()
-        .map(|l| format!("        {l}\n"))
-        .collect();
-    format!(
-        r#"apiVersion: build.tripod.dev/v1alpha1
-kind: ImageBuild
-metadata:
-  name: {name}
-spec:
-  source:
-    inline:
-      dockerfile: |
-{indented}      files:
-        hello.txt: "hello from a runner"
-  platforms: [{platforms}]
-  output:
-    image: {registry}/team/{name}:1
-    insecure: true
-{extra}"#
-    )
+    crate::common::inline_build(crate::common::InlineBuild {
+        name,
+        registry,
+        dockerfile,
+        platforms,
+        hello: "hello from a runner",
+        extra,
+    })
 }
 
 fn http_get(addr: &str, path: &str, accept: &str) -> (u16, Vec<u8>) {
@@ -621,19 +608,10 @@ async fn selector_without_a_match_waits_naming_it_and_a_runner_online_later_take
     env.cleanup().await;
 }
 
-type Client = pb::executor_client::ExecutorClient<tonic::transport::Channel>;
+use crate::abuse::Client;
 
 async fn executor(env: &TestEnv, port: u16, ca: &[u8]) -> Client {
-    let host = env.shared.info.node_ip.clone();
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("https://{host}:{port}"))
-        .expect("endpoint")
-        .tls_config(
-            tonic::transport::ClientTlsConfig::new()
-                .domain_name(host)
-                .ca_certificate(tonic::transport::Certificate::from_pem(ca)),
-        )
-        .expect("tls");
-    pb::executor_client::ExecutorClient::new(endpoint.connect().await.expect("connect"))
+    crate::abuse::executor_client(&env.shared.info.node_ip, port, ca.to_vec()).await
 }
 
 /// Says RunnerHello as `runner` with `token`: Ok once welcomed.

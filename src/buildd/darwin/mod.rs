@@ -115,19 +115,6 @@ fn invalid(m: impl Into<String>) -> BuildFailure {
     BuildFailure::Invalid(m.into())
 }
 
-fn sanitize(id: &str) -> String {
-    id.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .take(100)
-        .collect()
-}
-
 impl Backend for Darwin {
     async fn build(
         &self,
@@ -135,12 +122,7 @@ impl Backend for Darwin {
         events: mpsc::Sender<BuildEvent>,
         cancel: CancellationToken,
     ) -> Result<BuildOutput, BuildFailure> {
-        if spec.platform.os() != Os::Darwin {
-            return Err(invalid(format!(
-                "platform {}: the darwin backend builds darwin platforms only",
-                spec.platform
-            )));
-        }
+        spec.require_os(Os::Darwin, "darwin")?;
         let dockerfile = if spec.dockerfile.is_absolute() {
             spec.dockerfile.clone()
         } else {
@@ -156,7 +138,7 @@ impl Backend for Darwin {
         {
             return Err(invalid(format!("{step}: {RUN_NEEDS_MACOS}")));
         }
-        let dir = self.work_dir.join(sanitize(&spec.build_id));
+        let dir = self.work_dir.join(super::safe_name(&spec.build_id, 100));
         let _ = tokio::fs::remove_dir_all(&dir).await;
         let root = dir.join("root");
         tokio::fs::create_dir_all(&root)
