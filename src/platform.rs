@@ -47,6 +47,18 @@ impl Os {
         }
     }
 
+    /// The OS this program runs on (Linux for any other Unix but macOS).
+    #[must_use]
+    pub fn host() -> Os {
+        if cfg!(windows) {
+            Os::Windows
+        } else if cfg!(target_os = "macos") {
+            Os::Darwin
+        } else {
+            Os::Linux
+        }
+    }
+
     /// Resolves an already trimmed, lower-cased OS name or alias.
     fn from_normalized(name: &str) -> Option<Os> {
         match name {

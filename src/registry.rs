@@ -332,6 +332,32 @@ impl RegistryClient {
         })
     }
 
+    /// The compressed size of config and layers of the image manifest
+    /// `digest` in the repository of `reference` (a tag reference).
+    pub async fn image_size(
+        &self,
+        reference: &str,
+        digest: &str,
+        creds: Option<&Credentials>,
+    ) -> Result<i64, RegistryError> {
+        let tagged = parse_reference(reference)?;
+        let image = Reference::with_digest(
+            tagged.registry().to_string(),
+            tagged.repository().to_string(),
+            digest.to_string(),
+        );
+        let client = self.client(reference)?;
+        let auth = match creds {
+            Some(c) => RegistryAuth::Basic(c.username.clone(), c.password.clone()),
+            None => RegistryAuth::Anonymous,
+        };
+        let (manifest, _) = client
+            .pull_image_manifest(&image, &auth)
+            .await
+            .map_err(|e| self.map_error(reference, image.resolve_registry(), e))?;
+        Ok(manifest.config.size + manifest.layers.iter().map(|l| l.size).sum::<i64>())
+    }
+
     /// Pushes an image made of `layers` (gzip-compressed OCI layer tars)
     /// and `config` (an OCI image config) to every reference in `tags`
     /// (blobs once, the manifest under each tag), and returns the manifest

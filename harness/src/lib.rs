@@ -17,6 +17,7 @@ use std::path::PathBuf;
 use std::process::ExitStatus;
 use std::time::Duration;
 
+pub mod buildkit;
 pub mod certs;
 pub mod controlplane;
 pub mod dev;

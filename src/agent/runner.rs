@@ -78,6 +78,15 @@ pub struct RunnerArgs {
     /// buildah's storage driver (Linux hosts): vfs or overlay.
     #[arg(long, default_value = "vfs")]
     pub storage_driver: String,
+    /// The address of a buildkitd on this host (`unix:///…`,
+    /// `npipe:////./pipe/buildkitd`, `tcp://127.0.0.1:PORT`): builds may
+    /// use the BuildKit backend, and the runner also builds windows/ARCH
+    /// (on a Linux host: Dockerfiles whose target platform has no RUN).
+    #[arg(long, env = "TRIPOD_BUILDKIT_ADDR", value_name = "ADDR")]
+    pub buildkit_addr: Option<String>,
+    /// The buildctl program (with --buildkit-addr).
+    #[arg(long, default_value = "buildctl")]
+    pub buildctl: PathBuf,
 }
 
 /// The OS of this host, as platforms name it.
@@ -126,22 +135,48 @@ pub fn emulated_arches() -> Vec<String> {
 }
 
 /// The platforms this host builds, and which of them are emulated.
-pub fn host_platforms(test_darwin: Option<&str>) -> (Vec<String>, Vec<String>) {
-    let mut all = vec![format!("{}/{}", host_os(), host_arch())];
+pub fn host_platforms(host: &Host<'_>) -> (Vec<String>, Vec<String>) {
+    let mut all = vec![format!("{}/{}", host.os, host_arch())];
     let mut emulated = Vec::new();
-    if host_os() == "linux" {
+    if host.os == "linux" {
         for a in emulated_arches() {
             let p = format!("linux/{a}");
             all.push(p.clone());
             emulated.push(p);
         }
     }
-    if let Some(arch) = test_darwin
-        && host_os() != "darwin"
+    if host.buildkit && host.os != "windows" && host.os != "darwin" {
+        // BuildKit builds Windows images on Linux, RUN steps excepted.
+        all.push(format!("windows/{}", host_arch()));
+    }
+    if let Some(arch) = host.test_darwin
+        && host.os != "darwin"
     {
         all.push(format!("darwin/{arch}"));
     }
     (all, emulated)
+}
+
+/// What a runner's host can build with.
+#[derive(Debug, Clone, Copy)]
+pub struct Host<'a> {
+    /// Its OS, as platforms name it.
+    pub os: &'a str,
+    /// `--test-darwin ARCH`.
+    pub test_darwin: Option<&'a str>,
+    /// Whether a buildkitd was given (`--buildkit-addr`).
+    pub buildkit: bool,
+}
+
+impl<'a> Host<'a> {
+    /// This host, as the runner's flags describe it.
+    pub fn of(args: &'a RunnerArgs) -> Self {
+        Host {
+            os: host_os(),
+            test_darwin: args.test_darwin.as_deref(),
+            buildkit: args.buildkit_addr.is_some(),
+        }
+    }
 }
 
 /// The backend for `target` on this host, in the seeds' order: the
@@ -150,15 +185,15 @@ pub fn host_platforms(test_darwin: Option<&str>) -> (Vec<String>, Vec<String>) {
 pub fn choose_backend(
     requested: &str,
     env: Option<&str>,
-    host: &str,
+    host: &Host<'_>,
     target: &Platform,
-    test_darwin: bool,
 ) -> Result<BackendKind, String> {
     let parse = |name: &str, from: &str| match name {
         "buildah" => Ok(BackendKind::Buildah),
         "darwin" => Ok(BackendKind::Darwin),
+        "buildkit" => Ok(BackendKind::Buildkit),
         other => Err(format!(
-            "{from}: unknown backend {other:?} (buildah or darwin)"
+            "{from}: unknown backend {other:?} (buildah, buildkit or darwin)"
         )),
     };
     let (kind, from) = if !requested.is_empty() {
@@ -173,23 +208,41 @@ pub fn choose_backend(
         )
     } else {
         match target.os() {
-            Os::Linux => (BackendKind::Buildah, "this host"),
+            Os::Linux if host.os == "linux" || !host.buildkit => (BackendKind::Buildah, "this host"),
+            Os::Linux => (BackendKind::Buildkit, "this host"),
             Os::Darwin => (BackendKind::Darwin, "this host"),
+            Os::Windows if host.buildkit => (BackendKind::Buildkit, "this host"),
             Os::Windows => {
                 return Err(format!(
-                    "{target}: no backend on this runner builds windows platforms"
+                    "{target}: no backend on this runner builds windows platforms (start it with --buildkit-addr)"
                 ));
             }
         }
     };
     let possible = match kind {
-        BackendKind::Buildah => host == "linux" && target.os() == Os::Linux,
-        BackendKind::Darwin => target.os() == Os::Darwin && (host == "darwin" || test_darwin),
+        BackendKind::Buildah => host.os == "linux" && target.os() == Os::Linux,
+        BackendKind::Darwin => {
+            target.os() == Os::Darwin && (host.os == "darwin" || host.test_darwin.is_some())
+        }
+        BackendKind::Buildkit => {
+            host.buildkit
+                && match target.os() {
+                    Os::Linux => host.os == "linux",
+                    Os::Windows => host.os == "linux" || host.os == "windows",
+                    Os::Darwin => false,
+                }
+        }
     };
     if !possible {
+        let hint = if kind == BackendKind::Buildkit && !host.buildkit {
+            " (the runner was started without --buildkit-addr)"
+        } else {
+            ""
+        };
         return Err(format!(
-            "{from} chose the {} backend, which cannot build {target} on a {host} host",
-            kind.as_str()
+            "{from} chose the {} backend, which cannot build {target} on a {} host{hint}",
+            kind.as_str(),
+            host.os
         ));
     }
     Ok(kind)
@@ -305,7 +358,7 @@ pub async fn run(args: RunnerArgs) -> Result<(), AgentError> {
     let (events_tx, mut events_rx) = mpsc::unbounded_channel();
     let program = std::env::current_exe()
         .map_err(|e| AgentError::Env(format!("cannot find the tripod binary: {e}")))?;
-    let (platforms, emulated) = host_platforms(args.test_darwin.as_deref());
+    let (platforms, emulated) = host_platforms(&Host::of(&args));
     tracing::info!(runner = %name, ?platforms, ?emulated, capacity = args.capacity, "runner starting");
     let shared = Arc::new(Shared {
         slots: Semaphore::new(args.capacity.max(1) as usize),
@@ -733,9 +786,8 @@ async fn build_in_buildd(
     let backend = choose_backend(
         &a.backend,
         std::env::var("TRIPOD_BACKEND").ok().as_deref(),
-        host_os(),
+        &Host::of(&shared.args),
         &target,
-        shared.args.test_darwin.is_some(),
     )
     .map_err(|m| fail("InvalidRequest", m))?;
     let dir = shared
@@ -783,6 +835,16 @@ async fn build_in_buildd(
             storage.join("run").display().to_string(),
             "--storage-driver".to_string(),
             shared.args.storage_driver.clone(),
+        ]);
+    }
+    if backend == BackendKind::Buildkit
+        && let Some(addr) = &shared.args.buildkit_addr
+    {
+        buildd_args.extend([
+            "--buildkit-addr".to_string(),
+            addr.clone(),
+            "--buildctl".to_string(),
+            shared.args.buildctl.display().to_string(),
         ]);
     }
     let buildd = spawn::spawn(
@@ -845,37 +907,66 @@ mod tests {
         let linux: Platform = "linux/arm64".parse().unwrap();
         let darwin: Platform = "darwin/arm64".parse().unwrap();
         let windows: Platform = "windows/amd64".parse().unwrap();
+        let host = |os, test_darwin: bool, buildkit| Host {
+            os,
+            test_darwin: test_darwin.then_some("arm64"),
+            buildkit,
+        };
+        let plain = host("linux", false, false);
         assert_eq!(
-            choose_backend("", None, "linux", &linux, false),
+            choose_backend("", None, &plain, &linux),
             Ok(BackendKind::Buildah)
         );
         assert_eq!(
-            choose_backend("", None, "darwin", &darwin, false),
+            choose_backend("", None, &host("darwin", false, false), &darwin),
             Ok(BackendKind::Darwin)
         );
         assert_eq!(
-            choose_backend("", None, "linux", &darwin, true),
+            choose_backend("", None, &host("linux", true, false), &darwin),
             Ok(BackendKind::Darwin)
         );
-        let err = choose_backend("", None, "linux", &darwin, false).unwrap_err();
+        let err = choose_backend("", None, &plain, &darwin).unwrap_err();
         assert!(
             err.contains("cannot build darwin/arm64 on a linux host"),
             "{err}"
         );
-        let err = choose_backend("buildah", None, "linux", &darwin, true).unwrap_err();
+        let err = choose_backend("buildah", None, &host("linux", true, false), &darwin).unwrap_err();
         assert!(
             err.starts_with("spec.executor.backend chose the buildah backend"),
             "{err}"
         );
-        let err = choose_backend("", Some("darwin"), "linux", &linux, true).unwrap_err();
+        let err = choose_backend("", Some("darwin"), &host("linux", true, false), &linux).unwrap_err();
         assert!(err.starts_with("TRIPOD_BACKEND on the runner"), "{err}");
-        assert!(choose_backend("", Some("nope"), "linux", &linux, false).is_err());
-        assert!(choose_backend("", None, "linux", &windows, false).is_err());
+        assert!(choose_backend("", Some("nope"), &plain, &linux).is_err());
         // The spec's choice comes before the host's.
         assert_eq!(
-            choose_backend("buildah", Some("darwin"), "linux", &linux, false),
+            choose_backend("buildah", Some("darwin"), &plain, &linux),
             Ok(BackendKind::Buildah)
         );
+        // Windows needs BuildKit; BuildKit needs a daemon.
+        let err = choose_backend("", None, &plain, &windows).unwrap_err();
+        assert!(err.contains("--buildkit-addr"), "{err}");
+        let err = choose_backend("buildkit", None, &plain, &linux).unwrap_err();
+        assert!(err.contains("without --buildkit-addr"), "{err}");
+        let bk = host("linux", false, true);
+        assert_eq!(
+            choose_backend("", None, &bk, &windows),
+            Ok(BackendKind::Buildkit)
+        );
+        assert_eq!(
+            choose_backend("buildkit", None, &bk, &linux),
+            Ok(BackendKind::Buildkit)
+        );
+        assert_eq!(
+            choose_backend("", Some("buildkit"), &bk, &linux),
+            Ok(BackendKind::Buildkit)
+        );
+        assert_eq!(choose_backend("", None, &bk, &linux), Ok(BackendKind::Buildah));
+        assert!(choose_backend("buildkit", None, &bk, &darwin).is_err());
+        let (platforms, _) = host_platforms(&bk);
+        assert!(platforms.contains(&format!("windows/{}", host_arch())), "{platforms:?}");
+        let (platforms, _) = host_platforms(&plain);
+        assert!(!platforms.iter().any(|p| p.starts_with("windows/")), "{platforms:?}");
     }
 
     #[test]

@@ -47,8 +47,8 @@ use serde::{Deserialize, Serialize};
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
     {
-        "rule": "!has(self.executor) || !has(self.executor.runnerPlatforms) || self.executor.runnerPlatforms.all(p, p in self.platforms && p.startsWith('linux/'))",
-        "message": "spec.executor.runnerPlatforms: each entry must be a linux platform listed in spec.platforms"
+        "rule": "!has(self.executor) || !has(self.executor.runnerPlatforms) || self.executor.runnerPlatforms.all(p, p in self.platforms && (p.startsWith('linux/') || p.startsWith('windows/')))",
+        "message": "spec.executor.runnerPlatforms: each entry must be a linux or windows platform listed in spec.platforms"
     }
 ]))]
 pub struct ImageBuildSpec {
@@ -350,17 +350,22 @@ pub struct ExecutorSpec {
     /// platform of this build that runs on runners.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub runner_selector: BTreeMap<String, String>,
-    /// Linux platforms (entries of `spec.platforms`) to build on
+    /// Linux or Windows platforms (entries of `spec.platforms`) to build on
     /// BuildRunners instead of in build Pods, e.g. `linux/arm64` on a Linux
-    /// runner that emulates arm64. darwin platforms always build on runners.
+    /// runner that emulates arm64, or `windows/amd64` on a runner whose
+    /// BuildKit builds Windows images (without RUN steps on a Linux host).
+    /// darwin platforms always build on runners.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 16))]
     #[schemars(extend("x-kubernetes-list-type" = "set"))]
     pub runner_platforms: Vec<String>,
     /// The builder, instead of the one the executor's host picks: `buildah`
-    /// (linux platforms, in build Pods or on Linux runners) or `darwin`
+    /// (linux platforms, in build Pods or on Linux runners), `buildkit`
+    /// (linux and windows platforms: on runners started with a BuildKit
+    /// daemon, and in Windows build Pods, which always use it) or `darwin`
     /// (darwin platforms on macOS runners). A backend that cannot build one
-    /// of `spec.platforms` is refused before anything runs.
+    /// of `spec.platforms` where it would run is refused before anything
+    /// runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backend: Option<BackendName>,
 }
@@ -373,6 +378,9 @@ pub enum BackendName {
     Buildah,
     /// The darwin backend: macOS images on a macOS runner (RUN under Seatbelt).
     Darwin,
+    /// BuildKit: Linux and Windows images through a buildkitd (RUN steps
+    /// only on a host of the image's OS).
+    Buildkit,
 }
 
 impl BackendName {
@@ -381,6 +389,7 @@ impl BackendName {
         match self {
             BackendName::Buildah => "buildah",
             BackendName::Darwin => "darwin",
+            BackendName::Buildkit => "buildkit",
         }
     }
 
@@ -389,6 +398,7 @@ impl BackendName {
         match s {
             "buildah" => Some(BackendName::Buildah),
             "darwin" => Some(BackendName::Darwin),
+            "buildkit" => Some(BackendName::Buildkit),
             _ => None,
         }
     }

@@ -4,6 +4,7 @@
 //! Domain types here are free of proto: [`server`] converts.
 
 pub mod buildah;
+pub mod buildkit;
 pub mod darwin;
 pub mod server;
 pub mod spawn;
@@ -192,6 +193,13 @@ pub struct BuilddArgs {
     /// The buildah program.
     #[arg(long, default_value = "buildah")]
     pub buildah: PathBuf,
+    /// buildkit backend: the `buildctl` program.
+    #[arg(long, default_value = "buildctl")]
+    pub buildctl: PathBuf,
+    /// buildkit backend: the address of the `buildkitd` to build with
+    /// (`unix:///…`, `npipe:////./pipe/…`, `tcp://host:port`).
+    #[arg(long, env = "TRIPOD_BUILDKIT_ADDR", default_value = DEFAULT_BUILDKIT_ADDR)]
+    pub buildkit_addr: String,
     /// Image storage root.
     #[arg(
         long,
@@ -228,6 +236,13 @@ pub struct BuilddArgs {
     pub sandbox_private: Vec<PathBuf>,
 }
 
+/// Where buildkitd listens by default on this OS.
+#[cfg(windows)]
+pub const DEFAULT_BUILDKIT_ADDR: &str = "npipe:////./pipe/buildkitd";
+/// Where buildkitd listens by default on this OS.
+#[cfg(not(windows))]
+pub const DEFAULT_BUILDKIT_ADDR: &str = "unix:///run/buildkit/buildkitd.sock";
+
 /// Build backends.
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BackendKind {
@@ -235,6 +250,9 @@ pub enum BackendKind {
     Buildah,
     /// darwin: macOS images (RUN only on macOS hosts).
     Darwin,
+    /// BuildKit: Linux images, and Windows images (RUN only on Windows
+    /// hosts), through a running buildkitd.
+    Buildkit,
 }
 
 impl From<crate::api::BackendName> for BackendKind {
@@ -242,6 +260,7 @@ impl From<crate::api::BackendName> for BackendKind {
         match b {
             crate::api::BackendName::Buildah => BackendKind::Buildah,
             crate::api::BackendName::Darwin => BackendKind::Darwin,
+            crate::api::BackendName::Buildkit => BackendKind::Buildkit,
         }
     }
 }
@@ -252,6 +271,7 @@ impl BackendKind {
         match self {
             BackendKind::Buildah => "buildah",
             BackendKind::Darwin => "darwin",
+            BackendKind::Buildkit => "buildkit",
         }
     }
 }
@@ -305,6 +325,15 @@ pub async fn run(args: BuilddArgs) -> Result<(), BuilddError> {
             let backend = darwin::Darwin {
                 work_dir,
                 private: args.sandbox_private,
+            };
+            server::serve(opts, server::BuilderService::new(backend)).await?;
+        }
+        BackendKind::Buildkit => {
+            let backend = buildkit::Buildkit {
+                program: args.buildctl,
+                addr: args.buildkit_addr,
+                work_dir,
+                host_os: crate::platform::Os::host(),
             };
             server::serve(opts, server::BuilderService::new(backend)).await?;
         }

@@ -156,11 +156,11 @@ pub fn validate(spec: &ImageBuildSpec) -> Result<BuildRequest, InvalidSpec> {
         for (i, text) in exec.runner_platforms.iter().enumerate() {
             let field = format!("spec.executor.runnerPlatforms[{i}]");
             let p: Platform = text.parse().map_err(|e| invalid(&field, format!("{e}")))?;
-            if p.os() != Os::Linux {
+            if p.os() == Os::Darwin {
                 return Err(invalid(
                     field,
                     format!(
-                        "{p}: only linux platforms are chosen for runners (darwin always builds on one)"
+                        "{p}: only linux and windows platforms are chosen for runners (darwin always builds on one)"
                     ),
                 ));
             }
@@ -170,22 +170,25 @@ pub fn validate(spec: &ImageBuildSpec) -> Result<BuildRequest, InvalidSpec> {
             on_runner[at] = true;
         }
         if let Some(b) = exec.backend {
-            for p in &platforms {
-                let builds = match b {
-                    BackendName::Buildah => p.os() == Os::Linux,
-                    BackendName::Darwin => p.os() == Os::Darwin,
+            for (p, runner) in platforms.iter().zip(&on_runner) {
+                let why = match (b, p.os(), runner) {
+                    (BackendName::Buildah, Os::Linux, _)
+                    | (BackendName::Darwin, Os::Darwin, _)
+                    | (BackendName::Buildkit, Os::Linux, true)
+                    | (BackendName::Buildkit, Os::Windows, _) => None,
+                    (BackendName::Buildah, _, _) => Some("it builds linux platforms only"),
+                    (BackendName::Darwin, _, _) => Some("it builds darwin platforms only"),
+                    (BackendName::Buildkit, Os::Darwin, _) => {
+                        Some("it builds linux and windows platforms only")
+                    }
+                    (BackendName::Buildkit, Os::Linux, false) => Some(
+                        "linux build Pods run buildah; list the platform in spec.executor.runnerPlatforms to build it with BuildKit on a runner",
+                    ),
                 };
-                if !builds {
+                if let Some(why) = why {
                     return Err(invalid(
                         "spec.executor.backend",
-                        format!(
-                            "{} cannot build {p}: it builds {} platforms only",
-                            b.as_str(),
-                            match b {
-                                BackendName::Buildah => "linux",
-                                BackendName::Darwin => "darwin",
-                            }
-                        ),
+                        format!("{} cannot build {p}: {why}", b.as_str()),
                     ));
                 }
             }

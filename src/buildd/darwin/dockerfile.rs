@@ -77,63 +77,7 @@ fn refuse(text: &str, why: &str) -> String {
     format!("{text}: {why}")
 }
 
-/// Expands `$NAME`, `${NAME}`, `${NAME:-default}` and `${NAME:+alt}`; `\$`
-/// is a literal `$`.
-pub fn expand(s: &str, vars: &BTreeMap<String, String>) -> String {
-    let mut out = String::new();
-    let chars: Vec<char> = s.chars().collect();
-    let mut i = 0;
-    while i < chars.len() {
-        let c = chars[i];
-        if c == '\\' && chars.get(i + 1) == Some(&'$') {
-            out.push('$');
-            i += 2;
-            continue;
-        }
-        if c != '$' {
-            out.push(c);
-            i += 1;
-            continue;
-        }
-        if chars.get(i + 1) == Some(&'{') {
-            let Some(end) = chars[i + 2..].iter().position(|&c| c == '}') else {
-                out.push(c);
-                i += 1;
-                continue;
-            };
-            let inner: String = chars[i + 2..i + 2 + end].iter().collect();
-            let value = if let Some((name, default)) = inner.split_once(":-") {
-                vars.get(name)
-                    .filter(|v| !v.is_empty())
-                    .cloned()
-                    .unwrap_or_else(|| expand(default, vars))
-            } else if let Some((name, alt)) = inner.split_once(":+") {
-                if vars.get(name).is_some_and(|v| !v.is_empty()) {
-                    expand(alt, vars)
-                } else {
-                    String::new()
-                }
-            } else {
-                vars.get(&inner).cloned().unwrap_or_default()
-            };
-            out.push_str(&value);
-            i += 3 + end;
-            continue;
-        }
-        let name: String = chars[i + 1..]
-            .iter()
-            .take_while(|c| c.is_ascii_alphanumeric() || **c == '_')
-            .collect();
-        if name.is_empty() {
-            out.push(c);
-            i += 1;
-        } else {
-            out.push_str(vars.get(&name).map(String::as_str).unwrap_or(""));
-            i += 1 + name.chars().count();
-        }
-    }
-    out
-}
+pub use crate::dockerfile::expand;
 
 /// Splits `a=b "c d"=e f='g h'` into words, quotes removed, respecting
 /// backslash escapes.
