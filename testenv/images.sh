@@ -10,11 +10,14 @@
 #                              localhost/tripod-busybox:1          Debian's busybox-static
 #                              localhost/tripod-busybox:1-arm64    the same for arm64
 #                                (Debian's arm64 package, from emulation.sh)
+#                              localhost/tripod-windows-synthetic:ltsc2022 and :ltsc2019
+#                                synthetic Windows base images (see windows_image)
 #   images.sh push REGISTRY  pushes them (plain HTTP) as
 #                              REGISTRY/tripod/buildd:src-<hash>
 #                              REGISTRY/tripod/pause:1
 #                              REGISTRY/base/busybox:1
 #                              REGISTRY/base/busybox:1-arm64
+#                              REGISTRY/base/windows-synthetic:ltsc2022 (and :ltsc2019)
 #                              REGISTRY/base/debian:bookworm (the debootstrap Debian of
 #                                base-images.sh, as the buildd build pulled it)
 #                            and prints one `name=reference` line each.
@@ -36,6 +39,11 @@ buildd_tag="localhost/tripod-buildd:src-$(src_hash)"
 pause_tag="localhost/tripod-pause:$(sha256sum "$here/pause.c" | cut -c1-12)"
 busybox_tag="localhost/tripod-busybox:1"
 busybox_arm64_tag="localhost/tripod-busybox:1-arm64"
+# Windows Server 2022 and 2019 builds (os.version of the synthetic bases).
+windows_2022_version="10.0.20348.2700"
+windows_2019_version="10.0.17763.6414"
+windows_2022_tag="localhost/tripod-windows-synthetic:ltsc2022-${windows_2022_version}"
+windows_2019_tag="localhost/tripod-windows-synthetic:ltsc2019-${windows_2019_version}"
 
 have() { b inspect --type image "$1" >/dev/null 2>&1; }
 
@@ -62,8 +70,36 @@ busybox_image() {
   rm -rf "$tmp"
 }
 
+# windows_image TAG OS_VERSION: a synthetic Windows base image. There is no
+# Windows base image to pull here, and BuildKit on Linux only needs what a
+# real one has in its layer layout: `Files/` (the file system, here a few
+# text files where Windows keeps them) and `Hives/` (registry hives, here
+# empty files), with a config saying os windows, its os.version.
+windows_image() {
+  local tag="$1" version="$2" tmp c
+  tmp="$(mktemp -d)"
+  mkdir -p "$tmp/Files/Windows/System32/drivers/etc" "$tmp/Files/ProgramData" "$tmp/Hives"
+  printf '127.0.0.1 localhost\r\n' > "$tmp/Files/Windows/System32/drivers/etc/hosts"
+  printf 'Synthetic Windows base for Tripod tests (not Windows): os.version %s\r\n' "$version" > "$tmp/Files/License.txt"
+  for hive in DefaultUser_Delta Sam_Delta Security_Delta Software_Delta System_Delta; do
+    : > "$tmp/Hives/$hive"
+  done
+  c="$(b from scratch)"
+  b copy "$c" "$tmp" / >/dev/null
+  b config --os windows --arch amd64 --os-version "$version" \
+    --env 'PATH=C:\Windows\system32;C:\Windows' --cmd 'c:\windows\system32\cmd.exe' "$c"
+  b commit -q "$c" "$tag" >/dev/null
+  rm -rf "$tmp"
+}
+
 build() {
   mkdir -p "$storage"
+  for pair in "$windows_2022_tag=$windows_2022_version" "$windows_2019_tag=$windows_2019_version"; do
+    if ! have "${pair%%=*}"; then
+      echo "images.sh: building the synthetic Windows base ${pair%%=*}" >&2
+      windows_image "${pair%%=*}" "${pair#*=}"
+    fi
+  done
   if ! have "$pause_tag"; then
     echo "images.sh: building the pause image" >&2
     tmp="$(mktemp -d)"
@@ -122,7 +158,9 @@ push() {
   for pair in "buildd=$buildd_tag=tripod/buildd:${buildd_tag##*:}" \
               "pause=$pause_tag=tripod/pause:1" \
               "busybox=$busybox_tag=base/busybox:1" \
-              "busybox_arm64=$busybox_arm64_tag=base/busybox:1-arm64"; do
+              "busybox_arm64=$busybox_arm64_tag=base/busybox:1-arm64" \
+              "windows_${windows_2022_version}=$windows_2022_tag=base/windows-synthetic:ltsc2022" \
+              "windows_${windows_2019_version}=$windows_2019_tag=base/windows-synthetic:ltsc2019"; do
     name="${pair%%=*}"; rest="${pair#*=}"; tag="${rest%%=*}"; dest="$registry/${rest#*=}"
     b push -q --tls-verify=false "$tag" "docker://$dest" >&2
     echo "$name=$dest"

@@ -70,6 +70,14 @@ pub struct EnvInfo {
     /// through the emulating runner.
     #[serde(default)]
     pub busybox_arm64_image: Option<String>,
+    /// The synthetic Windows base images (`base/windows-synthetic:ltsc2022`,
+    /// `:ltsc2019`), by their config's `os.version`.
+    #[serde(default)]
+    pub windows_bases: std::collections::BTreeMap<String, String>,
+    /// The environment's BuildKit daemon (OCI worker on the node's runc),
+    /// which its runners build with.
+    #[serde(default)]
+    pub buildkit: Option<crate::runner::BuildkitRef>,
     /// The Debian base made by debootstrap (`base/debian:bookworm`), when
     /// the buildd image build left it in the image storage.
     pub debian_image: Option<String>,
@@ -116,6 +124,7 @@ impl EnvInfo {
 #[derive(Debug)]
 pub struct Env {
     runners: Vec<crate::runner::Runner>,
+    buildkitd: Option<crate::buildkit::Buildkitd>,
     controller: Option<Child>,
     kwok: Option<Kwok>,
     node: Option<RealNode>,
@@ -145,7 +154,7 @@ impl Drop for Env {
 pub const DEV_RUNNERS: [(&str, &str); 2] = [
     (
         "dev-linux",
-        "{os: linux, arch: amd64, capacity: 2, emulatedArchs: [arm64]}",
+        "{os: linux, arch: amd64, capacity: 2, emulatedArchs: [arm64], windowsArchs: [amd64]}",
     ),
     ("dev-darwin", "{os: darwin, arch: arm64, capacity: 2}"),
 ];
@@ -160,6 +169,7 @@ async fn start_dev_runners(
     dir: &Path,
     logs: &Path,
     executor_port: u16,
+    buildkit: Option<&crate::runner::BuildkitRef>,
 ) -> Result<Vec<crate::runner::Runner>, Error> {
     use crate::runner::{Runner, RunnerOptions};
     let gvk = kube::api::GroupVersionKind::gvk("build.tripod.dev", "v1alpha1", "BuildRunner");
@@ -188,6 +198,11 @@ async fn start_dev_runners(
                 capacity: 2,
                 labels: Vec::new(),
                 test_darwin: (name == "dev-darwin").then(|| "arm64".to_string()),
+                buildkit: if name == "dev-linux" {
+                    buildkit.cloned()
+                } else {
+                    None
+                },
                 work_dir: dir.join("runners").join(name),
                 log: logs.join(format!("runner-{name}.log")),
                 rust_log: "info".into(),
@@ -308,6 +323,18 @@ impl Env {
         step(started, "simulated nodes Ready");
         install_crds(&client, &opts.tripod).await?;
         ensure_namespace(&client, SYSTEM_NAMESPACE).await?;
+        let buildkitd = crate::buildkit::start_buildkitd(
+            &opts.source_dir,
+            &dir.join("buildkitd"),
+            std::slice::from_ref(&registry.address),
+        )?;
+        step(started, "buildkitd ready");
+        let windows_bases = pushed
+            .lines()
+            .filter_map(|l| l.strip_prefix("windows_"))
+            .filter_map(|l| l.split_once('='))
+            .map(|(v, r)| (v.to_string(), r.to_string()))
+            .collect();
 
         let mut info = EnvInfo {
             kubeconfig: cp.kubeconfig().to_path_buf(),
@@ -319,6 +346,11 @@ impl Env {
             buildd_image,
             busybox_image,
             busybox_arm64_image: image("busybox_arm64").ok(),
+            windows_bases,
+            buildkit: Some(crate::runner::BuildkitRef {
+                address: buildkitd.address.clone(),
+                buildctl: buildkitd.buildctl.clone(),
+            }),
             debian_image: image("debian").ok(),
             kubelet_root: node.kubelet_root.clone(),
             buildd_seccomp_profile: BUILDD_SECCOMP_PROFILE.to_string(),
@@ -328,6 +360,7 @@ impl Env {
         };
         let mut env = Env {
             runners: Vec::new(),
+            buildkitd: Some(buildkitd),
             controller: None,
             kwok: Some(kwok),
             node: Some(node),
@@ -355,7 +388,16 @@ impl Env {
                 Some(spawn_supervised(cmd).map_err(|e| Error::io("start tripod controller", e))?);
             info.metrics = Some(format!("http://127.0.0.1:{metrics_port}/metrics"));
             env.info = info;
-            env.runners = start_dev_runners(&client, opts, &dir, &logs, executor_port).await?;
+            let buildkit = env.info.buildkit.clone();
+            env.runners = start_dev_runners(
+                &client,
+                opts,
+                &dir,
+                &logs,
+                executor_port,
+                buildkit.as_ref(),
+            )
+            .await?;
             step(started, "runners Online");
         }
         step(started, "environment ready");
@@ -413,6 +455,9 @@ impl Env {
             r.kill();
         }
         self.runners.clear();
+        if let Some(mut b) = self.buildkitd.take() {
+            b.stop();
+        }
         if let Some(mut c) = self.controller.take() {
             let _ = Command::new("kill")
                 .args(["-TERM", &c.id().to_string()])

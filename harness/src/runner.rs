@@ -30,12 +30,24 @@ pub struct RunnerOptions {
     pub labels: Vec<String>,
     /// `--test-darwin ARCH`: build darwin/ARCH without RUN on this Linux host.
     pub test_darwin: Option<String>,
+    /// `--buildkit-addr` and `--buildctl`: a BuildKit daemon the runner's
+    /// builds may use (it then builds windows/<arch> too).
+    pub buildkit: Option<BuildkitRef>,
     /// Working directory (journal, builds, image storage, the token files).
     pub work_dir: PathBuf,
     /// Log file (appended to across restarts).
     pub log: PathBuf,
     /// `RUST_LOG`.
     pub rust_log: String,
+}
+
+/// A BuildKit daemon and its client.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct BuildkitRef {
+    /// The daemon's address (`unix:///…`).
+    pub address: String,
+    /// The `buildctl` program.
+    pub buildctl: PathBuf,
 }
 
 /// A running `tripod agent --runner`.
@@ -147,6 +159,12 @@ impl Runner {
         }
         if let Some(arch) = &opts.test_darwin {
             cmd.arg("--test-darwin").arg(arch);
+        }
+        if let Some(bk) = &opts.buildkit {
+            cmd.arg("--buildkit-addr")
+                .arg(&bk.address)
+                .arg("--buildctl")
+                .arg(&bk.buildctl);
         }
         cmd.env("RUST_LOG", &opts.rust_log)
             .stdin(Stdio::null())

@@ -35,6 +35,10 @@ use serde::{Deserialize, Serialize};
     {
         "rule": "self.os == 'linux' || !has(self.emulatedArchs) || size(self.emulatedArchs) == 0",
         "message": "spec.emulatedArchs: only Linux runners emulate other architectures"
+    },
+    {
+        "rule": "self.os == 'linux' || !has(self.windowsArchs) || size(self.windowsArchs) == 0",
+        "message": "spec.windowsArchs: only Linux runners build Windows images this way (a Windows runner builds its own os/arch)"
     }
 ]))]
 pub struct BuildRunnerSpec {
@@ -69,6 +73,21 @@ pub struct BuildRunnerSpec {
         }
     ]))]
     pub emulated_archs: Vec<String>,
+    /// Windows architectures a Linux runner also builds, through BuildKit
+    /// (the agent runs with `--buildkit-addr`), e.g. `[amd64]`: `windows/amd64`
+    /// images from Dockerfiles whose Windows stages have no RUN step (COPY,
+    /// ADD, ENV, LABEL…: RUN needs a Windows host and is refused, naming the
+    /// step). The agent checks at connection that it has a BuildKit daemon.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 4))]
+    #[schemars(extend("x-kubernetes-list-type" = "set"))]
+    #[schemars(extend("x-kubernetes-validations" = [
+        {
+            "rule": "self.all(a, a in ['amd64', 'arm64'])",
+            "message": "each must be amd64 or arm64"
+        }
+    ]))]
+    pub windows_archs: Vec<String>,
 }
 
 fn default_capacity() -> i32 {

@@ -1105,6 +1105,7 @@ mod tests {
                 } else {
                     Vec::new()
                 },
+                windows_archs: Vec::new(),
             },
         );
         r.status = Some(BuildRunnerStatus {

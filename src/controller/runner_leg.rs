@@ -79,6 +79,12 @@ pub fn runner_builds(
     if runner.spec.os.as_str() == platform.os().as_str() && runner.spec.arch == platform.arch() {
         return Some(false);
     }
+    if platform.os() == crate::platform::Os::Windows
+        && runner.spec.os.as_str() == "linux"
+        && runner.spec.windows_archs.iter().any(|a| a == platform.arch())
+    {
+        return Some(false);
+    }
     is_emulated(runner, platform).then_some(true)
 }
 

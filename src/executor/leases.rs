@@ -75,7 +75,8 @@ pub fn rotation(runner: &BuildRunner) -> String {
 }
 
 /// The platforms a BuildRunner promises: its own os/arch natively, plus
-/// linux/<arch> for each emulated arch.
+/// linux/<arch> for each emulated arch and windows/<arch> for each Windows
+/// arch it builds through BuildKit.
 pub fn promised_platforms(runner: &BuildRunner) -> Vec<String> {
     let mut out = vec![format!("{}/{}", runner.spec.os.as_str(), runner.spec.arch)];
     out.extend(
@@ -84,6 +85,13 @@ pub fn promised_platforms(runner: &BuildRunner) -> Vec<String> {
             .emulated_archs
             .iter()
             .map(|a| format!("linux/{a}")),
+    );
+    out.extend(
+        runner
+            .spec
+            .windows_archs
+            .iter()
+            .map(|a| format!("windows/{a}")),
     );
     out
 }
@@ -190,6 +198,8 @@ impl Executors {
                     },
                     if want.starts_with("linux/") {
                         " (emulated arches need qemu-user-static with binfmt_misc)"
+                    } else if want.starts_with("windows/") && runner.spec.os.as_str() == "linux" {
+                        " (a Linux runner builds Windows images with a BuildKit daemon: start the agent with --buildkit-addr)"
                     } else {
                         ""
                     }

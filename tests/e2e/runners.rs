@@ -1,7 +1,9 @@
 //! The runner leg, for real: BuildRunners, `tripod agent --runner`
 //! processes on this machine (a Linux runner with buildah that emulates
-//! arm64 through qemu-user, and darwin test runners that build COPY-only
-//! darwin images), leases with fencing, the registry confirming each digest.
+//! arm64 through qemu-user, a Linux runner with a real BuildKit daemon that
+//! builds Linux images and COPY-only Windows images, and darwin test
+//! runners that build COPY-only darwin images), leases with fencing, the
+//! registry confirming each digest.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -62,6 +64,7 @@ impl<'a> Runners<'a> {
             capacity: 2,
             labels: Vec::new(),
             test_darwin: None,
+            buildkit: None,
             log: dir.with_extension("log"),
             work_dir: dir,
             rust_log: "info,tripod=debug".into(),
@@ -786,6 +789,110 @@ async fn sigterm_drains_running_builds_finish_and_nothing_new_is_taken() {
     let p = &later.platforms[0];
     assert_eq!(p.phase, Phase::Scheduling, "{later:#?}");
     assert!(p.executor.is_none(), "nothing new was leased: {later:#?}");
+    runners.cleanup().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buildkit_runner_builds_linux_with_run_and_windows_copy_only() {
+    let mut env = TestEnv::new("runner-buildkit").await;
+    let registry = env.shared.registry.clone().expect("registry");
+    let info = env.shared.info.clone();
+    let buildkit = info.buildkit.clone().expect("the environment's buildkitd");
+    let (win_version, win_base) = info
+        .windows_bases
+        .iter()
+        .find(|(v, _)| v.starts_with("10.0.20348."))
+        .map(|(v, r)| (v.clone(), r.clone()))
+        .expect("the synthetic ltsc2022 base");
+    let port = crate::common::free_port();
+    env.start_controller_on("c1", port);
+    let mut runners = Runners::new(&env);
+    let bk = runners.register(
+        "bk",
+        "os: linux, arch: amd64, capacity: 2, windowsArchs: [amd64]",
+    );
+    let mut opts = runners.options(&bk, port);
+    opts.buildkit = Some(buildkit);
+    runners.start(opts).await;
+    runners
+        .wait_phase(&bk, RunnerPhase::Online, Duration::from_secs(60))
+        .await;
+
+    // Linux with BuildKit, chosen per build: RUN runs (runc, OCI worker).
+    env.apply(&build(
+        "bk-linux",
+        &registry,
+        &format!(
+            "FROM {} AS build\nARG FLAVOUR=plain\nRUN echo \"$FLAVOUR\" > /flavour\nFROM {}\nCOPY --from=build /flavour /flavour\nCOPY hello.txt /hello.txt\n",
+            info.busybox_image, info.busybox_image
+        ),
+        "linux/amd64",
+        "  buildArgs:\n  - {name: FLAVOUR, value: buildkit}\n  executor:\n    runnerPlatforms: [linux/amd64]\n    backend: buildkit\n",
+    ));
+    // Windows: COPY-only, from the synthetic Windows Server 2022 base.
+    env.apply(&build(
+        "bk-win",
+        &registry,
+        &format!("FROM {win_base}\nCOPY hello.txt /app/hello.txt\nENV APP=hello\n"),
+        "windows/amd64",
+        "  executor:\n    runnerPlatforms: [windows/amd64]\n",
+    ));
+    for name in ["bk-linux", "bk-win"] {
+        let (ok, out) = env.wait_for("condition=Ready", &format!("ib/{name}"), "300s");
+        let s = status(&env, name).await.expect("status");
+        assert!(ok, "{name}: {out}\n{s:#?}\n{}", runners.procs[0].log());
+        let exec = s.platforms[0].executor.clone().expect("executor");
+        assert_eq!((exec.kind.as_str(), exec.name.as_str()), ("Runner", bk.as_str()));
+    }
+    let (manifest, config, digest) = image(&registry, "team/bk-linux", "1");
+    let s = status(&env, "bk-linux").await.expect("status");
+    assert_eq!(s.image.as_ref().map(|i| i.digest.as_str()), Some(digest.as_str()));
+    assert_eq!(config["os"], "linux");
+    let files = last_layer(&registry, "team/bk-linux", &manifest);
+    assert_eq!(files.get("hello.txt").map(Vec::as_slice), Some(&b"hello from a runner"[..]));
+    let (manifest, _, _) = image(&registry, "team/bk-linux", "1");
+    let layers = manifest["layers"].as_array().expect("layers").clone();
+    let flavour_layer = serde_json::json!({"layers": [layers[layers.len() - 2].clone()]});
+    let files = last_layer(&registry, "team/bk-linux", &flavour_layer);
+    assert_eq!(
+        files.get("flavour").map(Vec::as_slice),
+        Some(&b"buildkit\n"[..]),
+        "the RUN step's output, with the build arg"
+    );
+
+    let (manifest, config, digest) = image(&registry, "team/bk-win", "1");
+    let s = status(&env, "bk-win").await.expect("status");
+    assert_eq!(s.image.as_ref().map(|i| i.digest.as_str()), Some(digest.as_str()));
+    assert_eq!(config["os"], "windows", "{config}");
+    assert_eq!(config["architecture"], "amd64");
+    assert_eq!(config["os.version"].as_str(), Some(win_version.as_str()), "{config}");
+    assert!(config["config"]["Env"].to_string().contains("APP=hello"), "{config}");
+    // The new layer is in the Windows layout: the file under Files/.
+    let files = last_layer(&registry, "team/bk-win", &manifest);
+    assert_eq!(
+        files.get("Files/app/hello.txt").map(Vec::as_slice),
+        Some(&b"hello from a runner"[..]),
+        "{:?}",
+        files.keys().collect::<Vec<_>>()
+    );
+
+    // RUN in a Windows stage needs a Windows host: refused, naming the step.
+    env.apply(&build(
+        "bk-win-run",
+        &registry,
+        &format!("FROM {win_base}\nRUN powershell -Command Get-Date\n"),
+        "windows/amd64",
+        "  executor:\n    runnerPlatforms: [windows/amd64]\n",
+    ));
+    let (ok, out) = env.wait_for("jsonpath={.status.phase}=Failed", "ib/bk-win-run", "180s");
+    let s = status(&env, "bk-win-run").await.expect("status");
+    assert!(ok, "{out}\n{s:#?}");
+    let msg = s.platforms[0].message.clone().unwrap_or_default();
+    assert!(
+        msg.contains("line 2: RUN powershell") && msg.contains("need a windows host"),
+        "{msg}"
+    );
     runners.cleanup().await;
     env.cleanup().await;
 }
