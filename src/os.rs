@@ -93,30 +93,145 @@ pub fn alive(pid: u32) -> bool {
     }
 }
 
-/// Resolves when the process is asked to stop: SIGTERM or SIGINT on Unix,
-/// Ctrl-C / Ctrl-Break / service stop on Windows. Err when the handlers
-/// cannot be installed.
-pub async fn stop_requested() -> std::io::Result<&'static str> {
+/// The signals that ask this process to stop: SIGTERM and SIGINT on Unix;
+/// Ctrl-C, Ctrl-Break, console close and system shutdown on Windows (a
+/// service stop or `taskkill` without `/F`). Installed at creation, so a
+/// signal that arrives before the first [`StopSignals::recv`] is kept.
+pub struct StopSignals {
+    #[cfg(unix)]
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+    #[cfg(windows)]
+    ctrl_c: tokio::signal::windows::CtrlC,
+    #[cfg(windows)]
+    ctrl_break: tokio::signal::windows::CtrlBreak,
+    #[cfg(windows)]
+    close: tokio::signal::windows::CtrlClose,
+    #[cfg(windows)]
+    shutdown: tokio::signal::windows::CtrlShutdown,
+}
+
+impl StopSignals {
+    /// Installs the handlers.
+    pub fn new() -> std::io::Result<Self> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Ok(Self {
+                term: signal(SignalKind::terminate())?,
+                int: signal(SignalKind::interrupt())?,
+            })
+        }
+        #[cfg(windows)]
+        {
+            use tokio::signal::windows;
+            Ok(Self {
+                ctrl_c: windows::ctrl_c()?,
+                ctrl_break: windows::ctrl_break()?,
+                close: windows::ctrl_close()?,
+                shutdown: windows::ctrl_shutdown()?,
+            })
+        }
+    }
+
+    /// Waits for the next stop request; returns its name (`SIGTERM`, …).
+    pub async fn recv(&mut self) -> &'static str {
+        #[cfg(unix)]
+        {
+            tokio::select! {
+                _ = self.term.recv() => "SIGTERM",
+                _ = self.int.recv() => "SIGINT",
+            }
+        }
+        #[cfg(windows)]
+        {
+            tokio::select! {
+                _ = self.ctrl_c.recv() => "Ctrl-C",
+                _ = self.ctrl_break.recv() => "Ctrl-Break",
+                _ = self.close.recv() => "close",
+                _ = self.shutdown.recv() => "shutdown",
+            }
+        }
+    }
+}
+
+/// Sets the permission bits of `path` (Unix); nothing on Windows, where
+/// files inherit their directory's ACL.
+pub fn set_mode(path: &Path, mode: u32) -> std::io::Result<()> {
     #[cfg(unix)]
     {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
-        tokio::select! {
-            _ = term.recv() => Ok("SIGTERM"),
-            _ = int.recv() => Ok("SIGINT"),
-        }
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
     }
     #[cfg(windows)]
     {
-        let mut brk = tokio::signal::windows::ctrl_break()?;
-        let mut close = tokio::signal::windows::ctrl_close()?;
-        let mut shutdown = tokio::signal::windows::ctrl_shutdown()?;
-        tokio::select! {
-            r = tokio::signal::ctrl_c() => r.map(|_| "Ctrl-C"),
-            _ = brk.recv() => Ok("Ctrl-Break"),
-            _ = close.recv() => Ok("close"),
-            _ = shutdown.recv() => Ok("shutdown"),
-        }
+        let _ = (path, mode);
+        Ok(())
     }
+}
+
+/// Gives `path` to group `gid` (Unix only: Windows has no group IDs).
+pub fn chown_group(path: &Path, gid: u32) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        std::os::unix::fs::chown(path, None, Some(gid))
+    }
+    #[cfg(windows)]
+    {
+        let _ = (path, gid);
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "group ownership does not exist on Windows",
+        ))
+    }
+}
+
+/// The permission bits of `meta` (Unix); on Windows, `0o700`: private to
+/// its owner as far as Tripod can tell.
+pub fn mode_of(meta: &std::fs::Metadata) -> u32 {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        meta.permissions().mode()
+    }
+    #[cfg(windows)]
+    {
+        let _ = meta;
+        0o700
+    }
+}
+
+/// Opens `path` for writing, created with `mode` (Unix), truncated — or
+/// only when it does not exist yet with `create_new`.
+pub fn create_file(path: &Path, mode: u32, create_new: bool) -> std::io::Result<std::fs::File> {
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true);
+    if create_new {
+        opts.create_new(true);
+    } else {
+        opts.create(true).truncate(true);
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(mode);
+    }
+    #[cfg(windows)]
+    let _ = mode;
+    opts.open(path)
+}
+
+/// Creates directory `path` with `mode` (Unix), failing if it exists.
+pub fn create_dir(path: &Path, mode: u32) -> std::io::Result<()> {
+    #[cfg_attr(windows, allow(unused_mut))]
+    let mut b = std::fs::DirBuilder::new();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        b.mode(mode);
+    }
+    #[cfg(windows)]
+    let _ = mode;
+    b.create(path)
 }

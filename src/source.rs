@@ -692,27 +692,17 @@ fn write_private_dir(
     credentials: Option<&GitCredentials>,
 ) -> Result<GitEnv, SourceError> {
     use std::io::Write;
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 
     let what = || format!("creating {}", path.display());
-    std::fs::DirBuilder::new()
-        .mode(0o700)
-        .create(path)
-        .map_err(io_error(what()))?;
+    crate::os::create_dir(path, 0o700).map_err(io_error(what()))?;
     let dir = PrivateDir(path.to_path_buf());
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
-        .map_err(io_error(what()))?;
+    crate::os::set_mode(path, 0o700).map_err(io_error(what()))?;
     let write = |name: &str, content: &str, mode: u32| -> Result<PathBuf, SourceError> {
         let file = path.join(name);
         let what = format!("writing {}", file.display());
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&file)
-            .map_err(io_error(what.clone()))?;
+        let mut f = crate::os::create_file(&file, mode, true).map_err(io_error(what.clone()))?;
         f.write_all(content.as_bytes())
-            .and_then(|()| f.set_permissions(std::fs::Permissions::from_mode(mode)))
+            .and_then(|()| crate::os::set_mode(&file, mode))
             .map_err(io_error(what))?;
         Ok(file)
     };

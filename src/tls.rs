@@ -14,7 +14,6 @@
 use std::fs;
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use rcgen::{
@@ -100,10 +99,9 @@ impl TlsDir {
             return Err(TlsError::Permissions(self.dir.clone()));
         }
         let mode = if self.group.is_some() { 0o750 } else { 0o700 };
-        fs::set_permissions(&self.dir, fs::Permissions::from_mode(mode))
-            .map_err(io("chmod", &self.dir))?;
+        crate::os::set_mode(&self.dir, mode).map_err(io("chmod", &self.dir))?;
         if let Some(gid) = self.group {
-            std::os::unix::fs::chown(&self.dir, None, Some(gid)).map_err(io("chown", &self.dir))?;
+            crate::os::chown_group(&self.dir, gid).map_err(io("chown", &self.dir))?;
         }
         if self.file("ca.crt").exists() && self.file("client.key").exists() {
             return self.check();
@@ -134,7 +132,7 @@ impl TlsDir {
             path: self.dir.clone(),
             source,
         })?;
-        if !meta.is_dir() || meta.permissions().mode() & 0o027 != 0 {
+        if !meta.is_dir() || crate::os::mode_of(&meta) & 0o027 != 0 {
             return Err(TlsError::Permissions(self.dir.clone()));
         }
         Ok(())
@@ -242,7 +240,7 @@ impl TlsDir {
         };
         write(&path, data, mode)?;
         if let Some(gid) = self.group {
-            std::os::unix::fs::chown(&path, None, Some(gid)).map_err(|source| TlsError::Io {
+            crate::os::chown_group(&path, gid).map_err(|source| TlsError::Io {
                 what: "chown",
                 path: path.clone(),
                 source,
@@ -258,15 +256,8 @@ fn write(path: &Path, data: &str, mode: u32) -> Result<(), TlsError> {
         path: path.to_path_buf(),
         source,
     };
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(path)
-        .map_err(|e| err("create", e))?;
-    f.set_permissions(fs::Permissions::from_mode(mode))
-        .map_err(|e| err("chmod", e))?;
+    let mut f = crate::os::create_file(path, mode, false).map_err(|e| err("create", e))?;
+    crate::os::set_mode(path, mode).map_err(|e| err("chmod", e))?;
     f.write_all(data.as_bytes()).map_err(|e| err("write", e))?;
     Ok(())
 }
@@ -274,6 +265,7 @@ fn write(path: &Path, data: &str, mode: u32) -> Result<(), TlsError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn creates_a_private_directory_once() {

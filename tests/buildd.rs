@@ -314,7 +314,13 @@ fn repo(kind: Kind, name: &str) -> String {
     format!("team/{name}-{}", format!("{kind:?}").to_lowercase())
 }
 
-fn ctx_for(fx: &Fixture, kind: Kind, name: &str, dockerfile: &str, files: &[(&str, &str)]) -> PathBuf {
+fn ctx_for(
+    fx: &Fixture,
+    kind: Kind,
+    name: &str,
+    dockerfile: &str,
+    files: &[(&str, &str)],
+) -> PathBuf {
     context(
         fx,
         &format!("{name}-{}", format!("{kind:?}").to_lowercase()),
@@ -578,11 +584,21 @@ async fn a_registry_cache_is_exported_and_a_fresh_builder_reuses_it(kind: Kind) 
             .map(|l| l["digest"].as_str().unwrap_or_default().to_string())
             .collect()
     };
-    let mut req = request(fx, "cache-1", &ctx, vec![format!("{}/{repo}:1", fx.registry)]);
+    let mut req = request(
+        fx,
+        "cache-1",
+        &ctx,
+        vec![format!("{}/{repo}:1", fx.registry)],
+    );
     req.cache_image = cache.clone();
     let out = build(fx, kind, req).await;
     assert!(out.result.is_some(), "{:?} {:?}", out.failure, out.logs);
-    let (code, _, body) = http(&fx.registry, "GET", &format!("/v2/{cache_repo}/tags/list"), "*/*");
+    let (code, _, body) = http(
+        &fx.registry,
+        "GET",
+        &format!("/v2/{cache_repo}/tags/list"),
+        "*/*",
+    );
     assert_eq!(code, 200, "no cache was exported to {cache}");
     assert!(String::from_utf8_lossy(&body).contains("\"tags\""));
 
@@ -604,7 +620,12 @@ async fn a_registry_cache_is_exported_and_a_fresh_builder_reuses_it(kind: Kind) 
             (s, c, Some(d))
         }
     };
-    let mut req = request(fx, "cache-2", &ctx, vec![format!("{}/{repo}:2", fx.registry)]);
+    let mut req = request(
+        fx,
+        "cache-2",
+        &ctx,
+        vec![format!("{}/{repo}:2", fx.registry)],
+    );
     req.cache_image = cache;
     let out = build_at(&server, req).await;
     let _ = child.kill();

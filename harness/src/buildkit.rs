@@ -46,7 +46,9 @@ pub fn start_buildkitd(
     std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
     let mut config = String::new();
     for r in insecure_registries {
-        config.push_str(&format!("[registry.\"{r}\"]\n  http = true\n  insecure = true\n"));
+        config.push_str(&format!(
+            "[registry.\"{r}\"]\n  http = true\n  insecure = true\n"
+        ));
     }
     let config_path = dir.join("buildkitd.toml");
     std::fs::write(&config_path, config)
@@ -75,8 +77,14 @@ pub fn start_buildkitd(
             "--oci-worker-net=host",
             "--oci-worker-gc=false",
         ])
-        .arg(format!("--oci-worker-binary={}", node_bin.join("runc").display()))
-        .env("PATH", format!("{}:/usr/sbin:/usr/bin:/sbin:/bin", node_bin.display()))
+        .arg(format!(
+            "--oci-worker-binary={}",
+            node_bin.join("runc").display()
+        ))
+        .env(
+            "PATH",
+            format!("{}:/usr/sbin:/usr/bin:/sbin:/bin", node_bin.display()),
+        )
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(err);

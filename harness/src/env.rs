@@ -389,15 +389,9 @@ impl Env {
             info.metrics = Some(format!("http://127.0.0.1:{metrics_port}/metrics"));
             env.info = info;
             let buildkit = env.info.buildkit.clone();
-            env.runners = start_dev_runners(
-                &client,
-                opts,
-                &dir,
-                &logs,
-                executor_port,
-                buildkit.as_ref(),
-            )
-            .await?;
+            env.runners =
+                start_dev_runners(&client, opts, &dir, &logs, executor_port, buildkit.as_ref())
+                    .await?;
             step(started, "runners Online");
         }
         step(started, "environment ready");

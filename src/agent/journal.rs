@@ -143,9 +143,8 @@ fn file_name(key: &str) -> String {
 impl Journal {
     /// The journal in `dir` (created, mode 0700).
     pub fn open(dir: &Path) -> std::io::Result<Self> {
-        use std::os::unix::fs::PermissionsExt;
         std::fs::create_dir_all(dir)?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        crate::os::set_mode(dir, 0o700)?;
         Ok(Self {
             dir: dir.to_path_buf(),
         })

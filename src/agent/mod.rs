@@ -206,8 +206,8 @@ pub async fn run_once(cfg: AgentConfig) -> Result<(), AgentError> {
     // A Pod being deleted (cancel, timeout, deletion) gets SIGTERM. The
     // agent is its container's PID 1, so without a handler SIGTERM would be
     // ignored: handle it from the start.
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|e| AgentError::Env(format!("cannot handle SIGTERM: {e}")))?;
+    let mut term = crate::os::StopSignals::new()
+        .map_err(|e| AgentError::Env(format!("cannot handle stop signals: {e}")))?;
     let (out_tx, mut inbound, assignment) = tokio::select! {
         session = open_session_with_retry(&endpoint, &hello, HELLO_RETRY_WITHIN) => session?,
         _ = term.recv() => {

@@ -208,7 +208,9 @@ pub fn choose_backend(
         )
     } else {
         match target.os() {
-            Os::Linux if host.os == "linux" || !host.buildkit => (BackendKind::Buildah, "this host"),
+            Os::Linux if host.os == "linux" || !host.buildkit => {
+                (BackendKind::Buildah, "this host")
+            }
             Os::Linux => (BackendKind::Buildkit, "this host"),
             Os::Darwin => (BackendKind::Darwin, "this host"),
             Os::Windows if host.buildkit => (BackendKind::Buildkit, "this host"),
@@ -368,10 +370,8 @@ pub async fn run(args: RunnerArgs) -> Result<(), AgentError> {
         events: events_tx,
         program,
     });
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|e| AgentError::Env(format!("cannot handle SIGTERM: {e}")))?;
-    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
-        .map_err(|e| AgentError::Env(format!("cannot handle SIGINT: {e}")))?;
+    let mut term = crate::os::StopSignals::new()
+        .map_err(|e| AgentError::Env(format!("cannot handle stop signals: {e}")))?;
     let mut draining_since: Option<Instant> = None;
     let mut delay = Duration::from_millis(500);
     loop {
@@ -399,7 +399,6 @@ pub async fn run(args: RunnerArgs) -> Result<(), AgentError> {
             endpoint: &endpoint,
             events: &mut events_rx,
             term: &mut term,
-            int: &mut int,
             draining_since: &mut draining_since,
         };
         match session.run(hello).await {
@@ -424,7 +423,6 @@ pub async fn run(args: RunnerArgs) -> Result<(), AgentError> {
             tokio::select! {
                 _ = &mut wait => break,
                 _ = term.recv() => start_draining(&shared, &mut draining_since),
-                _ = int.recv() => start_draining(&shared, &mut draining_since),
                 Some(ev) = events_rx.recv() => {
                     if let Event::Done(l) = ev {
                         tracing::info!(lease = %l.key(), "build ended while disconnected; reported on reconnect");
@@ -466,8 +464,7 @@ struct Session<'a> {
     shared: &'a Arc<Shared>,
     endpoint: &'a Endpoint,
     events: &'a mut mpsc::UnboundedReceiver<Event>,
-    term: &'a mut tokio::signal::unix::Signal,
-    int: &'a mut tokio::signal::unix::Signal,
+    term: &'a mut crate::os::StopSignals,
     draining_since: &'a mut Option<Instant>,
 }
 
@@ -595,10 +592,6 @@ impl Session<'_> {
                     }
                 }
                 _ = self.term.recv() => {
-                    start_draining(shared, self.draining_since);
-                    beat.reset_immediately();
-                }
-                _ = self.int.recv() => {
                     start_draining(shared, self.draining_since);
                     beat.reset_immediately();
                 }
@@ -930,12 +923,14 @@ mod tests {
             err.contains("cannot build darwin/arm64 on a linux host"),
             "{err}"
         );
-        let err = choose_backend("buildah", None, &host("linux", true, false), &darwin).unwrap_err();
+        let err =
+            choose_backend("buildah", None, &host("linux", true, false), &darwin).unwrap_err();
         assert!(
             err.starts_with("spec.executor.backend chose the buildah backend"),
             "{err}"
         );
-        let err = choose_backend("", Some("darwin"), &host("linux", true, false), &linux).unwrap_err();
+        let err =
+            choose_backend("", Some("darwin"), &host("linux", true, false), &linux).unwrap_err();
         assert!(err.starts_with("TRIPOD_BACKEND on the runner"), "{err}");
         assert!(choose_backend("", Some("nope"), &plain, &linux).is_err());
         // The spec's choice comes before the host's.
@@ -961,12 +956,21 @@ mod tests {
             choose_backend("", Some("buildkit"), &bk, &linux),
             Ok(BackendKind::Buildkit)
         );
-        assert_eq!(choose_backend("", None, &bk, &linux), Ok(BackendKind::Buildah));
+        assert_eq!(
+            choose_backend("", None, &bk, &linux),
+            Ok(BackendKind::Buildah)
+        );
         assert!(choose_backend("buildkit", None, &bk, &darwin).is_err());
         let (platforms, _) = host_platforms(&bk);
-        assert!(platforms.contains(&format!("windows/{}", host_arch())), "{platforms:?}");
+        assert!(
+            platforms.contains(&format!("windows/{}", host_arch())),
+            "{platforms:?}"
+        );
         let (platforms, _) = host_platforms(&plain);
-        assert!(!platforms.iter().any(|p| p.starts_with("windows/")), "{platforms:?}");
+        assert!(
+            !platforms.iter().any(|p| p.starts_with("windows/")),
+            "{platforms:?}"
+        );
     }
 
     #[test]

@@ -45,8 +45,9 @@ impl Buildah {
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            .process_group(0)
             .kill_on_drop(true);
+        #[cfg(unix)]
+        cmd.process_group(0);
         cmd
     }
 
@@ -235,22 +236,18 @@ async fn run(
 
 /// SIGTERM to the process group, SIGKILL after 10 s.
 async fn terminate_group(pid: u32) {
-    let group = format!("-{pid}");
+    #[cfg(unix)]
     let _ = Command::new("kill")
-        .args(["-TERM", "--", &group])
+        .args(["-TERM", "--", &format!("-{pid}")])
         .status()
         .await;
-    let alive = || Path::new(&format!("/proc/{pid}")).exists();
     for _ in 0..100 {
-        if !alive() {
+        if !crate::os::alive(pid) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let _ = Command::new("kill")
-        .args(["-KILL", "--", &group])
-        .status()
-        .await;
+    crate::os::kill_group(pid);
 }
 
 fn failure_message(run: &Run) -> String {
@@ -412,17 +409,7 @@ impl Buildah {
 }
 
 fn write_private(path: &Path, data: &[u8]) -> Result<(), BuildFailure> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|e| BuildFailure::Internal(format!("write {}: {e}", path.display())))?;
-    f.write_all(data)
-        .map_err(|e| BuildFailure::Internal(format!("write {}: {e}", path.display())))
+    crate::os::write_private(path, data).map_err(BuildFailure::Internal)
 }
 
 #[cfg(test)]

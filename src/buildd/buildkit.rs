@@ -132,12 +132,9 @@ impl Buildkit {
             )));
         }
         if spec.platform.os() != self.host_os {
-            let needs = crate::dockerfile::target_needs(
-                &text,
-                &spec.build_args,
-                spec.target.as_deref(),
-            )
-            .map_err(|e| BuildFailure::Invalid(e.to_string()))?;
+            let needs =
+                crate::dockerfile::target_needs(&text, &spec.build_args, spec.target.as_deref())
+                    .map_err(|e| BuildFailure::Invalid(e.to_string()))?;
             if let Some(run) = needs.target_run {
                 return Err(BuildFailure::Invalid(format!(
                     "{run}: RUN steps of a {} image need a {} host; this BuildKit runs on {} and builds {} images without RUN only (COPY, ADD, ENV, LABEL…; a stage FROM --platform=$BUILDPLATFORM may RUN)",
@@ -457,8 +454,9 @@ async fn pushed_size(spec: &BuildSpec, digest: &str) -> Result<i64, String> {
     let reference = &spec.tags[0];
     let image = crate::reference::ImageRef::parse(reference).map_err(|e| e.to_string())?;
     let creds = match &spec.docker_config_json {
-        Some(json) => crate::registry::credentials_for(json, &image.registry)
-            .map_err(|e| e.to_string())?,
+        Some(json) => {
+            crate::registry::credentials_for(json, &image.registry).map_err(|e| e.to_string())?
+        }
         None => None,
     };
     let client = crate::registry::RegistryClient::new(if spec.insecure {

@@ -5,6 +5,7 @@
 
 pub mod buildah;
 pub mod buildkit;
+#[cfg(unix)]
 pub mod darwin;
 pub mod server;
 pub mod spawn;
@@ -285,6 +286,9 @@ pub enum BuilddError {
     /// The server failed.
     #[error(transparent)]
     Serve(#[from] server::ServeError),
+    /// The backend does not exist on this OS.
+    #[error("--backend: {0}")]
+    Unsupported(String),
 }
 
 /// Runs `tripod buildd`.
@@ -321,12 +325,20 @@ pub async fn run(args: BuilddArgs) -> Result<(), BuilddError> {
             };
             server::serve(opts, server::BuilderService::new(backend)).await?;
         }
+        #[cfg(unix)]
         BackendKind::Darwin => {
             let backend = darwin::Darwin {
                 work_dir,
                 private: args.sandbox_private,
             };
             server::serve(opts, server::BuilderService::new(backend)).await?;
+        }
+        #[cfg(not(unix))]
+        BackendKind::Darwin => {
+            let _ = args.sandbox_private;
+            return Err(BuilddError::Unsupported(
+                "the darwin backend runs on macOS (and, for COPY-only builds, Linux) hosts".into(),
+            ));
         }
         BackendKind::Buildkit => {
             let backend = buildkit::Buildkit {

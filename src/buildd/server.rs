@@ -293,7 +293,6 @@ pub async fn serve<B: Backend>(
     tracing::info!(%bound, tls = %tls.path().display(), "buildd listening");
     let handle = service.handle();
     let shutdown = async move {
-        use tokio::signal::unix::{SignalKind, signal};
         let stdin_closed = async {
             if !exit_with_stdin {
                 return std::future::pending::<()>().await;
@@ -320,18 +319,14 @@ pub async fn serve<B: Backend>(
             let _ = closed_rx.await;
             tracing::info!("standard input closed: the agent is gone");
         };
-        match (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) {
-            (Ok(mut term), Ok(mut int)) => {
+        match crate::os::StopSignals::new() {
+            Ok(mut stop) => {
                 tokio::select! {
-                    _ = term.recv() => {}
-                    _ = int.recv() => {}
+                    _ = stop.recv() => {}
                     _ = stdin_closed => {}
                 }
             }
-            _ => stdin_closed.await,
+            Err(_) => stdin_closed.await,
         }
         tracing::info!("stopping: cancelling running builds");
         handle.cancel_all();

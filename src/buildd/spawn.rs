@@ -69,7 +69,10 @@ pub async fn spawn(
 ) -> Result<SpawnedBuildd, SpawnError> {
     let tls = TlsDir::new(tls_dir);
     tls.ensure()?;
-    let mut child = Command::new(program)
+    let mut cmd = Command::new(program);
+    #[cfg(unix)]
+    cmd.process_group(0);
+    let mut child = cmd
         .args(["buildd", "--listen", "127.0.0.1:0", "--tls-dir"])
         .arg(tls_dir)
         .args(args)
@@ -78,7 +81,6 @@ pub async fn spawn(
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
-        .process_group(0)
         // Dropped without `shutdown`, buildd still ends: its standard
         // input closes and it cancels its builds (buildah's whole group).
         .kill_on_drop(false)
@@ -161,17 +163,11 @@ impl SpawnedBuildd {
         let Some(pid) = self.child.id() else {
             return true;
         };
-        let _ = Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status()
-            .await;
+        crate::os::terminate(pid);
         match tokio::time::timeout(grace, self.child.wait()).await {
             Ok(_) => true,
             Err(_) => {
-                let _ = Command::new("kill")
-                    .args(["-KILL", "--", &format!("-{pid}")])
-                    .status()
-                    .await;
+                crate::os::kill_group(pid);
                 let _ = self.child.wait().await;
                 false
             }

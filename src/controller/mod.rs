@@ -614,14 +614,9 @@ where
 }
 
 fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>, ControllerError> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).map_err(ControllerError::Signal)?;
-    let mut int = signal(SignalKind::interrupt()).map_err(ControllerError::Signal)?;
+    let mut stop = crate::os::StopSignals::new().map_err(ControllerError::Signal)?;
     Ok(async move {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
+        stop.recv().await;
     })
 }
 

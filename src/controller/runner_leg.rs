@@ -81,7 +81,11 @@ pub fn runner_builds(
     }
     if platform.os() == crate::platform::Os::Windows
         && runner.spec.os.as_str() == "linux"
-        && runner.spec.windows_archs.iter().any(|a| a == platform.arch())
+        && runner
+            .spec
+            .windows_archs
+            .iter()
+            .any(|a| a == platform.arch())
     {
         return Some(false);
     }

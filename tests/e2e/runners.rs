@@ -843,14 +843,23 @@ async fn buildkit_runner_builds_linux_with_run_and_windows_copy_only() {
         let s = status(&env, name).await.expect("status");
         assert!(ok, "{name}: {out}\n{s:#?}\n{}", runners.procs[0].log());
         let exec = s.platforms[0].executor.clone().expect("executor");
-        assert_eq!((exec.kind.as_str(), exec.name.as_str()), ("Runner", bk.as_str()));
+        assert_eq!(
+            (exec.kind.as_str(), exec.name.as_str()),
+            ("Runner", bk.as_str())
+        );
     }
     let (manifest, config, digest) = image(&registry, "team/bk-linux", "1");
     let s = status(&env, "bk-linux").await.expect("status");
-    assert_eq!(s.image.as_ref().map(|i| i.digest.as_str()), Some(digest.as_str()));
+    assert_eq!(
+        s.image.as_ref().map(|i| i.digest.as_str()),
+        Some(digest.as_str())
+    );
     assert_eq!(config["os"], "linux");
     let files = last_layer(&registry, "team/bk-linux", &manifest);
-    assert_eq!(files.get("hello.txt").map(Vec::as_slice), Some(&b"hello from a runner"[..]));
+    assert_eq!(
+        files.get("hello.txt").map(Vec::as_slice),
+        Some(&b"hello from a runner"[..])
+    );
     let (manifest, _, _) = image(&registry, "team/bk-linux", "1");
     let layers = manifest["layers"].as_array().expect("layers").clone();
     let flavour_layer = serde_json::json!({"layers": [layers[layers.len() - 2].clone()]});
@@ -863,11 +872,21 @@ async fn buildkit_runner_builds_linux_with_run_and_windows_copy_only() {
 
     let (manifest, config, digest) = image(&registry, "team/bk-win", "1");
     let s = status(&env, "bk-win").await.expect("status");
-    assert_eq!(s.image.as_ref().map(|i| i.digest.as_str()), Some(digest.as_str()));
+    assert_eq!(
+        s.image.as_ref().map(|i| i.digest.as_str()),
+        Some(digest.as_str())
+    );
     assert_eq!(config["os"], "windows", "{config}");
     assert_eq!(config["architecture"], "amd64");
-    assert_eq!(config["os.version"].as_str(), Some(win_version.as_str()), "{config}");
-    assert!(config["config"]["Env"].to_string().contains("APP=hello"), "{config}");
+    assert_eq!(
+        config["os.version"].as_str(),
+        Some(win_version.as_str()),
+        "{config}"
+    );
+    assert!(
+        config["config"]["Env"].to_string().contains("APP=hello"),
+        "{config}"
+    );
     // The new layer is in the Windows layout: the file under Files/.
     let files = last_layer(&registry, "team/bk-win", &manifest);
     assert_eq!(
