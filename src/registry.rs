@@ -89,6 +89,8 @@ pub struct ImageFacts {
     pub architecture: String,
     /// `variant` of the config, if any.
     pub variant: Option<String>,
+    /// `os.version` of the config (Windows images: `10.0.20348.2700`).
+    pub os_version: Option<String>,
     /// `config.Labels`.
     pub labels: std::collections::BTreeMap<String, String>,
 }
@@ -109,6 +111,8 @@ impl ImageFacts {
             architecture: String,
             #[serde(default)]
             variant: Option<String>,
+            #[serde(default, rename = "os.version")]
+            os_version: Option<String>,
             #[serde(default)]
             config: Option<Inner>,
         }
@@ -118,6 +122,7 @@ impl ImageFacts {
             os: c.os,
             architecture: c.architecture,
             variant: c.variant.filter(|v| !v.is_empty()),
+            os_version: c.os_version.filter(|v| !v.is_empty()),
             labels: c.config.and_then(|i| i.labels).unwrap_or_default(),
         })
     }
@@ -318,6 +323,65 @@ impl RegistryClient {
             digest.to_string(),
         );
         let client = self.client(reference)?;
+        let auth = match creds {
+            Some(c) => RegistryAuth::Basic(c.username.clone(), c.password.clone()),
+            None => RegistryAuth::Anonymous,
+        };
+        let (_, _, config) = client
+            .pull_manifest_and_config(&image, &auth)
+            .await
+            .map_err(|e| self.map_error(reference, image.resolve_registry(), e))?;
+        ImageFacts::from_config(&config).map_err(|message| RegistryError::Transport {
+            reference: reference.to_string(),
+            message,
+        })
+    }
+
+    /// The config of `reference` (a tag or digest reference) for `os/arch`:
+    /// the image itself, or the entry of its index for that platform (the
+    /// one whose `os.version` starts with `prefer_os_version` when several
+    /// are, e.g. Windows bases for several OS builds).
+    pub async fn platform_config(
+        &self,
+        reference: &str,
+        os: &str,
+        arch: &str,
+        prefer_os_version: Option<&str>,
+        creds: Option<&Credentials>,
+    ) -> Result<ImageFacts, RegistryError> {
+        let image = parse_reference(reference)?;
+        let (os, arch) = (os.to_string(), arch.to_string());
+        let prefer = prefer_os_version.map(str::to_string);
+        let resolver = move |entries: &[oci_client::manifest::ImageIndexEntry]| {
+            let matching: Vec<&oci_client::manifest::ImageIndexEntry> = entries
+                .iter()
+                .filter(|e| {
+                    e.platform.as_ref().is_some_and(|p| {
+                        p.os.to_string() == os && p.architecture.to_string() == arch
+                    })
+                })
+                .collect();
+            let preferred = prefer.as_ref().and_then(|want| {
+                matching.iter().find(|e| {
+                    e.platform
+                        .as_ref()
+                        .and_then(|p| p.os_version.as_deref())
+                        .is_some_and(|v| v.starts_with(want.as_str()))
+                })
+            });
+            preferred.or(matching.first()).map(|e| e.digest.clone())
+        };
+        let client = Client::try_from(ClientConfig {
+            protocol: ClientProtocol::HttpsExcept(self.insecure_registries.clone()),
+            connect_timeout: Some(CONNECT_TIMEOUT),
+            read_timeout: Some(READ_TIMEOUT),
+            platform_resolver: Some(Box::new(resolver)),
+            ..Default::default()
+        })
+        .map_err(|e| RegistryError::Transport {
+            reference: reference.to_string(),
+            message: format!("cannot create the HTTP client: {}", error_chain(&e)),
+        })?;
         let auth = match creds {
             Some(c) => RegistryAuth::Basic(c.username.clone(), c.password.clone()),
             None => RegistryAuth::Anonymous,

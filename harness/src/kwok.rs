@@ -28,6 +28,11 @@ pub const LINUX_ARM64: &str = "tripod-linux-arm64";
 pub const WINDOWS_AMD64: &str = "tripod-windows-amd64";
 /// `node.kubernetes.io/windows-build` of [`WINDOWS_AMD64`].
 pub const WINDOWS_BUILD: &str = "10.0.20348";
+/// Simulated node `windows/amd64` (Windows Server 2019), tainted
+/// `os=windows:NoSchedule`.
+pub const WINDOWS_2019_AMD64: &str = "tripod-windows-2019-amd64";
+/// `node.kubernetes.io/windows-build` of [`WINDOWS_2019_AMD64`].
+pub const WINDOWS_2019_BUILD: &str = "10.0.17763";
 /// The annotation kwok manages nodes by.
 const KWOK_ANNOTATION: &str = "kwok.x-k8s.io/node";
 /// Field manager of the harness's writes.
@@ -42,22 +47,32 @@ pub struct SimNode {
     pub os: String,
     /// `kubernetes.io/arch`.
     pub arch: String,
+    /// `node.kubernetes.io/windows-build` (Windows nodes).
+    pub windows_build: Option<String>,
 }
 
 impl SimNode {
-    /// The default simulated nodes: [`LINUX_ARM64`] and [`WINDOWS_AMD64`],
-    /// and [`SIM_LINUX_AMD64`] `for_tests`.
+    /// The default simulated nodes: [`LINUX_ARM64`], [`WINDOWS_AMD64`] and
+    /// [`WINDOWS_2019_AMD64`], and [`SIM_LINUX_AMD64`] `for_tests`.
     pub fn defaults(for_tests: bool) -> Vec<SimNode> {
         let mut nodes = vec![
             SimNode {
                 name: LINUX_ARM64.into(),
                 os: "linux".into(),
                 arch: "arm64".into(),
+                windows_build: None,
             },
             SimNode {
                 name: WINDOWS_AMD64.into(),
                 os: "windows".into(),
                 arch: "amd64".into(),
+                windows_build: Some(WINDOWS_BUILD.into()),
+            },
+            SimNode {
+                name: WINDOWS_2019_AMD64.into(),
+                os: "windows".into(),
+                arch: "amd64".into(),
+                windows_build: Some(WINDOWS_2019_BUILD.into()),
             },
         ];
         if for_tests {
@@ -65,6 +80,7 @@ impl SimNode {
                 name: SIM_LINUX_AMD64.into(),
                 os: "linux".into(),
                 arch: "amd64".into(),
+                windows_build: None,
             });
         }
         nodes
@@ -152,8 +168,8 @@ impl Kwok {
             "kubernetes.io/hostname": n.name,
             "type": "kwok",
         });
-        if windows {
-            labels["node.kubernetes.io/windows-build"] = json!(WINDOWS_BUILD);
+        if let Some(build) = &n.windows_build {
+            labels["node.kubernetes.io/windows-build"] = json!(build);
         }
         let taints = if windows {
             json!([{"key": "os", "value": "windows", "effect": "NoSchedule"}])

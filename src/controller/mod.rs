@@ -10,6 +10,7 @@ pub mod pod;
 mod runner_leg;
 pub mod runners;
 pub mod validate;
+pub mod windows;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -98,6 +99,10 @@ pub enum ControllerError {
     /// the reconcile is repeated with what was recorded.
     #[error("{0}")]
     LeaseChanged(String),
+    /// The base image of a Windows platform could not be read (the
+    /// registry did not answer): retried with backoff.
+    #[error("{0}")]
+    BaseImageUnreadable(String),
 }
 
 fn kube_err(action: impl Into<String>) -> impl FnOnce(kube::Error) -> ControllerError {
@@ -146,6 +151,15 @@ pub struct ControllerConfig {
     /// Image of the buildd sidecar of Windows build Pods.
     #[arg(long, env = "TRIPOD_WINDOWS_BUILDD_IMAGE", default_value = concat!("ghcr.io/tripod-build/tripod-buildd-windows:", env!("CARGO_PKG_VERSION")))]
     pub windows_buildd_image: String,
+    /// Where Windows build Pods dial the node's buildkitd (a Windows service
+    /// beside containerd; HostProcess containers share its named pipe and
+    /// loopback): `npipe:////./pipe/buildkitd` or `tcp://127.0.0.1:PORT`.
+    #[arg(
+        long,
+        env = "TRIPOD_WINDOWS_BUILDKIT_ADDR",
+        default_value = "npipe:////./pipe/buildkitd"
+    )]
+    pub windows_buildkit_addr: String,
     /// Address agents in build Pods dial to reach this controller.
     #[arg(
         long,
@@ -254,6 +268,7 @@ impl ControllerConfig {
             agent_image: self.agent_image.clone(),
             buildd_image: self.buildd_image.clone(),
             windows_buildd_image: self.windows_buildd_image.clone(),
+            windows_buildkit_addr: self.windows_buildkit_addr.clone(),
             executor_address: self.executor_address.clone(),
             service_account: self.build_service_account.clone(),
             buildd_security_context: self.buildd_security_context.clone(),
@@ -279,6 +294,8 @@ pub struct Context {
     hub: Arc<RunnerHub>,
     /// The caches (ImageBuilds, BuildRunners, Leases) have loaded.
     synced: Arc<AtomicBool>,
+    /// Base images of Windows platforms, read once per generation.
+    windows_bases: Mutex<HashMap<(String, i64), BTreeMap<String, windows::BaseBuild>>>,
 }
 
 /// Runs the controller until SIGTERM/SIGINT, or until leadership is lost.
@@ -496,6 +513,7 @@ pub async fn run(cfg: ControllerConfig) -> Result<(), ControllerError> {
         leases: lease_store.clone(),
         hub: hub.clone(),
         synced: ready.clone(),
+        windows_bases: Mutex::new(HashMap::new()),
     });
     {
         let upkeep = runners::Upkeep {
@@ -620,6 +638,74 @@ fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>, Controller
     })
 }
 
+/// The windows-build selector of each Windows platform built in Pods,
+/// or why the spec contradicts its base image. Reads the base images once
+/// per generation, and only while the build may still create Pods.
+async fn windows_selectors(
+    ib: &ImageBuild,
+    ctx: &Context,
+) -> Result<(BTreeMap<String, String>, Option<validate::InvalidSpec>), String> {
+    let finished = ib
+        .status
+        .as_ref()
+        .and_then(|s| s.phase)
+        .is_some_and(|p| p.is_finished())
+        && ib.status.as_ref().and_then(|s| s.observed_generation) == ib.metadata.generation;
+    let Ok(req) = validate::validate(&ib.spec) else {
+        return Ok((BTreeMap::new(), None));
+    };
+    let platforms = windows::pod_platforms(&req);
+    if platforms.is_empty() || finished {
+        return Ok((BTreeMap::new(), None));
+    }
+    let key = (
+        ib.uid().unwrap_or_default(),
+        ib.metadata.generation.unwrap_or(0),
+    );
+    let cached = ctx
+        .windows_bases
+        .lock()
+        .ok()
+        .and_then(|c| c.get(&key).cloned());
+    let bases = match cached {
+        Some(b) => b,
+        None => {
+            let b = windows::read_bases(ib, &platforms).await?;
+            for (p, base) in &b {
+                tracing::info!(platform = %p, ?base, "Windows base image");
+            }
+            if let Ok(mut c) = ctx.windows_bases.lock() {
+                if c.len() >= 4096 {
+                    c.clear();
+                }
+                c.insert(key, b.clone());
+            }
+            b
+        }
+    };
+    let spec_value = ib
+        .spec
+        .executor
+        .as_ref()
+        .and_then(|e| e.node_selector.get(pod::WINDOWS_BUILD_LABEL))
+        .map(String::as_str);
+    let mut out = BTreeMap::new();
+    for p in &platforms {
+        let base = bases
+            .get(&p.to_string())
+            .cloned()
+            .unwrap_or_else(|| windows::BaseBuild::Unknown("not read".into()));
+        match windows::selector(spec_value, p, &base) {
+            Ok(Some(build)) => {
+                out.insert(p.to_string(), build);
+            }
+            Ok(None) => {}
+            Err(invalid) => return Ok((out, Some(invalid))),
+        }
+    }
+    Ok((out, None))
+}
+
 fn needs_runners(ib: &ImageBuild) -> bool {
     ib.spec
         .platforms
@@ -725,6 +811,14 @@ async fn reconcile_inner(
         SecretCheck::Refused(invalid) => (Some(invalid), None),
     };
 
+    let (windows_builds, windows_problem) = match windows_selectors(ib, ctx).await {
+        Ok(found) => found,
+        Err(message) => {
+            // The registry could not be asked: retried with backoff, the
+            // platforms saying why.
+            return Err(ControllerError::BaseImageUnreadable(message));
+        }
+    };
     let plan = plan::plan(
         Observed {
             build: ib,
@@ -732,7 +826,8 @@ async fn reconcile_inner(
             leases: &leases,
             runners: &runners,
             now: jiff::Timestamp::now(),
-            secret_problem: secret_problem.as_ref(),
+            secret_problem: secret_problem.as_ref().or(windows_problem.as_ref()),
+            windows_builds: &windows_builds,
         },
         &ctx.settings,
     );
@@ -953,6 +1048,7 @@ async fn apply_leases(
                 platform: &platform,
                 build_id: &id,
                 attempt: request.attempt,
+                windows_build: None,
             },
             runner: &chosen.runner,
             emulated: chosen.emulated,

@@ -2,6 +2,7 @@
 //! observed of its Pods and of the BuildRunners, decide which Pods to create
 //! and delete, the status to write and the events to emit. No I/O here.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use jiff::Timestamp;
@@ -33,9 +34,14 @@ pub struct Observed<'a> {
     pub runners: &'a [BuildRunner],
     /// The time to plan at.
     pub now: Timestamp,
-    /// Why a Secret the spec names may not be used (read by the caller:
-    /// missing, wrong type, not opted in), if so.
+    /// Why the spec cannot be built, found by the caller outside it: a
+    /// Secret it names may not be used (wrong type, not opted in), or a
+    /// Windows platform's node selector contradicts its base image.
     pub secret_problem: Option<&'a InvalidSpec>,
+    /// The OS build each Windows platform built in Pods runs on
+    /// (`node.kubernetes.io/windows-build`), from its base image or the
+    /// spec, by platform.
+    pub windows_builds: &'a BTreeMap<String, String>,
 }
 
 /// Kind of a planned Kubernetes Event.
@@ -552,6 +558,10 @@ fn drive_pod_platform(
             platform,
             build_id: id,
             attempt,
+            windows_build: obs
+                .windows_builds
+                .get(&platform.to_string())
+                .map(String::as_str),
         };
         let name = pod_name(&ib.name_any(), generation, rebuild, &key);
         // The Pod of this attempt was running (bound to a node) when last
@@ -937,6 +947,7 @@ mod tests {
             agent_image: "a".into(),
             buildd_image: "b".into(),
             windows_buildd_image: "w".into(),
+            windows_buildkit_addr: "npipe:////./pipe/buildkitd".into(),
             executor_address: "x:1".into(),
             service_account: None,
             buildd_security_context: None,
@@ -997,6 +1008,7 @@ mod tests {
                 runners,
                 now,
                 secret_problem: None,
+                windows_builds: &BTreeMap::new(),
             },
             &settings(),
         )
@@ -1135,6 +1147,7 @@ mod tests {
                         platform: &platform,
                         build_id: &id,
                         attempt: req.attempt,
+                        windows_build: None,
                     },
                     runner: &c.runner,
                     emulated: c.emulated,
@@ -1446,6 +1459,7 @@ mod tests {
                 runners: &[],
                 now: at(0),
                 secret_problem: Some(&problem),
+                windows_builds: &BTreeMap::new(),
             },
             &settings(),
         );

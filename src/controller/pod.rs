@@ -67,6 +67,11 @@ pub struct PodSettings {
     pub buildd_image: String,
     /// Image of the `buildd` sidecar on Windows (HostProcess, drives BuildKit).
     pub windows_buildd_image: String,
+    /// Where Windows build Pods find the node's buildkitd (a Windows
+    /// service beside containerd): `npipe:////./pipe/buildkitd` or
+    /// `tcp://127.0.0.1:PORT`. HostProcess containers share the node's
+    /// pipes and loopback.
+    pub windows_buildkit_addr: String,
     /// Address agents dial to reach the controller's executor service.
     pub executor_address: String,
     /// ServiceAccount of build Pods (one with no API access).
@@ -92,6 +97,9 @@ pub struct PodKey<'a> {
     pub build_id: &'a str,
     /// 1-based attempt number.
     pub attempt: u32,
+    /// Windows: the OS build of the nodes it may run on (the
+    /// `node.kubernetes.io/windows-build` label), from the base image.
+    pub windows_build: Option<&'a str>,
 }
 
 /// Short hex digest of some text, for names and IDs.
@@ -178,6 +186,9 @@ pub fn build_pod(ib: &ImageBuild, name: &str, key: &PodKey<'_>, settings: &PodSe
         }
         node_selector.insert(k.clone(), v.clone());
     }
+    if windows && let Some(build) = key.windows_build {
+        node_selector.insert(WINDOWS_BUILD_LABEL.to_string(), build.to_string());
+    }
 
     let mut tolerations = Vec::new();
     if windows {
@@ -225,6 +236,12 @@ pub fn build_pod(ib: &ImageBuild, name: &str, key: &PodKey<'_>, settings: &PodSe
                 "127.0.0.1:0".into(),
                 "--tls-dir".into(),
                 "C:\\workspace\\.buildd-tls".into(),
+                "--work-dir".into(),
+                "C:\\workspace\\.buildd-work".into(),
+                "--buildkit-addr".into(),
+                settings.windows_buildkit_addr.clone(),
+                "--buildctl".into(),
+                "buildctl.exe".into(),
             ],
         )
     } else {
@@ -472,6 +489,7 @@ mod tests {
             agent_image: "tripod:test".into(),
             buildd_image: "tripod-buildd:test".into(),
             windows_buildd_image: "tripod-buildd-windows:test".into(),
+            windows_buildkit_addr: "npipe:////./pipe/buildkitd".into(),
             executor_address: "tripod.tripod-system.svc:9443".into(),
             service_account: Some("tripod-build".into()),
             buildd_security_context: None,
@@ -496,6 +514,7 @@ mod tests {
             platform: &p,
             build_id: "b",
             attempt: 2,
+            windows_build: None,
         };
         assert_eq!(pod_name("app", 3, None, &key), "app-3-linux-arm-v7-2");
         let long = "a".repeat(80);
@@ -520,6 +539,7 @@ mod tests {
             platform: &p,
             build_id: "bid",
             attempt: 1,
+            windows_build: None,
         };
         let mut b = ib("app");
         b.spec.executor = Some(ExecutorSpec {
@@ -568,6 +588,7 @@ mod tests {
             platform: &p,
             build_id: "bid",
             attempt: 1,
+            windows_build: None,
         };
         let default = build_pod(&ib("app"), "n", &key, &settings()).spec.unwrap();
         assert_eq!(default.host_users, None);
@@ -619,6 +640,7 @@ mod tests {
             platform: &w,
             build_id: "bid",
             attempt: 1,
+            windows_build: None,
         };
         let spec = build_pod(&ib("app"), "n", &wkey, &s).spec.unwrap();
         assert_eq!(spec.host_users, None);
@@ -655,6 +677,7 @@ mod tests {
             platform: &p,
             build_id: "bid",
             attempt: 1,
+            windows_build: None,
         };
         let mut b = ib("app");
         b.spec.executor = Some(ExecutorSpec {

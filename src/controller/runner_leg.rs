@@ -123,6 +123,7 @@ impl RunnerLeg<'_> {
                 platform: self.platform,
                 build_id: self.id,
                 attempt,
+                windows_build: None,
             };
             let name = pod_name(&self.build.name_any(), self.generation, self.rebuild, &key);
             let leased_to = ps

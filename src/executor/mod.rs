@@ -997,6 +997,7 @@ mod tests {
             backend: None,
         };
         let facts = |id: Option<&str>, os: &str, arch: &str| ImageFacts {
+            os_version: None,
             os: os.into(),
             architecture: arch.into(),
             variant: Some("v8".into()),

@@ -13,3 +13,4 @@ mod controller;
 mod leadership;
 mod node;
 mod runners;
+mod windows;
