@@ -305,6 +305,46 @@ async fn chart_lints_installs_upgrades_and_uninstalls() {
         "{custom}"
     );
 
+    // Windows: buildd dials the node's buildkitd; the service installer
+    // is a HostProcess DaemonSet on Windows nodes, only on request.
+    assert!(!custom.contains("windows-buildkitd"));
+    let windows = env.run(
+        &env.helm,
+        &[
+            "template",
+            "tripod",
+            chart,
+            "--set",
+            "windows.buildkitAddress=tcp://127.0.0.1:1234",
+            "--set",
+            "windows.buildkitdService.install=true",
+        ],
+        None,
+    );
+    assert!(
+        windows.contains("- --windows-buildkit-addr\n            - \"tcp://127.0.0.1:1234\"")
+            && windows.contains("name: tripod-windows-buildkitd")
+            && windows.contains("hostProcess: true")
+            && windows.contains("--register-service --service-name 'buildkitd'")
+            && windows.contains("--addr 'tcp://127.0.0.1:1234'"),
+        "{windows}"
+    );
+    let (ok, _, err) = env.try_run(
+        &env.helm,
+        &[
+            "template",
+            "tripod",
+            chart,
+            "--set",
+            "windows.buildkitAddress=C:/pipe",
+        ],
+        None,
+    );
+    assert!(
+        !ok && err.contains("buildkitAddress"),
+        "schema accepted a buildkit address without a scheme: {err}"
+    );
+
     // Build Pods stay off control-plane nodes by default; the policy is
     // a value.
     assert!(
@@ -493,6 +533,7 @@ async fn chart_lints_installs_upgrades_and_uninstalls() {
         "--agent-image ghcr.io/tripod-build/tripod-buildd:0.1.0",
         "--buildd-image ghcr.io/tripod-build/tripod-buildd:0.1.0",
         "--windows-buildd-image ghcr.io/tripod-build/tripod-buildd-windows:0.1.0",
+        "--windows-buildkit-addr npipe:////./pipe/buildkitd",
     ] {
         assert!(joined.contains(want), "args lack {want:?}: {joined}");
     }
