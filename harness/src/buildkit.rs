@@ -20,6 +20,10 @@ use crate::scripts::script;
 pub struct Buildkitd {
     /// `unix:///…/buildkitd.sock`.
     pub address: String,
+    /// `tcp://127.0.0.1:PORT`, the same daemon (plain TCP on loopback: for
+    /// clients that cannot use a Unix socket, such as Windows binaries run
+    /// under Wine).
+    pub tcp_address: String,
     /// The `buildctl` to drive it with.
     pub buildctl: PathBuf,
     child: Option<Child>,
@@ -56,6 +60,7 @@ pub fn start_buildkitd(
     let socket = dir.join("buildkitd.sock");
     let _ = std::fs::remove_file(&socket);
     let address = format!("unix://{}", socket.display());
+    let tcp_address = format!("tcp://127.0.0.1:{}", crate::free_port()?);
     let log_path = dir.join("buildkitd.log");
     let log = std::fs::File::create(&log_path)
         .map_err(|e| Error::io(format!("create {}", log_path.display()), e))?;
@@ -69,6 +74,8 @@ pub fn start_buildkitd(
         .arg(dir.join("root"))
         .arg("--addr")
         .arg(&address)
+        .arg("--addr")
+        .arg(&tcp_address)
         .arg("--config")
         .arg(&config_path)
         .args([
@@ -95,6 +102,7 @@ pub fn start_buildkitd(
     })?;
     let mut daemon = Buildkitd {
         address,
+        tcp_address,
         buildctl: bin.join("buildctl"),
         child: Some(child),
         dir: dir.to_path_buf(),
