@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Runs every Tripod test: unit tests, the CRD drift test, the end-to-end
-# tests against a real control plane and a real node (kubelet, containerd,
-# runc; built once from their Go modules into ~/.cache/tripod) running the
-# Dockerfile's buildd image, kwok's simulated nodes, and the Dockerfile built
-# with buildah (tests/image.rs). Installs what it needs. Needs root (the real
+# Runs every Tripod test: unit tests, the CRD drift test, buildd with
+# buildah and with a real BuildKit daemon, tripod.exe under Wine, the
+# end-to-end tests against a real control plane and a real node (kubelet,
+# containerd, runc; built once from their Go modules into ~/.cache/tripod)
+# running the Dockerfile's buildd image, kwok's simulated nodes, and the
+# Dockerfile built with buildah (tests/image.rs). Installs what it needs. Needs root (the real
 # node: containerd, a bridge, iptables).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -44,6 +45,12 @@ step "containerd, runc, kwok (~3 minutes the first time)"
 bash testenv/node.sh >/dev/null
 # helm, for the chart tests: also built once from the Go modules.
 bash testenv/helm.sh >/dev/null
+step "BuildKit: buildkitd and buildctl (~2 minutes the first time)"
+bash testenv/buildkit.sh >/dev/null
+# tripod.exe and BuildKit's Windows binaries, run under Wine by
+# tests/windows_exe.rs (mingw-w64 and wine64 from apt).
+step "tripod.exe, buildkitd.exe, buildctl.exe (~6 minutes the first time)"
+bash testenv/windows-exe.sh >/dev/null
 # The Dockerfile's base images, seeded into a local registry (tests/image.rs):
 # debootstrap and this machine's Rust toolchain, ~3 minutes the first time.
 step "Dockerfile base images (~1 minute the first time)"
