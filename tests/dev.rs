@@ -105,8 +105,9 @@ fn dev_up_writes_a_usable_env_and_down_stops_everything() {
     assert!(ok && out.trim() == confirmed, "{out}");
 
     // And the runner leg: a darwin image on the darwin test runner, a
-    // linux/arm64 one on the emulating Linux runner; the registry answers
-    // the digest each status holds.
+    // linux/arm64 one on the emulating Linux runner, a windows/amd64 one
+    // through its BuildKit; the registry answers the digest each status
+    // holds.
     assert!(
         up_out.contains("darwin/arm64 built on runner dev-darwin"),
         "{up_out}"
@@ -115,7 +116,11 @@ fn dev_up_writes_a_usable_env_and_down_stops_everything() {
         up_out.contains("linux/arm64 built on runner dev-linux (emulated)"),
         "{up_out}"
     );
-    for name in ["hello-darwin", "hello-arm64"] {
+    assert!(
+        up_out.contains("windows/amd64 built on runner dev-linux"),
+        "{up_out}"
+    );
+    for name in ["hello-darwin", "hello-arm64", "hello-windows"] {
         let confirmed = rt
             .block_on(
                 tripod::registry::RegistryClient::new(vec![registry.clone()])

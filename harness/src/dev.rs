@@ -166,9 +166,15 @@ pub async fn run(cmd: DevCommand) -> Result<(), DevError> {
                 return Ok(());
             }
             // A build Pod on the real node, then the runner leg: a darwin
-            // image on the darwin test runner and a linux/arm64 image on
-            // the emulating Linux runner.
-            for example_file in ["hello.yaml", "hello-darwin.yaml", "hello-arm64.yaml"] {
+            // image on the darwin test runner, a linux/arm64 image on the
+            // emulating Linux runner, and a windows/amd64 image through
+            // that runner's BuildKit.
+            for example_file in [
+                "hello.yaml",
+                "hello-darwin.yaml",
+                "hello-arm64.yaml",
+                "hello-windows.yaml",
+            ] {
                 example(&dir, &source_dir().join("examples").join(example_file)).await?;
             }
             Ok(())
