@@ -77,7 +77,8 @@ pub struct BuildRunnerSpec {
     /// (the agent runs with `--buildkit-addr`), e.g. `[amd64]`: `windows/amd64`
     /// images from Dockerfiles whose Windows stages have no RUN step (COPY,
     /// ADD, ENV, LABEL…: RUN needs a Windows host and is refused, naming the
-    /// step). The agent checks at connection that it has a BuildKit daemon.
+    /// step). The controller refuses the session of an agent started
+    /// without `--buildkit-addr`, which does not build them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 4))]
     #[schemars(extend("x-kubernetes-list-type" = "set"))]
