@@ -243,6 +243,10 @@ fn decode_base64(input: &str) -> Option<Vec<u8>> {
     ENGINE.decode(input.trim()).ok()
 }
 
+/// Picks the manifest of an image index a client follows (oci-client's).
+type IndexResolver =
+    dyn Fn(&[oci_client::manifest::ImageIndexEntry]) -> Option<String> + Send + Sync;
+
 /// Asks registries which manifest digest a tag resolves to.
 ///
 /// Each call uses a fresh `oci-client` client, so credentials and tokens of
@@ -371,17 +375,7 @@ impl RegistryClient {
             });
             preferred.or(matching.first()).map(|e| e.digest.clone())
         };
-        let client = Client::try_from(ClientConfig {
-            protocol: ClientProtocol::HttpsExcept(self.insecure_registries.clone()),
-            connect_timeout: Some(CONNECT_TIMEOUT),
-            read_timeout: Some(READ_TIMEOUT),
-            platform_resolver: Some(Box::new(resolver)),
-            ..Default::default()
-        })
-        .map_err(|e| RegistryError::Transport {
-            reference: reference.to_string(),
-            message: format!("cannot create the HTTP client: {}", error_chain(&e)),
-        })?;
+        let client = self.client_with(reference, Some(Box::new(resolver)))?;
         let auth = match creds {
             Some(c) => RegistryAuth::Basic(c.username.clone(), c.password.clone()),
             None => RegistryAuth::Anonymous,
@@ -474,10 +468,20 @@ impl RegistryClient {
     }
 
     fn client(&self, reference: &str) -> Result<Client, RegistryError> {
+        self.client_with(reference, ClientConfig::default().platform_resolver)
+    }
+
+    /// A client choosing index entries with `resolver`.
+    fn client_with(
+        &self,
+        reference: &str,
+        resolver: Option<Box<IndexResolver>>,
+    ) -> Result<Client, RegistryError> {
         Client::try_from(ClientConfig {
             protocol: ClientProtocol::HttpsExcept(self.insecure_registries.clone()),
             connect_timeout: Some(CONNECT_TIMEOUT),
             read_timeout: Some(READ_TIMEOUT),
+            platform_resolver: resolver,
             ..Default::default()
         })
         .map_err(|e| RegistryError::Transport {

@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -42,10 +41,7 @@ impl Buildah {
             .arg(&self.runroot)
             .arg("--storage-driver")
             .arg(&self.storage_driver);
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
+        cmd.stdin(Stdio::null()).kill_on_drop(true);
         #[cfg(unix)]
         cmd.process_group(0);
         cmd
@@ -61,7 +57,7 @@ impl Buildah {
             "--platform".into(),
             spec.platform.to_string(),
             "-f".into(),
-            dockerfile_path(spec).display().to_string(),
+            spec.dockerfile_path().display().to_string(),
         ];
         if let Some(t) = &spec.target {
             args.push("--target".into());
@@ -144,14 +140,6 @@ pub fn registries_conf(system: Option<&str>, hosts: &[String]) -> String {
     text
 }
 
-fn dockerfile_path(spec: &BuildSpec) -> PathBuf {
-    if spec.dockerfile.is_absolute() {
-        spec.dockerfile.clone()
-    } else {
-        spec.context_dir.join(&spec.dockerfile)
-    }
-}
-
 /// Output of one buildah run.
 struct Run {
     ok: bool,
@@ -162,38 +150,12 @@ struct Run {
 }
 
 async fn run(
-    mut cmd: Command,
+    cmd: Command,
     events: &mpsc::Sender<BuildEvent>,
     cancel: &CancellationToken,
 ) -> Result<Run, BuildFailure> {
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| BuildFailure::Internal(format!("cannot run buildah: {e}")))?;
+    let (mut child, mut line_rx) = super::spawn_lines(cmd, "buildah")?;
     let pid = child.id();
-    let (line_tx, mut line_rx) = mpsc::channel::<String>(256);
-    if let Some(out) = child.stdout.take() {
-        let tx = line_tx.clone();
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(out).lines();
-            while let Ok(Some(l)) = lines.next_line().await {
-                if tx.send(l).await.is_err() {
-                    break;
-                }
-            }
-        });
-    }
-    if let Some(err) = child.stderr.take() {
-        let tx = line_tx.clone();
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(err).lines();
-            while let Ok(Some(l)) = lines.next_line().await {
-                if tx.send(l).await.is_err() {
-                    break;
-                }
-            }
-        });
-    }
-    drop(line_tx);
     let mut last: VecDeque<String> = VecDeque::with_capacity(LAST_LINES);
     let mut last_step = None;
     let mut cancelled = false;
@@ -278,7 +240,7 @@ impl Backend for Buildah {
                 spec.context_dir.display()
             )));
         }
-        let dockerfile = dockerfile_path(&spec);
+        let dockerfile = spec.dockerfile_path();
         if !dockerfile.is_file() {
             return Err(BuildFailure::Invalid(format!(
                 "dockerfile: {} does not exist",

@@ -16,7 +16,6 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
 use base64::Engine as _;
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -44,7 +43,7 @@ pub struct Buildkit {
 impl Buildkit {
     /// The `buildctl` arguments of a build.
     pub fn build_args(&self, spec: &BuildSpec, metadata_file: &Path) -> Vec<String> {
-        let dockerfile = dockerfile_path(spec);
+        let dockerfile = spec.dockerfile_path();
         let (df_dir, df_name) = (
             dockerfile
                 .parent()
@@ -121,7 +120,7 @@ impl Buildkit {
                 spec.context_dir.display()
             )));
         }
-        let dockerfile = dockerfile_path(spec);
+        let dockerfile = spec.dockerfile_path();
         let text = std::fs::read_to_string(&dockerfile).map_err(|e| {
             BuildFailure::Invalid(format!("dockerfile: {}: {e}", dockerfile.display()))
         })?;
@@ -146,14 +145,6 @@ impl Buildkit {
             }
         }
         Ok(())
-    }
-}
-
-fn dockerfile_path(spec: &BuildSpec) -> PathBuf {
-    if spec.dockerfile.is_absolute() {
-        spec.dockerfile.clone()
-    } else {
-        spec.context_dir.join(&spec.dockerfile)
     }
 }
 
@@ -372,37 +363,10 @@ impl Buildkit {
         .map_err(BuildFailure::Internal)?;
         cmd.env("DOCKER_CONFIG", &config_dir)
             .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
             .kill_on_drop(true);
-        let mut child = cmd.spawn().map_err(|e| {
-            BuildFailure::Internal(format!("cannot run {}: {e}", self.program.display()))
-        })?;
+        let (mut child, mut line_rx) =
+            super::spawn_lines(cmd, &self.program.display().to_string())?;
         let pid = child.id();
-        let (line_tx, mut line_rx) = mpsc::channel::<String>(256);
-        if let Some(out) = child.stdout.take() {
-            let tx = line_tx.clone();
-            tokio::spawn(async move {
-                let mut lines = BufReader::new(out).lines();
-                while let Ok(Some(l)) = lines.next_line().await {
-                    if tx.send(l).await.is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-        if let Some(err) = child.stderr.take() {
-            let tx = line_tx.clone();
-            tokio::spawn(async move {
-                let mut lines = BufReader::new(err).lines();
-                while let Ok(Some(l)) = lines.next_line().await {
-                    if tx.send(l).await.is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-        drop(line_tx);
         let mut progress = Progress::default();
         let mut cancelled = false;
         loop {

@@ -45,6 +45,16 @@ pub struct BuildSpec {
 }
 
 impl BuildSpec {
+    /// The Dockerfile's path: `dockerfile` when absolute, else inside the
+    /// context.
+    pub fn dockerfile_path(&self) -> PathBuf {
+        if self.dockerfile.is_absolute() {
+            self.dockerfile.clone()
+        } else {
+            self.context_dir.join(&self.dockerfile)
+        }
+    }
+
     /// `Ok` when the platform's OS is `os`, the only one `backend` builds.
     pub fn require_os(&self, os: crate::platform::Os, backend: &str) -> Result<(), BuildFailure> {
         if self.platform.os() == os {
@@ -72,6 +82,41 @@ pub fn safe_name(id: &str, max: usize) -> String {
         .take(max)
         .collect();
     if s.is_empty() { "build".into() } else { s }
+}
+
+/// Starts `cmd` (a builder program) with its standard output and error
+/// piped, and returns the child with one channel of both streams' lines.
+pub fn spawn_lines(
+    mut cmd: tokio::process::Command,
+    what: &str,
+) -> Result<(tokio::process::Child, tokio::sync::mpsc::Receiver<String>), BuildFailure> {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    cmd.stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| BuildFailure::Internal(format!("cannot run {what}: {e}")))?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<String>(256);
+    fn forward(
+        stream: impl tokio::io::AsyncRead + Unpin + Send + 'static,
+        tx: tokio::sync::mpsc::Sender<String>,
+    ) {
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stream).lines();
+            while let Ok(Some(l)) = lines.next_line().await {
+                if tx.send(l).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    if let Some(out) = child.stdout.take() {
+        forward(out, tx.clone());
+    }
+    if let Some(err) = child.stderr.take() {
+        forward(err, tx);
+    }
+    Ok((child, rx))
 }
 
 /// Progress of a build.

@@ -101,23 +101,6 @@ async fn failing_run_fails_the_platform_naming_the_step() {
     env.cleanup().await;
 }
 
-fn git(dir: &std::path::Path, args: &[&str]) {
-    let out = std::process::Command::new("git")
-        .args(args)
-        .current_dir(dir)
-        .env("GIT_AUTHOR_NAME", "t")
-        .env("GIT_AUTHOR_EMAIL", "t@example.com")
-        .env("GIT_COMMITTER_NAME", "t")
-        .env("GIT_COMMITTER_EMAIL", "t@example.com")
-        .output()
-        .expect("git");
-    assert!(
-        out.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn git_build_uses_revision_and_context_dir_and_keeps_url_credentials_private() {
     let mut env = TestEnv::with_builds("build-git").await;
@@ -126,54 +109,25 @@ async fn git_build_uses_revision_and_context_dir_and_keeps_url_credentials_priva
     let root = env.shared.dir.join(format!("git-{}", env.ns));
     let work = root.join("work");
     std::fs::create_dir_all(work.join("app")).expect("repo dir");
-    git(&work, &["init", "-q", "-b", "main"]);
+    crate::common::git(&work, &["init", "-q", "-b", "main"]);
     std::fs::write(
         work.join("app/Dockerfile"),
         "FROM scratch\nCOPY version.txt /version.txt\n",
     )
     .expect("write");
     std::fs::write(work.join("app/version.txt"), "v1\n").expect("write");
-    git(&work, &["add", "."]);
-    git(&work, &["commit", "-q", "-m", "v1"]);
-    git(&work, &["tag", "v1"]);
+    crate::common::git(&work, &["add", "."]);
+    crate::common::git(&work, &["commit", "-q", "-m", "v1"]);
+    crate::common::git(&work, &["tag", "v1"]);
     std::fs::write(
         work.join("app/Dockerfile"),
         "FROM scratch\nRUN this-would-fail\n",
     )
     .expect("write");
-    git(&work, &["commit", "-q", "-am", "broken main"]);
-    git(&root, &["clone", "-q", "--bare", "work", "repo.git"]);
-    let port = crate::common::free_port();
-    // The daemon binary itself, not the `git daemon` wrapper, whose child
-    // would outlive a kill of the wrapper.
-    let exec_path = std::process::Command::new("git")
-        .arg("--exec-path")
-        .output()
-        .expect("git --exec-path");
-    let daemon_bin =
-        std::path::Path::new(String::from_utf8_lossy(&exec_path.stdout).trim()).join("git-daemon");
-    let mut cmd = tripod_harness::supervised_command(&daemon_bin);
-    // Its per-connection children are not killed with it: they end by
-    // themselves when a client (a Pod whose network is gone) stops talking.
-    cmd.args([
-        "--reuseaddr",
-        "--export-all",
-        "--init-timeout=10",
-        "--timeout=60",
-        &format!("--listen={}", env.shared.info.node_ip),
-        &format!("--port={port}"),
-        &format!("--base-path={}", root.display()),
-    ])
-    .arg(&root)
-    .stdout(std::process::Stdio::null())
-    .stderr(std::process::Stdio::null());
-    let mut daemon = tripod_harness::spawn_supervised(cmd).expect("git daemon");
-    eventually("git daemon listens", Duration::from_secs(20), || async {
-        std::net::TcpStream::connect((env.shared.info.node_ip.as_str(), port))
-            .ok()
-            .map(|_| ())
-    })
-    .await;
+    crate::common::git(&work, &["commit", "-q", "-am", "broken main"]);
+    crate::common::git(&root, &["clone", "-q", "--bare", "work", "repo.git"]);
+    let mut daemon = crate::common::GitDaemon::serve(&env, &root).await;
+    let port = daemon.port;
     let c = env.start_controller("c1");
     let node_ip = env.shared.info.node_ip.clone();
     // Credentials written into the URL: they must reach git as credentials
@@ -261,8 +215,7 @@ spec:
             "the URL's password leaked into the {what}: {text}"
         );
     }
-    let _ = daemon.kill();
-    let _ = daemon.wait();
+    daemon.stop();
     env.cleanup().await;
 }
 

@@ -533,3 +533,76 @@ spec:
         platforms.join(", ")
     )
 }
+
+/// Runs `git ARGS` in `dir` (author and committer set), asserting success.
+pub fn git(dir: &std::path::Path, args: &[&str]) {
+    let out = std::process::Command::new("git")
+        .args(args)
+        .current_dir(dir)
+        .env("GIT_AUTHOR_NAME", "t")
+        .env("GIT_AUTHOR_EMAIL", "t@example.com")
+        .env("GIT_COMMITTER_NAME", "t")
+        .env("GIT_COMMITTER_EMAIL", "t@example.com")
+        .output()
+        .expect("git");
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A `git daemon` on the node address serving the repositories under a
+/// directory (`git://NODE_IP:PORT/<name>`), for git sources.
+pub struct GitDaemon {
+    pub port: u16,
+    child: std::process::Child,
+}
+
+impl GitDaemon {
+    pub async fn serve(env: &TestEnv, root: &std::path::Path) -> GitDaemon {
+        let port = free_port();
+        // The daemon binary itself, not the `git daemon` wrapper, whose child
+        // would outlive a kill of the wrapper.
+        let exec_path = std::process::Command::new("git")
+            .arg("--exec-path")
+            .output()
+            .expect("git --exec-path");
+        let daemon_bin = std::path::Path::new(String::from_utf8_lossy(&exec_path.stdout).trim())
+            .join("git-daemon");
+        let mut cmd = tripod_harness::supervised_command(&daemon_bin);
+        // Its per-connection children are not killed with it: they end by
+        // themselves when a client (a Pod whose network is gone) stops talking.
+        cmd.args([
+            "--reuseaddr",
+            "--export-all",
+            "--init-timeout=10",
+            "--timeout=60",
+            &format!("--listen={}", env.shared.info.node_ip),
+            &format!("--port={port}"),
+            &format!("--base-path={}", root.display()),
+        ])
+        .arg(root)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+        let child = tripod_harness::spawn_supervised(cmd).expect("git daemon");
+        eventually("git daemon listens", Duration::from_secs(20), || async {
+            std::net::TcpStream::connect((env.shared.info.node_ip.as_str(), port))
+                .ok()
+                .map(|_| ())
+        })
+        .await;
+        GitDaemon { port, child }
+    }
+
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for GitDaemon {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -838,7 +838,29 @@ async fn buildkit_runner_builds_linux_with_run_and_windows_copy_only() {
         "windows/amd64",
         "  executor:\n    runnerPlatforms: [windows/amd64]\n",
     ));
-    for name in ["bk-linux", "bk-win"] {
+    // A git source, fetched by the runner's agent, built by BuildKit.
+    let root = env.shared.dir.join(format!("git-{}", env.ns));
+    let work = root.join("work");
+    std::fs::create_dir_all(work.join("app")).expect("repo dir");
+    crate::common::git(&work, &["init", "-q", "-b", "main"]);
+    std::fs::write(
+        work.join("app/Dockerfile"),
+        format!(
+            "FROM {} AS b\nRUN echo from-git > /g\nFROM scratch\nCOPY --from=b /g /g\nCOPY version.txt /version.txt\n",
+            info.busybox_image
+        ),
+    )
+    .expect("write");
+    std::fs::write(work.join("app/version.txt"), "v1\n").expect("write");
+    crate::common::git(&work, &["add", "."]);
+    crate::common::git(&work, &["commit", "-q", "-m", "v1"]);
+    crate::common::git(&root, &["clone", "-q", "--bare", "work", "repo.git"]);
+    let daemon = crate::common::GitDaemon::serve(&env, &root).await;
+    env.apply(&format!(
+        "apiVersion: build.tripod.dev/v1alpha1\nkind: ImageBuild\nmetadata:\n  name: bk-git\nspec:\n  source:\n    git: {{url: \"git://{}:{}/repo.git\", revision: main, contextDir: app}}\n  platforms: [linux/amd64]\n  output: {{image: {registry}/team/bk-git:1, insecure: true}}\n  executor: {{runnerPlatforms: [linux/amd64], backend: buildkit}}\n",
+        info.node_ip, daemon.port
+    ));
+    for name in ["bk-linux", "bk-win", "bk-git"] {
         let (ok, out) = env.wait_for("condition=Ready", &format!("ib/{name}"), "300s");
         let s = status(&env, name).await.expect("status");
         assert!(ok, "{name}: {out}\n{s:#?}\n{}", runners.procs[0].log());
@@ -869,6 +891,27 @@ async fn buildkit_runner_builds_linux_with_run_and_windows_copy_only() {
         Some(&b"buildkit\n"[..]),
         "the RUN step's output, with the build arg"
     );
+
+    let (manifest, _, digest) = image(&registry, "team/bk-git", "1");
+    let s = status(&env, "bk-git").await.expect("status");
+    assert_eq!(
+        s.image.as_ref().map(|i| i.digest.as_str()),
+        Some(digest.as_str())
+    );
+    let mut files = BTreeMap::new();
+    for layer in manifest["layers"].as_array().expect("layers") {
+        files.extend(last_layer(
+            &registry,
+            "team/bk-git",
+            &serde_json::json!({"layers": [layer.clone()]}),
+        ));
+    }
+    assert_eq!(files.get("g").map(Vec::as_slice), Some(&b"from-git\n"[..]));
+    assert_eq!(
+        files.get("version.txt").map(Vec::as_slice),
+        Some(&b"v1\n"[..])
+    );
+    drop(daemon);
 
     let (manifest, config, digest) = image(&registry, "team/bk-win", "1");
     let s = status(&env, "bk-win").await.expect("status");

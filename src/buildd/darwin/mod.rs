@@ -123,11 +123,7 @@ impl Backend for Darwin {
         cancel: CancellationToken,
     ) -> Result<BuildOutput, BuildFailure> {
         spec.require_os(Os::Darwin, "darwin")?;
-        let dockerfile = if spec.dockerfile.is_absolute() {
-            spec.dockerfile.clone()
-        } else {
-            spec.context_dir.join(&spec.dockerfile)
-        };
+        let dockerfile = spec.dockerfile_path();
         let text = tokio::fs::read_to_string(&dockerfile)
             .await
             .map_err(|e| invalid(format!("cannot read {}: {e}", dockerfile.display())))?;
