@@ -794,7 +794,7 @@ async fn sigterm_drains_running_builds_finish_and_nothing_new_is_taken() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn buildkit_runner_builds_linux_with_run_and_windows_copy_only() {
+async fn buildkit_runner_builds_linux_inline_and_git_and_windows_copy_only() {
     let mut env = TestEnv::new("runner-buildkit").await;
     let registry = env.shared.registry.clone().expect("registry");
     let info = env.shared.info.clone();
