@@ -21,10 +21,10 @@ command -v clang >/dev/null || {
 echo "==> tripod.exe, buildkitd.exe, buildctl.exe (bash testenv/windows-exe.sh)" >&2
 dir="$(bash testenv/windows-exe.sh)"
 wdir="$(mktemp -d)"
+trap '/usr/lib/wine/wineserver -k 2>/dev/null || true; rm -rf "$wdir"' EXIT
 bash testenv/windows-exe.sh prefix "$wdir/prefix" >/dev/null
 mkdir -p "$wdir/tmp"
 export WINEPREFIX="$wdir/prefix" WINEDEBUG=-all TMPDIR="$wdir/tmp"
-trap '/usr/lib/wine/wineserver -k 2>/dev/null || true; rm -rf "$wdir"' EXIT
 wine() { (cd "$dir" && timeout 300 /usr/lib/wine/wine64 "$@"); }
 echo "==> wine64 tripod.exe --version / agent --help / buildd --help, buildctl.exe --version" >&2
 version="$(wine ./tripod.exe --version)"

@@ -87,16 +87,20 @@ pub struct TargetNeeds {
     /// other stages, ARGs expanded); `None` for `scratch`.
     pub base_image: Option<String>,
     /// The first RUN of a stage the target needs that runs on the target
-    /// platform (stages `FROM --platform=$BUILDPLATFORM` run on the build
-    /// host and are not counted): `line N: RUN …`.
+    /// platform's OS (stages `FROM --platform=$BUILDPLATFORM`, or fixed to
+    /// another OS, run on the build host and are not counted):
+    /// `line N: RUN …`.
     pub target_run: Option<String>,
 }
 
-/// Reads `text` for `target` (the last stage when `None`) with `build_args`.
+/// Reads `text` for `target` (the last stage when `None`) with `build_args`,
+/// building for an OS named `target_os` (`windows`): a stage `FROM
+/// --platform=$BUILDPLATFORM`, or fixed to another OS, runs elsewhere.
 pub fn target_needs(
     text: &str,
     build_args: &[(String, String)],
     target: Option<&str>,
+    target_os: &str,
 ) -> Result<TargetNeeds, DockerfileError> {
     let file = parse_dockerfile::parse(text).map_err(|e| DockerfileError::Parse(e.to_string()))?;
     let given: BTreeMap<String, String> = build_args.iter().cloned().collect();
@@ -142,7 +146,10 @@ pub fn target_needs(
         {
             let value = flag.value.as_ref().map(|v| v.value.as_ref()).unwrap_or("");
             let value = expand(value, &global);
-            return value.contains("TARGETPLATFORM");
+            return value.contains("TARGETPLATFORM")
+                || value
+                    .to_ascii_lowercase()
+                    .starts_with(&format!("{target_os}/"));
         }
         match by_name(&image_of(i)) {
             Some(j) if j < i => i = j,
@@ -213,15 +220,16 @@ mod tests {
     #[test]
     fn base_image_follows_stages_and_args() {
         let text = "ARG BASE=example.com/win/servercore:ltsc2022\nFROM ${BASE} AS base\nCOPY a /a\nFROM base\nCOPY b /b\n";
-        let needs = target_needs(text, &[], None).unwrap();
+        let needs = target_needs(text, &[], None, "windows").unwrap();
         assert_eq!(
             needs.base_image.as_deref(),
             Some("example.com/win/servercore:ltsc2022")
         );
         assert_eq!(needs.target_run, None);
-        let needs = target_needs(text, &[("BASE".into(), "r/x:1".into())], None).unwrap();
+        let needs =
+            target_needs(text, &[("BASE".into(), "r/x:1".into())], None, "windows").unwrap();
         assert_eq!(needs.base_image.as_deref(), Some("r/x:1"));
-        let scratch = target_needs("FROM scratch\nCOPY a /a\n", &[], None).unwrap();
+        let scratch = target_needs("FROM scratch\nCOPY a /a\n", &[], None, "windows").unwrap();
         assert_eq!(scratch.base_image, None);
     }
 
@@ -230,23 +238,41 @@ mod tests {
         let text = "FROM --platform=$BUILDPLATFORM golang AS build\nRUN go build\n\
                     FROM r/win:1 AS other\nRUN del x\n\
                     FROM r/win:1\nCOPY --from=build /app /app\n";
-        let needs = target_needs(text, &[], None).unwrap();
+        let needs = target_needs(text, &[], None, "windows").unwrap();
         assert_eq!(needs.target_run, None, "the unused stage's RUN counts not");
-        let needs = target_needs(text, &[], Some("other")).unwrap();
+        let needs = target_needs(text, &[], Some("other"), "windows").unwrap();
         assert_eq!(needs.target_run.as_deref(), Some("line 4: RUN del x"));
         let text = "FROM r/win:1 AS a\nRUN echo\nFROM a\nCOPY x /x\n";
         assert_eq!(
-            target_needs(text, &[], None).unwrap().target_run.as_deref(),
+            target_needs(text, &[], None, "windows")
+                .unwrap()
+                .target_run
+                .as_deref(),
             Some("line 2: RUN echo")
         );
         let text = "FROM r/win:1 AS a\nRUN echo\nFROM scratch\nCOPY --from=0 /x /x\n";
-        assert!(target_needs(text, &[], None).unwrap().target_run.is_some());
+        assert!(
+            target_needs(text, &[], None, "windows")
+                .unwrap()
+                .target_run
+                .is_some()
+        );
+        // A stage fixed to the target's OS runs there; one fixed to another
+        // OS does not.
+        let text = "FROM --platform=windows/amd64 r/win:1 AS a\nRUN dir\nFROM --platform=linux/amd64 r/l:1 AS b\nRUN ls\nFROM r/win:1\nCOPY --from=a /x /x\nCOPY --from=b /y /y\n";
+        assert_eq!(
+            target_needs(text, &[], None, "windows")
+                .unwrap()
+                .target_run
+                .as_deref(),
+            Some("line 2: RUN dir")
+        );
     }
 
     #[test]
     fn missing_target_is_named() {
         assert_eq!(
-            target_needs("FROM scratch\n", &[], Some("nope")),
+            target_needs("FROM scratch\n", &[], Some("nope"), "windows"),
             Err(DockerfileError::NoTarget("nope".into()))
         );
     }

@@ -5,8 +5,8 @@
 use std::path::Path;
 
 /// Writes `data` to `path`, readable by its owner only (mode 0600 on Unix;
-/// on Windows the file inherits its directory's ACL, which Tripod's
-/// directories restrict to the service account).
+/// on Windows an ACL of SYSTEM, Administrators and the current user, see
+/// [`set_mode`]).
 pub fn write_private(path: &Path, data: &[u8]) -> Result<(), String> {
     use std::io::Write;
     let mut opts = std::fs::OpenOptions::new();
@@ -20,7 +20,10 @@ pub fn write_private(path: &Path, data: &[u8]) -> Result<(), String> {
         .open(path)
         .map_err(|e| format!("write {}: {e}", path.display()))?;
     f.write_all(data)
-        .map_err(|e| format!("write {}: {e}", path.display()))
+        .map_err(|e| format!("write {}: {e}", path.display()))?;
+    #[cfg(windows)]
+    restrict_to_owner(path).map_err(|e| format!("restrict {}: {e}", path.display()))?;
+    Ok(())
 }
 
 /// Asks process `pid` to stop as on Ctrl-C (SIGINT on Unix; on Windows,
@@ -94,8 +97,10 @@ pub fn alive(pid: u32) -> bool {
 }
 
 /// The signals that ask this process to stop: SIGTERM and SIGINT on Unix;
-/// Ctrl-C, Ctrl-Break, console close and system shutdown on Windows (a
-/// service stop or `taskkill` without `/F`). Installed at creation, so a
+/// Ctrl-C, Ctrl-Break, console close and system shutdown on Windows (what
+/// a console process receives: as a Windows service, the agent would need
+/// a service control handler, which Tripod does not have; run it under a
+/// service wrapper that sends Ctrl-Break, or as a HostProcess container). Installed at creation, so a
 /// signal that arrives before the first [`StopSignals::recv`] is kept.
 pub struct StopSignals {
     #[cfg(unix)]
@@ -156,8 +161,10 @@ impl StopSignals {
     }
 }
 
-/// Sets the permission bits of `path` (Unix); nothing on Windows, where
-/// files inherit their directory's ACL.
+/// Sets the permission bits of `path` (Unix). On Windows, a mode without
+/// group or other bits replaces `path`'s ACL (inheritance removed) with
+/// full control for SYSTEM, Administrators and the current user, through
+/// `icacls`; other modes leave the inherited ACL.
 pub fn set_mode(path: &Path, mode: u32) -> std::io::Result<()> {
     #[cfg(unix)]
     {
@@ -166,8 +173,44 @@ pub fn set_mode(path: &Path, mode: u32) -> std::io::Result<()> {
     }
     #[cfg(windows)]
     {
-        let _ = (path, mode);
+        if mode & 0o077 == 0 {
+            restrict_to_owner(path)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// Windows: `path` readable by SYSTEM, Administrators and this user only.
+#[cfg(windows)]
+fn restrict_to_owner(path: &Path) -> std::io::Result<()> {
+    let dir = path.is_dir();
+    let grant = |who: &str| {
+        if dir {
+            format!("{who}:(OI)(CI)F")
+        } else {
+            format!("{who}:F")
+        }
+    };
+    let mut cmd = std::process::Command::new("icacls");
+    cmd.arg(path)
+        .args(["/inheritance:r", "/grant:r"])
+        .arg(grant("*S-1-5-18"))
+        .arg(grant("*S-1-5-32-544"));
+    if let Ok(user) = std::env::var("USERNAME")
+        && !user.is_empty()
+    {
+        cmd.arg(grant(&user));
+    }
+    let out = cmd.stdin(std::process::Stdio::null()).output()?;
+    if out.status.success() {
         Ok(())
+    } else {
+        Err(std::io::Error::other(format!(
+            "icacls {}: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))
     }
 }
 
@@ -187,8 +230,9 @@ pub fn chown_group(path: &Path, gid: u32) -> std::io::Result<()> {
     }
 }
 
-/// The permission bits of `meta` (Unix); on Windows, `0o700`: private to
-/// its owner as far as Tripod can tell.
+/// The permission bits of `meta` (Unix); on Windows, `0o700`: Tripod's
+/// private directories get their ACL from [`set_mode`] when made, and
+/// Windows has no mode bits to check afterwards.
 pub fn mode_of(meta: &std::fs::Metadata) -> u32 {
     #[cfg(unix)]
     {

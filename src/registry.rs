@@ -353,7 +353,12 @@ impl RegistryClient {
         prefer_os_version: Option<&str>,
         creds: Option<&Credentials>,
     ) -> Result<ImageFacts, RegistryError> {
-        let image = parse_reference(reference)?;
+        // A tag or a digest (`FROM image@sha256:…` pins a base).
+        let image =
+            Reference::from_str(reference.trim()).map_err(|e| RegistryError::InvalidReference {
+                reference: reference.to_string(),
+                reason: e.to_string(),
+            })?;
         let (os, arch) = (os.to_string(), arch.to_string());
         let prefer = prefer_os_version.map(str::to_string);
         let resolver = move |entries: &[oci_client::manifest::ImageIndexEntry]| {

@@ -17,9 +17,10 @@ BUILDKIT_VERSION="${BUILDKIT_VERSION:-v0.34.2}"
 cache="${TRIPOD_CACHE:-$HOME/.cache/tripod}/buildkit/$BUILDKIT_VERSION"
 bin="$cache/bin"
 goos=linux
+goarch="$(go env GOHOSTARCH 2>/dev/null || echo amd64)"
 exe=""
 if [ "${1:-}" = windows ]; then
-  bin="$cache/windows-amd64"; goos=windows; exe=".exe"
+  bin="$cache/windows-amd64"; goos=windows; goarch=amd64; exe=".exe"
 fi
 stamp="$bin.stamp"
 want="$(sha256sum < "${BASH_SOURCE[0]}" | cut -c1-16)"
@@ -37,9 +38,14 @@ echo "buildkit.sh: building buildkitd and buildctl $BUILDKIT_VERSION for $goos (
 # refuses: build from a copy of the module, as the main module.
 src="$cache/src-$goos"
 rm -rf "$src"
-cp -r "$(go mod download -json "$PKG@$BUILDKIT_VERSION" | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",*$/\1/p')" "$src"
+moddir="$(go mod download -json "$PKG@$BUILDKIT_VERSION" | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",*$/\1/p')"
+[ -n "$moddir" ] && [ -d "$moddir" ] || {
+  echo "buildkit.sh: go mod download $PKG@$BUILDKIT_VERSION failed:" >&2
+  go mod download -json "$PKG@$BUILDKIT_VERSION" >&2 || true
+  exit 1; }
+cp -r "$moddir" "$src"
 chmod -R u+w "$src"
-(cd "$src" && CGO_ENABLED=0 GOOS=$goos GOARCH=amd64 go build -trimpath -tags "osusergo netgo static_build" \
+(cd "$src" && CGO_ENABLED=0 GOOS=$goos GOARCH=$goarch go build -trimpath -tags "osusergo netgo static_build" \
   -ldflags "-s -w -X $PKG/version.Version=$BUILDKIT_VERSION -X $PKG/version.Revision=module-proxy -X $PKG/version.Package=$PKG" \
   -o "$bin.tmp/" ./cmd/buildkitd ./cmd/buildctl) >&2
 rm -rf "$src"

@@ -325,8 +325,9 @@ async fn chart_lints_installs_upgrades_and_uninstalls() {
         windows.contains("- --windows-buildkit-addr\n            - \"tcp://127.0.0.1:1234\"")
             && windows.contains("name: tripod-windows-buildkitd")
             && windows.contains("hostProcess: true")
-            && windows.contains("--register-service --service-name 'buildkitd'")
-            && windows.contains("--addr 'tcp://127.0.0.1:1234'"),
+            && windows.contains("--register-service --service-name $name @bkArgs")
+            && windows.contains("$name = 'buildkitd'")
+            && windows.contains("@('--addr', 'tcp://127.0.0.1:1234'"),
         "{windows}"
     );
     let (ok, _, err) = env.try_run(

@@ -136,7 +136,11 @@ pub fn emulated_arches() -> Vec<String> {
 
 /// The platforms this host builds, and which of them are emulated.
 pub fn host_platforms(host: &Host<'_>) -> (Vec<String>, Vec<String>) {
-    let mut all = vec![format!("{}/{}", host.os, host_arch())];
+    let mut all = Vec::new();
+    // A Windows host builds its own platform through BuildKit only.
+    if host.os != "windows" || host.buildkit {
+        all.push(format!("{}/{}", host.os, host_arch()));
+    }
     let mut emulated = Vec::new();
     if host.os == "linux" {
         for a in emulated_arches() {
@@ -145,9 +149,12 @@ pub fn host_platforms(host: &Host<'_>) -> (Vec<String>, Vec<String>) {
             emulated.push(p);
         }
     }
-    if host.buildkit && host.os != "windows" && host.os != "darwin" {
-        // BuildKit builds Windows images on Linux, RUN steps excepted.
-        all.push(format!("windows/{}", host_arch()));
+    if host.buildkit && host.os == "linux" {
+        // BuildKit builds Windows images on Linux, RUN steps excepted: for
+        // any Windows architecture, as nothing of the image runs here.
+        for arch in ["amd64", "arm64"] {
+            all.push(format!("windows/{arch}"));
+        }
     }
     if let Some(arch) = host.test_darwin
         && host.os != "darwin"

@@ -24,6 +24,8 @@ use super::{Backend, BuildEvent, BuildFailure, BuildOutput, BuildSpec};
 use crate::platform::Os;
 
 const LAST_LINES: usize = 20;
+/// How long a cancelled buildctl has to end before it is killed.
+const CANCEL_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Settings of the BuildKit backend.
 #[derive(Debug, Clone)]
@@ -83,17 +85,27 @@ impl Buildkit {
             args.push("--opt".into());
             args.push(format!("label:{k}={v}"));
         }
+        // `insecure` applies to the output registry only (as with buildah):
+        // the cache gets it when it lives there.
         let insecure = if spec.insecure {
             ",registry.insecure=true"
         } else {
             ""
         };
         if let Some(cache) = &spec.cache_image {
+            let outputs = super::buildah::output_registries(spec);
+            let cache_insecure = if crate::reference::ImageRef::parse(cache)
+                .is_ok_and(|r| outputs.contains(&r.registry))
+            {
+                insecure
+            } else {
+                ""
+            };
             args.push("--import-cache".into());
-            args.push(format!("type=registry,ref={cache}{insecure}"));
+            args.push(format!("type=registry,ref={cache}{cache_insecure}"));
             args.push("--export-cache".into());
             args.push(format!(
-                "type=registry,ref={cache},mode=max,image-manifest=true,oci-mediatypes=true{insecure}"
+                "type=registry,ref={cache},mode=max,image-manifest=true,oci-mediatypes=true{cache_insecure}"
             ));
         }
         // CSV: the name list is quoted, its references separated by commas.
@@ -131,9 +143,13 @@ impl Buildkit {
             )));
         }
         if spec.platform.os() != self.host_os {
-            let needs =
-                crate::dockerfile::target_needs(&text, &spec.build_args, spec.target.as_deref())
-                    .map_err(|e| BuildFailure::Invalid(e.to_string()))?;
+            let needs = crate::dockerfile::target_needs(
+                &text,
+                &spec.build_args,
+                spec.target.as_deref(),
+                spec.platform.os().as_str(),
+            )
+            .map_err(|e| BuildFailure::Invalid(e.to_string()))?;
             if let Some(run) = needs.target_run {
                 return Err(BuildFailure::Invalid(format!(
                     "{run}: RUN steps of a {} image need a {} host; this BuildKit runs on {} and builds {} images without RUN only (COPY, ADD, ENV, LABEL…; a stage FROM --platform=$BUILDPLATFORM may RUN)",
@@ -369,6 +385,9 @@ impl Buildkit {
         let pid = child.id();
         let mut progress = Progress::default();
         let mut cancelled = false;
+        // After a cancel, buildctl gets this long to end by itself.
+        let kill_after = tokio::time::sleep(std::time::Duration::from_secs(3600));
+        tokio::pin!(kill_after);
         loop {
             tokio::select! {
                 line = line_rx.recv() => {
@@ -384,6 +403,14 @@ impl Buildkit {
                         Some(pid) => crate::os::interrupt(pid),
                         None => { let _ = child.start_kill(); }
                     }
+                    kill_after
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + CANCEL_GRACE);
+                }
+                _ = &mut kill_after, if cancelled => {
+                    tracing::warn!("buildctl did not stop {CANCEL_GRACE:?} after SIGINT: killed");
+                    let _ = child.start_kill();
+                    break;
                 }
             }
         }
@@ -477,6 +504,15 @@ mod tests {
         ] {
             assert!(joined.contains(want), "{want} missing in {joined}");
         }
+        // A cache in another registry than the output's is not insecure.
+        let mut other = spec();
+        other.cache_image = Some("cache.example:5000/c".into());
+        let joined = bk.build_args(&other, Path::new("/w/m.json")).join(" ");
+        assert!(
+            joined.contains("--import-cache type=registry,ref=cache.example:5000/c --export-cache"),
+            "{joined}"
+        );
+        assert!(joined.contains("oci-mediatypes=true --output"), "{joined}");
     }
 
     #[test]

@@ -811,14 +811,13 @@ async fn reconcile_inner(
         SecretCheck::Refused(invalid) => (Some(invalid), None),
     };
 
-    let (windows_builds, windows_problem) = match windows_selectors(ib, ctx).await {
-        Ok(found) => found,
-        Err(message) => {
-            // The registry could not be asked: retried with backoff, the
-            // platforms saying why.
-            return Err(ControllerError::BaseImageUnreadable(message));
-        }
-    };
+    // The registry could not be asked: the Windows Pods wait (the
+    // platforms saying why, retried with backoff); the rest goes on.
+    let (windows_builds, windows_problem, windows_unreadable) =
+        match windows_selectors(ib, ctx).await {
+            Ok((builds, problem)) => (builds, problem, None),
+            Err(message) => (BTreeMap::new(), None, Some(message)),
+        };
     let plan = plan::plan(
         Observed {
             build: ib,
@@ -840,6 +839,7 @@ async fn reconcile_inner(
     // Pod Security admission): said in the platform's status and an Event,
     // then retried with backoff, since fixing it happens outside the spec.
     let mut rejected: Option<String> = None;
+    let mut windows_rejected: Option<String> = None;
     // Build Pods refused (platform, why): marked after the loop over
     // `plan.create`, which borrows the plan.
     let mut held_back: Vec<(String, String)> = Vec::new();
@@ -860,6 +860,24 @@ async fn reconcile_inner(
             );
         }
         rejected = Some(message);
+    }
+    if let Some(message) = windows_unreadable {
+        let (windows, others): (Vec<Pod>, Vec<Pod>) = std::mem::take(&mut plan.create)
+            .into_iter()
+            .partition(|p| pod_platform(p).starts_with("windows/"));
+        plan.create = others;
+        for pod in &windows {
+            plan.hold_back(
+                &pod_platform(pod),
+                plan::REASON_BASE_IMAGE_UNREADABLE,
+                &message,
+                generation,
+                jiff::Timestamp::now(),
+            );
+        }
+        if !windows.is_empty() {
+            windows_rejected = Some(message);
+        }
     }
     for pod in &plan.create {
         let pod_name = pod.name_any();
@@ -954,6 +972,9 @@ async fn reconcile_inner(
     }
     if let Some(message) = rejected {
         return Err(ControllerError::PodRejected(message));
+    }
+    if let Some(message) = windows_rejected {
+        return Err(ControllerError::BaseImageUnreadable(message));
     }
     if let Some(invalid) = &plan.invalid {
         tracing::warn!(%invalid, "invalid spec; waiting for a change");

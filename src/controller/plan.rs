@@ -864,6 +864,9 @@ fn kstatus(
 pub const REASON_POD_REJECTED: &str = "BuildPodRejected";
 /// Reason of `Stalled=True` while a Secret the build names does not exist.
 pub const REASON_SECRET_NOT_FOUND: &str = "SecretNotFound";
+/// The base image of a Windows platform could not be read (the registry
+/// did not answer): its Pod waits.
+pub const REASON_BASE_IMAGE_UNREADABLE: &str = "BaseImageUnreadable";
 
 impl Plan {
     /// The build Pod of `platform` is not made now, for `reason` (the API

@@ -105,16 +105,20 @@ pub async fn read_bases(
         .iter()
         .map(|a| (a.name.clone(), a.value.clone()))
         .collect();
-    let needs =
-        match crate::dockerfile::target_needs(&inline.dockerfile, &args, spec.target.as_deref()) {
-            Ok(n) => n,
-            Err(e) => {
-                for p in platforms {
-                    out.insert(p.to_string(), unknown(&e.to_string()));
-                }
-                return Ok(out);
+    let needs = match crate::dockerfile::target_needs(
+        &inline.dockerfile,
+        &args,
+        spec.target.as_deref(),
+        "windows",
+    ) {
+        Ok(n) => n,
+        Err(e) => {
+            for p in platforms {
+                out.insert(p.to_string(), unknown(&e.to_string()));
             }
-        };
+            return Ok(out);
+        }
+    };
     let Some(image) = needs.base_image else {
         for p in platforms {
             out.insert(p.to_string(), unknown("FROM scratch"));
@@ -158,6 +162,11 @@ pub async fn read_bases(
                 "{image} cannot be read anonymously: set {WINDOWS_BUILD_LABEL} in spec.executor.nodeSelector"
             )),
             Err(RegistryError::NotFound { .. }) => unknown(&format!("{image} was not found")),
+            // Not a reference the registry can be asked about (an ARG that
+            // expanded to nothing, …): the build itself will say more.
+            Err(RegistryError::InvalidReference { reason, .. }) => {
+                unknown(&format!("{image:?} is not an image reference: {reason}"))
+            }
             Err(e) => return Err(format!("reading the base image {image}: {e}")),
         };
         out.insert(p.to_string(), base);
