@@ -924,6 +924,21 @@ async fn reconcile_inner(
 
     // Status.
     let ib_api: Api<ImageBuild> = Api::namespaced(ctx.client.clone(), ns);
+    // A build finishing by this plan may have finished already: the cache
+    // can be behind the API server (a re-list after it restarted). Asked
+    // directly, once per final transition: if so, its status, Events and
+    // metrics are not written a second time.
+    if !plan.finished.is_empty()
+        && let Ok(fresh) = ib_api.get_status(&name).await
+        && let Some(s) = fresh.status.as_ref()
+        && s.build_id == plan.status.build_id
+        && s.phase == plan.status.phase
+        && s.phase.is_some_and(|p| p.is_finished())
+    {
+        tracing::info!(phase = ?s.phase, "already recorded as finished (the cache was behind)");
+        // Once the cache has caught up, the usual reconcile (TTL and all).
+        return Ok(Action::requeue(Duration::from_secs(1)));
+    }
     let status_patch = serde_json::json!({
         "apiVersion": ImageBuild::api_version(&()),
         "kind": ImageBuild::kind(&()),
