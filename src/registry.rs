@@ -243,6 +243,14 @@ fn decode_base64(input: &str) -> Option<Vec<u8>> {
     ENGINE.decode(input.trim()).ok()
 }
 
+/// HTTP Basic auth with `creds`, or none.
+fn auth_of(creds: Option<&Credentials>) -> RegistryAuth {
+    match creds {
+        Some(c) => RegistryAuth::Basic(c.username.clone(), c.password.clone()),
+        None => RegistryAuth::Anonymous,
+    }
+}
+
 /// Picks the manifest of an image index a client follows (oci-client's).
 type IndexResolver =
     dyn Fn(&[oci_client::manifest::ImageIndexEntry]) -> Option<String> + Send + Sync;
@@ -295,10 +303,7 @@ impl RegistryClient {
     ) -> Result<String, RegistryError> {
         let image = parse_reference(reference)?;
         let client = self.client(reference)?;
-        let auth = match creds {
-            Some(c) => RegistryAuth::Basic(c.username.clone(), c.password.clone()),
-            None => RegistryAuth::Anonymous,
-        };
+        let auth = auth_of(creds);
         tracing::debug!(
             reference,
             registry = image.resolve_registry(),
@@ -327,18 +332,8 @@ impl RegistryClient {
             digest.to_string(),
         );
         let client = self.client(reference)?;
-        let auth = match creds {
-            Some(c) => RegistryAuth::Basic(c.username.clone(), c.password.clone()),
-            None => RegistryAuth::Anonymous,
-        };
-        let (_, _, config) = client
-            .pull_manifest_and_config(&image, &auth)
-            .await
-            .map_err(|e| self.map_error(reference, image.resolve_registry(), e))?;
-        ImageFacts::from_config(&config).map_err(|message| RegistryError::Transport {
-            reference: reference.to_string(),
-            message,
-        })
+        let auth = auth_of(creds);
+        self.config_of(&client, &image, reference, &auth).await
     }
 
     /// The config of `reference` (a tag or digest reference) for `os/arch`:
@@ -381,18 +376,8 @@ impl RegistryClient {
             preferred.or(matching.first()).map(|e| e.digest.clone())
         };
         let client = self.client_with(reference, Some(Box::new(resolver)))?;
-        let auth = match creds {
-            Some(c) => RegistryAuth::Basic(c.username.clone(), c.password.clone()),
-            None => RegistryAuth::Anonymous,
-        };
-        let (_, _, config) = client
-            .pull_manifest_and_config(&image, &auth)
-            .await
-            .map_err(|e| self.map_error(reference, image.resolve_registry(), e))?;
-        ImageFacts::from_config(&config).map_err(|message| RegistryError::Transport {
-            reference: reference.to_string(),
-            message,
-        })
+        let auth = auth_of(creds);
+        self.config_of(&client, &image, reference, &auth).await
     }
 
     /// The compressed size of config and layers of the image manifest
@@ -410,10 +395,7 @@ impl RegistryClient {
             digest.to_string(),
         );
         let client = self.client(reference)?;
-        let auth = match creds {
-            Some(c) => RegistryAuth::Basic(c.username.clone(), c.password.clone()),
-            None => RegistryAuth::Anonymous,
-        };
+        let auth = auth_of(creds);
         let (manifest, _) = client
             .pull_image_manifest(&image, &auth)
             .await
@@ -442,10 +424,7 @@ impl RegistryClient {
         };
         let image = parse_reference(first)?;
         let client = self.client(first)?;
-        let auth = match creds {
-            Some(c) => RegistryAuth::Basic(c.username.clone(), c.password.clone()),
-            None => RegistryAuth::Anonymous,
-        };
+        let auth = auth_of(creds);
         let layers: Vec<ImageLayer> = layers
             .into_iter()
             .map(|l| ImageLayer::oci_v1_gzip(l, None))
@@ -470,6 +449,25 @@ impl RegistryClient {
             .await
             .map_err(|e| self.map_error(first, image.resolve_registry(), e))?;
         Ok((digest, size))
+    }
+
+    /// The config of the image `image` names (an index followed with the
+    /// client's resolver).
+    async fn config_of(
+        &self,
+        client: &Client,
+        image: &Reference,
+        reference: &str,
+        auth: &RegistryAuth,
+    ) -> Result<ImageFacts, RegistryError> {
+        let (_, _, config) = client
+            .pull_manifest_and_config(image, auth)
+            .await
+            .map_err(|e| self.map_error(reference, image.resolve_registry(), e))?;
+        ImageFacts::from_config(&config).map_err(|message| RegistryError::Transport {
+            reference: reference.to_string(),
+            message,
+        })
     }
 
     fn client(&self, reference: &str) -> Result<Client, RegistryError> {

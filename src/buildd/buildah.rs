@@ -247,12 +247,8 @@ impl Backend for Buildah {
                 dockerfile.display()
             )));
         }
-        let work = self.work_dir.join(super::safe_name(&spec.build_id, 64));
-        std::fs::create_dir_all(&work)
-            .map_err(|e| BuildFailure::Internal(format!("create {}: {e}", work.display())))?;
-        let result = self.build_in(&spec, &work, &events, &cancel).await;
-        let _ = std::fs::remove_dir_all(&work);
-        result
+        let work = super::WorkDir::create(&self.work_dir, &spec.build_id)?;
+        self.build_in(&spec, work.path(), &events, &cancel).await
     }
 }
 

@@ -347,12 +347,8 @@ impl Backend for Buildkit {
         cancel: CancellationToken,
     ) -> Result<BuildOutput, BuildFailure> {
         self.check(&spec)?;
-        let work = self.work_dir.join(super::safe_name(&spec.build_id, 64));
-        std::fs::create_dir_all(&work)
-            .map_err(|e| BuildFailure::Internal(format!("create {}: {e}", work.display())))?;
-        let result = self.build_in(&spec, &work, &events, &cancel).await;
-        let _ = std::fs::remove_dir_all(&work);
-        result
+        let work = super::WorkDir::create(&self.work_dir, &spec.build_id)?;
+        self.build_in(&spec, work.path(), &events, &cancel).await
     }
 }
 
@@ -443,18 +439,7 @@ impl Buildkit {
 /// Config and layer sizes of the pushed manifest, read from the registry.
 async fn pushed_size(spec: &BuildSpec, digest: &str) -> Result<i64, String> {
     let reference = &spec.tags[0];
-    let image = crate::reference::ImageRef::parse(reference).map_err(|e| e.to_string())?;
-    let creds = match &spec.docker_config_json {
-        Some(json) => {
-            crate::registry::credentials_for(json, &image.registry).map_err(|e| e.to_string())?
-        }
-        None => None,
-    };
-    let client = crate::registry::RegistryClient::new(if spec.insecure {
-        vec![image.registry.clone()]
-    } else {
-        vec![]
-    });
+    let (client, creds) = spec.output_registry(reference)?;
     client
         .image_size(reference, digest, creds.as_ref())
         .await

@@ -55,6 +55,32 @@ impl BuildSpec {
         }
     }
 
+    /// A registry client for the push (plain HTTP to the output registry
+    /// when `insecure`) and the push credentials for `reference`'s registry.
+    pub fn output_registry(
+        &self,
+        reference: &str,
+    ) -> Result<
+        (
+            crate::registry::RegistryClient,
+            Option<crate::registry::Credentials>,
+        ),
+        String,
+    > {
+        let image = crate::reference::ImageRef::parse(reference).map_err(|e| e.to_string())?;
+        let creds = match &self.docker_config_json {
+            Some(json) => crate::registry::credentials_for(json, &image.registry)
+                .map_err(|e| e.to_string())?,
+            None => None,
+        };
+        let insecure = if self.insecure {
+            vec![image.registry]
+        } else {
+            Vec::new()
+        };
+        Ok((crate::registry::RegistryClient::new(insecure), creds))
+    }
+
     /// `Ok` when the platform's OS is `os`, the only one `backend` builds.
     pub fn require_os(&self, os: crate::platform::Os, backend: &str) -> Result<(), BuildFailure> {
         if self.platform.os() == os {
@@ -82,6 +108,31 @@ pub fn safe_name(id: &str, max: usize) -> String {
         .take(max)
         .collect();
     if s.is_empty() { "build".into() } else { s }
+}
+
+/// A build's scratch directory under a backend's work directory, removed
+/// when dropped.
+pub struct WorkDir(PathBuf);
+
+impl WorkDir {
+    /// Creates `root/<build id>`.
+    pub fn create(root: &std::path::Path, build_id: &str) -> Result<WorkDir, BuildFailure> {
+        let dir = root.join(safe_name(build_id, 64));
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| BuildFailure::Internal(format!("create {}: {e}", dir.display())))?;
+        Ok(WorkDir(dir))
+    }
+
+    /// Its path.
+    pub fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// Starts `cmd` (a builder program) with its standard output and error

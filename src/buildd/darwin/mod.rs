@@ -23,7 +23,6 @@ use tokio_util::sync::CancellationToken;
 use super::{Backend, BuildEvent, BuildFailure, BuildOutput, BuildSpec};
 use crate::platform::Os;
 use crate::reference::ImageRef;
-use crate::registry::{RegistryClient, credentials_for};
 use dockerfile::Step;
 
 /// Why RUN cannot run here.
@@ -156,18 +155,8 @@ impl Backend for Darwin {
             message,
             last_lines: Vec::new(),
         };
-        let image = ImageRef::parse(&reference).map_err(|e| invalid(e.to_string()))?;
-        let creds = match &spec.docker_config_json {
-            Some(json) => {
-                credentials_for(json, &image.registry).map_err(|e| push_failed(e.to_string()))?
-            }
-            None => None,
-        };
-        let client = RegistryClient::new(if spec.insecure {
-            vec![image.registry.clone()]
-        } else {
-            Vec::new()
-        });
+        ImageRef::parse(&reference).map_err(|e| invalid(e.to_string()))?;
+        let (client, creds) = spec.output_registry(&reference).map_err(push_failed)?;
         let _ = events
             .send(BuildEvent::Log(format!("pushing {}", spec.tags.join(", "))))
             .await;
