@@ -10,6 +10,7 @@ pub mod dockerfile;
 pub mod duration;
 pub mod executor;
 pub mod http;
+pub mod index;
 pub mod leader;
 pub mod metrics;
 pub mod os;

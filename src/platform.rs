@@ -6,12 +6,17 @@
 //! `armhf` → `arm/v7`, ...) and redundant variants dropped (`arm64/v8` →
 //! `arm64`, `amd64/v1` → `amd64`). Two spellings of the same platform
 //! therefore compare equal, hash alike and display identically.
+//!
+//! A Windows platform may name the OS build its image is for, in
+//! containerd's specifier syntax: `windows(10.0.17763)/amd64`. Windows
+//! nodes run only images of their own build, so one index can hold one
+//! Windows image per build.
 
 use std::fmt;
 use std::str::FromStr;
 
 /// The expected shape of a platform string, used in error messages.
-const EXPECTED_FORMAT: &str = "os/arch[/variant]";
+const EXPECTED_FORMAT: &str = "os/arch[/variant], or windows(BUILD)/arch";
 
 /// Canonical names of every architecture a [`Platform`] may carry, in the
 /// order they are listed in error messages.
@@ -180,6 +185,17 @@ pub enum PlatformError {
         /// What would have been accepted, e.g. `v1-v4` or `no variant`.
         expected: &'static str,
     },
+    /// The OS build in parentheses is malformed or given for another OS
+    /// than Windows.
+    #[error(
+        "platform {input:?}: OS build {os_version:?} is not valid (only windows takes one, as major.minor.build such as windows(10.0.17763)/amd64)"
+    )]
+    InvalidOsVersion {
+        /// The input as given.
+        input: String,
+        /// The offending OS build.
+        os_version: String,
+    },
 }
 
 /// A target platform in canonical OCI form: `os/arch[/variant]`.
@@ -191,6 +207,8 @@ pub struct Platform {
     os: Os,
     arch: String,
     variant: Option<String>,
+    /// Windows only: the OS build (`major.minor.build`) the image is for.
+    os_version: Option<String>,
 }
 
 impl Platform {
@@ -244,6 +262,62 @@ impl Platform {
         self.variant.as_deref()
     }
 
+    /// The Windows OS build the platform asks for (`10.0.17763`), if any:
+    /// the value of a node's `node.kubernetes.io/windows-build` label, and
+    /// the prefix of the image's `os.version`.
+    #[must_use]
+    pub fn os_version(&self) -> Option<&str> {
+        self.os_version.as_deref()
+    }
+
+    /// The same platform for the Windows OS build `os_version`
+    /// (`major.minor.build`, e.g. `10.0.20348`), or without one (`None`).
+    ///
+    /// # Errors
+    ///
+    /// [`PlatformError::InvalidOsVersion`] when the platform is not a
+    /// Windows one or the build is not three dot-separated numbers.
+    pub fn with_os_version(mut self, os_version: Option<&str>) -> Result<Platform, PlatformError> {
+        match os_version {
+            None => self.os_version = None,
+            Some(v) => {
+                let v = v.trim();
+                if self.os != Os::Windows || !is_os_build(v) {
+                    return Err(PlatformError::InvalidOsVersion {
+                        input: self.to_string(),
+                        os_version: v.to_string(),
+                    });
+                }
+                self.os_version = Some(v.to_string());
+            }
+        }
+        Ok(self)
+    }
+
+    /// The platform without its OS build: what a node's `kubernetes.io/os`
+    /// and `kubernetes.io/arch` labels and an index entry's `os` and
+    /// `architecture` say.
+    #[must_use]
+    pub fn without_os_version(&self) -> Platform {
+        Platform {
+            os_version: None,
+            ..self.clone()
+        }
+    }
+
+    /// Whether an image's `os.version` (`10.0.17763.6414`) is of this
+    /// platform's OS build (always true without one).
+    #[must_use]
+    pub fn accepts_os_version(&self, image_os_version: Option<&str>) -> bool {
+        match (&self.os_version, image_os_version) {
+            (None, _) => true,
+            (Some(want), Some(have)) => {
+                have == want || have.strip_prefix(want.as_str()).is_some_and(|r| r.starts_with('.'))
+            }
+            (Some(_), None) => false,
+        }
+    }
+
     /// The value of the Kubernetes node label `kubernetes.io/arch` for nodes
     /// that can run this platform (the canonical architecture).
     #[must_use]
@@ -251,14 +325,21 @@ impl Platform {
         &self.arch
     }
 
-    /// A form usable as a Kubernetes label value: `os-arch[-variant]`,
-    /// e.g. `linux-arm-v7`.
+    /// A form usable as a Kubernetes label value and in object names:
+    /// `os-arch[-variant][-build]`, e.g. `linux-arm-v7` or
+    /// `windows-amd64-10-0-17763`.
     #[must_use]
     pub fn label_value(&self) -> String {
-        match &self.variant {
-            Some(v) => format!("{}-{}-{}", self.os, self.arch, v),
-            None => format!("{}-{}", self.os, self.arch),
+        let mut out = format!("{}-{}", self.os, self.arch);
+        if let Some(v) = &self.variant {
+            out.push('-');
+            out.push_str(v);
         }
+        if let Some(v) = &self.os_version {
+            out.push('-');
+            out.push_str(&v.replace('.', "-"));
+        }
+        out
     }
 
     /// Validates and normalises lower-cased, non-empty `arch` and `variant`.
@@ -305,6 +386,7 @@ impl Platform {
             os,
             arch: arch.to_owned(),
             variant: variant.map(|n| format!("v{n}")),
+            os_version: None,
         })
     }
 }
@@ -371,13 +453,26 @@ pub fn default_platform() -> Platform {
         os: Os::Linux,
         arch: "amd64".to_owned(),
         variant: None,
+        os_version: None,
     }
 }
 
+/// `major.minor.build`: three dot-separated numbers of at most 10 digits.
+fn is_os_build(v: &str) -> bool {
+    let parts: Vec<&str> = v.split('.').collect();
+    parts.len() == 3
+        && parts
+            .iter()
+            .all(|p| !p.is_empty() && p.len() <= 10 && p.bytes().all(|b| b.is_ascii_digit()))
+}
+
 impl fmt::Display for Platform {
-    /// Writes the canonical form `os/arch[/variant]`.
+    /// Writes the canonical form `os[(build)]/arch[/variant]`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.os, self.arch)?;
+        match &self.os_version {
+            Some(v) => write!(f, "{}({v})/{}", self.os, self.arch)?,
+            None => write!(f, "{}/{}", self.os, self.arch)?,
+        }
         if let Some(variant) = &self.variant {
             write!(f, "/{variant}")?;
         }
@@ -412,6 +507,18 @@ impl FromStr for Platform {
             input: s.to_owned(),
             part,
         };
+        // `windows(10.0.17763)`: the OS build in parentheses.
+        let (os, os_version) = match os.split_once('(') {
+            Some((name, rest)) => match rest.strip_suffix(')') {
+                Some(v) => (name, Some(v)),
+                None => {
+                    return Err(PlatformError::Format {
+                        input: s.to_owned(),
+                    });
+                }
+            },
+            None => (os, None),
+        };
         if os.is_empty() {
             return Err(empty(PlatformPart::Os));
         }
@@ -425,7 +532,18 @@ impl FromStr for Platform {
             input: s.to_owned(),
             os: os.to_owned(),
         })?;
-        Platform::build(s, os, arch, variant)
+        let platform = Platform::build(s, os, arch, variant)?;
+        match os_version {
+            None => Ok(platform),
+            Some(v) if os == Os::Windows && is_os_build(v) => Ok(Platform {
+                os_version: Some(v.to_string()),
+                ..platform
+            }),
+            Some(v) => Err(PlatformError::InvalidOsVersion {
+                input: s.to_owned(),
+                os_version: v.to_string(),
+            }),
+        }
     }
 }
 
@@ -453,6 +571,46 @@ mod tests {
             Ok(platform) => panic!("{s:?} should not parse, got {platform}"),
             Err(e) => e,
         }
+    }
+
+    #[test]
+    fn windows_os_builds() {
+        let w = p("Windows(10.0.17763)/x86_64");
+        assert_eq!(w.to_string(), "windows(10.0.17763)/amd64");
+        assert_eq!(w.os_version(), Some("10.0.17763"));
+        assert_eq!(w.label_value(), "windows-amd64-10-0-17763");
+        assert_eq!(w.without_os_version(), p("windows/amd64"));
+        assert_ne!(w, p("windows(10.0.20348)/amd64"));
+        assert_eq!(p(&w.to_string()), w);
+        assert!(w.accepts_os_version(Some("10.0.17763.6414")));
+        assert!(w.accepts_os_version(Some("10.0.17763")));
+        assert!(!w.accepts_os_version(Some("10.0.177630")));
+        assert!(!w.accepts_os_version(Some("10.0.20348.2700")));
+        assert!(!w.accepts_os_version(None));
+        assert!(p("windows/amd64").accepts_os_version(Some("10.0.20348.1")));
+        for bad in [
+            "linux(10.0.17763)/amd64",
+            "windows(10.0)/amd64",
+            "windows(ltsc2019)/amd64",
+            "windows()/amd64",
+            "windows(10.0.17763.1)/amd64",
+        ] {
+            assert!(
+                matches!(err(bad), PlatformError::InvalidOsVersion { .. }),
+                "{bad}"
+            );
+        }
+        assert!(matches!(
+            err("windows(10.0.17763/amd64"),
+            PlatformError::Format { .. }
+        ));
+        assert_eq!(
+            p("windows/arm64")
+                .with_os_version(Some("10.0.26100"))
+                .map(|p| p.to_string()),
+            Ok("windows(10.0.26100)/arm64".to_string())
+        );
+        assert!(p("darwin/arm64").with_os_version(Some("10.0.1")).is_err());
     }
 
     #[test]
@@ -671,7 +829,7 @@ mod tests {
         }
         assert_eq!(
             err("linux").to_string(),
-            r#"platform "linux": expected os/arch[/variant]"#
+            r#"platform "linux": expected os/arch[/variant], or windows(BUILD)/arch"#
         );
     }
 

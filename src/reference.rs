@@ -88,6 +88,11 @@ impl ImageRef {
         })
     }
 
+    /// The repository as the user wrote it (registry included, no tag).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     /// The reference pinned to a digest: `name@digest`, as the user wrote the name.
     pub fn pinned(&self, digest: &str) -> String {
         format!("{}@{}", self.name, digest)

@@ -91,6 +91,10 @@ pub struct ImageFacts {
     pub variant: Option<String>,
     /// `os.version` of the config (Windows images: `10.0.20348.2700`).
     pub os_version: Option<String>,
+    /// `os.features` of the config (Windows images: e.g. `win32k`).
+    pub os_features: Vec<String>,
+    /// `created` of the config (RFC 3339).
+    pub created: Option<String>,
     /// `config.Labels`.
     pub labels: std::collections::BTreeMap<String, String>,
 }
@@ -113,6 +117,10 @@ impl ImageFacts {
             variant: Option<String>,
             #[serde(default, rename = "os.version")]
             os_version: Option<String>,
+            #[serde(default, rename = "os.features")]
+            os_features: Option<Vec<String>>,
+            #[serde(default)]
+            created: Option<String>,
             #[serde(default)]
             config: Option<Inner>,
         }
@@ -123,6 +131,8 @@ impl ImageFacts {
             architecture: c.architecture,
             variant: c.variant.filter(|v| !v.is_empty()),
             os_version: c.os_version.filter(|v| !v.is_empty()),
+            os_features: c.os_features.unwrap_or_default(),
+            created: c.created.filter(|v| !v.is_empty()),
             labels: c.config.and_then(|i| i.labels).unwrap_or_default(),
         })
     }
@@ -449,6 +459,294 @@ impl RegistryClient {
             .await
             .map_err(|e| self.map_error(first, image.resolve_registry(), e))?;
         Ok((digest, size))
+    }
+
+    /// Pushes an image made of `layers` (gzip-compressed OCI layer tars)
+    /// and `config` by digest only, into the repository of `reference` (a
+    /// tag reference whose tag is not written), and returns the manifest
+    /// digest with the pushed size.
+    pub async fn push_image_by_digest(
+        &self,
+        reference: &str,
+        layers: Vec<Vec<u8>>,
+        config: Vec<u8>,
+        creds: Option<&Credentials>,
+    ) -> Result<(String, i64), RegistryError> {
+        use oci_client::client::{Config, ImageLayer};
+        use oci_client::manifest::OciImageManifest;
+        let image = parse_reference(reference)?;
+        let client = self.client(reference)?;
+        let auth = auth_of(creds);
+        client
+            .store_auth_if_needed(image.resolve_registry(), &auth)
+            .await;
+        let layers: Vec<ImageLayer> = layers
+            .into_iter()
+            .map(|l| ImageLayer::oci_v1_gzip(l, None))
+            .collect();
+        let config = Config::oci_v1(config, None);
+        let manifest = OciImageManifest::build(&layers, &config, None);
+        let err = |e| self.map_error(reference, image.resolve_registry(), e);
+        for (layer, desc) in layers.iter().zip(&manifest.layers) {
+            client
+                .push_blob(&image, layer.data.clone(), &desc.digest)
+                .await
+                .map_err(err)?;
+        }
+        client
+            .push_blob(&image, config.data.clone(), &manifest.config.digest)
+            .await
+            .map_err(err)?;
+        let size = config.data.len() as i64 + layers.iter().map(|l| l.data.len() as i64).sum::<i64>();
+        let bytes = serde_json::to_vec(&manifest).map_err(|e| RegistryError::Transport {
+            reference: reference.to_string(),
+            message: format!("cannot serialize the manifest: {e}"),
+        })?;
+        let digest = self
+            .put_manifest_by_digest(&client, &image, reference, bytes, crate::index::OCI_MANIFEST)
+            .await?;
+        Ok((digest, size))
+    }
+
+    /// Pushes the image of an OCI layout directory (`index.json`, `blobs/`,
+    /// as `buildah push … oci:DIR` writes it) by digest only, into the
+    /// repository of `reference` (a tag reference whose tag is not
+    /// written): blobs the repository lacks are streamed from their files,
+    /// then the manifest bytes are put under their digest, unchanged.
+    /// Returns the manifest digest with the size of config and layers.
+    pub async fn push_oci_layout(
+        &self,
+        reference: &str,
+        layout: &std::path::Path,
+        creds: Option<&Credentials>,
+    ) -> Result<(String, i64), RegistryError> {
+        let image = parse_reference(reference)?;
+        let local = |message: String| RegistryError::Transport {
+            reference: reference.to_string(),
+            message,
+        };
+        let read = |path: std::path::PathBuf| {
+            std::fs::read(&path).map_err(|e| local(format!("read {}: {e}", path.display())))
+        };
+        let blob_path = |digest: &str| -> Result<std::path::PathBuf, RegistryError> {
+            match digest.strip_prefix("sha256:") {
+                Some(hex) if hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()) => {
+                    Ok(layout.join("blobs").join("sha256").join(hex))
+                }
+                _ => Err(local(format!("the layout names an unusable digest {digest:?}"))),
+            }
+        };
+        let index: serde_json::Value = serde_json::from_slice(&read(layout.join("index.json"))?)
+            .map_err(|e| local(format!("the layout's index.json is not JSON: {e}")))?;
+        let desc = index
+            .pointer("/manifests/0")
+            .ok_or_else(|| local("the layout's index.json lists no manifest".into()))?;
+        let manifest_digest = desc
+            .get("digest")
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or_default()
+            .to_string();
+        let media_type = desc
+            .get("mediaType")
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or(crate::index::OCI_MANIFEST)
+            .to_string();
+        let bytes = read(blob_path(&manifest_digest)?)?;
+        if crate::index::digest_of(&bytes) != manifest_digest {
+            return Err(local(format!(
+                "the layout's manifest does not match its digest {manifest_digest}"
+            )));
+        }
+        let manifest: oci_client::manifest::OciImageManifest = serde_json::from_slice(&bytes)
+            .map_err(|e| local(format!("the layout's manifest is not an image manifest: {e}")))?;
+        // One PUT per blob, streamed from its file.
+        let client = Client::try_from(ClientConfig {
+            protocol: ClientProtocol::HttpsExcept(self.insecure_registries.clone()),
+            connect_timeout: Some(CONNECT_TIMEOUT),
+            read_timeout: Some(READ_TIMEOUT),
+            use_monolithic_push: true,
+            ..Default::default()
+        })
+        .map_err(|e| local(format!("cannot create the HTTP client: {}", error_chain(&e))))?;
+        let auth = auth_of(creds);
+        client
+            .store_auth_if_needed(image.resolve_registry(), &auth)
+            .await;
+        let err = |e| self.map_error(reference, image.resolve_registry(), e);
+        let mut size = 0i64;
+        for desc in std::iter::once(&manifest.config).chain(&manifest.layers) {
+            size += desc.size;
+            if client.blob_exists(&image, &desc.digest).await.map_err(err)? {
+                continue;
+            }
+            let path = blob_path(&desc.digest)?;
+            let file = tokio::fs::File::open(&path)
+                .await
+                .map_err(|e| local(format!("open {}: {e}", path.display())))?;
+            let len = file
+                .metadata()
+                .await
+                .map_err(|e| local(format!("stat {}: {e}", path.display())))?
+                .len();
+            let stream = futures::TryStreamExt::map_err(
+                tokio_util::io::ReaderStream::with_capacity(file, 1 << 20),
+                OciDistributionError::from,
+            );
+            client
+                .push_blob_stream(&image, stream, &desc.digest, Some(len))
+                .await
+                .map_err(err)?;
+        }
+        let digest = self
+            .put_manifest_by_digest(&client, &image, reference, bytes, &media_type)
+            .await?;
+        Ok((digest, size))
+    }
+
+    /// Puts manifest `bytes` under their own digest in the repository of
+    /// `image` and returns that digest, once the registry serves it.
+    async fn put_manifest_by_digest(
+        &self,
+        client: &Client,
+        image: &Reference,
+        reference: &str,
+        bytes: Vec<u8>,
+        media_type: &str,
+    ) -> Result<String, RegistryError> {
+        let digest = crate::index::digest_of(&bytes);
+        let target = Reference::with_digest(
+            image.registry().to_string(),
+            image.repository().to_string(),
+            digest.clone(),
+        );
+        let content_type = http::HeaderValue::from_str(media_type).map_err(|e| {
+            RegistryError::Transport {
+                reference: reference.to_string(),
+                message: format!("media type {media_type:?}: {e}"),
+            }
+        })?;
+        client
+            .push_manifest_raw(&target, bytes, content_type)
+            .await
+            .map_err(|e| self.map_error(reference, image.resolve_registry(), e))?;
+        Ok(digest)
+    }
+
+    /// `Ok(())` when the repository of `reference` (a tag reference) holds
+    /// the manifest `digest`.
+    pub async fn verify_digest(
+        &self,
+        reference: &str,
+        digest: &str,
+        creds: Option<&Credentials>,
+    ) -> Result<(), RegistryError> {
+        let tagged = parse_reference(reference)?;
+        let image = Reference::with_digest(
+            tagged.registry().to_string(),
+            tagged.repository().to_string(),
+            digest.to_string(),
+        );
+        let client = self.client(reference)?;
+        let auth = auth_of(creds);
+        let actual = client
+            .fetch_manifest_digest(&image, &auth)
+            .await
+            .map_err(|e| self.map_error(&format!("{}@{digest}", tagged.repository()), image.resolve_registry(), e))?;
+        if actual == digest {
+            Ok(())
+        } else {
+            Err(RegistryError::DigestMismatch {
+                reference: format!("{}@{digest}", tagged.repository()),
+                expected: digest.to_string(),
+                actual,
+            })
+        }
+    }
+
+    /// What an index needs of the platform manifest `digest` in the
+    /// repository of `reference` (a tag reference): its size and media
+    /// type (the bytes the registry serves) and its config.
+    pub async fn child_manifest(
+        &self,
+        reference: &str,
+        digest: &str,
+        creds: Option<&Credentials>,
+    ) -> Result<(i64, String, ImageFacts), RegistryError> {
+        let tagged = parse_reference(reference)?;
+        let image = Reference::with_digest(
+            tagged.registry().to_string(),
+            tagged.repository().to_string(),
+            digest.to_string(),
+        );
+        let client = self.client(reference)?;
+        let auth = auth_of(creds);
+        let (bytes, _) = client
+            .pull_manifest_raw(
+                &image,
+                &auth,
+                &[crate::index::OCI_MANIFEST, crate::index::DOCKER_MANIFEST],
+            )
+            .await
+            .map_err(|e| self.map_error(reference, image.resolve_registry(), e))?;
+        let bad = |message: String| RegistryError::Transport {
+            reference: format!("{}@{digest}", tagged.repository()),
+            message,
+        };
+        if crate::index::digest_of(&bytes) != digest {
+            return Err(bad("the registry served bytes of another digest".into()));
+        }
+        let media_type = serde_json::from_slice::<serde_json::Value>(&bytes)
+            .ok()
+            .and_then(|v| v.get("mediaType").and_then(|m| m.as_str()).map(str::to_string))
+            .unwrap_or_else(|| crate::index::OCI_MANIFEST.to_string());
+        let facts = self.config_of(&client, &image, reference, &auth).await?;
+        Ok((bytes.len() as i64, media_type, facts))
+    }
+
+    /// Pushes the image index `bytes` under every reference of `tags`,
+    /// checks that each tag resolves to its digest, and returns the digest
+    /// with the index bytes the registry serves for it (to be checked by
+    /// the caller).
+    pub async fn push_index(
+        &self,
+        tags: &[String],
+        bytes: Vec<u8>,
+        creds: Option<&Credentials>,
+    ) -> Result<(String, Vec<u8>), RegistryError> {
+        let Some(first) = tags.first() else {
+            return Err(RegistryError::InvalidReference {
+                reference: String::new(),
+                reason: "no tag to push".into(),
+            });
+        };
+        let digest = crate::index::digest_of(&bytes);
+        let client = self.client(first)?;
+        let auth = auth_of(creds);
+        let content_type = http::HeaderValue::from_static(crate::index::OCI_INDEX);
+        for tag in tags {
+            let image = parse_reference(tag)?;
+            client
+                .store_auth_if_needed(image.resolve_registry(), &auth)
+                .await;
+            client
+                .push_manifest_raw(&image, bytes.clone(), content_type.clone())
+                .await
+                .map_err(|e| self.map_error(tag, image.resolve_registry(), e))?;
+        }
+        for tag in tags {
+            self.verify(tag, &digest, creds).await?;
+        }
+        let tagged = parse_reference(first)?;
+        let image = Reference::with_digest(
+            tagged.registry().to_string(),
+            tagged.repository().to_string(),
+            digest.clone(),
+        );
+        let (served, _) = client
+            .pull_manifest_raw(&image, &auth, &[crate::index::OCI_INDEX])
+            .await
+            .map_err(|e| self.map_error(first, image.resolve_registry(), e))?;
+        Ok((digest, served.to_vec()))
     }
 
     /// The config of the image `image` names (an index followed with the

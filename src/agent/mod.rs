@@ -548,6 +548,7 @@ pub(crate) fn build_request(
         labels: a.labels.clone(),
         platform: a.platform.clone(),
         tags: a.tags.clone(),
+        push_by_digest: a.push_by_digest,
         cache_image: a.cache_image.clone(),
         docker_config_json: a.docker_config_json.clone(),
         insecure: a.insecure,

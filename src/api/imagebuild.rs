@@ -47,8 +47,12 @@ use serde::{Deserialize, Serialize};
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
     {
-        "rule": "!has(self.executor) || !has(self.executor.runnerPlatforms) || self.executor.runnerPlatforms.all(p, p in self.platforms && (p.startsWith('linux/') || p.startsWith('windows/')))",
+        "rule": "!has(self.executor) || !has(self.executor.runnerPlatforms) || self.executor.runnerPlatforms.all(p, p in self.platforms && (p.startsWith('linux/') || p.startsWith('windows/') || p.startsWith('windows(')))",
         "message": "spec.executor.runnerPlatforms: each entry must be a linux or windows platform listed in spec.platforms"
+    },
+    {
+        "rule": "!has(self.platformBuildArgs) || self.platformBuildArgs.all(a, a.platform in self.platforms)",
+        "message": "spec.platformBuildArgs: each platform must be written as in spec.platforms"
     }
 ]))]
 pub struct ImageBuildSpec {
@@ -75,11 +79,39 @@ pub struct ImageBuildSpec {
     /// Platforms to build, as `os/arch[/variant]` with os one of `linux`,
     /// `windows` or `darwin` (e.g. `linux/amd64`, `linux/arm/v7`,
     /// `windows/amd64`, `darwin/arm64`). Each platform is built natively on a
-    /// machine of its OS. Several platforms are joined into one image index.
+    /// machine of its OS and pushed by digest; several platforms are joined
+    /// into one image index under the output tags.
+    ///
+    /// A Windows platform may name the Windows OS build its image is for,
+    /// as `windows(10.0.17763)/amd64` (Server 2019) or
+    /// `windows(10.0.20348)/amd64` (Server 2022): one index can then hold an
+    /// image per build, each with its `os.version`, so every Windows node
+    /// pulls the one it can run. Its build Pod runs on a node of that build
+    /// (`node.kubernetes.io/windows-build`); give each build its base image
+    /// with `spec.platformBuildArgs`. When one Windows platform of an
+    /// architecture names a build, all of that architecture must.
     /// Default: `[linux/amd64]`.
     #[serde(default = "default_platforms")]
     #[schemars(schema_with = "platforms_schema")]
     pub platforms: Vec<String>,
+
+    /// Build arguments for single platforms, added to (and overriding)
+    /// `spec.buildArgs` for that platform only: typically the base image of
+    /// each Windows OS build, e.g. for `windows(10.0.17763)/amd64` the
+    /// argument `BASE=mcr.microsoft.com/windows/nanoserver:ltsc2019` used
+    /// by `ARG BASE` / `FROM ${BASE}`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["platform"]))]
+    pub platform_build_args: Vec<PlatformBuildArgs>,
+
+    /// What happens to the other platforms when one fails after its
+    /// retries: `false` (the default) lets them finish, so their verified
+    /// digests stay in the status and `build.tripod.dev/retry-failed`
+    /// rebuilds only the failed ones; `true` stops them at once
+    /// (they end `Cancelled`, and a retry rebuilds them too).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub fail_fast: bool,
 
     /// Where the image is pushed.
     pub output: Output,
@@ -125,6 +157,34 @@ pub struct ImageBuildSpec {
     pub executor: Option<ExecutorSpec>,
 }
 
+impl ImageBuildSpec {
+    /// Whether the platforms are joined into an image index: several of
+    /// them (`count`, after validation), or `spec.output.index: Always`.
+    pub fn makes_index(&self, count: usize) -> bool {
+        count > 1 || self.output.index == Some(IndexPolicy::Always)
+    }
+
+    /// The build arguments of `platform`: `spec.buildArgs` with its
+    /// `spec.platformBuildArgs` entry (matched canonically) on top.
+    pub fn build_args_for(&self, platform: &crate::platform::Platform) -> Vec<(String, String)> {
+        let mut args: Vec<(String, String)> = self
+            .build_args
+            .iter()
+            .map(|a| (a.name.clone(), a.value.clone()))
+            .collect();
+        let extra = self.platform_build_args.iter().find(|pa| {
+            pa.platform.parse::<crate::platform::Platform>().ok().as_ref() == Some(platform)
+        });
+        for a in extra.map(|pa| pa.build_args.as_slice()).unwrap_or_default() {
+            match args.iter_mut().find(|(n, _)| *n == a.name) {
+                Some(slot) => slot.1 = a.value.clone(),
+                None => args.push((a.name.clone(), a.value.clone())),
+            }
+        }
+        args
+    }
+}
+
 fn platforms_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
     schemars::json_schema!({
         "type": "array",
@@ -142,8 +202,12 @@ fn platforms_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
                     "messageExpression": "'platform \"' + self + '\" must have the form os/arch[/variant]'"
                 },
                 {
-                    "rule": "self.lowerAscii().matches('^(linux|windows|darwin|macos|osx|mac)/')",
+                    "rule": "self.lowerAscii().matches('^(linux|windows|darwin|macos|osx|mac)(\\\\([^)]*\\\\))?/')",
                     "messageExpression": "'platform \"' + self + '\" has an unknown OS: expected linux, windows or darwin'"
+                },
+                {
+                    "rule": "!self.contains('(') || self.lowerAscii().matches('^windows\\\\([0-9]{1,10}\\\\.[0-9]{1,10}\\\\.[0-9]{1,10}\\\\)/')",
+                    "messageExpression": "'platform \"' + self + '\": only windows takes an OS build, written major.minor.build as in windows(10.0.17763)/amd64'"
                 },
                 {
                     "rule": "self.lowerAscii().matches('^[^/]+/(amd64|x86_64|x86-64|x64|arm64|aarch64|arm|armhf|armel|386|i386|i686|x86|ppc64le|s390x|riscv64|mips64le|loong64)(/|$)')",
@@ -167,6 +231,19 @@ fn tags_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
             ]
         }
     })
+}
+
+/// Build arguments of one platform.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PlatformBuildArgs {
+    /// The platform, written as in `spec.platforms`.
+    #[schemars(length(min = 1, max = 64))]
+    pub platform: String,
+    /// Its build arguments; they override `spec.buildArgs` of the same name.
+    #[schemars(length(min = 1, max = 64))]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    pub build_args: Vec<BuildArg>,
 }
 
 /// The default of `spec.platforms`.
@@ -303,6 +380,13 @@ pub struct Output {
     /// Secret stalls the build naming this field.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub push_secret_ref: Option<SecretReference>,
+    /// When to push an image index: `Auto` (the default) pushes one when
+    /// `spec.platforms` has several entries and the image manifest itself
+    /// for a single platform; `Always` pushes an index for a single
+    /// platform too (a deployment that expects an index, or a platform
+    /// with a Windows OS build).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index: Option<IndexPolicy>,
     /// Talk plain HTTP (or HTTPS without verifying its certificate) to the
     /// output registry: the registry of `image`, and only that one. Base
     /// images from other registries are still pulled over verified HTTPS;
@@ -310,6 +394,16 @@ pub struct Output {
     /// development only.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub insecure: bool,
+}
+
+/// When to push an image index.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum IndexPolicy {
+    /// An index for several platforms, the manifest itself for one.
+    #[default]
+    Auto,
+    /// An index whatever the number of platforms.
+    Always,
 }
 
 /// A registry layer cache.
@@ -463,13 +557,18 @@ pub struct ImageBuildStatus {
     /// The `build.tripod.dev/rebuild` annotation value this build answers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rebuild: Option<String>,
+    /// The `build.tripod.dev/retry-failed` annotation value last answered
+    /// (its failed platforms were rebuilt).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_failed: Option<String>,
     /// When the current build started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_time: Option<Time>,
     /// When the current build finished.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub completion_time: Option<Time>,
-    /// The pushed image, once every platform succeeded.
+    /// The pushed image, once every platform succeeded (and their index
+    /// was pushed and read back).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<ImageStatus>,
     /// One entry per requested platform.
@@ -487,8 +586,9 @@ pub struct ImageBuildStatus {
 pub struct ImageStatus {
     /// The tag reference that was pushed.
     pub reference: String,
-    /// The registry-verified digest: of the index when several platforms were
-    /// built, else of the manifest.
+    /// The registry-verified digest: of the image index when several
+    /// platforms were built (or `spec.output.index: Always`), else of the
+    /// image manifest.
     pub digest: String,
     /// `repository@digest`: the reference to deploy.
     pub pinned: String,
@@ -508,18 +608,28 @@ pub struct PlatformStatus {
     /// Attempts started so far (1 for the first).
     #[serde(default)]
     pub attempts: i32,
+    /// The last attempt this platform may make before it fails: `1 +
+    /// spec.retries`, raised by as much by each
+    /// `build.tripod.dev/retry-failed` request that rebuilds it.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub attempt_limit: i32,
     /// When the current attempt started (its executor was created).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attempt_start_time: Option<Time>,
     /// The build step being run, e.g. `STEP 3/7: RUN make`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub step: Option<String>,
-    /// The pushed manifest digest of this platform.
+    /// The pushed manifest digest of this platform (pushed by digest, not
+    /// under the output tags, when an index joins the platforms).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub digest: Option<String>,
     /// Why the platform is where it is, for humans.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+}
+
+fn is_zero(n: &i32) -> bool {
+    *n == 0
 }
 
 /// The executor of a platform.

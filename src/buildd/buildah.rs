@@ -299,6 +299,9 @@ impl Buildah {
             });
         }
 
+        if spec.push_by_digest {
+            return self.push_by_digest(spec, work, events, cancel).await;
+        }
         let mut first_digest = None;
         for (i, tag) in spec.tags.iter().enumerate() {
             let digest_file = work.join(format!("digest-{i}"));
@@ -347,6 +350,58 @@ impl Buildah {
         })
     }
 
+    /// Pushes the built image by digest only: buildah writes it (layers
+    /// compressed, manifest final) to an OCI layout in the work directory,
+    /// from which its blobs and manifest are uploaded unchanged, so the
+    /// manifest digest is known before anything reaches the registry and
+    /// no tag is written.
+    async fn push_by_digest(
+        &self,
+        spec: &BuildSpec,
+        work: &Path,
+        events: &mpsc::Sender<BuildEvent>,
+        cancel: &CancellationToken,
+    ) -> Result<BuildOutput, BuildFailure> {
+        let reference = spec.tags[0].clone();
+        let layout = work.join("layout");
+        let mut save = self.command();
+        save.arg("push")
+            .arg(&reference)
+            .arg(format!("oci:{}:image", layout.display()));
+        let r = run(save, events, cancel).await?;
+        if r.cancelled {
+            return Err(BuildFailure::Cancelled);
+        }
+        if !r.ok {
+            return Err(BuildFailure::Internal(format!(
+                "writing the image to an OCI layout: {}",
+                failure_message(&r)
+            )));
+        }
+        let push_failed = |message: String| BuildFailure::PushFailed {
+            reference: reference.clone(),
+            message,
+            last_lines: Vec::new(),
+        };
+        let (client, creds) = spec.output_registry(&reference).map_err(push_failed)?;
+        let _ = events
+            .send(BuildEvent::Log(format!("pushing to {reference} by digest")))
+            .await;
+        let (digest, size) = tokio::select! {
+            r = client.push_oci_layout(&reference, &layout, creds.as_ref()) => r.map_err(|e| push_failed(e.to_string()))?,
+            _ = cancel.cancelled() => return Err(BuildFailure::Cancelled),
+        };
+        let reference = spec.pushed_reference(&digest);
+        let _ = events
+            .send(BuildEvent::Log(format!("pushed {reference}")))
+            .await;
+        Ok(BuildOutput {
+            digest,
+            size,
+            reference,
+        })
+    }
+
     /// Sum of config and layer sizes in the local manifest of `image`.
     async fn image_size(&self, image: &str) -> Option<i64> {
         let mut cmd = self.command();
@@ -386,6 +441,7 @@ mod tests {
             labels: BTreeMap::from([("org.opencontainers.image.source".into(), "x".into())]),
             platform: "linux/arm64".parse().unwrap(),
             tags: vec!["r/a:1".into(), "r/a:latest".into()],
+            push_by_digest: false,
             cache_image: Some("r/cache".into()),
             docker_config_json: None,
             insecure: true,
@@ -421,6 +477,7 @@ mod tests {
                 "10.88.0.1:5000/team/a:1".into(),
                 "10.88.0.1:5000/team/a:2".into(),
             ],
+            push_by_digest: false,
             cache_image: None,
             docker_config_json: None,
             insecure: true,

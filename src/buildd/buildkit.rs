@@ -109,11 +109,21 @@ impl Buildkit {
             ));
         }
         // CSV: the name list is quoted, its references separated by commas.
+        // By digest: the repository only, no tag written.
         args.push("--output".into());
-        args.push(format!(
-            "type=image,\"name={}\",push=true,oci-mediatypes=true{insecure}",
-            spec.tags.join(",")
-        ));
+        if spec.push_by_digest {
+            let repository = crate::reference::ImageRef::parse(&spec.tags[0])
+                .map(|r| r.name().to_string())
+                .unwrap_or_else(|_| spec.tags[0].clone());
+            args.push(format!(
+                "type=image,\"name={repository}\",push=true,push-by-digest=true,oci-mediatypes=true{insecure}"
+            ));
+        } else {
+            args.push(format!(
+                "type=image,\"name={}\",push=true,oci-mediatypes=true{insecure}",
+                spec.tags.join(",")
+            ));
+        }
         args.push("--metadata-file".into());
         args.push(metadata_file.display().to_string());
         args
@@ -429,9 +439,9 @@ impl Buildkit {
             0
         });
         Ok(BuildOutput {
+            reference: spec.pushed_reference(&digest),
             digest,
             size,
-            reference: spec.tags[0].clone(),
         })
     }
 }
@@ -461,6 +471,7 @@ mod tests {
             labels: BTreeMap::from([("org.opencontainers.image.source".into(), "x".into())]),
             platform: "windows/amd64".parse().unwrap(),
             tags: vec!["r/a:1".into(), "r/a:latest".into()],
+            push_by_digest: false,
             cache_image: Some("r/cache".into()),
             docker_config_json: None,
             insecure: true,

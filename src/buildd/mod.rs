@@ -36,6 +36,9 @@ pub struct BuildSpec {
     pub platform: Platform,
     /// References to push; the first one's digest is the result.
     pub tags: Vec<String>,
+    /// Push by digest only, to the repository of the first tag (no tag
+    /// is written): an index will join the platforms.
+    pub push_by_digest: bool,
     /// Layer cache repository.
     pub cache_image: Option<String>,
     /// A docker config.json with credentials.
@@ -53,6 +56,18 @@ impl BuildSpec {
         } else {
             self.context_dir.join(&self.dockerfile)
         }
+    }
+
+    /// What a pushed image is called: the first tag, or `repo@digest`
+    /// when pushed by digest.
+    pub fn pushed_reference(&self, digest: &str) -> String {
+        let first = self.tags.first().cloned().unwrap_or_default();
+        if !self.push_by_digest {
+            return first;
+        }
+        crate::reference::ImageRef::parse(&first)
+            .map(|r| r.pinned(digest))
+            .unwrap_or(first)
     }
 
     /// A registry client for the push (plain HTTP to the output registry

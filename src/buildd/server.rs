@@ -109,6 +109,7 @@ pub fn spec_from_proto(req: pb::BuildRequest) -> Result<BuildSpec, Status> {
         labels: req.labels.into_iter().collect(),
         platform,
         tags: req.tags,
+        push_by_digest: req.push_by_digest,
         cache_image: (!req.cache_image.is_empty()).then_some(req.cache_image),
         docker_config_json: (!req.docker_config_json.is_empty()).then_some(req.docker_config_json),
         insecure: req.insecure,

@@ -4,6 +4,7 @@
 //! it lists what the plan needs, applies the plan with server-side apply
 //! under one field manager, publishes Events and keeps the metrics.
 
+pub mod index;
 pub mod lease;
 pub mod plan;
 pub mod pod;
@@ -103,6 +104,10 @@ pub enum ControllerError {
     /// registry did not answer): retried with backoff.
     #[error("{0}")]
     BaseImageUnreadable(String),
+    /// The image index could not be pushed (the registry did not answer,
+    /// refused the push): retried with backoff until `spec.timeout`.
+    #[error("{0}")]
+    IndexPush(String),
 }
 
 fn kube_err(action: impl Into<String>) -> impl FnOnce(kube::Error) -> ControllerError {
@@ -706,6 +711,31 @@ async fn windows_selectors(
     Ok((out, None))
 }
 
+/// The request and the platform digests of a build whose platforms all
+/// succeeded (per its status, for its current build and generation) and
+/// whose index is still to be pushed.
+fn index_due(ib: &ImageBuild) -> Option<(validate::BuildRequest, Vec<String>)> {
+    let status = ib.status.as_ref()?;
+    if ib.spec.cancel
+        || status.build_id.as_deref() != Some(ib.build_id().as_str())
+        || status.observed_generation != ib.metadata.generation
+    {
+        return None;
+    }
+    let req = validate::validate(&ib.spec).ok()?;
+    let same_platforms = req.platforms.len() == status.platforms.len()
+        && req
+            .platforms
+            .iter()
+            .zip(&status.platforms)
+            .all(|(p, s)| p.to_string() == s.platform);
+    if !req.index || !same_platforms {
+        return None;
+    }
+    let children = plan::index_children(status)?;
+    Some((req, children))
+}
+
 fn needs_runners(ib: &ImageBuild) -> bool {
     ib.spec
         .platforms
@@ -818,6 +848,12 @@ async fn reconcile_inner(
             Ok((builds, problem)) => (builds, problem, None),
             Err(message) => (BTreeMap::new(), None, Some(message)),
         };
+    // Every platform pushed its manifest by digest (as recorded in the
+    // status): their index is pushed now, and the plan records it.
+    let index_outcome = match index_due(ib) {
+        Some((req, children)) => Some(index::push(&ctx.client, ib, &req, &children).await),
+        None => None,
+    };
     let plan = plan::plan(
         Observed {
             build: ib,
@@ -827,6 +863,7 @@ async fn reconcile_inner(
             now: jiff::Timestamp::now(),
             secret_problem: secret_problem.as_ref().or(windows_problem.as_ref()),
             windows_builds: &windows_builds,
+            index: index_outcome.as_ref(),
         },
         &ctx.settings,
     );
@@ -864,7 +901,7 @@ async fn reconcile_inner(
     if let Some(message) = windows_unreadable {
         let (windows, others): (Vec<Pod>, Vec<Pod>) = std::mem::take(&mut plan.create)
             .into_iter()
-            .partition(|p| pod_platform(p).starts_with("windows/"));
+            .partition(|p| pod_platform(p).starts_with("windows"));
         plan.create = others;
         for pod in &windows {
             plan.hold_back(
@@ -990,6 +1027,9 @@ async fn reconcile_inner(
     }
     if let Some(message) = windows_rejected {
         return Err(ControllerError::BaseImageUnreadable(message));
+    }
+    if let Some(message) = plan.index_retry {
+        return Err(ControllerError::IndexPush(message));
     }
     if let Some(invalid) = &plan.invalid {
         tracing::warn!(%invalid, "invalid spec; waiting for a change");

@@ -16,8 +16,8 @@ use super::runner_leg::RunnerLeg;
 pub use super::runner_leg::{Expiry, LeaseRequest};
 use super::validate::{BuildRequest, InvalidSpec, check_placement, validate};
 use crate::api::{
-    ANNOTATION_REBUILD, BuildRunner, ExecutorRef, ImageBuild, ImageBuildStatus, ImageStatus,
-    LABEL_BUILD_ID, Phase, PlatformStatus,
+    ANNOTATION_REBUILD, ANNOTATION_RETRY_FAILED, BuildRunner, ExecutorRef, ImageBuild,
+    ImageBuildStatus, ImageStatus, LABEL_BUILD_ID, Phase, PlatformStatus,
 };
 use crate::platform::{Os, Platform};
 
@@ -42,6 +42,46 @@ pub struct Observed<'a> {
     /// (`node.kubernetes.io/windows-build`), from its base image or the
     /// spec, by platform.
     pub windows_builds: &'a BTreeMap<String, String>,
+    /// What came of pushing the image index of the platforms' digests
+    /// in the status, when the caller tried.
+    pub index: Option<&'a IndexOutcome>,
+}
+
+/// What came of pushing an image index.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IndexOutcome {
+    /// Pushed under every tag, read back and verified.
+    Pushed {
+        /// The index digest.
+        digest: String,
+        /// The platform digests it joins, in the order of the status.
+        children: Vec<String>,
+    },
+    /// Not pushed, for a reason that may pass (the registry did not
+    /// answer): tried again with backoff until `spec.timeout`.
+    Retry(String),
+    /// Not pushed, for a reason that will not pass (two platforms make the
+    /// same index entry, a platform image is not of its platform).
+    Invalid(String),
+}
+
+/// The platform digests of `status`, when every platform succeeded and an
+/// image index still has to be pushed for them.
+pub fn index_children(status: &ImageBuildStatus) -> Option<Vec<String>> {
+    if status.platforms.is_empty()
+        || status.image.is_some()
+        || status.phase.is_some_and(Phase::is_finished)
+    {
+        return None;
+    }
+    status
+        .platforms
+        .iter()
+        .map(|p| match (p.phase, &p.digest) {
+            (Phase::Succeeded, Some(d)) => Some(d.clone()),
+            _ => None,
+        })
+        .collect()
 }
 
 /// Kind of a planned Kubernetes Event.
@@ -100,6 +140,11 @@ pub struct Plan {
     pub delete_leases: Vec<String>,
     /// A platform waits for a matching runner to come Online.
     pub waits_for_runner: bool,
+    /// Every platform succeeded: their image index is to be pushed.
+    pub wants_index: bool,
+    /// Pushing the index failed for a reason that may pass: retried with
+    /// backoff.
+    pub index_retry: Option<String>,
 }
 
 /// Condition types (kstatus).
@@ -113,13 +158,17 @@ pub const STALLED: &str = "Stalled";
 /// `activeDeadlineSeconds` ends it.
 pub const POD_DEADLINE_GRACE: Duration = Duration::from_secs(10);
 
-fn rebuild_value(ib: &ImageBuild) -> Option<&str> {
+fn annotation<'a>(ib: &'a ImageBuild, key: &str) -> Option<&'a str> {
     ib.metadata
         .annotations
         .as_ref()
-        .and_then(|a| a.get(ANNOTATION_REBUILD))
+        .and_then(|a| a.get(key))
         .map(String::as_str)
         .filter(|v| !v.is_empty())
+}
+
+fn rebuild_value(ib: &ImageBuild) -> Option<&str> {
+    annotation(ib, ANNOTATION_REBUILD)
 }
 
 fn time(t: Timestamp) -> Time {
@@ -203,6 +252,7 @@ pub fn plan(obs: Observed<'_>, settings: &PodSettings) -> Plan {
                 phase: Some(Phase::Failed),
                 build_id: Some(id),
                 rebuild: rebuild_value(ib).map(str::to_string),
+                retry_failed: annotation(ib, ANNOTATION_RETRY_FAILED).map(str::to_string),
                 start_time: None,
                 completion_time: old.completion_time.clone().or(Some(time(obs.now))),
                 image: None,
@@ -239,6 +289,7 @@ pub fn plan(obs: Observed<'_>, settings: &PodSettings) -> Plan {
             phase: Some(Phase::Pending),
             build_id: Some(id.clone()),
             rebuild: rebuild_value(ib).map(str::to_string),
+            retry_failed: annotation(ib, ANNOTATION_RETRY_FAILED).map(str::to_string),
             start_time: Some(time(obs.now)),
             completion_time: None,
             image: None,
@@ -248,6 +299,7 @@ pub fn plan(obs: Observed<'_>, settings: &PodSettings) -> Plan {
                 .map(|p| PlatformStatus {
                     platform: p.to_string(),
                     phase: Phase::Pending,
+                    attempt_limit: attempts_per_round(&req),
                     ..Default::default()
                 })
                 .collect(),
@@ -258,12 +310,34 @@ pub fn plan(obs: Observed<'_>, settings: &PodSettings) -> Plan {
         s.observed_generation = Some(generation);
         s
     };
-    let old_phase = if new_build { None } else { old.phase };
+    let mut old_phase = if new_build { None } else { old.phase };
+    // A new value of the retry-failed annotation: the failed (and
+    // cancelled) platforms of this build start over, the others keep
+    // their verified digests.
+    let retry = annotation(ib, ANNOTATION_RETRY_FAILED);
+    if !new_build && retry.is_some() && retry != old.retry_failed.as_deref() {
+        status.retry_failed = retry.map(str::to_string);
+        if !ib.spec.cancel {
+            let retried = retry_failed(&mut status, &req, obs.now);
+            if !retried.is_empty() {
+                old_phase = None;
+                out.events.push(PlannedEvent {
+                    kind: EventKind::Normal,
+                    reason: "RetryingFailed".into(),
+                    message: format!(
+                        "rebuilding {} (asked by {ANNOTATION_RETRY_FAILED}); the other platforms keep their digests",
+                        retried.join(", ")
+                    ),
+                });
+            }
+        }
+    }
     let old_platform_phases: Vec<Phase> = status.platforms.iter().map(|p| p.phase).collect();
     let start = status.start_time.clone().unwrap_or_else(|| time(obs.now));
     let elapsed = non_negative(millis_between(&start, obs.now));
 
     let mut reason = "Building".to_string();
+    let mut index_message: Option<String> = None;
     let current_pods: Vec<&Pod> = obs
         .pods
         .iter()
@@ -311,14 +385,17 @@ pub fn plan(obs: Observed<'_>, settings: &PodSettings) -> Plan {
                 &mut out,
             );
             if let Some(failed) = status.platforms.iter().find(|p| p.phase == Phase::Failed) {
-                let msg = format!("stopped because {} failed", failed.platform);
-                stop(
-                    &mut status,
-                    (&current_pods, &current_leases),
-                    &mut out,
-                    Phase::Cancelled,
-                    &msg,
-                );
+                // The others finish, unless the user asked to stop them.
+                if req.fail_fast {
+                    let msg = format!("stopped because {} failed (spec.failFast)", failed.platform);
+                    stop(
+                        &mut status,
+                        (&current_pods, &current_leases),
+                        &mut out,
+                        Phase::Cancelled,
+                        &msg,
+                    );
+                }
                 reason = "BuildFailed".into();
             }
             let remaining = req.timeout.saturating_sub(elapsed);
@@ -340,17 +417,55 @@ pub fn plan(obs: Observed<'_>, settings: &PodSettings) -> Plan {
     }
 
     // Aggregate.
-    let phase = aggregate(&status, finished_before, old.phase, &reason);
-    if phase == Phase::Succeeded
-        && status.image.is_none()
-        && let [only] = status.platforms.as_slice()
-        && let Some(digest) = &only.digest
-    {
-        status.image = Some(ImageStatus {
-            reference: req.image.to_string(),
-            digest: digest.clone(),
-            pinned: req.image.pinned(digest),
-        });
+    let mut phase = aggregate(&status, finished_before, old.phase, &reason);
+    if phase == Phase::Succeeded && status.image.is_none() {
+        if req.index {
+            // Every platform is pushed by digest: their index makes the image.
+            let children = index_children(&ImageBuildStatus {
+                phase: None,
+                ..status.clone()
+            });
+            match obs.index {
+                Some(IndexOutcome::Pushed {
+                    digest,
+                    children: joined,
+                }) if Some(joined) == children.as_ref() => {
+                    status.image = Some(ImageStatus {
+                        reference: req.image.to_string(),
+                        digest: digest.clone(),
+                        pinned: req.image.pinned(digest),
+                    });
+                }
+                Some(IndexOutcome::Invalid(message)) => {
+                    phase = Phase::Failed;
+                    reason = "IndexInvalid".into();
+                    index_message = Some(format!("the image index cannot be made: {message}"));
+                }
+                Some(IndexOutcome::Retry(message)) => {
+                    phase = Phase::Building;
+                    out.index_retry = Some(message.clone());
+                    index_message = Some(format!(
+                        "pushing the image index failed, retrying: {message}"
+                    ));
+                }
+                _ => {
+                    phase = Phase::Building;
+                    out.wants_index = true;
+                    index_message = Some(format!(
+                        "joining {} platforms into an image index",
+                        status.platforms.len()
+                    ));
+                }
+            }
+        } else if let [only] = status.platforms.as_slice()
+            && let Some(digest) = &only.digest
+        {
+            status.image = Some(ImageStatus {
+                reference: req.image.to_string(),
+                digest: digest.clone(),
+                pinned: req.image.pinned(digest),
+            });
+        }
     }
     status.phase = Some(phase);
     if phase.is_finished() && status.completion_time.is_none() {
@@ -378,8 +493,9 @@ pub fn plan(obs: Observed<'_>, settings: &PodSettings) -> Plan {
 
     // A build that had finished keeps what its conditions said (a spec or
     // Secret problem is not derivable from the platforms).
-    let message = match condition_message(&old, READY) {
-        Some(m) if finished_before && !m.is_empty() => m.clone(),
+    let message = match (condition_message(&old, READY), index_message) {
+        (Some(m), _) if finished_before && !m.is_empty() => m.clone(),
+        (_, Some(m)) => m,
         _ => summary(&status, phase, &reason),
     };
     let cond_reason = match phase {
@@ -411,6 +527,10 @@ pub fn plan(obs: Observed<'_>, settings: &PodSettings) -> Plan {
         });
     }
 
+    if out.wants_index {
+        out.requeue_after = Some(Duration::from_secs(1));
+    }
+
     // Cleanup of finished builds after their TTL.
     if phase.is_finished() {
         out.requeue_after = None;
@@ -437,6 +557,40 @@ pub fn plan(obs: Observed<'_>, settings: &PodSettings) -> Plan {
 
     out.status = status;
     out
+}
+
+/// How many attempts a platform gets per round: `1 + spec.retries`.
+fn attempts_per_round(req: &BuildRequest) -> i32 {
+    i32::try_from(req.retries + 1).unwrap_or(i32::MAX)
+}
+
+/// Starts the failed and cancelled platforms of `status` over with a new
+/// round of attempts (and the build's clock anew: `spec.timeout` counts
+/// from now). Returns the platforms retried.
+fn retry_failed(status: &mut ImageBuildStatus, req: &BuildRequest, now: Timestamp) -> Vec<String> {
+    let mut retried = Vec::new();
+    for ps in status
+        .platforms
+        .iter_mut()
+        .filter(|p| matches!(p.phase, Phase::Failed | Phase::Cancelled))
+    {
+        ps.attempts += 1;
+        ps.attempt_limit = ps.attempts - 1 + attempts_per_round(req);
+        ps.attempt_start_time = Some(time(now));
+        ps.phase = Phase::Pending;
+        ps.executor = None;
+        ps.step = None;
+        ps.digest = None;
+        ps.message = Some(format!("retrying (asked by {ANNOTATION_RETRY_FAILED})"));
+        retried.push(ps.platform.clone());
+    }
+    if !retried.is_empty() {
+        status.phase = Some(Phase::Building);
+        status.start_time = Some(time(now));
+        status.completion_time = None;
+        status.image = None;
+    }
+    retried
 }
 
 fn finished_reason(old: &ImageBuildStatus) -> String {
@@ -675,6 +829,12 @@ pub(super) fn retry_after_failure(
     now: Timestamp,
 ) -> bool {
     let attempt = ps.attempts.unsigned_abs();
+    // A retry-failed request raised this platform's limit.
+    let max_attempts = if ps.attempt_limit > 0 {
+        ps.attempt_limit.unsigned_abs()
+    } else {
+        max_attempts
+    };
     if attempt < max_attempts {
         out.events.push(PlannedEvent {
             kind: EventKind::Warning,
@@ -767,16 +927,18 @@ fn aggregate(
     if reason == "Cancelled" {
         return Phase::Cancelled;
     }
-    if phases.contains(&Phase::Failed) || reason == "Timeout" {
+    if reason == "Timeout" {
         return Phase::Failed;
     }
-    if !phases.is_empty() && phases.iter().all(|p| *p == Phase::Succeeded) {
-        if phases.len() == 1 {
+    // A failed platform fails the build once the others have finished too.
+    if !phases.is_empty() && phases.iter().all(|p| p.is_finished()) {
+        if phases.contains(&Phase::Failed) {
+            return Phase::Failed;
+        }
+        if phases.iter().all(|p| *p == Phase::Succeeded) {
             return Phase::Succeeded;
         }
-        // Joining several platforms into one image index comes with the
-        // multi-platform leg; until then such a build stays in Building.
-        return Phase::Building;
+        return Phase::Cancelled;
     }
     if phases.contains(&Phase::Building) {
         Phase::Building
@@ -1012,6 +1174,7 @@ mod tests {
                 now,
                 secret_problem: None,
                 windows_builds: &BTreeMap::new(),
+                index: None,
             },
             &settings(),
         )
@@ -1365,7 +1528,6 @@ mod tests {
         set_pod(second, Some("n"), "Failed");
         let p = run(&b, &pods, &[], at(20));
         assert!(p.create.is_empty());
-        assert_eq!(p.status.phase, Some(Phase::Failed));
         assert_eq!(p.status.platforms[0].phase, Phase::Failed);
         assert!(
             p.status.platforms[0]
@@ -1374,20 +1536,212 @@ mod tests {
                 .unwrap()
                 .contains("attempt 2 of 2")
         );
-        // The other platform is stopped, its Pod deleted.
-        assert_eq!(p.status.platforms[1].phase, Phase::Cancelled);
-        assert_eq!(p.delete, ["app-1-linux-arm64-1"]);
+        // The other platform goes on (spec.failFast is false): the build
+        // fails once it has finished.
+        assert!(p.delete.is_empty());
+        assert_eq!(p.status.phase, Some(Phase::Scheduling));
+        assert_eq!(p.finished.len(), 1);
+        apply(&mut b, &mut pods, &p);
+        push(&mut pods, "app-1-linux-arm64-1", "sha256:arm");
+        let p = run(&b, &pods, &[], at(30));
+        assert_eq!(p.status.phase, Some(Phase::Failed));
+        assert_eq!(p.status.platforms[1].digest.as_deref(), Some("sha256:arm"));
+        assert!(p.status.image.is_none());
+        assert!(!p.wants_index);
         assert_eq!(cond(&p.status, STALLED).status, "True");
         assert_eq!(cond(&p.status, STALLED).reason, "BuildFailed");
         assert_eq!(cond(&p.status, READY).status, "False");
-        assert!(p.status.completion_time.is_some());
-        assert_eq!(p.finished.len(), 2);
         assert!(
-            p.finished
-                .iter()
-                .any(|f| f.result == "failed" && f.os == Os::Linux)
+            cond(&p.status, READY).message.contains("linux/amd64: Failed"),
+            "{}",
+            cond(&p.status, READY).message
         );
+        assert!(p.status.completion_time.is_some());
+        assert_eq!(p.finished.len(), 1);
+        assert_eq!(p.finished[0].result, "succeeded");
         assert_eq!(p.events.last().unwrap().kind, EventKind::Warning);
+    }
+
+    /// A build Pod reports a verified push of `digest`.
+    fn push(pods: &mut [Pod], name: &str, digest: &str) {
+        let pod = pods.iter_mut().find(|p| p.name_any() == name).unwrap();
+        set_pod(pod, Some("n"), "Succeeded");
+        pod.metadata.annotations = Some(
+            [(
+                ANNOTATION_RESULT.to_string(),
+                format!(r#"{{"digest":"{digest}","size":10}}"#),
+            )]
+            .into(),
+        );
+    }
+
+    fn run_with_index(ib: &ImageBuild, pods: &[Pod], index: &IndexOutcome, now: Timestamp) -> Plan {
+        plan(
+            Observed {
+                build: ib,
+                pods,
+                leases: &[],
+                runners: &[],
+                now,
+                secret_problem: None,
+                windows_builds: &BTreeMap::new(),
+                index: Some(index),
+            },
+            &settings(),
+        )
+    }
+
+    #[test]
+    fn fail_fast_stops_the_other_platforms() {
+        let mut b = ib(&["linux/amd64", "linux/arm64"]);
+        b.spec.fail_fast = true;
+        let mut pods = Vec::new();
+        let p = run(&b, &pods, &[], at(0));
+        apply(&mut b, &mut pods, &p);
+        set_pod(&mut pods[1], Some("n"), "Running");
+        set_pod(&mut pods[0], Some("n"), "Failed");
+        let p = run(&b, &pods, &[], at(10));
+        assert_eq!(p.status.phase, Some(Phase::Failed));
+        assert_eq!(p.status.platforms[1].phase, Phase::Cancelled);
+        assert!(
+            p.status.platforms[1]
+                .message
+                .as_deref()
+                .unwrap()
+                .contains("spec.failFast")
+        );
+        assert_eq!(p.delete, ["app-1-linux-arm64-1"]);
+        assert_eq!(p.finished.len(), 2);
+    }
+
+    #[test]
+    fn several_platforms_succeed_once_their_index_is_pushed() {
+        let mut b = ib(&["linux/amd64", "linux/arm64"]);
+        let mut pods = Vec::new();
+        let p = run(&b, &pods, &[], at(0));
+        apply(&mut b, &mut pods, &p);
+        push(&mut pods, "app-1-linux-amd64-1", "sha256:amd");
+        let p = run(&b, &pods, &[], at(5));
+        assert_eq!(p.status.phase, Some(Phase::Scheduling));
+        assert!(!p.wants_index);
+        apply(&mut b, &mut pods, &p);
+        assert_eq!(index_children(b.status.as_ref().unwrap()), None);
+        push(&mut pods, "app-1-linux-arm64-1", "sha256:arm");
+        // Both pushed: the index is asked for, the build not done yet.
+        let p = run(&b, &pods, &[], at(10));
+        assert_eq!(p.status.phase, Some(Phase::Building));
+        assert!(p.wants_index);
+        assert!(p.status.image.is_none());
+        assert!(cond(&p.status, READY).message.contains("image index"));
+        apply(&mut b, &mut pods, &p);
+        let children = index_children(b.status.as_ref().unwrap()).unwrap();
+        assert_eq!(children, ["sha256:amd", "sha256:arm"]);
+        // A registry outage: retried, still Building.
+        let retry = IndexOutcome::Retry("connection refused".into());
+        let p = run_with_index(&b, &pods, &retry, at(11));
+        assert_eq!(p.status.phase, Some(Phase::Building));
+        assert_eq!(p.index_retry.as_deref(), Some("connection refused"));
+        // An index for other digests (a stale status) is not taken.
+        let stale = IndexOutcome::Pushed {
+            digest: "sha256:old".into(),
+            children: vec!["sha256:x".into(), "sha256:arm".into()],
+        };
+        let p = run_with_index(&b, &pods, &stale, at(12));
+        assert_eq!(p.status.phase, Some(Phase::Building));
+        let pushed = IndexOutcome::Pushed {
+            digest: "sha256:idx".into(),
+            children,
+        };
+        let p = run_with_index(&b, &pods, &pushed, at(12));
+        assert_eq!(p.status.phase, Some(Phase::Succeeded));
+        let image = p.status.image.clone().unwrap();
+        assert_eq!(image.digest, "sha256:idx");
+        assert_eq!(image.pinned, "registry.local/team/app@sha256:idx");
+        assert!(p.events.iter().any(|e| e.reason == "Succeeded"));
+        // A platform image that cannot go into an index fails the build.
+        let invalid = IndexOutcome::Invalid("two entries for windows/amd64".into());
+        let p = run_with_index(&b, &pods, &invalid, at(12));
+        assert_eq!(p.status.phase, Some(Phase::Failed));
+        assert_eq!(cond(&p.status, READY).reason, "IndexInvalid");
+    }
+
+    #[test]
+    fn index_always_makes_an_index_of_one_platform() {
+        let mut b = ib(&["linux/amd64"]);
+        b.spec.output.index = Some(crate::api::IndexPolicy::Always);
+        let mut pods = Vec::new();
+        let p = run(&b, &pods, &[], at(0));
+        apply(&mut b, &mut pods, &p);
+        push(&mut pods, "app-1-linux-amd64-1", "sha256:amd");
+        let p = run(&b, &pods, &[], at(5));
+        assert_eq!(p.status.phase, Some(Phase::Building));
+        assert!(p.wants_index);
+    }
+
+    #[test]
+    fn retry_failed_rebuilds_only_the_failed_platforms() {
+        let mut b = ib(&["linux/amd64", "linux/arm64"]);
+        b.spec.retries = Some(1);
+        let mut pods = Vec::new();
+        let p = run(&b, &pods, &[], at(0));
+        apply(&mut b, &mut pods, &p);
+        push(&mut pods, "app-1-linux-amd64-1", "sha256:amd");
+        set_pod(&mut pods[1], Some("n"), "Failed");
+        let p = run(&b, &pods, &[], at(10));
+        apply(&mut b, &mut pods, &p);
+        set_pod(
+            pods.iter_mut()
+                .find(|p| p.name_any() == "app-1-linux-arm64-2")
+                .unwrap(),
+            Some("n"),
+            "Failed",
+        );
+        let p = run(&b, &pods, &[], at(20));
+        assert_eq!(p.status.phase, Some(Phase::Failed));
+        apply(&mut b, &mut pods, &p);
+        // Nothing happens until the annotation changes.
+        let p = run(&b, &pods, &[], at(30));
+        assert!(p.create.is_empty());
+        b.metadata.annotations = Some(
+            [(ANNOTATION_RETRY_FAILED.to_string(), "1".to_string())].into(),
+        );
+        let p = run(&b, &pods, &[], at(40));
+        assert_eq!(p.status.build_id, Some(b.build_id()), "same build");
+        assert_eq!(p.status.retry_failed.as_deref(), Some("1"));
+        let names: Vec<String> = p.create.iter().map(|p| p.name_any()).collect();
+        assert_eq!(names, ["app-1-linux-arm64-3"]);
+        assert_eq!(p.status.platforms[0].phase, Phase::Succeeded);
+        assert_eq!(p.status.platforms[0].digest.as_deref(), Some("sha256:amd"));
+        assert_eq!(p.status.platforms[1].attempts, 3);
+        assert_eq!(p.status.platforms[1].attempt_limit, 4);
+        assert_eq!(p.status.phase, Some(Phase::Scheduling));
+        assert_eq!(p.status.start_time, Some(Time(at(40))));
+        assert!(p.status.completion_time.is_none());
+        assert!(p.events.iter().any(|e| e.reason == "RetryingFailed"));
+        apply(&mut b, &mut pods, &p);
+        // Answered once: the next reconcile does not retry again.
+        let p = run(&b, &pods, &[], at(41));
+        assert!(p.create.is_empty());
+        // The new round has its own retries: attempt 3 fails, 4 runs.
+        set_pod(
+            pods.iter_mut()
+                .find(|p| p.name_any() == "app-1-linux-arm64-3")
+                .unwrap(),
+            Some("n"),
+            "Failed",
+        );
+        let p = run(&b, &pods, &[], at(50));
+        let names: Vec<String> = p.create.iter().map(|p| p.name_any()).collect();
+        assert_eq!(names, ["app-1-linux-arm64-4"]);
+        apply(&mut b, &mut pods, &p);
+        push(&mut pods, "app-1-linux-arm64-4", "sha256:arm");
+        let p = run(&b, &pods, &[], at(60));
+        assert!(p.wants_index);
+        apply(&mut b, &mut pods, &p);
+        assert_eq!(
+            index_children(b.status.as_ref().unwrap()).unwrap(),
+            ["sha256:amd", "sha256:arm"]
+        );
     }
 
     #[test]
@@ -1463,6 +1817,7 @@ mod tests {
                 now: at(0),
                 secret_problem: Some(&problem),
                 windows_builds: &BTreeMap::new(),
+                index: None,
             },
             &settings(),
         );
@@ -1529,6 +1884,7 @@ mod tests {
     fn build_pods_carry_the_remaining_timeout_as_active_deadline() {
         let mut b = ib(&["linux/amd64"]);
         b.spec.timeout = Some("10m".into());
+        b.spec.retries = Some(1);
         let p = run(&b, &[], &[], at(0));
         let deadline = p.create[0].spec.as_ref().unwrap().active_deadline_seconds;
         assert_eq!(deadline, Some(600 + POD_DEADLINE_GRACE.as_secs() as i64));
@@ -1537,7 +1893,6 @@ mod tests {
         let mut pods = Vec::new();
         apply(&mut b2, &mut pods, &p);
         set_pod(&mut pods[0], Some("n1"), "Failed");
-        b2.spec.retries = Some(1);
         let p2 = run(&b2, &pods, &[], at(240));
         let deadline = p2.create[0].spec.as_ref().unwrap().active_deadline_seconds;
         assert_eq!(deadline, Some(360 + POD_DEADLINE_GRACE.as_secs() as i64));

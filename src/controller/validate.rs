@@ -49,6 +49,11 @@ pub struct BuildRequest {
     pub on_runner: Vec<bool>,
     /// The backend the spec asks for, if any.
     pub backend: Option<BackendName>,
+    /// The platforms are joined into an image index (several platforms,
+    /// or `spec.output.index: Always`).
+    pub index: bool,
+    /// A failed platform stops the others (`spec.failFast`).
+    pub fail_fast: bool,
 }
 
 /// Validates a spec.
@@ -88,6 +93,48 @@ pub fn validate(spec: &ImageBuildSpec) -> Result<BuildRequest, InvalidSpec> {
             ));
         }
         platforms.push(p);
+    }
+    // An index entry without an OS build next to one with a build of the
+    // same architecture: a Windows node could pull either.
+    for (i, p) in platforms.iter().enumerate() {
+        if p.os() == Os::Windows
+            && p.os_version().is_none()
+            && let Some(other) = platforms.iter().find(|q| {
+                q.os_version().is_some() && q.without_os_version() == *p
+            })
+        {
+            return Err(invalid(
+                format!("spec.platforms[{i}]"),
+                format!(
+                    "{p} has no OS build but {other} has one: name the build of every windows/{} platform, e.g. windows(10.0.20348)/{}",
+                    p.arch(),
+                    p.arch()
+                ),
+            ));
+        }
+    }
+    let mut seen_args = BTreeSet::new();
+    for (i, pa) in spec.platform_build_args.iter().enumerate() {
+        let field = format!("spec.platformBuildArgs[{i}].platform");
+        let p: Platform = pa
+            .platform
+            .parse()
+            .map_err(|e| invalid(&field, format!("{e}")))?;
+        if !platforms.contains(&p) {
+            return Err(invalid(field, format!("{p} is not in spec.platforms")));
+        }
+        if !seen_args.insert(p.clone()) {
+            return Err(invalid(field, format!("{p} is listed twice")));
+        }
+        let mut names = BTreeSet::new();
+        for (j, a) in pa.build_args.iter().enumerate() {
+            if !names.insert(a.name.as_str()) {
+                return Err(invalid(
+                    format!("spec.platformBuildArgs[{i}].buildArgs[{j}].name"),
+                    format!("{:?} is listed twice", a.name),
+                ));
+            }
+        }
     }
 
     let image = ImageRef::parse(&spec.output.image)
@@ -197,13 +244,15 @@ pub fn validate(spec: &ImageBuildSpec) -> Result<BuildRequest, InvalidSpec> {
     }
 
     Ok(BuildRequest {
-        platforms,
         image,
         timeout,
         retries,
         ttl_after_finished,
+        index: spec.makes_index(platforms.len()),
+        platforms,
         on_runner,
         backend,
+        fail_fast: spec.fail_fast,
     })
 }
 
@@ -405,6 +454,54 @@ mod tests {
         assert_eq!(req.timeout, DEFAULT_TIMEOUT);
         assert_eq!(req.retries, 0);
         assert_eq!(req.image.tag, "1");
+    }
+
+    #[test]
+    fn windows_os_builds_and_platform_build_args() {
+        use crate::api::{BuildArg, PlatformBuildArgs};
+        let mut s = spec();
+        s.platforms = vec![
+            "linux/amd64".into(),
+            "windows(10.0.17763)/amd64".into(),
+            "windows(10.0.20348)/amd64".into(),
+        ];
+        let arg = |n: &str, v: &str| BuildArg {
+            name: n.into(),
+            value: v.into(),
+        };
+        s.build_args = vec![arg("BASE", "r/win:ltsc2022"), arg("X", "1")];
+        s.platform_build_args = vec![PlatformBuildArgs {
+            platform: "Windows(10.0.17763)/x86_64".into(),
+            build_args: vec![arg("BASE", "r/win:ltsc2019")],
+        }];
+        let req = validate(&s).unwrap();
+        assert!(req.index);
+        assert_eq!(req.platforms[1].os_version(), Some("10.0.17763"));
+        assert_eq!(
+            s.build_args_for(&req.platforms[1]),
+            [("BASE".to_string(), "r/win:ltsc2019".to_string()), ("X".into(), "1".into())]
+        );
+        assert_eq!(s.build_args_for(&req.platforms[2])[0].1, "r/win:ltsc2022");
+
+        let mut mixed = s.clone();
+        mixed.platforms[2] = "windows/amd64".into();
+        let e = validate(&mixed).unwrap_err();
+        assert_eq!(e.field, "spec.platforms[2]");
+        assert!(e.message.contains("windows(10.0.17763)/amd64"), "{e}");
+
+        let mut stray = s.clone();
+        stray.platform_build_args[0].platform = "windows(10.0.26100)/amd64".into();
+        let e = validate(&stray).unwrap_err();
+        assert_eq!(e.field, "spec.platformBuildArgs[0].platform");
+
+        let mut twice = s.clone();
+        twice.platform_build_args[0].build_args.push(arg("BASE", "y"));
+        assert_eq!(
+            validate(&twice).unwrap_err().field,
+            "spec.platformBuildArgs[0].buildArgs[1].name"
+        );
+        let single = spec();
+        assert!(!validate(&single).unwrap().index);
     }
 
     #[test]

@@ -3,8 +3,9 @@
 //! `node.kubernetes.io/windows-build` selector follows the base image's
 //! `os.version`: read from the registry when the Dockerfile is in the spec
 //! (inline sources), or taken from `spec.executor.nodeSelector` otherwise.
-//! A selector that contradicts the base image is refused before any Pod
-//! exists, naming the field.
+//! A platform that names its OS build (`windows(10.0.17763)/amd64`)
+//! decides it itself. A selector or base image that contradicts another
+//! is refused before any Pod exists, naming the field.
 
 use std::collections::BTreeMap;
 
@@ -39,14 +40,36 @@ pub fn os_build(os_version: &str) -> Option<String> {
     Some(parts[..3].join("."))
 }
 
-/// The windows-build selector for a platform's Pods: the base image's
-/// build, or the spec's when the base is unknown. Refuses a spec selector
-/// that contradicts the base image.
+/// The windows-build selector for a platform's Pods: the platform's own
+/// OS build, else the base image's, else the spec's when the base is
+/// unknown. Refuses a spec selector or a base image that contradicts the
+/// platform's build, and a spec selector that contradicts the base image.
 pub fn selector(
     spec_value: Option<&str>,
     platform: &Platform,
     base: &BaseBuild,
 ) -> Result<Option<String>, InvalidSpec> {
+    if let Some(want) = platform.os_version() {
+        if let Some(v) = spec_value.filter(|v| *v != want) {
+            return Err(InvalidSpec {
+                field: "spec.executor.nodeSelector".into(),
+                message: format!(
+                    "{WINDOWS_BUILD_LABEL}={v} contradicts {platform}: leave the label out, the platform's OS build decides it"
+                ),
+            });
+        }
+        if let BaseBuild::Known { image, os_version } = base
+            && os_build(os_version).as_deref() != Some(want)
+        {
+            return Err(InvalidSpec {
+                field: "spec.platformBuildArgs".into(),
+                message: format!(
+                    "{platform} builds FROM {image}, whose os.version is {os_version}: give this platform a base image of build {want} (a build argument in spec.platformBuildArgs)"
+                ),
+            });
+        }
+        return Ok(Some(want.to_string()));
+    }
     match base {
         BaseBuild::Unknown(_) => Ok(spec_value.map(str::to_string)),
         BaseBuild::Known { image, os_version } => {
@@ -100,50 +123,44 @@ pub async fn read_bases(
         }
         return Ok(out);
     };
-    let args: Vec<(String, String)> = spec
-        .build_args
-        .iter()
-        .map(|a| (a.name.clone(), a.value.clone()))
-        .collect();
-    let needs = match crate::dockerfile::target_needs(
-        &inline.dockerfile,
-        &args,
-        spec.target.as_deref(),
-        "windows",
-    ) {
-        Ok(n) => n,
-        Err(e) => {
-            for p in platforms {
-                out.insert(p.to_string(), unknown(&e.to_string()));
-            }
-            return Ok(out);
-        }
-    };
-    let Some(image) = needs.base_image else {
-        for p in platforms {
-            out.insert(p.to_string(), unknown("FROM scratch"));
-        }
-        return Ok(out);
-    };
-    let reference = crate::reference::ImageRef::parse(&image);
-    let insecure = match (
-        &reference,
-        crate::reference::ImageRef::parse(&spec.output.image),
-    ) {
-        (Ok(base), Ok(output)) if spec.output.insecure && base.registry == output.registry => {
-            vec![base.registry.clone()]
-        }
-        _ => Vec::new(),
-    };
-    let client = RegistryClient::new(insecure);
     let spec_build = spec
         .executor
         .as_ref()
         .and_then(|e| e.node_selector.get(WINDOWS_BUILD_LABEL))
         .map(String::as_str);
     for p in platforms {
+        // Each platform's own build arguments may name another base.
+        let needs = match crate::dockerfile::target_needs(
+            &inline.dockerfile,
+            &spec.build_args_for(p),
+            spec.target.as_deref(),
+            "windows",
+        ) {
+            Ok(n) => n,
+            Err(e) => {
+                out.insert(p.to_string(), unknown(&e.to_string()));
+                continue;
+            }
+        };
+        let Some(image) = needs.base_image else {
+            out.insert(p.to_string(), unknown("FROM scratch"));
+            continue;
+        };
+        let insecure = match (
+            crate::reference::ImageRef::parse(&image),
+            crate::reference::ImageRef::parse(&spec.output.image),
+        ) {
+            (Ok(base), Ok(output))
+                if spec.output.insecure && base.registry == output.registry =>
+            {
+                vec![base.registry.clone()]
+            }
+            _ => Vec::new(),
+        };
+        let client = RegistryClient::new(insecure);
+        let prefer = p.os_version().or(spec_build);
         let facts = client
-            .platform_config(&image, "windows", p.arch(), spec_build, None)
+            .platform_config(&image, "windows", p.arch(), prefer, None)
             .await;
         let base = match facts {
             Ok(f) if f.os == "windows" => match f.os_version {
@@ -184,6 +201,35 @@ mod tests {
         assert_eq!(os_build("10.0.17763").as_deref(), Some("10.0.17763"));
         assert_eq!(os_build("ltsc2022"), None);
         assert_eq!(os_build(""), None);
+    }
+
+    #[test]
+    fn a_platform_build_decides_and_contradictions_are_refused() {
+        let p: Platform = "windows(10.0.17763)/amd64".parse().unwrap();
+        let unknown = BaseBuild::Unknown("git".into());
+        assert_eq!(
+            selector(None, &p, &unknown).unwrap().as_deref(),
+            Some("10.0.17763")
+        );
+        assert_eq!(
+            selector(Some("10.0.20348"), &p, &unknown).unwrap_err().field,
+            "spec.executor.nodeSelector"
+        );
+        let ltsc2022 = BaseBuild::Known {
+            image: "r/win:ltsc2022".into(),
+            os_version: "10.0.20348.2700".into(),
+        };
+        let err = selector(None, &p, &ltsc2022).unwrap_err();
+        assert_eq!(err.field, "spec.platformBuildArgs");
+        assert!(err.message.contains("r/win:ltsc2022"), "{}", err.message);
+        let ltsc2019 = BaseBuild::Known {
+            image: "r/win:ltsc2019".into(),
+            os_version: "10.0.17763.6414".into(),
+        };
+        assert_eq!(
+            selector(None, &p, &ltsc2019).unwrap().as_deref(),
+            Some("10.0.17763")
+        );
     }
 
     #[test]

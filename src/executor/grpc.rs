@@ -98,6 +98,7 @@ pub(crate) fn assignment_to_proto(a: &Assignment) -> pb::Assignment {
             })
             .collect(),
         tags: a.tags.clone(),
+        push_by_digest: a.push_by_digest,
         cache_image: a.cache_image.clone().unwrap_or_default(),
         docker_config_json: a.docker_config_json.clone().unwrap_or_default(),
         insecure: a.insecure,

@@ -242,8 +242,12 @@ pub struct Assignment {
     pub target: Option<String>,
     /// Build arguments.
     pub build_args: Vec<(String, String)>,
-    /// References to push, the first verified.
+    /// References to push, the first verified; with `push_by_digest`, only
+    /// the repository of the first is used.
     pub tags: Vec<String>,
+    /// Push the manifest by digest only, never to a tag: the controller
+    /// joins the platforms into an index under the tags.
+    pub push_by_digest: bool,
     /// Layer cache repository.
     pub cache_image: Option<String>,
     /// Registry credentials.
@@ -615,12 +619,9 @@ impl Executors {
             source,
             dockerfile: spec.dockerfile.clone(),
             target: spec.target.clone().filter(|t| !t.is_empty()),
-            build_args: spec
-                .build_args
-                .iter()
-                .map(|a| (a.name.clone(), a.value.clone()))
-                .collect(),
+            build_args: spec.build_args_for(&auth.platform),
             tags,
+            push_by_digest: spec.makes_index(spec.platforms.len()),
             cache_image: spec.cache.as_ref().map(|c| c.image.clone()),
             docker_config_json,
             insecure: spec.output.insecure,
@@ -786,7 +787,14 @@ impl Executors {
                     Ok(()) => {
                         let json = serde_json::to_string(&p).unwrap_or_default();
                         self.record(auth, ANNOTATION_RESULT, json).await?;
-                        Ok((true, format!("{reference} is {}", p.digest)))
+                        let what = if assignment.push_by_digest {
+                            ImageRef::parse(&reference)
+                                .map(|r| r.pinned(&p.digest))
+                                .unwrap_or_else(|_| p.digest.clone())
+                        } else {
+                            format!("{reference} is {}", p.digest)
+                        };
+                        Ok((true, what))
                     }
                     Err(message) => {
                         let f = Failed {
@@ -801,9 +809,9 @@ impl Executors {
         }
     }
 
-    /// The tag resolves to `digest`, and the image there is one only this
-    /// build could have made: its config carries this build's ID label and
-    /// this platform.
+    /// The tag resolves to `digest` (pushed by digest: the repository holds
+    /// it), and the image there is one only this build could have made: its
+    /// config carries this build's ID label and this platform.
     async fn verify(
         &self,
         reference: &str,
@@ -821,10 +829,12 @@ impl Executors {
             Vec::new()
         };
         let client = RegistryClient::new(insecure);
-        client
-            .verify(reference, digest, creds.as_ref())
-            .await
-            .map_err(|e| e.to_string())?;
+        if assignment.push_by_digest {
+            client.verify_digest(reference, digest, creds.as_ref()).await
+        } else {
+            client.verify(reference, digest, creds.as_ref()).await
+        }
+        .map_err(|e| e.to_string())?;
         let facts = client
             .inspect(reference, digest, creds.as_ref())
             .await
@@ -858,6 +868,12 @@ fn check_facts(facts: &ImageFacts, assignment: &Assignment) -> Result<(), String
                 .as_deref()
                 .map(|v| format!("/{v}"))
                 .unwrap_or_default()
+        ));
+    }
+    if !platform.accepts_os_version(facts.os_version.as_deref()) {
+        return Err(format!(
+            "the image's os.version is {:?}, not of the OS build {platform} names: build it FROM a base of that build",
+            facts.os_version.as_deref().unwrap_or("")
         ));
     }
     Ok(())
@@ -989,6 +1005,7 @@ mod tests {
             target: None,
             build_args: vec![],
             tags: vec!["r.example/t/a:1".into()],
+            push_by_digest: false,
             cache_image: None,
             docker_config_json: None,
             insecure: false,
@@ -998,6 +1015,8 @@ mod tests {
         };
         let facts = |id: Option<&str>, os: &str, arch: &str| ImageFacts {
             os_version: None,
+            os_features: Vec::new(),
+            created: None,
             os: os.into(),
             architecture: arch.into(),
             variant: Some("v8".into()),

@@ -379,6 +379,7 @@ fn placeholder(auth: &Authenticated) -> Assignment {
         target: None,
         build_args: Vec::new(),
         tags: Vec::new(),
+        push_by_digest: false,
         cache_image: None,
         docker_config_json: None,
         insecure: false,

@@ -158,14 +158,34 @@ impl Backend for Darwin {
         ImageRef::parse(&reference).map_err(|e| invalid(e.to_string()))?;
         let (client, creds) = spec.output_registry(&reference).map_err(push_failed)?;
         let _ = events
-            .send(BuildEvent::Log(format!("pushing {}", spec.tags.join(", "))))
+            .send(BuildEvent::Log(if spec.push_by_digest {
+                format!("pushing to {reference} by digest")
+            } else {
+                format!("pushing {}", spec.tags.join(", "))
+            }))
             .await;
+        let push = async {
+            if spec.push_by_digest {
+                client
+                    .push_image_by_digest(&reference, layers, config, creds.as_ref())
+                    .await
+            } else {
+                client
+                    .push_image(&spec.tags, layers, config, creds.as_ref())
+                    .await
+            }
+        };
         let (digest, size) = tokio::select! {
-            r = client.push_image(&spec.tags, layers, config, creds.as_ref()) => r.map_err(|e| push_failed(e.to_string()))?,
+            r = push => r.map_err(|e| push_failed(e.to_string()))?,
             _ = cancel.cancelled() => return Err(BuildFailure::Cancelled),
         };
+        let reference = spec.pushed_reference(&digest);
         let _ = events
-            .send(BuildEvent::Log(format!("pushed {reference}@{digest}")))
+            .send(BuildEvent::Log(if spec.push_by_digest {
+                format!("pushed {reference}")
+            } else {
+                format!("pushed {reference}@{digest}")
+            }))
             .await;
         Ok(BuildOutput {
             digest,

@@ -1,0 +1,166 @@
+//! The image index step: when every platform of a build pushed its
+//! manifest by digest, the controller joins them into one OCI image index
+//! (with the push Secret's credentials), pushes it under the output tags,
+//! and reads it back. The pure parts (entries, annotations, checks) are in
+//! [`crate::index`]; here the registry and the Secret are read.
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::Api;
+
+use super::plan::IndexOutcome;
+use super::validate::BuildRequest;
+use crate::api::ImageBuild;
+use crate::index::{Child, ImageIndex, IndexMeta, assemble};
+use crate::platform::Platform;
+use crate::registry::{Credentials, RegistryClient, RegistryError, credentials_for};
+
+/// Label the executor writes into every platform image: its git source.
+const LABEL_SOURCE: &str = "org.opencontainers.image.source";
+/// Label a Dockerfile may set: the source revision.
+const LABEL_REVISION: &str = "org.opencontainers.image.revision";
+
+/// Pushes the index of `children` (the platforms' digests, in the order of
+/// `req.platforms`) under the output image and its additional tags.
+pub async fn push(
+    client: &kube::Client,
+    ib: &ImageBuild,
+    req: &BuildRequest,
+    children: &[String],
+) -> IndexOutcome {
+    let ns = ib.metadata.namespace.clone().unwrap_or_default();
+    let creds = match credentials(client, ib, &ns, req).await {
+        Ok(c) => c,
+        Err(outcome) => return outcome,
+    };
+    let reference = req.image.to_string();
+    let insecure = if ib.spec.output.insecure {
+        vec![req.image.registry.clone()]
+    } else {
+        Vec::new()
+    };
+    let registry = RegistryClient::new(insecure);
+    let mut read = Vec::with_capacity(children.len());
+    for (platform, digest) in req.platforms.iter().zip(children) {
+        match registry
+            .child_manifest(&reference, digest, creds.as_ref())
+            .await
+        {
+            Ok((size, media_type, facts)) => read.push((platform, digest, size, media_type, facts)),
+            Err(e) => return transient(format!("reading the {platform} manifest: {e}")),
+        }
+    }
+    let meta = IndexMeta {
+        build_id: ib.build_id(),
+        source: agreed(&read, LABEL_SOURCE),
+        revision: agreed(&read, LABEL_REVISION).or_else(|| {
+            ib.spec
+                .source
+                .git
+                .as_ref()
+                .and_then(|g| g.revision.clone())
+                .filter(|r| r.len() == 40 && r.bytes().all(|b| b.is_ascii_hexdigit()))
+        }),
+    };
+    let entries: Vec<Child> = read
+        .into_iter()
+        .map(|(platform, digest, size, media_type, facts)| Child {
+            platform: Platform::clone(platform),
+            digest: digest.clone(),
+            size,
+            media_type,
+            os: facts.os,
+            architecture: facts.architecture,
+            variant: facts.variant,
+            os_version: facts.os_version,
+            os_features: facts.os_features,
+            created: facts.created,
+        })
+        .collect();
+    let index = match assemble(&entries, &meta) {
+        Ok(i) => i,
+        Err(e) => return IndexOutcome::Invalid(e.to_string()),
+    };
+    let mut tags = vec![reference.clone()];
+    tags.extend(
+        ib.spec
+            .output
+            .additional_tags
+            .iter()
+            .map(|t| req.image.with_tag(t)),
+    );
+    let (digest, served) = match registry
+        .push_index(&tags, index.to_bytes(), creds.as_ref())
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => return transient(format!("pushing the index: {e}")),
+    };
+    let checked = ImageIndex::from_bytes(&served).and_then(|back| back.check_read_back(&index));
+    if let Err(e) = checked {
+        return transient(e.to_string());
+    }
+    tracing::info!(%digest, platforms = children.len(), tags = tags.len(), "pushed the image index");
+    IndexOutcome::Pushed {
+        digest,
+        children: children.to_vec(),
+    }
+}
+
+fn transient(message: String) -> IndexOutcome {
+    IndexOutcome::Retry(crate::outcome::cap(&message, crate::outcome::MAX_MESSAGE))
+}
+
+/// A label every platform image carries with the same value.
+fn agreed(
+    read: &[(
+        &Platform,
+        &String,
+        i64,
+        String,
+        crate::registry::ImageFacts,
+    )],
+    label: &str,
+) -> Option<String> {
+    let mut values = read.iter().map(|r| r.4.labels.get(label));
+    let first = values.next()??;
+    values.all(|v| v == Some(first)).then(|| first.clone())
+}
+
+/// The push credentials for the output registry, from the Secret the
+/// spec names (only if it may be used, as for the build itself).
+async fn credentials(
+    client: &kube::Client,
+    ib: &ImageBuild,
+    ns: &str,
+    req: &BuildRequest,
+) -> Result<Option<Credentials>, IndexOutcome> {
+    let Some(r) = &ib.spec.output.push_secret_ref else {
+        return Ok(None);
+    };
+    let field = "spec.output.pushSecretRef";
+    let api: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let secret = api
+        .get_opt(&r.name)
+        .await
+        .map_err(|e| transient(format!("get Secret {ns}/{}: {e}", r.name)))?;
+    crate::secret_policy::check(
+        field,
+        ns,
+        &r.name,
+        secret.as_ref(),
+        crate::secret_policy::PUSH_TYPES,
+    )
+    .map_err(transient)?;
+    let json = secret
+        .and_then(|s| s.data)
+        .and_then(|d| d.get(".dockerconfigjson").map(|v| v.0.clone()))
+        .ok_or_else(|| {
+            IndexOutcome::Invalid(format!(
+                "{field}: Secret {ns}/{} has no .dockerconfigjson key",
+                r.name
+            ))
+        })?;
+    credentials_for(&json, &req.image.registry).map_err(|e: RegistryError| {
+        IndexOutcome::Invalid(format!("{field}: {e}"))
+    })
+}
