@@ -45,6 +45,8 @@ step "containerd, runc, kwok (~3 minutes the first time)"
 bash testenv/node.sh >/dev/null
 # helm, for the chart tests: also built once from the Go modules.
 bash testenv/helm.sh >/dev/null
+# crane, the independent registry client the index tests read with.
+bash testenv/crane.sh >/dev/null
 step "BuildKit: buildkitd and buildctl (~2 minutes the first time)"
 bash testenv/buildkit.sh >/dev/null
 # tripod.exe and BuildKit's Windows binaries, run under Wine by

@@ -168,12 +168,13 @@ pub async fn run(cmd: DevCommand) -> Result<(), DevError> {
             // A build Pod on the real node, then the runner leg: a darwin
             // image on the darwin test runner, a linux/arm64 image on the
             // emulating Linux runner, and a windows/amd64 image through
-            // that runner's BuildKit.
+            // that runner's BuildKit; then all four joined into one index.
             for example_file in [
                 "hello.yaml",
                 "hello-darwin.yaml",
                 "hello-arm64.yaml",
                 "hello-windows.yaml",
+                "multi-os.yaml",
             ] {
                 example(&dir, &source_dir().join("examples").join(example_file)).await?;
             }
@@ -636,10 +637,94 @@ async fn example(dir: &Path, path: &Path) -> Result<(), DevError> {
         .trim_start_matches(&format!("{registry}/"))
         .to_string();
     let (repo, tag) = repo_tag.rsplit_once(':').unwrap_or((&repo_tag, "latest"));
+    if platforms.len() > 1 {
+        return show_index(reference, &platforms);
+    }
     println!();
     println!("Check it against the registry:");
     println!(
         "  curl -sI -H 'Accept: application/vnd.oci.image.manifest.v1+json' http://{registry}/v2/{repo}/manifests/{tag} | grep -i docker-content-digest"
     );
+    Ok(())
+}
+
+/// A Tripod platform (`windows(10.0.17763)/amd64`) as crane writes it
+/// (`windows/amd64:10.0.17763`).
+pub fn crane_platform(platform: &str) -> String {
+    match platform.split_once('(').zip(platform.split_once(")/")) {
+        Some(((os, _), (with_version, rest))) => {
+            let version = with_version.split_once('(').map(|x| x.1).unwrap_or_default();
+            format!("{os}/{rest}:{version}")
+        }
+        None => platform.to_string(),
+    }
+}
+
+/// Prints the image index under `reference` and the manifest each
+/// platform resolves to, as crane (an independent client, built from its
+/// Go module by `testenv/crane.sh`) reads them.
+fn show_index(reference: &str, platforms: &[serde_json::Value]) -> Result<(), DevError> {
+    let crane = crate::scripts::script(&source_dir(), "crane.sh", &[])
+        .map_err(|e| DevError::Example(e.to_string()))?
+        .trim()
+        .to_string();
+    let run = |args: &[&str]| -> Result<String, DevError> {
+        let out = Command::new(&crane)
+            .args(args)
+            .output()
+            .map_err(io(format!("run {crane}")))?;
+        if !out.status.success() {
+            return Err(DevError::Example(format!(
+                "crane {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    };
+    let index = run(&["manifest", "--insecure", reference])?;
+    let doc: serde_json::Value = serde_json::from_str(&index)
+        .map_err(|e| DevError::Example(format!("the index is not JSON: {e}")))?;
+    println!();
+    println!("$ crane manifest --insecure {reference}    (the image index)");
+    for entry in doc["manifests"].as_array().cloned().unwrap_or_default() {
+        let p = &entry["platform"];
+        let mut platform = format!(
+            "{}/{}",
+            p["os"].as_str().unwrap_or_default(),
+            p["architecture"].as_str().unwrap_or_default()
+        );
+        if let Some(v) = p["variant"].as_str() {
+            platform.push_str(&format!("/{v}"));
+        }
+        if let Some(v) = p["os.version"].as_str() {
+            platform.push_str(&format!(" os.version {v}"));
+        }
+        println!(
+            "  {:<40} {}",
+            platform,
+            entry["digest"].as_str().unwrap_or_default()
+        );
+    }
+    println!();
+    println!("Each platform as a client pulling it resolves it (crane digest --platform):");
+    for p in platforms {
+        let want = p["platform"].as_str().unwrap_or_default();
+        let resolved = run(&["digest", "--insecure", "--platform", &crane_platform(want), reference])?;
+        let built = p["digest"].as_str().unwrap_or_default();
+        println!(
+            "  {want:<16} {resolved}{}",
+            if resolved == built {
+                "  (= status.platforms[].digest)"
+            } else {
+                "  (differs from the status!)"
+            }
+        );
+        if resolved != built {
+            return Err(DevError::Example(format!(
+                "crane resolves {want} to {resolved}, the status says {built}"
+            )));
+        }
+    }
     Ok(())
 }

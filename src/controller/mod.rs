@@ -965,10 +965,17 @@ async fn reconcile_inner(
     // can be behind the API server (a re-list after it restarted). Asked
     // directly, once per final transition: if so, its status, Events and
     // metrics are not written a second time.
-    if !plan.finished.is_empty()
+    let finishes_now = plan.status.phase.is_some_and(Phase::is_finished)
+        && !ib
+            .status
+            .as_ref()
+            .and_then(|s| s.phase)
+            .is_some_and(Phase::is_finished);
+    if (!plan.finished.is_empty() || finishes_now)
         && let Ok(fresh) = ib_api.get_status(&name).await
         && let Some(s) = fresh.status.as_ref()
         && s.build_id == plan.status.build_id
+        && s.retry_failed == plan.status.retry_failed
         && s.phase == plan.status.phase
         && s.phase.is_some_and(|p| p.is_finished())
     {

@@ -10,6 +10,7 @@ mod abuse;
 mod api_validation;
 mod builds;
 mod controller;
+mod index;
 mod leadership;
 mod node;
 mod runners;

@@ -24,14 +24,14 @@ const BUILD: Duration = Duration::from_secs(300);
 
 /// BuildRunners are cluster-scoped: each test names its own after its
 /// namespace and deletes them at the end.
-struct Runners<'a> {
+pub(crate) struct Runners<'a> {
     env: &'a TestEnv,
     made: Vec<String>,
-    procs: Vec<Runner>,
+    pub(crate) procs: Vec<Runner>,
 }
 
 impl<'a> Runners<'a> {
-    fn new(env: &'a TestEnv) -> Self {
+    pub(crate) fn new(env: &'a TestEnv) -> Self {
         Self {
             env,
             made: Vec::new(),
@@ -44,7 +44,7 @@ impl<'a> Runners<'a> {
     }
 
     /// Applies a BuildRunner `short` with `spec` (YAML flow mapping body).
-    fn register(&mut self, short: &str, spec: &str) -> String {
+    pub(crate) fn register(&mut self, short: &str, spec: &str) -> String {
         let name = self.name(short);
         self.env.apply(&format!(
             "apiVersion: build.tripod.dev/v1alpha1\nkind: BuildRunner\nmetadata:\n  name: {name}\n  labels: {{tripod.dev/test-namespace: {}}}\nspec: {{{spec}}}\n",
@@ -54,7 +54,7 @@ impl<'a> Runners<'a> {
         name
     }
 
-    fn options(&self, name: &str, executor_port: u16) -> RunnerOptions {
+    pub(crate) fn options(&self, name: &str, executor_port: u16) -> RunnerOptions {
         let dir = self.env.shared.dir.join("runners").join(name);
         RunnerOptions {
             tripod: PathBuf::from(env!("CARGO_BIN_EXE_tripod")),
@@ -72,7 +72,7 @@ impl<'a> Runners<'a> {
     }
 
     /// Starts the agent of `name`; returns its index.
-    async fn start(&mut self, opts: RunnerOptions) -> usize {
+    pub(crate) async fn start(&mut self, opts: RunnerOptions) -> usize {
         let r = Runner::start(&self.env.client, opts)
             .await
             .expect("start runner");
@@ -88,14 +88,14 @@ impl<'a> Runners<'a> {
         self.api().get(name).await.ok()?.status
     }
 
-    async fn wait_phase(&self, name: &str, phase: RunnerPhase, within: Duration) {
+    pub(crate) async fn wait_phase(&self, name: &str, phase: RunnerPhase, within: Duration) {
         eventually(&format!("{name} {phase:?}"), within, || async {
             (self.status(name).await?.phase? == phase).then_some(())
         })
         .await;
     }
 
-    async fn cleanup(mut self) {
+    pub(crate) async fn cleanup(mut self) {
         for p in &mut self.procs {
             p.kill();
         }
@@ -105,7 +105,7 @@ impl<'a> Runners<'a> {
     }
 }
 
-async fn status(env: &TestEnv, name: &str) -> Option<ImageBuildStatus> {
+pub(crate) async fn status(env: &TestEnv, name: &str) -> Option<ImageBuildStatus> {
     env.builds().get(name).await.ok()?.status
 }
 
@@ -122,17 +122,21 @@ fn build(name: &str, registry: &str, dockerfile: &str, platforms: &str, extra: &
     })
 }
 
-fn http_get(addr: &str, path: &str, accept: &str) -> (u16, Vec<u8>) {
+pub(crate) fn http_get(addr: &str, path: &str, accept: &str) -> (u16, Vec<u8>) {
     let (code, _, body) =
         tripod_harness::http_request(addr, "GET", path, accept).expect("registry request");
     (code, body)
 }
 
-const MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json";
+pub(crate) const MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json";
 
 /// The manifest and config the registry serves for `repo:tag`, and the
 /// manifest's digest.
-fn image(registry: &str, repo: &str, tag: &str) -> (serde_json::Value, serde_json::Value, String) {
+pub(crate) fn image(
+    registry: &str,
+    repo: &str,
+    tag: &str,
+) -> (serde_json::Value, serde_json::Value, String) {
     let (code, headers, body) = tripod_harness::http_request(
         registry,
         "GET",
@@ -165,7 +169,7 @@ fn image(registry: &str, repo: &str, tag: &str) -> (serde_json::Value, serde_jso
 }
 
 /// The files of the last layer of `manifest`: path → content.
-fn last_layer(
+pub(crate) fn last_layer(
     registry: &str,
     repo: &str,
     manifest: &serde_json::Value,
