@@ -1101,6 +1101,7 @@ async fn apply_leases(
         pokes.extend(holder(name));
     }
     let mut waiting = plan.waits_for_runner;
+    let mut room: Option<crate::executor::runners::Room> = None;
     let generation = ib.metadata.generation.unwrap_or(0);
     let id = ib.build_id();
     for request in std::mem::take(&mut plan.leases) {
@@ -1110,7 +1111,11 @@ async fn apply_leases(
         };
         let chosen = match ctx.hub.reserve(&request.candidates, key.clone()) {
             Ok(c) => c,
-            Err(NoRunner(why)) => {
+            Err(NoRunner { why, room: seen }) => {
+                room = Some(match room.take() {
+                    Some(r) => r.min(&seen),
+                    None => seen,
+                });
                 for ps in plan.status.platforms.iter_mut() {
                     if ps.platform == request.platform {
                         ps.message = Some(format!("waiting for a runner: {why}"));
@@ -1173,7 +1178,7 @@ async fn apply_leases(
         pokes.push(chosen.runner);
     }
     if waiting {
-        ctx.hub.wait(ObjectRef::from_obj(ib));
+        ctx.hub.wait(ObjectRef::from_obj(ib), room);
     }
     Ok(pokes)
 }

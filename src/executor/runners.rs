@@ -121,9 +121,9 @@ struct State {
     last_assigned: HashMap<String, u64>,
     assignments: u64,
     sessions: u64,
-    waiters: HashSet<ObjectRef<ImageBuild>>,
-    /// Free slots per runner at the last [`RunnerHub::wake_if_room`].
-    last_free: HashMap<String, usize>,
+    /// ImageBuilds waiting for a runner, each with the free slots of
+    /// every runner when it found none.
+    waiters: HashMap<ObjectRef<ImageBuild>, Room>,
 }
 
 /// See the module documentation.
@@ -140,10 +140,39 @@ impl std::fmt::Debug for RunnerHub {
     }
 }
 
-/// Why no runner took a lease.
+/// Why no runner took a lease, and the room every runner had then.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct NoRunner(pub String);
+#[error("{why}")]
+pub struct NoRunner {
+    /// What was missing, for the platform's message.
+    pub why: String,
+    /// Free slots per runner when the lease found none: a waiter is woken
+    /// when a runner has more than this.
+    pub room: Room,
+}
+
+/// Free slots per connected runner that takes work, at one moment.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Room(HashMap<String, usize>);
+
+impl Room {
+    /// The smaller room of each runner (a reconcile that found no runner
+    /// for several leases waits for more than the least it saw).
+    pub fn min(mut self, other: &Room) -> Room {
+        for (runner, free) in &other.0 {
+            let slot = self.0.entry(runner.clone()).or_insert(*free);
+            *slot = (*slot).min(*free);
+        }
+        self
+    }
+
+    /// Whether some runner has more free slots in `now` than here.
+    fn exceeded_by(&self, now: &Room) -> bool {
+        now.0
+            .iter()
+            .any(|(runner, free)| *free > self.0.get(runner).copied().unwrap_or(0))
+    }
+}
 
 /// Whether a Lease object is still held: no outcome recorded, not being deleted.
 pub fn lease_is_active(lease: &Lease) -> bool {
@@ -374,14 +403,20 @@ impl RunnerHub {
             }
         }
         let Some((_, _, _, chosen)) = best else {
-            return Err(NoRunner(if connected == 0 {
-                format!(
-                    "none of the {} matching runner(s) is connected and taking work",
-                    candidates.len()
-                )
-            } else {
-                format!("all {busy} matching connected runner(s) are at capacity")
-            }));
+            return Err(NoRunner {
+                why: if connected == 0 {
+                    format!(
+                        "none of the {} matching runner(s) is connected and taking work",
+                        candidates.len()
+                    )
+                } else {
+                    format!("all {busy} matching connected runner(s) are at capacity")
+                },
+                // Seen under the same lock as the choice: room that frees
+                // up after this moment wakes the build, even before it
+                // registers as a waiter.
+                room: self.room(&st),
+            });
         };
         let chosen = chosen.clone();
         st.assignments += 1;
@@ -405,40 +440,57 @@ impl RunnerHub {
         }
     }
 
-    /// Reconciles `build` again when a runner connects or has room.
-    pub fn wait(&self, build: ObjectRef<ImageBuild>) {
-        self.lock().waiters.insert(build);
+    /// Free slots of every connected runner that takes work.
+    fn room(&self, st: &State) -> Room {
+        Room(
+            st.conns
+                .iter()
+                .filter(|(_, c)| !c.info.draining)
+                .map(|(name, c)| {
+                    let cap = c.info.capacity.max(1) as usize;
+                    (name.clone(), cap.saturating_sub(self.load(st, name)))
+                })
+                .collect(),
+        )
     }
 
-    /// Wakes the waiting ImageBuilds when a connected runner that takes
-    /// work has more free slots than at the last look (the upkeep calls it
-    /// every second: a lease that ended frees room whatever path it took;
-    /// a runner whose room stays unused wakes nobody again).
+    /// Reconciles `build` again when a runner connects or has more room
+    /// than `room` (what its lease requests saw; now, when not given).
+    pub fn wait(&self, build: ObjectRef<ImageBuild>, room: Option<Room>) {
+        let mut st = self.lock();
+        let room = room.unwrap_or_else(|| self.room(&st));
+        st.waiters.insert(build, room);
+    }
+
+    /// Wakes each waiting ImageBuild for which a connected runner that
+    /// takes work has more free slots than when it found none (the upkeep
+    /// calls it every second: a lease that ended frees room whatever path
+    /// it took; a runner whose room stays unused wakes nobody again, and
+    /// room freed between a failed choice and the wait still counts).
     pub fn wake_if_room(&self) {
         let mut st = self.lock();
-        let free: HashMap<String, usize> = st
-            .conns
+        if st.waiters.is_empty() {
+            return;
+        }
+        let now = self.room(&st);
+        let ready: Vec<ObjectRef<ImageBuild>> = st
+            .waiters
             .iter()
-            .filter(|(_, c)| !c.info.draining)
-            .map(|(name, c)| {
-                let cap = c.info.capacity.max(1) as usize;
-                (name.clone(), cap.saturating_sub(self.load(&st, name)))
-            })
+            .filter(|(_, then)| then.exceeded_by(&now))
+            .map(|(build, _)| build.clone())
             .collect();
-        let more = free
-            .iter()
-            .any(|(name, f)| *f > st.last_free.get(name).copied().unwrap_or(0));
-        st.last_free = free;
-        let waiting = !st.waiters.is_empty();
+        for build in &ready {
+            st.waiters.remove(build);
+        }
         drop(st);
-        if more && waiting {
-            self.wake_waiters();
+        for w in ready {
+            let _ = self.trigger.send(w);
         }
     }
 
     /// Requests reconciles of every waiting ImageBuild.
     pub fn wake_waiters(&self) {
-        let waiters: Vec<_> = self.lock().waiters.drain().collect();
+        let waiters: Vec<_> = self.lock().waiters.drain().map(|(w, _)| w).collect();
         for w in waiters {
             let _ = self.trigger.send(w);
         }
@@ -516,11 +568,43 @@ mod tests {
         // Alternating: each goes to the less loaded runner.
         assert_eq!(assigned, ["a", "b", "a", "b"]);
         let err = hub.reserve(&cands, key(9)).unwrap_err();
-        assert!(err.0.contains("at capacity"), "{err}");
+        assert!(err.why.contains("at capacity"), "{err}");
         // The same lease asked again keeps its runner.
         assert_eq!(hub.reserve(&cands, key(1)).unwrap().runner, "b");
         hub.release(&key(0));
         assert!(hub.reserve(&cands, key(9)).is_ok());
+    }
+
+    #[test]
+    fn room_freed_before_a_build_waits_still_wakes_it() {
+        let (store, _writer) = reflector::store::<Lease>();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let hub = RunnerHub::new(store, tx);
+        hub.connect("a", conn(1));
+        hub.connect("idle", conn(1));
+        let cands = [cand("a", false)];
+        hub.reserve(&cands, key(1)).unwrap();
+        let err = hub.reserve(&cands, key(2)).unwrap_err();
+        // The lease ends, and an upkeep tick looks, before the build that
+        // found no room registers as a waiter.
+        hub.release(&key(1));
+        hub.wake_if_room();
+        let build = ObjectRef::new("app").within("ns");
+        hub.wait(build.clone(), Some(err.room));
+        hub.wake_if_room();
+        assert_eq!(rx.try_recv().ok(), Some(build.clone()));
+        // Room that stays as it was (an idle runner it cannot use) wakes
+        // nobody again.
+        hub.wait(build.clone(), None);
+        hub.wake_if_room();
+        hub.wake_if_room();
+        assert!(rx.try_recv().is_err());
+        // More room does.
+        hub.reserve(&cands, key(3)).unwrap();
+        let err = hub.reserve(&cands, key(4)).unwrap_err();
+        hub.wait(build.clone(), Some(err.room.min(&Room::default())));
+        hub.release(&key(3));
+        assert_eq!(rx.try_recv().ok(), Some(build));
     }
 
     #[test]
