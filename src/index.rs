@@ -74,11 +74,7 @@ pub struct EntryPlatform {
     )]
     pub os_version: Option<String>,
     /// `os.features` (Windows: e.g. `win32k`).
-    #[serde(
-        rename = "os.features",
-        default,
-        skip_serializing_if = "Vec::is_empty"
-    )]
+    #[serde(rename = "os.features", default, skip_serializing_if = "Vec::is_empty")]
     pub os_features: Vec<String>,
     /// `variant` (`v7`, `v8`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -172,10 +168,7 @@ pub fn assemble(children: &[Child], meta: &IndexMeta) -> Result<ImageIndex, Inde
         }
         let want = &c.platform;
         if c.os != want.os().as_str() || c.architecture != want.arch() {
-            return Err(bad(format!(
-                "for {}/{}, not {want}",
-                c.os, c.architecture
-            )));
+            return Err(bad(format!("for {}/{}, not {want}", c.os, c.architecture)));
         }
         if want.variant().is_some() && c.variant.as_deref() != want.variant() {
             return Err(bad(format!(
@@ -199,7 +192,10 @@ pub fn assemble(children: &[Child], meta: &IndexMeta) -> Result<ImageIndex, Inde
                 os: c.os.clone(),
                 os_version: c.os_version.clone(),
                 os_features: c.os_features.clone(),
-                variant: c.variant.clone().or_else(|| want.variant().map(str::to_string)),
+                variant: c
+                    .variant
+                    .clone()
+                    .or_else(|| want.variant().map(str::to_string)),
             }),
         });
     }
@@ -349,15 +345,26 @@ mod tests {
             ("windows", Some("10.0.17763.6414"))
         );
         assert_eq!(
-            index.manifests[1].platform.as_ref().unwrap().variant.as_deref(),
+            index.manifests[1]
+                .platform
+                .as_ref()
+                .unwrap()
+                .variant
+                .as_deref(),
             Some("v7")
         );
-        assert_eq!(index.annotations[ANNOTATION_CREATED], "2026-11-30T10:02:00Z");
+        assert_eq!(
+            index.annotations[ANNOTATION_CREATED],
+            "2026-11-30T10:02:00Z"
+        );
         assert_eq!(index.annotations[ANNOTATION_BUILD_ID], "0a1b2c3d4e5f");
         let bytes = index.to_bytes();
         assert_eq!(bytes, assemble(&children, &meta).unwrap().to_bytes());
         let text = String::from_utf8(bytes.clone()).unwrap();
-        assert!(text.contains("\"os.version\":\"10.0.20348.2700\""), "{text}");
+        assert!(
+            text.contains("\"os.version\":\"10.0.20348.2700\""),
+            "{text}"
+        );
         assert!(!text.contains("os.features"), "{text}");
         let back = ImageIndex::from_bytes(&bytes).unwrap();
         back.check_read_back(&index).unwrap();
@@ -373,7 +380,10 @@ mod tests {
         let mut wrong_arch = child("linux/arm64", "sha256:aa", None, "t");
         wrong_arch.architecture = "amd64".into();
         let err = assemble(&[wrong_arch], &meta).unwrap_err();
-        assert!(err.to_string().contains("linux/amd64, not linux/arm64"), "{err}");
+        assert!(
+            err.to_string().contains("linux/amd64, not linux/arm64"),
+            "{err}"
+        );
         let wrong_build = child(
             "windows(10.0.17763)/amd64",
             "sha256:cc",

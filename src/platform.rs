@@ -312,7 +312,10 @@ impl Platform {
         match (&self.os_version, image_os_version) {
             (None, _) => true,
             (Some(want), Some(have)) => {
-                have == want || have.strip_prefix(want.as_str()).is_some_and(|r| r.starts_with('.'))
+                have == want
+                    || have
+                        .strip_prefix(want.as_str())
+                        .is_some_and(|r| r.starts_with('.'))
             }
             (Some(_), None) => false,
         }

@@ -497,13 +497,20 @@ impl RegistryClient {
             .push_blob(&image, config.data.clone(), &manifest.config.digest)
             .await
             .map_err(err)?;
-        let size = config.data.len() as i64 + layers.iter().map(|l| l.data.len() as i64).sum::<i64>();
+        let size =
+            config.data.len() as i64 + layers.iter().map(|l| l.data.len() as i64).sum::<i64>();
         let bytes = serde_json::to_vec(&manifest).map_err(|e| RegistryError::Transport {
             reference: reference.to_string(),
             message: format!("cannot serialize the manifest: {e}"),
         })?;
         let digest = self
-            .put_manifest_by_digest(&client, &image, reference, bytes, crate::index::OCI_MANIFEST)
+            .put_manifest_by_digest(
+                &client,
+                &image,
+                reference,
+                bytes,
+                crate::index::OCI_MANIFEST,
+            )
             .await?;
         Ok((digest, size))
     }
@@ -533,7 +540,9 @@ impl RegistryClient {
                 Some(hex) if hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()) => {
                     Ok(layout.join("blobs").join("sha256").join(hex))
                 }
-                _ => Err(local(format!("the layout names an unusable digest {digest:?}"))),
+                _ => Err(local(format!(
+                    "the layout names an unusable digest {digest:?}"
+                ))),
             }
         };
         let index: serde_json::Value = serde_json::from_slice(&read(layout.join("index.json"))?)
@@ -558,7 +567,11 @@ impl RegistryClient {
             )));
         }
         let manifest: oci_client::manifest::OciImageManifest = serde_json::from_slice(&bytes)
-            .map_err(|e| local(format!("the layout's manifest is not an image manifest: {e}")))?;
+            .map_err(|e| {
+                local(format!(
+                    "the layout's manifest is not an image manifest: {e}"
+                ))
+            })?;
         // One PUT per blob, streamed from its file.
         let client = Client::try_from(ClientConfig {
             protocol: ClientProtocol::HttpsExcept(self.insecure_registries.clone()),
@@ -567,7 +580,12 @@ impl RegistryClient {
             use_monolithic_push: true,
             ..Default::default()
         })
-        .map_err(|e| local(format!("cannot create the HTTP client: {}", error_chain(&e))))?;
+        .map_err(|e| {
+            local(format!(
+                "cannot create the HTTP client: {}",
+                error_chain(&e)
+            ))
+        })?;
         let auth = auth_of(creds);
         client
             .store_auth_if_needed(image.resolve_registry(), &auth)
@@ -576,7 +594,11 @@ impl RegistryClient {
         let mut size = 0i64;
         for desc in std::iter::once(&manifest.config).chain(&manifest.layers) {
             size += desc.size;
-            if client.blob_exists(&image, &desc.digest).await.map_err(err)? {
+            if client
+                .blob_exists(&image, &desc.digest)
+                .await
+                .map_err(err)?
+            {
                 continue;
             }
             let path = blob_path(&desc.digest)?;
@@ -619,12 +641,11 @@ impl RegistryClient {
             image.repository().to_string(),
             digest.clone(),
         );
-        let content_type = http::HeaderValue::from_str(media_type).map_err(|e| {
-            RegistryError::Transport {
+        let content_type =
+            http::HeaderValue::from_str(media_type).map_err(|e| RegistryError::Transport {
                 reference: reference.to_string(),
                 message: format!("media type {media_type:?}: {e}"),
-            }
-        })?;
+            })?;
         client
             .push_manifest_raw(&target, bytes, content_type)
             .await
@@ -651,7 +672,13 @@ impl RegistryClient {
         let actual = client
             .fetch_manifest_digest(&image, &auth)
             .await
-            .map_err(|e| self.map_error(&format!("{}@{digest}", tagged.repository()), image.resolve_registry(), e))?;
+            .map_err(|e| {
+                self.map_error(
+                    &format!("{}@{digest}", tagged.repository()),
+                    image.resolve_registry(),
+                    e,
+                )
+            })?;
         if actual == digest {
             Ok(())
         } else {
@@ -697,7 +724,11 @@ impl RegistryClient {
         }
         let media_type = serde_json::from_slice::<serde_json::Value>(&bytes)
             .ok()
-            .and_then(|v| v.get("mediaType").and_then(|m| m.as_str()).map(str::to_string))
+            .and_then(|v| {
+                v.get("mediaType")
+                    .and_then(|m| m.as_str())
+                    .map(str::to_string)
+            })
             .unwrap_or_else(|| crate::index::OCI_MANIFEST.to_string());
         let facts = self.config_of(&client, &image, reference, &auth).await?;
         Ok((bytes.len() as i64, media_type, facts))

@@ -438,6 +438,81 @@ async fn failing_run_names_the_step(kind: Kind) {
     assert!(registry_digest(&fx.registry, &repo, "1").is_none());
 }
 
+each_backend!(push_by_digest_writes_no_tag);
+async fn push_by_digest_writes_no_tag(kind: Kind) {
+    let fx = fixture();
+    // FROM a base: its layers are uploaded too (a blob the repository
+    // lacks), with the build's own layer.
+    let ctx = ctx_for(
+        fx,
+        kind,
+        "bydigest",
+        "FROM BASE\nCOPY hello.txt /hello.txt\n",
+        &[("hello.txt", "by digest\n")],
+    );
+    let repo = repo(kind, "bydigest");
+    let tag = format!("{}/{repo}:1", fx.registry);
+    let mut req = request(fx, "bydigest", &ctx, vec![tag.clone()]);
+    req.push_by_digest = true;
+    req.labels
+        .insert("build.tripod.dev/build-id".into(), "0a1b2c3d4e5f".into());
+    let out = build(fx, kind, req).await;
+    let result = out
+        .result
+        .unwrap_or_else(|| panic!("no result: {:?} {:?}", out.failure, out.logs));
+    assert_eq!(
+        result.reference,
+        format!("{}/{repo}@{}", fx.registry, result.digest)
+    );
+    // The repository holds the manifest under its digest, and no tag.
+    assert_eq!(
+        registry_digest(&fx.registry, &repo, &result.digest).as_deref(),
+        Some(result.digest.as_str())
+    );
+    assert_eq!(registry_digest(&fx.registry, &repo, "1"), None);
+    let (code, _, body) = http(&fx.registry, "GET", &format!("/v2/{repo}/tags/list"), "*/*");
+    let tags: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    assert!(
+        code == 404 || tags["tags"].as_array().is_none_or(|t| t.is_empty()),
+        "{code} {tags}"
+    );
+    let config = image_config(&fx.registry, &repo, &result.digest);
+    assert_eq!(
+        config["config"]["Labels"]["build.tripod.dev/build-id"],
+        "0a1b2c3d4e5f"
+    );
+    assert!(result.size > 1000, "base layers counted: {}", result.size);
+
+    // With credentials, to a registry that requires them.
+    let ctx = ctx_for(
+        fx,
+        kind,
+        "bydigest-auth",
+        "FROM scratch\nCOPY a /a\n",
+        &[("a", "a")],
+    );
+    let private = format!(
+        "team/bydigest-private-{}",
+        format!("{kind:?}").to_lowercase()
+    );
+    let mut req = request(
+        fx,
+        "bydigest-auth",
+        &ctx,
+        vec![format!("{}/{private}:1", fx.auth_registry)],
+    );
+    req.push_by_digest = true;
+    req.docker_config_json = format!(
+        r#"{{"auths":{{"{}":{{"auth":"{}"}}}}}}"#,
+        fx.auth_registry,
+        base64("builder:s3cret")
+    )
+    .into_bytes();
+    let out = build(fx, kind, req).await;
+    let result = out.result.unwrap_or_else(|| panic!("{:?}", out.failure));
+    assert!(result.reference.ends_with(&result.digest));
+}
+
 each_backend!(wrong_credentials_fail_the_push_and_right_ones_succeed);
 async fn wrong_credentials_fail_the_push_and_right_ones_succeed(kind: Kind) {
     let fx = fixture();

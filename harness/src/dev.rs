@@ -653,7 +653,10 @@ async fn example(dir: &Path, path: &Path) -> Result<(), DevError> {
 pub fn crane_platform(platform: &str) -> String {
     match platform.split_once('(').zip(platform.split_once(")/")) {
         Some(((os, _), (with_version, rest))) => {
-            let version = with_version.split_once('(').map(|x| x.1).unwrap_or_default();
+            let version = with_version
+                .split_once('(')
+                .map(|x| x.1)
+                .unwrap_or_default();
             format!("{os}/{rest}:{version}")
         }
         None => platform.to_string(),
@@ -710,7 +713,13 @@ fn show_index(reference: &str, platforms: &[serde_json::Value]) -> Result<(), De
     println!("Each platform as a client pulling it resolves it (crane digest --platform):");
     for p in platforms {
         let want = p["platform"].as_str().unwrap_or_default();
-        let resolved = run(&["digest", "--insecure", "--platform", &crane_platform(want), reference])?;
+        let resolved = run(&[
+            "digest",
+            "--insecure",
+            "--platform",
+            &crane_platform(want),
+            reference,
+        ])?;
         let built = p["digest"].as_str().unwrap_or_default();
         println!(
             "  {want:<16} {resolved}{}",

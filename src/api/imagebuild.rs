@@ -173,7 +173,11 @@ impl ImageBuildSpec {
             .map(|a| (a.name.clone(), a.value.clone()))
             .collect();
         let extra = self.platform_build_args.iter().find(|pa| {
-            pa.platform.parse::<crate::platform::Platform>().ok().as_ref() == Some(platform)
+            pa.platform
+                .parse::<crate::platform::Platform>()
+                .ok()
+                .as_ref()
+                == Some(platform)
         });
         for a in extra.map(|pa| pa.build_args.as_slice()).unwrap_or_default() {
             match args.iter_mut().find(|(n, _)| *n == a.name) {

@@ -112,13 +112,7 @@ fn transient(message: String) -> IndexOutcome {
 
 /// A label every platform image carries with the same value.
 fn agreed(
-    read: &[(
-        &Platform,
-        &String,
-        i64,
-        String,
-        crate::registry::ImageFacts,
-    )],
+    read: &[(&Platform, &String, i64, String, crate::registry::ImageFacts)],
     label: &str,
 ) -> Option<String> {
     let mut values = read.iter().map(|r| r.4.labels.get(label));
@@ -160,7 +154,6 @@ async fn credentials(
                 r.name
             ))
         })?;
-    credentials_for(&json, &req.image.registry).map_err(|e: RegistryError| {
-        IndexOutcome::Invalid(format!("{field}: {e}"))
-    })
+    credentials_for(&json, &req.image.registry)
+        .map_err(|e: RegistryError| IndexOutcome::Invalid(format!("{field}: {e}")))
 }

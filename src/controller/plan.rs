@@ -1552,7 +1552,9 @@ mod tests {
         assert_eq!(cond(&p.status, STALLED).reason, "BuildFailed");
         assert_eq!(cond(&p.status, READY).status, "False");
         assert!(
-            cond(&p.status, READY).message.contains("linux/amd64: Failed"),
+            cond(&p.status, READY)
+                .message
+                .contains("linux/amd64: Failed"),
             "{}",
             cond(&p.status, READY).message
         );
@@ -1702,9 +1704,8 @@ mod tests {
         // Nothing happens until the annotation changes.
         let p = run(&b, &pods, &[], at(30));
         assert!(p.create.is_empty());
-        b.metadata.annotations = Some(
-            [(ANNOTATION_RETRY_FAILED.to_string(), "1".to_string())].into(),
-        );
+        b.metadata.annotations =
+            Some([(ANNOTATION_RETRY_FAILED.to_string(), "1".to_string())].into());
         let p = run(&b, &pods, &[], at(40));
         assert_eq!(p.status.build_id, Some(b.build_id()), "same build");
         assert_eq!(p.status.retry_failed.as_deref(), Some("1"));

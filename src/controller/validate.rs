@@ -99,9 +99,9 @@ pub fn validate(spec: &ImageBuildSpec) -> Result<BuildRequest, InvalidSpec> {
     for (i, p) in platforms.iter().enumerate() {
         if p.os() == Os::Windows
             && p.os_version().is_none()
-            && let Some(other) = platforms.iter().find(|q| {
-                q.os_version().is_some() && q.without_os_version() == *p
-            })
+            && let Some(other) = platforms
+                .iter()
+                .find(|q| q.os_version().is_some() && q.without_os_version() == *p)
         {
             return Err(invalid(
                 format!("spec.platforms[{i}]"),
@@ -479,7 +479,10 @@ mod tests {
         assert_eq!(req.platforms[1].os_version(), Some("10.0.17763"));
         assert_eq!(
             s.build_args_for(&req.platforms[1]),
-            [("BASE".to_string(), "r/win:ltsc2019".to_string()), ("X".into(), "1".into())]
+            [
+                ("BASE".to_string(), "r/win:ltsc2019".to_string()),
+                ("X".into(), "1".into())
+            ]
         );
         assert_eq!(s.build_args_for(&req.platforms[2])[0].1, "r/win:ltsc2022");
 
@@ -495,7 +498,9 @@ mod tests {
         assert_eq!(e.field, "spec.platformBuildArgs[0].platform");
 
         let mut twice = s.clone();
-        twice.platform_build_args[0].build_args.push(arg("BASE", "y"));
+        twice.platform_build_args[0]
+            .build_args
+            .push(arg("BASE", "y"));
         assert_eq!(
             validate(&twice).unwrap_err().field,
             "spec.platformBuildArgs[0].buildArgs[1].name"

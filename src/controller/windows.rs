@@ -150,9 +150,7 @@ pub async fn read_bases(
             crate::reference::ImageRef::parse(&image),
             crate::reference::ImageRef::parse(&spec.output.image),
         ) {
-            (Ok(base), Ok(output))
-                if spec.output.insecure && base.registry == output.registry =>
-            {
+            (Ok(base), Ok(output)) if spec.output.insecure && base.registry == output.registry => {
                 vec![base.registry.clone()]
             }
             _ => Vec::new(),
@@ -212,7 +210,9 @@ mod tests {
             Some("10.0.17763")
         );
         assert_eq!(
-            selector(Some("10.0.20348"), &p, &unknown).unwrap_err().field,
+            selector(Some("10.0.20348"), &p, &unknown)
+                .unwrap_err()
+                .field,
             "spec.executor.nodeSelector"
         );
         let ltsc2022 = BaseBuild::Known {

@@ -830,7 +830,9 @@ impl Executors {
         };
         let client = RegistryClient::new(insecure);
         if assignment.push_by_digest {
-            client.verify_digest(reference, digest, creds.as_ref()).await
+            client
+                .verify_digest(reference, digest, creds.as_ref())
+                .await
         } else {
             client.verify(reference, digest, creds.as_ref()).await
         }

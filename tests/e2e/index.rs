@@ -192,16 +192,18 @@ async fn four_operating_systems_join_one_index_that_an_independent_client_resolv
 
     let name = "four-os";
     let started = Instant::now();
-    env.apply(&inline(
-        name,
-        &registry,
-        "linux/amd64, linux/arm64, windows/amd64, darwin/arm64",
-        &format!(
-            "  platformBuildArgs:\n  - {{platform: linux/amd64, buildArgs: [{{name: BASE, value: \"{}\"}}]}}\n  - {{platform: linux/arm64, buildArgs: [{{name: BASE, value: \"{arm_base}\"}}]}}\n  - {{platform: windows/amd64, buildArgs: [{{name: BASE, value: \"{win_base}\"}}]}}\n{ON_REAL_NODE}    runnerPlatforms: [linux/arm64, windows/amd64]\n",
-            info.busybox_image
+    env.apply(
+        &inline(
+            name,
+            &registry,
+            "linux/amd64, linux/arm64, windows/amd64, darwin/arm64",
+            &format!(
+                "  platformBuildArgs:\n  - {{platform: linux/amd64, buildArgs: [{{name: BASE, value: \"{}\"}}]}}\n  - {{platform: linux/arm64, buildArgs: [{{name: BASE, value: \"{arm_base}\"}}]}}\n  - {{platform: windows/amd64, buildArgs: [{{name: BASE, value: \"{win_base}\"}}]}}\n{ON_REAL_NODE}    runnerPlatforms: [linux/arm64, windows/amd64]\n",
+                info.busybox_image
+            ),
         )
         .replace("    image: ", "    additionalTags: [v1]\n    image: "),
-    ));
+    );
     let s = finished(&env, name, None).await;
     let took = started.elapsed();
     assert_eq!(
@@ -241,7 +243,10 @@ async fn four_operating_systems_join_one_index_that_an_independent_client_resolv
     let image = s.image.clone().expect("status.image");
     assert_eq!(image.digest, digest);
     assert_eq!(image.pinned, format!("{registry}/{repo}@{digest}"));
-    assert_eq!(index["annotations"]["build.tripod.dev/build-id"], s.build_id.clone().unwrap_or_default());
+    assert_eq!(
+        index["annotations"]["build.tripod.dev/build-id"],
+        s.build_id.clone().unwrap_or_default()
+    );
     // Every tag resolves to it; no other tag was written (the platforms
     // were pushed by digest).
     let (_, _, _, v1) = fetch(&registry, &repo, "v1");
@@ -287,7 +292,12 @@ async fn four_operating_systems_join_one_index_that_an_independent_client_resolv
     assert_eq!(crane_run(&["digest", &reference]), digest);
     for ps in &s.platforms {
         assert_eq!(
-            Some(crane_run(&["digest", "--platform", &ps.platform, &reference])),
+            Some(crane_run(&[
+                "digest",
+                "--platform",
+                &ps.platform,
+                &reference
+            ])),
             ps.digest,
             "{}",
             ps.platform
@@ -312,8 +322,8 @@ async fn windows_builds_race_to_one_index_without_overwriting_each_other() {
             .map(|(v, r)| (v.clone(), r.clone()))
             .expect("a synthetic Windows base")
     };
-    let (v2019, b2019) = base("10.0.17763.");
-    let (v2022, b2022) = base("10.0.20348.");
+    let (_, b2019) = base("10.0.17763.");
+    let (_, b2022) = base("10.0.20348.");
     let port = crate::common::free_port();
     env.start_controller_on("c1", port);
     let mut runners = Runners::new(&env);
@@ -347,7 +357,7 @@ async fn windows_builds_race_to_one_index_without_overwriting_each_other() {
         if round > 0 {
             api.patch(
                 name,
-                &PatchParams::apply("test").force(),
+                &PatchParams::default(),
                 &Patch::Merge(serde_json::json!({
                     "metadata": {"annotations": {"build.tripod.dev/rebuild": format!("{round}")}}
                 })),
@@ -360,29 +370,43 @@ async fn windows_builds_race_to_one_index_without_overwriting_each_other() {
         assert_eq!(s.phase, Some(Phase::Succeeded), "round {round}: {s:#?}");
         let (code, index, _, digest) = fetch(&registry, &repo, "1");
         assert_eq!(code, 200);
-        assert_eq!(s.image.as_ref().map(|i| i.digest.as_str()), Some(digest.as_str()));
+        assert_eq!(
+            s.image.as_ref().map(|i| i.digest.as_str()),
+            Some(digest.as_str())
+        );
+        // BuildKit writes the build the platform asks for as os.version.
         let entries = index["manifests"].as_array().cloned().expect("manifests");
         assert_eq!(
             entries.iter().map(entry_platform).collect::<Vec<_>>(),
-            [
-                format!("windows/amd64 {v2019}"),
-                format!("windows/amd64 {v2022}")
-            ],
+            ["windows/amd64 10.0.17763", "windows/amd64 10.0.20348"],
             "round {round}"
         );
-        // Each child is its own image, of its own build: neither push
-        // replaced the other's.
-        for (entry, want) in entries.iter().zip([&v2019, &v2022]) {
+        // Each child is its own image, of its own build, FROM its own
+        // base: neither push replaced the other's.
+        for (entry, base) in entries.iter().zip([&b2019, &b2022]) {
             let child = entry["digest"].as_str().expect("digest").to_string();
             let config = config_of(&registry, &repo, &child);
-            assert_eq!(config["os.version"].as_str(), Some(want.as_str()));
+            assert_eq!(config["os.version"], entry["platform"]["os.version"]);
+            let (base_repo, base_tag) = base
+                .trim_start_matches(&format!("{registry}/"))
+                .rsplit_once(':')
+                .expect("base tag");
+            let (_, base_manifest, _, _) = fetch(&registry, base_repo, base_tag);
+            let (_, manifest, _, _) = fetch(&registry, &repo, &child);
+            assert_eq!(
+                manifest["layers"][0]["digest"], base_manifest["layers"][0]["digest"],
+                "{child} is built FROM {base}"
+            );
             assert_eq!(
                 config["config"]["Labels"]["build.tripod.dev/build-id"]
                     .as_str()
                     .map(str::to_string),
                 s.build_id
             );
-            assert!(seen.insert(child), "round {round}: a child digest came back");
+            assert!(
+                seen.insert(child),
+                "round {round}: a child digest came back"
+            );
         }
         // A Windows node pulls the image of its own build.
         let reference = format!("{registry}/{repo}:1");
@@ -471,7 +495,7 @@ async fn a_failed_platform_keeps_the_index_back_and_is_retried_alone() {
     env.builds()
         .patch(
             name,
-            &PatchParams::apply("test").force(),
+            &PatchParams::default(),
             &Patch::Merge(serde_json::json!({
                 "metadata": {"annotations": {"build.tripod.dev/retry-failed": "1"}}
             })),
@@ -490,12 +514,18 @@ async fn a_failed_platform_keeps_the_index_back_and_is_retried_alone() {
     assert_eq!(s.build_id, build_id, "the same build");
     assert_eq!(s.retry_failed.as_deref(), Some("1"));
     assert_eq!(s.platforms[0].attempts, 1, "linux/amd64 was not rebuilt");
-    assert_eq!(s.platforms[0].digest.as_deref(), Some(linux_digest.as_str()));
+    assert_eq!(
+        s.platforms[0].digest.as_deref(),
+        Some(linux_digest.as_str())
+    );
     assert_eq!(s.platforms[1].attempts, 2);
     assert_eq!(env.pods_of(name).await.len(), 1, "one build Pod in all");
     let (code, index, _, digest) = fetch(&registry, &repo, "1");
     assert_eq!(code, 200);
-    assert_eq!(s.image.as_ref().map(|i| i.digest.as_str()), Some(digest.as_str()));
+    assert_eq!(
+        s.image.as_ref().map(|i| i.digest.as_str()),
+        Some(digest.as_str())
+    );
     let children: Vec<Option<String>> = index["manifests"]
         .as_array()
         .cloned()
@@ -503,7 +533,10 @@ async fn a_failed_platform_keeps_the_index_back_and_is_retried_alone() {
         .iter()
         .map(|e| e["digest"].as_str().map(str::to_string))
         .collect();
-    assert_eq!(children, [Some(linux_digest), s.platforms[1].digest.clone()]);
+    assert_eq!(
+        children,
+        [Some(linux_digest), s.platforms[1].digest.clone()]
+    );
     runners.cleanup().await;
     env.cleanup().await;
 }
