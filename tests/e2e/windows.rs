@@ -129,3 +129,90 @@ async fn windows_pods_go_to_nodes_of_their_base_images_os_build() {
     assert!(env.pods_of("win-mismatch").await.is_empty());
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_build_puts_each_windows_os_build_on_a_node_of_that_build() {
+    let mut env = TestEnv::new("windows-builds").await;
+    env.start_controller("c1");
+    let registry = env.shared.registry.clone().expect("registry");
+    let bases = env.shared.info.windows_bases.clone();
+    let base = |prefix: &str| {
+        bases
+            .iter()
+            .find(|(v, _)| v.starts_with(prefix))
+            .map(|(_, r)| r.clone())
+            .expect("a synthetic Windows base")
+    };
+    let (base2019, base2022) = (base("10.0.17763."), base("10.0.20348."));
+    let manifest = |name: &str, base_of_2019: &str| {
+        inline_build(InlineBuild {
+            name,
+            registry: &registry,
+            dockerfile: "ARG BASE\nFROM ${BASE}\nCOPY hello.txt /app/hello.txt\n",
+            platforms: "\"windows(10.0.17763)/amd64\", \"windows(10.0.20348)/amd64\"",
+            hello: "hello from two Windows builds",
+            extra: &format!(
+                "  platformBuildArgs:\n  - {{platform: \"windows(10.0.17763)/amd64\", buildArgs: [{{name: BASE, value: \"{base_of_2019}\"}}]}}\n  - {{platform: \"windows(10.0.20348)/amd64\", buildArgs: [{{name: BASE, value: \"{base2022}\"}}]}}\n"
+            ),
+        })
+    };
+    env.apply(&manifest("two-builds", &base2019));
+    let pods = eventually("both Pods bound", WAIT, || async {
+        let pods = env.pods_of("two-builds").await;
+        (pods.len() == 2
+            && pods
+                .iter()
+                .all(|p| p.spec.as_ref().is_some_and(|s| s.node_name.is_some())))
+        .then_some(pods)
+    })
+    .await;
+    for pod in &pods {
+        let spec = pod.spec.clone().expect("spec");
+        let sel = spec.node_selector.clone().expect("selector");
+        let (build, node) = if pod.name_any().contains("10-0-17763") {
+            ("10.0.17763", WINDOWS_2019_AMD64)
+        } else {
+            ("10.0.20348", WINDOWS_AMD64)
+        };
+        assert_eq!(
+            sel["node.kubernetes.io/windows-build"],
+            build,
+            "{}",
+            pod.name_any()
+        );
+        assert_eq!(spec.node_name.as_deref(), Some(node), "{}", pod.name_any());
+    }
+    let s = env
+        .builds()
+        .get("two-builds")
+        .await
+        .expect("get")
+        .status
+        .expect("status");
+    let platforms: Vec<&str> = s.platforms.iter().map(|p| p.platform.as_str()).collect();
+    assert_eq!(
+        platforms,
+        ["windows(10.0.17763)/amd64", "windows(10.0.20348)/amd64"]
+    );
+
+    // The 2019 platform given the 2022 base: refused, naming the field.
+    env.apply(&manifest("wrong-base", &base2022));
+    let s = eventually("wrong-base refused", WAIT, || async {
+        let s = env.builds().get("wrong-base").await.ok()?.status?;
+        (s.phase == Some(Phase::Failed)).then_some(s)
+    })
+    .await;
+    let stalled = s
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Stalled")
+        .expect("Stalled");
+    assert!(
+        stalled.message.contains("spec.platformBuildArgs")
+            && stalled.message.contains("windows(10.0.17763)/amd64"),
+        "{}",
+        stalled.message
+    );
+    assert!(env.pods_of("wrong-base").await.is_empty());
+    env.cleanup().await;
+}
