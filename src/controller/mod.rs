@@ -1080,7 +1080,13 @@ async fn apply_leases(
             ..Default::default()
         };
         match api.delete(&expiry.name, &params).await {
-            Ok(_) => tracing::info!(lease = %expiry.name, "lease expired: its runner is gone"),
+            Ok(_) => {
+                tracing::info!(lease = %expiry.name, "lease expired: its runner is gone");
+                ctx.hub.release(&LeaseKey {
+                    namespace: ns.to_string(),
+                    name: expiry.name.clone(),
+                });
+            }
             Err(kube::Error::Api(s)) if s.code == 404 => {}
             Err(kube::Error::Api(s)) if s.code == 409 => {
                 return Err(ControllerError::LeaseChanged(format!(
@@ -1094,7 +1100,14 @@ async fn apply_leases(
     }
     for name in &plan.delete_leases {
         match api.delete(name, &DeleteParams::default()).await {
-            Ok(_) => tracing::info!(lease = %name, "lease taken back"),
+            Ok(_) => {
+                tracing::info!(lease = %name, "lease taken back");
+                // Its reservation must not count against the runner again.
+                ctx.hub.release(&LeaseKey {
+                    namespace: ns.to_string(),
+                    name: name.clone(),
+                });
+            }
             Err(kube::Error::Api(s)) if s.code == 404 => {}
             Err(e) => return Err(kube_err(format!("delete lease {ns}/{name}"))(e)),
         }

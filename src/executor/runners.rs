@@ -363,9 +363,8 @@ impl RunnerHub {
     /// choice and its count happen under one lock.
     pub fn reserve(&self, candidates: &[Candidate], key: LeaseKey) -> Result<Candidate, NoRunner> {
         let mut st = self.lock();
+        self.prune(&mut st);
         let now = Instant::now();
-        st.reservations
-            .retain(|_, (_, at)| now.duration_since(*at) < RESERVATION_TTL);
         // A retry of the same lease keeps its runner.
         if let Some((runner, _)) = st.reservations.get(&key)
             && let Some(c) = candidates.iter().find(|c| &c.runner == runner)
@@ -440,6 +439,16 @@ impl RunnerHub {
         }
     }
 
+    /// Forgets reservations that are old, or whose Lease object the cache
+    /// shows (from then on the cache counts it; once it is deleted, it
+    /// must not count again through its reservation).
+    fn prune(&self, st: &mut State) {
+        let now = Instant::now();
+        st.reservations.retain(|key, (_, at)| {
+            now.duration_since(*at) < RESERVATION_TTL && self.lease(key).is_none()
+        });
+    }
+
     /// Free slots of every connected runner that takes work.
     fn room(&self, st: &State) -> Room {
         Room(
@@ -469,6 +478,7 @@ impl RunnerHub {
     /// room freed between a failed choice and the wait still counts).
     pub fn wake_if_room(&self) {
         let mut st = self.lock();
+        self.prune(&mut st);
         if st.waiters.is_empty() {
             return;
         }
@@ -573,6 +583,39 @@ mod tests {
         assert_eq!(hub.reserve(&cands, key(1)).unwrap().runner, "b");
         hub.release(&key(0));
         assert!(hub.reserve(&cands, key(9)).is_ok());
+    }
+
+    #[test]
+    fn a_lease_seen_then_deleted_does_not_count_again_through_its_reservation() {
+        use k8s_openapi::api::coordination::v1::LeaseSpec;
+        use kube::runtime::watcher::Event;
+        let (store, mut writer) = reflector::store::<Lease>();
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let hub = RunnerHub::new(store, tx);
+        hub.connect("a", conn(1));
+        let cands = [cand("a", false)];
+        hub.reserve(&cands, key(1)).unwrap();
+        let mut lease = Lease {
+            spec: Some(LeaseSpec {
+                holder_identity: Some("a".into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        lease.metadata.name = Some("l1".into());
+        lease.metadata.namespace = Some("ns".into());
+        writer.apply_watcher_event(&Event::Apply(lease.clone()));
+        assert!(hub.reserve(&cands, key(2)).is_err(), "the Lease counts");
+        // Taken back: gone from the cache. Its reservation does not
+        // come back to count against the runner.
+        writer.apply_watcher_event(&Event::Delete(lease));
+        assert_eq!(
+            hub.reserve(&cands, key(2))
+                .map(|c| c.runner)
+                .ok()
+                .as_deref(),
+            Some("a")
+        );
     }
 
     #[test]
