@@ -43,17 +43,23 @@ PY
   kubectl apply -f "$work/single-${p//\//-}.json" >/dev/null
 done
 
-# time NAME: ms from a rebuild annotation to Succeeded; sets $all_ok_ms to
-# when every platform had succeeded.
+# run NAME: prints the ms from a rebuild annotation to Succeeded, and to
+# the moment every platform had succeeded.
 run() {
   local name="$1" before t0 id phase oks
   before=$(kubectl get ib "$name" -o jsonpath='{.status.buildID}')
   t0=$(ms); all_ok_ms=""
   kubectl annotate --overwrite ib "$name" "build.tripod.dev/rebuild=bench-$t0" >/dev/null
   while :; do
-    read -r id phase oks < <(kubectl get ib "$name" -o jsonpath='{.status.buildID} {.status.phase} {.status.platforms[*].phase}{"\n"}') || true
-    if [ "$id" != "$before" ] && [ -n "$id" ]; then
-      if [ -z "$all_ok_ms" ] && [ -n "$oks" ] && ! tr ' ' '\n' <<<"$oks" | grep -qv Succeeded; then
+    # buildID, phase, and whether every platform has succeeded.
+    read -r id phase oks < <(kubectl get ib "$name" -o json | python3 -c '
+import json, sys
+s = json.load(sys.stdin).get("status", {})
+ps = s.get("platforms", [])
+ok = bool(ps) and all(p.get("phase") == "Succeeded" for p in ps)
+print(s.get("buildID", "-"), s.get("phase", "-"), "yes" if ok else "no")') || true
+    if [ "$id" != "$before" ] && [ "$id" != "-" ]; then
+      if [ -z "$all_ok_ms" ] && [ "$oks" = yes ]; then
         all_ok_ms=$(( $(ms) - t0 ))
       fi
       [ "$phase" = Succeeded ] && break
@@ -61,7 +67,7 @@ run() {
     fi
     sleep 0.1
   done
-  echo $(( $(ms) - t0 ))
+  echo "$(( $(ms) - t0 )) ${all_ok_ms:-0}"
 }
 
 # One warm-up round of each (bases pulled, caches warm), then N.
@@ -70,9 +76,10 @@ for p in $platforms; do run "bench-${p//\//-}" >/dev/null; done
 declare -A single
 multi=(); joined=()
 for i in $(seq "$n"); do
-  t=$(run multi-os); multi+=("$t"); joined+=($(( t - all_ok_ms )))
+  read -r t ok < <(run multi-os); multi+=("$t"); joined+=($(( t - ok )))
   for p in $platforms; do
-    single[$p]="${single[$p]:-} $(run "bench-${p//\//-}")"
+    read -r t _ < <(run "bench-${p//\//-}")
+    single[$p]="${single[$p]:-} $t"
   done
 done
 

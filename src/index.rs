@@ -225,7 +225,13 @@ pub fn assemble(children: &[Child], meta: &IndexMeta) -> Result<ImageIndex, Inde
     if !meta.build_id.is_empty() {
         annotations.insert(ANNOTATION_BUILD_ID.to_string(), meta.build_id.clone());
     }
-    if let Some(created) = children.iter().filter_map(|c| c.created.as_deref()).max() {
+    // The newest child's time, compared as instants (RFC 3339 text with
+    // fractions or offsets does not sort as time), written in UTC.
+    if let Some(created) = children
+        .iter()
+        .filter_map(|c| c.created.as_deref()?.parse::<jiff::Timestamp>().ok())
+        .max()
+    {
         annotations.insert(ANNOTATION_CREATED.to_string(), created.to_string());
     }
     if let Some(s) = &meta.source {
@@ -317,7 +323,12 @@ mod tests {
     fn entries_follow_the_children_and_bytes_are_stable() {
         let children = vec![
             child("linux/amd64", "sha256:aa", None, "2026-11-30T10:00:00Z"),
-            child("linux/arm/v7", "sha256:bb", None, "2026-11-30T10:02:00Z"),
+            child(
+                "linux/arm/v7",
+                "sha256:bb",
+                None,
+                "2026-11-30T11:02:00.5+01:00",
+            ),
             child(
                 "windows(10.0.17763)/amd64",
                 "sha256:cc",
@@ -353,9 +364,10 @@ mod tests {
                 .as_deref(),
             Some("v7")
         );
+        // 10:02:00.5Z is the newest (as time, not as text).
         assert_eq!(
             index.annotations[ANNOTATION_CREATED],
-            "2026-11-30T10:02:00Z"
+            "2026-11-30T10:02:00.5Z"
         );
         assert_eq!(index.annotations[ANNOTATION_BUILD_ID], "0a1b2c3d4e5f");
         let bytes = index.to_bytes();

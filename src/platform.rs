@@ -460,13 +460,14 @@ pub fn default_platform() -> Platform {
     }
 }
 
-/// `major.minor.build`: three dot-separated numbers of at most 10 digits.
+/// `major.minor.build`: three dot-separated numbers of at most 3, 3 and
+/// 6 digits (`10.0.17763`), as the CRD schema checks.
 fn is_os_build(v: &str) -> bool {
     let parts: Vec<&str> = v.split('.').collect();
     parts.len() == 3
-        && parts
-            .iter()
-            .all(|p| !p.is_empty() && p.len() <= 10 && p.bytes().all(|b| b.is_ascii_digit()))
+        && parts.iter().zip([3, 3, 6]).all(|(p, max)| {
+            !p.is_empty() && p.len() <= max && p.bytes().all(|b| b.is_ascii_digit())
+        })
 }
 
 impl fmt::Display for Platform {
@@ -597,6 +598,8 @@ mod tests {
             "windows(ltsc2019)/amd64",
             "windows()/amd64",
             "windows(10.0.17763.1)/amd64",
+            "windows(10.0.1234567)/amd64",
+            "windows(1000.0.1)/amd64",
         ] {
             assert!(
                 matches!(err(bad), PlatformError::InvalidOsVersion { .. }),

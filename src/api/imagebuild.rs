@@ -210,7 +210,7 @@ fn platforms_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
                     "messageExpression": "'platform \"' + self + '\" has an unknown OS: expected linux, windows or darwin'"
                 },
                 {
-                    "rule": "!self.contains('(') || self.lowerAscii().matches('^windows\\\\([0-9]{1,10}\\\\.[0-9]{1,10}\\\\.[0-9]{1,10}\\\\)/')",
+                    "rule": "!self.contains('(') || self.lowerAscii().matches('^windows\\\\([0-9]{1,3}\\\\.[0-9]{1,3}\\\\.[0-9]{1,6}\\\\)/')",
                     "messageExpression": "'platform \"' + self + '\": only windows takes an OS build, written major.minor.build as in windows(10.0.17763)/amd64'"
                 },
                 {

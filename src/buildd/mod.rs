@@ -132,7 +132,21 @@ pub struct WorkDir(PathBuf);
 impl WorkDir {
     /// Creates `root/<build id>`.
     pub fn create(root: &std::path::Path, build_id: &str) -> Result<WorkDir, BuildFailure> {
-        let dir = root.join(safe_name(build_id, 64));
+        // Cut names end in a hash of the whole ID: two builds whose IDs
+        // differ only past the cut (a long ImageBuild name, two Windows OS
+        // builds of one platform) never share a directory.
+        let name = if build_id.chars().count() <= 64 {
+            safe_name(build_id, 64)
+        } else {
+            use sha2::Digest as _;
+            let hash: String = sha2::Sha256::digest(build_id.as_bytes())
+                .iter()
+                .take(6)
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            format!("{}-{hash}", safe_name(build_id, 51))
+        };
+        let dir = root.join(name);
         std::fs::create_dir_all(&dir)
             .map_err(|e| BuildFailure::Internal(format!("create {}: {e}", dir.display())))?;
         Ok(WorkDir(dir))

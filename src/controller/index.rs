@@ -46,7 +46,7 @@ pub async fn push(
             .await
         {
             Ok((size, media_type, facts)) => read.push((platform, digest, size, media_type, facts)),
-            Err(e) => return transient(format!("reading the {platform} manifest: {e}")),
+            Err(e) => return outcome_of(format!("reading the {platform} manifest"), e),
         }
     }
     let meta = IndexMeta {
@@ -93,7 +93,7 @@ pub async fn push(
         .await
     {
         Ok(r) => r,
-        Err(e) => return transient(format!("pushing the index: {e}")),
+        Err(e) => return outcome_of("pushing the index".to_string(), e),
     };
     let checked = ImageIndex::from_bytes(&served).and_then(|back| back.check_read_back(&index));
     if let Err(e) = checked {
@@ -103,6 +103,25 @@ pub async fn push(
     IndexOutcome::Pushed {
         digest,
         children: children.to_vec(),
+    }
+}
+
+/// A registry error as an outcome: refused access or a missing manifest
+/// will not pass by waiting (fix the Secret or the registry, then ask for
+/// `build.tripod.dev/retry-failed`); anything else is tried again.
+fn outcome_of(what: String, e: RegistryError) -> IndexOutcome {
+    match e {
+        RegistryError::Unauthorized { .. } => IndexOutcome::Invalid(crate::outcome::cap(
+            &format!("{what}: {e} (check spec.output.pushSecretRef)"),
+            crate::outcome::MAX_MESSAGE,
+        )),
+        RegistryError::NotFound { .. } | RegistryError::InvalidReference { .. } => {
+            IndexOutcome::Invalid(crate::outcome::cap(
+                &format!("{what}: {e} (spec.output.image)"),
+                crate::outcome::MAX_MESSAGE,
+            ))
+        }
+        _ => transient(format!("{what}: {e}")),
     }
 }
 

@@ -723,6 +723,12 @@ fn index_due(ib: &ImageBuild) -> Option<(validate::BuildRequest, Vec<String>)> {
         return None;
     }
     let req = validate::validate(&ib.spec).ok()?;
+    // Out of time: the plan fails the build; no index goes out first.
+    let started = status.start_time.as_ref()?.0;
+    let elapsed_ms = jiff::Timestamp::now().as_millisecond() - started.as_millisecond();
+    if u128::try_from(elapsed_ms).unwrap_or(0) >= req.timeout.as_millis() {
+        return None;
+    }
     let same_platforms = req.platforms.len() == status.platforms.len()
         && req
             .platforms

@@ -311,23 +311,47 @@ pub fn plan(obs: Observed<'_>, settings: &PodSettings) -> Plan {
         s
     };
     let mut old_phase = if new_build { None } else { old.phase };
-    // A new value of the retry-failed annotation: the failed (and
-    // cancelled) platforms of this build start over, the others keep
-    // their verified digests.
+    // A new value of the retry-failed annotation, once the build has
+    // finished (asked earlier, it is answered when it finishes): the failed
+    // (and cancelled) platforms of this build start over, the others keep
+    // their verified digests; a build that failed at its index pushes it
+    // again.
     let retry = annotation(ib, ANNOTATION_RETRY_FAILED);
-    if !new_build && retry.is_some() && retry != old.retry_failed.as_deref() {
+    if !new_build
+        && retry.is_some()
+        && retry != old.retry_failed.as_deref()
+        && old.phase.is_some_and(Phase::is_finished)
+    {
         status.retry_failed = retry.map(str::to_string);
-        if !ib.spec.cancel {
+        if !ib.spec.cancel && old.phase == Some(Phase::Failed) {
             let retried = retry_failed(&mut status, &req, obs.now);
-            if !retried.is_empty() {
+            let message = match retried.as_slice() {
+                [] if index_children(&ImageBuildStatus {
+                    phase: None,
+                    ..status.clone()
+                })
+                .is_some() =>
+                {
+                    // Every platform has its digest: only the index failed.
+                    status.phase = Some(Phase::Building);
+                    status.start_time = Some(time(obs.now));
+                    status.completion_time = None;
+                    Some(format!(
+                        "pushing the image index again (asked by {ANNOTATION_RETRY_FAILED}); every platform keeps its digest"
+                    ))
+                }
+                [] => None,
+                some => Some(format!(
+                    "rebuilding {} (asked by {ANNOTATION_RETRY_FAILED}); the other platforms keep their digests",
+                    some.join(", ")
+                )),
+            };
+            if let Some(message) = message {
                 old_phase = None;
                 out.events.push(PlannedEvent {
                     kind: EventKind::Normal,
                     reason: "RetryingFailed".into(),
-                    message: format!(
-                        "rebuilding {} (asked by {ANNOTATION_RETRY_FAILED}); the other platforms keep their digests",
-                        retried.join(", ")
-                    ),
+                    message,
                 });
             }
         }
@@ -360,7 +384,13 @@ pub fn plan(obs: Observed<'_>, settings: &PodSettings) -> Plan {
                 "cancelled by spec.cancel",
             );
             reason = "Cancelled".into();
-        } else if elapsed >= req.timeout {
+        } else if elapsed >= req.timeout
+            && !matches!(obs.index, Some(IndexOutcome::Pushed { children, .. })
+                if Some(children) == index_children(&status).as_ref())
+        {
+            // (An index pushed for exactly these platforms is the build's
+            // result even when the clock ran out meanwhile: the tags
+            // point at it.)
             let msg = format!(
                 "the build exceeded spec.timeout ({})",
                 ib.spec.timeout.as_deref().unwrap_or("1h")
@@ -742,11 +772,7 @@ fn drive_pod_platform(
         let Some(pod) = found else {
             out.create.push(build_pod(ib, &name, &key, settings));
             ps.phase = Phase::Scheduling;
-            ps.message = Some(format!(
-                "waiting for a node with kubernetes.io/os={}, kubernetes.io/arch={}",
-                platform.os(),
-                platform.node_arch()
-            ));
+            ps.message = Some(waiting_for_node(platform, key.windows_build));
             return;
         };
         let node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
@@ -788,13 +814,10 @@ fn drive_pod_platform(
             }
             None => {
                 ps.phase = Phase::Scheduling;
-                ps.message = Some(unschedulable_message(pod).unwrap_or_else(|| {
-                    format!(
-                        "waiting for a node with kubernetes.io/os={}, kubernetes.io/arch={}",
-                        platform.os(),
-                        platform.node_arch()
-                    )
-                }));
+                ps.message = Some(
+                    unschedulable_message(pod)
+                        .unwrap_or_else(|| waiting_for_node(platform, key.windows_build)),
+                );
             }
         }
         return;
@@ -852,6 +875,20 @@ pub(super) fn retry_after_failure(
         "attempt {attempt} of {max_attempts} failed: {failure}"
     ));
     false
+}
+
+/// What a platform's build Pod waits for: a node of its OS and arch (and
+/// Windows OS build).
+fn waiting_for_node(platform: &Platform, windows_build: Option<&str>) -> String {
+    let mut m = format!(
+        "waiting for a node with kubernetes.io/os={}, kubernetes.io/arch={}",
+        platform.os(),
+        platform.node_arch()
+    );
+    if let Some(build) = windows_build {
+        m.push_str(&format!(", {}={build}", super::pod::WINDOWS_BUILD_LABEL));
+    }
+    m
 }
 
 fn unschedulable_message(pod: &Pod) -> Option<String> {
@@ -1337,6 +1374,28 @@ mod tests {
     }
 
     #[test]
+    fn a_windows_os_build_goes_to_a_windows_runner_of_that_build_or_a_linux_buildkit_one() {
+        use super::super::runner_leg::runner_builds;
+        let b = ib(&["windows(10.0.17763)/amd64"]);
+        let p: Platform = "windows(10.0.17763)/amd64".parse().unwrap();
+        let mut win = runner("w", RunnerOs::Windows, "amd64", RunnerPhase::Online);
+        assert_eq!(runner_builds(&win, &b, &p), None, "no build label");
+        win.spec.labels.insert(
+            super::super::pod::WINDOWS_BUILD_LABEL.into(),
+            "10.0.20348".into(),
+        );
+        assert_eq!(runner_builds(&win, &b, &p), None, "another build");
+        win.spec.labels.insert(
+            super::super::pod::WINDOWS_BUILD_LABEL.into(),
+            "10.0.17763".into(),
+        );
+        assert_eq!(runner_builds(&win, &b, &p), Some(false));
+        let mut linux = runner("l", RunnerOs::Linux, "amd64", RunnerPhase::Online);
+        linux.spec.windows_archs = vec!["amd64".into()];
+        assert_eq!(runner_builds(&linux, &b, &p), Some(false));
+    }
+
+    #[test]
     fn offline_runner_is_named_in_the_message() {
         let b = ib(&["darwin/arm64"]);
         let r = runner("mac-1", RunnerOs::Darwin, "arm64", RunnerPhase::Offline);
@@ -1665,6 +1724,38 @@ mod tests {
         let p = run_with_index(&b, &pods, &invalid, at(12));
         assert_eq!(p.status.phase, Some(Phase::Failed));
         assert_eq!(cond(&p.status, READY).reason, "IndexInvalid");
+    }
+
+    #[test]
+    fn retry_failed_waits_for_the_build_to_finish_and_can_push_the_index_again() {
+        let mut b = ib(&["linux/amd64", "linux/arm64"]);
+        let mut pods = Vec::new();
+        let p = run(&b, &pods, &[], at(0));
+        apply(&mut b, &mut pods, &p);
+        // Asked while running: not answered yet.
+        b.metadata.annotations =
+            Some([(ANNOTATION_RETRY_FAILED.to_string(), "1".to_string())].into());
+        let p = run(&b, &pods, &[], at(1));
+        assert_eq!(p.status.retry_failed, None);
+        apply(&mut b, &mut pods, &p);
+        push(&mut pods, "app-1-linux-amd64-1", "sha256:amd");
+        push(&mut pods, "app-1-linux-arm64-1", "sha256:arm");
+        let p = run(&b, &pods, &[], at(5));
+        apply(&mut b, &mut pods, &p);
+        // The index cannot be made: Failed, every platform with its digest.
+        let invalid = IndexOutcome::Invalid("registry refused access".into());
+        let p = run_with_index(&b, &pods, &invalid, at(6));
+        assert_eq!(p.status.phase, Some(Phase::Failed));
+        assert_eq!(p.status.retry_failed, None, "not answered while it ran");
+        apply(&mut b, &mut pods, &p);
+        // Now finished: the pending request is answered by pushing the
+        // index again, nothing rebuilt.
+        let p = run(&b, &pods, &[], at(7));
+        assert_eq!(p.status.retry_failed.as_deref(), Some("1"));
+        assert!(p.create.is_empty());
+        assert_eq!(p.status.phase, Some(Phase::Building));
+        assert!(p.wants_index);
+        assert!(p.events.iter().any(|e| e.reason == "RetryingFailed"));
     }
 
     #[test]

@@ -124,6 +124,11 @@ pub(crate) fn fit(base: &str, suffix: &str, max: usize) -> String {
         return full;
     }
     let hash = short_hash(&full, 8);
+    if suffix.len() + hash.len() + 2 > max {
+        // No room for even one character of the base: a name from the
+        // hash alone (a letter first, as names must start alphanumeric).
+        return format!("t{}", short_hash(&full, 16));
+    }
     let keep = max.saturating_sub(suffix.len() + hash.len() + 1);
     let head: String = base.chars().take(keep).collect();
     let head = head.trim_end_matches(['-', '.']);

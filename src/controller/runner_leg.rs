@@ -77,6 +77,18 @@ pub fn runner_builds(
         return None;
     }
     if runner.spec.os.as_str() == platform.os().as_str() && runner.spec.arch == platform.arch() {
+        // A Windows host builds (and RUNs) images of its own OS build only:
+        // a platform that names a build wants a runner labelled with it.
+        if let Some(build) = platform.os_version()
+            && runner
+                .spec
+                .labels
+                .get(super::pod::WINDOWS_BUILD_LABEL)
+                .map(String::as_str)
+                != Some(build)
+        {
+            return None;
+        }
         return Some(false);
     }
     if platform.os() == crate::platform::Os::Windows
@@ -98,6 +110,12 @@ fn phase_of(r: &BuildRunner) -> Option<RunnerPhase> {
 
 fn wanted(build: &ImageBuild, platform: &Platform) -> String {
     let mut wanted = format!("os={}, arch={}", platform.os(), platform.arch());
+    if let Some(build) = platform.os_version() {
+        wanted.push_str(&format!(
+            " (a Linux runner with BuildKit, or a Windows one labelled {}={build})",
+            super::pod::WINDOWS_BUILD_LABEL
+        ));
+    }
     for (k, v) in build
         .spec
         .executor

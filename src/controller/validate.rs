@@ -471,7 +471,7 @@ mod tests {
         };
         s.build_args = vec![arg("BASE", "r/win:ltsc2022"), arg("X", "1")];
         s.platform_build_args = vec![PlatformBuildArgs {
-            platform: "Windows(10.0.17763)/x86_64".into(),
+            platform: "windows(10.0.17763)/amd64".into(),
             build_args: vec![arg("BASE", "r/win:ltsc2019")],
         }];
         let req = validate(&s).unwrap();
