@@ -545,7 +545,18 @@ pub(crate) fn build_request(
                 value: b.value.clone(),
             })
             .collect(),
-        labels: a.labels.clone(),
+        labels: {
+            // The commit a git source was checked out at: the image says
+            // which revision it is (and the index, when every platform
+            // agrees).
+            let mut labels = a.labels.clone();
+            if let Some(rev) = &context.revision {
+                labels
+                    .entry("org.opencontainers.image.revision".to_string())
+                    .or_insert_with(|| rev.clone());
+            }
+            labels
+        },
         platform: a.platform.clone(),
         tags: a.tags.clone(),
         push_by_digest: a.push_by_digest,

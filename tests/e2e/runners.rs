@@ -896,7 +896,17 @@ async fn buildkit_runner_builds_linux_inline_and_git_and_windows_copy_only() {
         "the RUN step's output, with the build arg"
     );
 
-    let (manifest, _, digest) = image(&registry, "team/bk-git", "1");
+    let (manifest, config, digest) = image(&registry, "team/bk-git", "1");
+    // The image says which commit it was built from.
+    let head = std::process::Command::new("git")
+        .args(["rev-parse", "HEAD"])
+        .current_dir(&work)
+        .output()
+        .expect("git rev-parse");
+    assert_eq!(
+        config["config"]["Labels"]["org.opencontainers.image.revision"],
+        String::from_utf8_lossy(&head.stdout).trim()
+    );
     let s = status(&env, "bk-git").await.expect("status");
     assert_eq!(
         s.image.as_ref().map(|i| i.digest.as_str()),
