@@ -29,7 +29,9 @@ pub const ANNOTATION_PLATFORM: &str = "build.tripod.dev/platform";
 /// Annotation that starts a new build of the same generation when its value changes.
 pub const ANNOTATION_REBUILD: &str = "build.tripod.dev/rebuild";
 /// Annotation that rebuilds only the failed (and cancelled) platforms of a
-/// failed build when its value changes, then pushes the index.
+/// failed build when its value changes (a value set while the build runs
+/// is answered when it has finished), then pushes the index; when only the
+/// index failed, it pushes the index again.
 pub const ANNOTATION_RETRY_FAILED: &str = "build.tripod.dev/retry-failed";
 
 /// A DNS-1123 label (a namespace's name): 1–63 of `a-z0-9-`, alphanumeric
