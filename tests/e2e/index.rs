@@ -540,3 +540,97 @@ async fn a_failed_platform_keeps_the_index_back_and_is_retried_alone() {
     runners.cleanup().await;
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn index_always_indexes_one_platform_and_fail_fast_stops_the_others() {
+    let mut env = TestEnv::new("index-always").await;
+    let registry = env.shared.registry.clone().expect("registry");
+    let info = env.shared.info.clone();
+    let (_, win_base) = info
+        .windows_bases
+        .iter()
+        .find(|(v, _)| v.starts_with("10.0.20348."))
+        .map(|(v, r)| (v.clone(), r.clone()))
+        .expect("the synthetic ltsc2022 base");
+    let port = crate::common::free_port();
+    env.start_controller_on("c1", port);
+    let mut runners = Runners::new(&env);
+    let bk = runners.register(
+        "bk",
+        "os: linux, arch: amd64, capacity: 2, windowsArchs: [amd64]",
+    );
+    let mut opts = runners.options(&bk, port);
+    opts.buildkit = info.buildkit.clone();
+    runners.start(opts).await;
+    runners
+        .wait_phase(&bk, RunnerPhase::Online, Duration::from_secs(60))
+        .await;
+
+    // One platform, `output.index: Always`: an index of one entry.
+    let name = "always-one";
+    let repo = format!("team/{name}");
+    env.apply(
+        &inline(
+            name,
+            &registry,
+            "windows/amd64",
+            &format!(
+                "  platformBuildArgs:\n  - {{platform: windows/amd64, buildArgs: [{{name: BASE, value: \"{win_base}\"}}]}}\n  executor:\n    runnerPlatforms: [windows/amd64]\n"
+            ),
+        )
+        .replace("    insecure: true\n", "    insecure: true\n    index: Always\n"),
+    );
+    let s = finished(&env, name, None).await;
+    assert_eq!(s.phase, Some(Phase::Succeeded), "{s:#?}");
+    let (code, index, media_type, digest) = fetch(&registry, &repo, "1");
+    assert_eq!((code, media_type.as_str()), (200, INDEX));
+    let entries = index["manifests"].as_array().cloned().expect("manifests");
+    assert_eq!(entries.len(), 1);
+    assert_eq!(
+        entries[0]["digest"].as_str(),
+        s.platforms[0].digest.as_deref()
+    );
+    assert_eq!(
+        s.image.as_ref().map(|i| i.digest.as_str()),
+        Some(digest.as_str())
+    );
+    assert_ne!(Some(digest.as_str()), s.platforms[0].digest.as_deref());
+
+    // failFast: the Windows platform fails (its base does not exist) and
+    // stops the Linux one, whose build Pod is still running.
+    let name = "fail-fast";
+    env.apply(&inline(
+        name,
+        &registry,
+        "linux/amd64, windows/amd64",
+        &format!(
+            "  failFast: true\n  platformBuildArgs:\n  - {{platform: linux/amd64, buildArgs: [{{name: BASE, value: \"{}\"}}]}}\n  - {{platform: windows/amd64, buildArgs: [{{name: BASE, value: \"{registry}/team/{}-missing:1\"}}]}}\n{ON_REAL_NODE}    runnerPlatforms: [windows/amd64]\n",
+            info.busybox_image, env.ns
+        ),
+    )
+    .replace(
+        "        COPY hello.txt /hello.txt\n",
+        "        COPY hello.txt /hello.txt\n        RUN [\"sleep\", \"300\"]\n",
+    ));
+    let s = finished(&env, name, None).await;
+    assert_eq!(s.phase, Some(Phase::Failed), "{s:#?}");
+    assert_eq!(s.platforms[1].phase, Phase::Failed, "{s:#?}");
+    assert_eq!(s.platforms[0].phase, Phase::Cancelled, "{s:#?}");
+    assert!(
+        s.platforms[0]
+            .message
+            .as_deref()
+            .unwrap_or_default()
+            .contains("spec.failFast"),
+        "{s:#?}"
+    );
+    // Its build Pod is gone (deleted, not left to sleep).
+    eventually(
+        "the linux/amd64 build Pod deleted",
+        Duration::from_secs(120),
+        || async { env.pods_of(name).await.is_empty().then_some(()) },
+    )
+    .await;
+    runners.cleanup().await;
+    env.cleanup().await;
+}
