@@ -336,11 +336,7 @@ impl RegistryClient {
         creds: Option<&Credentials>,
     ) -> Result<ImageFacts, RegistryError> {
         let tagged = parse_reference(reference)?;
-        let image = Reference::with_digest(
-            tagged.registry().to_string(),
-            tagged.repository().to_string(),
-            digest.to_string(),
-        );
+        let image = by_digest(&tagged, digest);
         let client = self.client(reference)?;
         let auth = auth_of(creds);
         self.config_of(&client, &image, reference, &auth).await
@@ -399,11 +395,7 @@ impl RegistryClient {
         creds: Option<&Credentials>,
     ) -> Result<i64, RegistryError> {
         let tagged = parse_reference(reference)?;
-        let image = Reference::with_digest(
-            tagged.registry().to_string(),
-            tagged.repository().to_string(),
-            digest.to_string(),
-        );
+        let image = by_digest(&tagged, digest);
         let client = self.client(reference)?;
         let auth = auth_of(creds);
         let (manifest, _) = client
@@ -636,11 +628,7 @@ impl RegistryClient {
         media_type: &str,
     ) -> Result<String, RegistryError> {
         let digest = crate::index::digest_of(&bytes);
-        let target = Reference::with_digest(
-            image.registry().to_string(),
-            image.repository().to_string(),
-            digest.clone(),
-        );
+        let target = by_digest(image, &digest);
         let content_type =
             http::HeaderValue::from_str(media_type).map_err(|e| RegistryError::Transport {
                 reference: reference.to_string(),
@@ -662,11 +650,7 @@ impl RegistryClient {
         creds: Option<&Credentials>,
     ) -> Result<(), RegistryError> {
         let tagged = parse_reference(reference)?;
-        let image = Reference::with_digest(
-            tagged.registry().to_string(),
-            tagged.repository().to_string(),
-            digest.to_string(),
-        );
+        let image = by_digest(&tagged, digest);
         let client = self.client(reference)?;
         let auth = auth_of(creds);
         let actual = client
@@ -700,11 +684,7 @@ impl RegistryClient {
         creds: Option<&Credentials>,
     ) -> Result<(i64, String, ImageFacts), RegistryError> {
         let tagged = parse_reference(reference)?;
-        let image = Reference::with_digest(
-            tagged.registry().to_string(),
-            tagged.repository().to_string(),
-            digest.to_string(),
-        );
+        let image = by_digest(&tagged, digest);
         let client = self.client(reference)?;
         let auth = auth_of(creds);
         let (bytes, _) = client
@@ -768,11 +748,7 @@ impl RegistryClient {
             self.verify(tag, &digest, creds).await?;
         }
         let tagged = parse_reference(first)?;
-        let image = Reference::with_digest(
-            tagged.registry().to_string(),
-            tagged.repository().to_string(),
-            digest.clone(),
-        );
+        let image = by_digest(&tagged, &digest);
         let (served, _) = client
             .pull_manifest_raw(&image, &auth, &[crate::index::OCI_INDEX])
             .await
@@ -906,6 +882,15 @@ impl RegistryClient {
 
 /// Longest registry message kept in an error (and so in a status).
 pub const MAX_MESSAGE: usize = 300;
+
+/// The manifest `digest` in the repository of `image`.
+fn by_digest(image: &Reference, digest: &str) -> Reference {
+    Reference::with_digest(
+        image.registry().to_string(),
+        image.repository().to_string(),
+        digest.to_string(),
+    )
+}
 
 /// Parses a tag reference, refusing references that carry a digest.
 fn parse_reference(reference: &str) -> Result<Reference, RegistryError> {

@@ -4,6 +4,8 @@
 //! and reads it back. The pure parts (entries, annotations, checks) are in
 //! [`crate::index`]; here the registry and the Secret are read.
 
+use std::collections::BTreeMap;
+
 use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
 
@@ -11,7 +13,6 @@ use super::plan::IndexOutcome;
 use super::validate::BuildRequest;
 use crate::api::ImageBuild;
 use crate::index::{Child, ImageIndex, IndexMeta, assemble};
-use crate::platform::Platform;
 use crate::registry::{Credentials, RegistryClient, RegistryError, credentials_for};
 
 /// Label the executor writes into every platform image: its git source.
@@ -39,32 +40,19 @@ pub async fn push(
         Vec::new()
     };
     let registry = RegistryClient::new(insecure);
-    let mut read = Vec::with_capacity(children.len());
+    let mut entries = Vec::with_capacity(children.len());
+    let mut labels = Vec::with_capacity(children.len());
     for (platform, digest) in req.platforms.iter().zip(children) {
-        match registry
+        let (size, media_type, facts) = match registry
             .child_manifest(&reference, digest, creds.as_ref())
             .await
         {
-            Ok((size, media_type, facts)) => read.push((platform, digest, size, media_type, facts)),
+            Ok(read) => read,
             Err(e) => return outcome_of(format!("reading the {platform} manifest"), e),
-        }
-    }
-    let meta = IndexMeta {
-        build_id: ib.build_id(),
-        source: agreed(&read, LABEL_SOURCE),
-        revision: agreed(&read, LABEL_REVISION).or_else(|| {
-            ib.spec
-                .source
-                .git
-                .as_ref()
-                .and_then(|g| g.revision.clone())
-                .filter(|r| r.len() == 40 && r.bytes().all(|b| b.is_ascii_hexdigit()))
-        }),
-    };
-    let entries: Vec<Child> = read
-        .into_iter()
-        .map(|(platform, digest, size, media_type, facts)| Child {
-            platform: Platform::clone(platform),
+        };
+        labels.push(facts.labels);
+        entries.push(Child {
+            platform: platform.clone(),
             digest: digest.clone(),
             size,
             media_type,
@@ -74,8 +62,20 @@ pub async fn push(
             os_version: facts.os_version,
             os_features: facts.os_features,
             created: facts.created,
-        })
-        .collect();
+        });
+    }
+    let meta = IndexMeta {
+        build_id: ib.build_id(),
+        source: agreed(&labels, LABEL_SOURCE),
+        revision: agreed(&labels, LABEL_REVISION).or_else(|| {
+            ib.spec
+                .source
+                .git
+                .as_ref()
+                .and_then(|g| g.revision.clone())
+                .filter(|r| r.len() == 40 && r.bytes().all(|b| b.is_ascii_hexdigit()))
+        }),
+    };
     let index = match assemble(&entries, &meta) {
         Ok(i) => i,
         Err(e) => return IndexOutcome::Invalid(e.to_string()),
@@ -130,11 +130,8 @@ fn transient(message: String) -> IndexOutcome {
 }
 
 /// A label every platform image carries with the same value.
-fn agreed(
-    read: &[(&Platform, &String, i64, String, crate::registry::ImageFacts)],
-    label: &str,
-) -> Option<String> {
-    let mut values = read.iter().map(|r| r.4.labels.get(label));
+fn agreed(labels: &[BTreeMap<String, String>], label: &str) -> Option<String> {
+    let mut values = labels.iter().map(|l| l.get(label));
     let first = values.next()??;
     values.all(|v| v == Some(first)).then(|| first.clone())
 }

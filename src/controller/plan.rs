@@ -68,10 +68,15 @@ pub enum IndexOutcome {
 /// The platform digests of `status`, when every platform succeeded and an
 /// image index still has to be pushed for them.
 pub fn index_children(status: &ImageBuildStatus) -> Option<Vec<String>> {
-    if status.platforms.is_empty()
-        || status.image.is_some()
-        || status.phase.is_some_and(Phase::is_finished)
-    {
+    if status.image.is_some() || status.phase.is_some_and(Phase::is_finished) {
+        return None;
+    }
+    platform_digests(status)
+}
+
+/// The digest of every platform, when all of them succeeded.
+fn platform_digests(status: &ImageBuildStatus) -> Option<Vec<String>> {
+    if status.platforms.is_empty() {
         return None;
     }
     status
@@ -326,12 +331,7 @@ pub fn plan(obs: Observed<'_>, settings: &PodSettings) -> Plan {
         if !ib.spec.cancel && old.phase == Some(Phase::Failed) {
             let retried = retry_failed(&mut status, &req, obs.now);
             let message = match retried.as_slice() {
-                [] if index_children(&ImageBuildStatus {
-                    phase: None,
-                    ..status.clone()
-                })
-                .is_some() =>
-                {
+                [] if platform_digests(&status).is_some() => {
                     // Every platform has its digest: only the index failed.
                     status.phase = Some(Phase::Building);
                     status.start_time = Some(time(obs.now));
@@ -386,7 +386,7 @@ pub fn plan(obs: Observed<'_>, settings: &PodSettings) -> Plan {
             reason = "Cancelled".into();
         } else if elapsed >= req.timeout
             && !matches!(obs.index, Some(IndexOutcome::Pushed { children, .. })
-                if Some(children) == index_children(&status).as_ref())
+                if Some(children) == platform_digests(&status).as_ref())
         {
             // (An index pushed for exactly these platforms is the build's
             // result even when the clock ran out meanwhile: the tags
@@ -451,10 +451,7 @@ pub fn plan(obs: Observed<'_>, settings: &PodSettings) -> Plan {
     if phase == Phase::Succeeded && status.image.is_none() {
         if req.index {
             // Every platform is pushed by digest: their index makes the image.
-            let children = index_children(&ImageBuildStatus {
-                phase: None,
-                ..status.clone()
-            });
+            let children = platform_digests(&status);
             match obs.index {
                 Some(IndexOutcome::Pushed {
                     digest,

@@ -511,6 +511,16 @@ spec:
     )
 }
 
+/// The synthetic Windows base image of OS build `build` (`10.0.20348`):
+/// its full `os.version` and its reference in the test registry.
+pub fn windows_base(info: &EnvInfo, build: &str) -> (String, String) {
+    info.windows_bases
+        .iter()
+        .find(|(v, _)| v.starts_with(&format!("{build}.")))
+        .map(|(v, r)| (v.clone(), r.clone()))
+        .unwrap_or_else(|| panic!("no synthetic Windows base of build {build}"))
+}
+
 /// A minimal inline ImageBuild manifest.
 pub fn manifest(name: &str, platforms: &[&str], extra: &str) -> String {
     format!(

@@ -133,26 +133,14 @@ async fn finished(env: &TestEnv, name: &str, not_build: Option<&str>) -> ImageBu
 }
 
 fn inline(name: &str, registry: &str, platforms: &str, extra: &str) -> String {
-    format!(
-        r#"apiVersion: build.tripod.dev/v1alpha1
-kind: ImageBuild
-metadata:
-  name: {name}
-spec:
-  source:
-    inline:
-      dockerfile: |
-        ARG BASE=scratch
-        FROM ${{BASE}}
-        COPY hello.txt /hello.txt
-      files:
-        hello.txt: "one index, many platforms"
-  platforms: [{platforms}]
-  output:
-    image: {registry}/team/{name}:1
-    insecure: true
-{extra}"#
-    )
+    crate::common::inline_build(crate::common::InlineBuild {
+        name,
+        registry,
+        dockerfile: "ARG BASE=scratch\nFROM ${BASE}\nCOPY hello.txt /hello.txt\n",
+        platforms,
+        hello: "one index, many platforms",
+        extra,
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -160,12 +148,7 @@ async fn four_operating_systems_join_one_index_that_an_independent_client_resolv
     let mut env = TestEnv::new("index-four").await;
     let registry = env.shared.registry.clone().expect("registry");
     let info = env.shared.info.clone();
-    let (win_version, win_base) = info
-        .windows_bases
-        .iter()
-        .find(|(v, _)| v.starts_with("10.0.20348."))
-        .map(|(v, r)| (v.clone(), r.clone()))
-        .expect("the synthetic ltsc2022 base");
+    let (win_version, win_base) = crate::common::windows_base(&info, "10.0.20348");
     let arm_base = info
         .busybox_arm64_image
         .clone()
@@ -315,27 +298,13 @@ async fn windows_builds_race_to_one_index_without_overwriting_each_other() {
     let mut env = TestEnv::new("index-race").await;
     let registry = env.shared.registry.clone().expect("registry");
     let info = env.shared.info.clone();
-    let base = |prefix: &str| {
-        info.windows_bases
-            .iter()
-            .find(|(v, _)| v.starts_with(prefix))
-            .map(|(v, r)| (v.clone(), r.clone()))
-            .expect("a synthetic Windows base")
-    };
-    let (_, b2019) = base("10.0.17763.");
-    let (_, b2022) = base("10.0.20348.");
+    let (_, b2019) = crate::common::windows_base(&info, "10.0.17763");
+    let (_, b2022) = crate::common::windows_base(&info, "10.0.20348");
     let port = crate::common::free_port();
     env.start_controller_on("c1", port);
     let mut runners = Runners::new(&env);
-    let bk = runners.register(
-        "bk",
-        "os: linux, arch: amd64, capacity: 2, windowsArchs: [amd64]",
-    );
-    let mut opts = runners.options(&bk, port);
-    opts.buildkit = info.buildkit.clone();
-    runners.start(opts).await;
     runners
-        .wait_phase(&bk, RunnerPhase::Online, Duration::from_secs(60))
+        .start_buildkit(port, info.buildkit.clone().expect("buildkitd"))
         .await;
 
     // Two platforms of one build on one runner of capacity 2: they run
@@ -432,24 +401,12 @@ async fn a_failed_platform_keeps_the_index_back_and_is_retried_alone() {
     let mut env = TestEnv::new("index-retry").await;
     let registry = env.shared.registry.clone().expect("registry");
     let info = env.shared.info.clone();
-    let (_, win_base) = info
-        .windows_bases
-        .iter()
-        .find(|(v, _)| v.starts_with("10.0.20348."))
-        .map(|(v, r)| (v.clone(), r.clone()))
-        .expect("the synthetic ltsc2022 base");
+    let (_, win_base) = crate::common::windows_base(&info, "10.0.20348");
     let port = crate::common::free_port();
     env.start_controller_on("c1", port);
     let mut runners = Runners::new(&env);
-    let bk = runners.register(
-        "bk",
-        "os: linux, arch: amd64, capacity: 2, windowsArchs: [amd64]",
-    );
-    let mut opts = runners.options(&bk, port);
-    opts.buildkit = info.buildkit.clone();
-    runners.start(opts).await;
     runners
-        .wait_phase(&bk, RunnerPhase::Online, Duration::from_secs(60))
+        .start_buildkit(port, info.buildkit.clone().expect("buildkitd"))
         .await;
 
     // The Windows base is not published yet: that platform fails, the
@@ -546,24 +503,12 @@ async fn index_always_indexes_one_platform_and_fail_fast_stops_the_others() {
     let mut env = TestEnv::new("index-always").await;
     let registry = env.shared.registry.clone().expect("registry");
     let info = env.shared.info.clone();
-    let (_, win_base) = info
-        .windows_bases
-        .iter()
-        .find(|(v, _)| v.starts_with("10.0.20348."))
-        .map(|(v, r)| (v.clone(), r.clone()))
-        .expect("the synthetic ltsc2022 base");
+    let (_, win_base) = crate::common::windows_base(&info, "10.0.20348");
     let port = crate::common::free_port();
     env.start_controller_on("c1", port);
     let mut runners = Runners::new(&env);
-    let bk = runners.register(
-        "bk",
-        "os: linux, arch: amd64, capacity: 2, windowsArchs: [amd64]",
-    );
-    let mut opts = runners.options(&bk, port);
-    opts.buildkit = info.buildkit.clone();
-    runners.start(opts).await;
     runners
-        .wait_phase(&bk, RunnerPhase::Online, Duration::from_secs(60))
+        .start_buildkit(port, info.buildkit.clone().expect("buildkitd"))
         .await;
 
     // One platform, `output.index: Always`: an index of one entry.

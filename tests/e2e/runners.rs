@@ -80,6 +80,26 @@ impl<'a> Runners<'a> {
         self.procs.len() - 1
     }
 
+    /// Registers and starts `bk`, a Linux runner (capacity 2) whose
+    /// BuildKit daemon `buildkit` builds Linux images and COPY-only Windows
+    /// ones (`windowsArchs: [amd64]`), and waits until it is Online.
+    pub(crate) async fn start_buildkit(
+        &mut self,
+        executor_port: u16,
+        buildkit: tripod_harness::runner::BuildkitRef,
+    ) -> String {
+        let bk = self.register(
+            "bk",
+            "os: linux, arch: amd64, capacity: 2, windowsArchs: [amd64]",
+        );
+        let mut opts = self.options(&bk, executor_port);
+        opts.buildkit = Some(buildkit);
+        self.start(opts).await;
+        self.wait_phase(&bk, RunnerPhase::Online, Duration::from_secs(60))
+            .await;
+        bk
+    }
+
     fn api(&self) -> Api<BuildRunner> {
         Api::all(self.env.client.clone())
     }
@@ -803,25 +823,11 @@ async fn buildkit_runner_builds_linux_inline_and_git_and_windows_copy_only() {
     let registry = env.shared.registry.clone().expect("registry");
     let info = env.shared.info.clone();
     let buildkit = info.buildkit.clone().expect("the environment's buildkitd");
-    let (win_version, win_base) = info
-        .windows_bases
-        .iter()
-        .find(|(v, _)| v.starts_with("10.0.20348."))
-        .map(|(v, r)| (v.clone(), r.clone()))
-        .expect("the synthetic ltsc2022 base");
+    let (win_version, win_base) = crate::common::windows_base(&info, "10.0.20348");
     let port = crate::common::free_port();
     env.start_controller_on("c1", port);
     let mut runners = Runners::new(&env);
-    let bk = runners.register(
-        "bk",
-        "os: linux, arch: amd64, capacity: 2, windowsArchs: [amd64]",
-    );
-    let mut opts = runners.options(&bk, port);
-    opts.buildkit = Some(buildkit);
-    runners.start(opts).await;
-    runners
-        .wait_phase(&bk, RunnerPhase::Online, Duration::from_secs(60))
-        .await;
+    let bk = runners.start_buildkit(port, buildkit).await;
 
     // Linux with BuildKit, chosen per build: RUN runs (runc, OCI worker).
     env.apply(&build(

@@ -12,7 +12,7 @@ use kube::ResourceExt;
 use tripod::api::Phase;
 use tripod_harness::kwok::{WINDOWS_2019_AMD64, WINDOWS_AMD64};
 
-use crate::common::{InlineBuild, TestEnv, eventually, inline_build};
+use crate::common::{InlineBuild, TestEnv, eventually, inline_build, windows_base};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -32,16 +32,8 @@ async fn windows_pods_go_to_nodes_of_their_base_images_os_build() {
     let mut env = TestEnv::new("windows").await;
     env.start_controller("c1");
     let registry = env.shared.registry.clone().expect("registry");
-    let bases = env.shared.info.windows_bases.clone();
-    let base = |prefix: &str| {
-        bases
-            .iter()
-            .find(|(v, _)| v.starts_with(prefix))
-            .map(|(v, r)| (v.clone(), r.clone()))
-            .expect("a synthetic Windows base")
-    };
-    let (v2022, base2022) = base("10.0.20348.");
-    let (v2019, base2019) = base("10.0.17763.");
+    let (v2022, base2022) = windows_base(&env.shared.info, "10.0.20348");
+    let (v2019, base2019) = windows_base(&env.shared.info, "10.0.17763");
 
     env.apply(&windows_build("win22", &registry, &base2022, ""));
     env.apply(&windows_build("win19", &registry, &base2019, ""));
@@ -135,15 +127,8 @@ async fn one_build_puts_each_windows_os_build_on_a_node_of_that_build() {
     let mut env = TestEnv::new("windows-builds").await;
     env.start_controller("c1");
     let registry = env.shared.registry.clone().expect("registry");
-    let bases = env.shared.info.windows_bases.clone();
-    let base = |prefix: &str| {
-        bases
-            .iter()
-            .find(|(v, _)| v.starts_with(prefix))
-            .map(|(_, r)| r.clone())
-            .expect("a synthetic Windows base")
-    };
-    let (base2019, base2022) = (base("10.0.17763."), base("10.0.20348."));
+    let (_, base2019) = windows_base(&env.shared.info, "10.0.17763");
+    let (_, base2022) = windows_base(&env.shared.info, "10.0.20348");
     let manifest = |name: &str, base_of_2019: &str| {
         inline_build(InlineBuild {
             name,
