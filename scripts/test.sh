@@ -47,6 +47,8 @@ bash testenv/node.sh >/dev/null
 bash testenv/helm.sh >/dev/null
 # crane, the independent registry client the index tests read with.
 bash testenv/crane.sh >/dev/null
+step "CoreDNS (~2 minutes the first time)"
+bash testenv/coredns.sh >/dev/null
 step "BuildKit: buildkitd and buildctl (~2 minutes the first time)"
 bash testenv/buildkit.sh >/dev/null
 # tripod.exe and BuildKit's Windows binaries, run under Wine by

@@ -30,8 +30,12 @@ pub enum HttpError {
 /// What the endpoints report on.
 #[derive(Clone)]
 pub struct Health {
-    /// True once this replica leads and its watches have synced.
-    pub ready: Arc<AtomicBool>,
+    /// True while this replica leads (or stops leading: it is then not
+    /// ready until it exits).
+    pub leading: Arc<AtomicBool>,
+    /// True once the leader's watches have synced (false again while it
+    /// stops).
+    pub synced: Arc<AtomicBool>,
     /// The metrics to expose.
     pub metrics: Metrics,
 }
@@ -55,14 +59,20 @@ async fn healthz() -> &'static str {
     "ok\n"
 }
 
+/// Ready: a standby (ready to take over), or the leader once its watches
+/// have synced. Not ready: a leader still loading its caches or stopping.
+/// Which replica leads is in the Lease and the metric `tripod_leader`.
 async fn readyz(State(h): State<Health>) -> (StatusCode, &'static str) {
-    if h.ready.load(Ordering::SeqCst) {
-        (StatusCode::OK, "ok\n")
-    } else {
-        (
+    match (
+        h.leading.load(Ordering::SeqCst),
+        h.synced.load(Ordering::SeqCst),
+    ) {
+        (false, _) => (StatusCode::OK, "ok: standing by\n"),
+        (true, true) => (StatusCode::OK, "ok: leading\n"),
+        (true, false) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: standing by or watches not synced\n",
-        )
+            "not ready: leading, watches not synced (or stopping)\n",
+        ),
     }
 }
 

@@ -3,8 +3,8 @@
 //! `phase` ∈ Online|Offline|Draining.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Errors registering or encoding metrics.
@@ -34,6 +34,8 @@ pub struct Metrics {
     pub reconcile_errors: IntCounter,
     /// BuildRunners by phase.
     pub runners: IntGaugeVec,
+    /// 1 while this replica leads, else 0.
+    pub leader: IntGauge,
 }
 
 impl Metrics {
@@ -81,6 +83,11 @@ impl Metrics {
             Opts::new("tripod_runners", "BuildRunners by phase."),
             &["phase"],
         )?;
+        let leader = IntGauge::new(
+            "tripod_leader",
+            "1 while this replica holds the leader Lease, else 0.",
+        )?;
+        registry.register(Box::new(leader.clone()))?;
         registry.register(Box::new(builds_total.clone()))?;
         registry.register(Box::new(build_duration.clone()))?;
         registry.register(Box::new(queue_depth.clone()))?;
@@ -98,6 +105,7 @@ impl Metrics {
             builds_total,
             build_duration,
             queue_depth,
+            leader,
             reconcile_duration,
             reconcile_errors,
             runners,

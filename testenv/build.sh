@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Compiles the Kubernetes binaries Tripod's tests and `tripod dev` use
 # (etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, and
-# the real node's kubelet)
+# the real node's kubelet and kube-proxy)
 # from the Go modules pinned in this directory, into
 #   ${TRIPOD_CACHE:-~/.cache/tripod}/testenv/<k8s version>/bin
 # A second run finds the binaries and returns at once. Prints the bin dir.
@@ -14,7 +14,7 @@ bin="$cache/bin"
 stamp="$cache/.stamp"
 want="$(cat "$here/go.mod" "$here/go.sum" "$here/build.sh" | sha256sum | cut -c1-16)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
-  for b in etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet; do
+  for b in etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy; do
     [ -x "$bin/$b" ] || { rm -f "$stamp"; break; }
   done
   [ -f "$stamp" ] && { echo "$bin"; exit 0; }
@@ -25,14 +25,14 @@ minor="${kver#v1.}"; minor="${minor%%.*}"
 V=k8s.io/component-base/version
 ldf="-s -w -X $V.gitVersion=$kver -X $V.gitMajor=1 -X $V.gitMinor=$minor -X $V.gitTreeState=clean"
 start=$(date +%s)
-echo "building Kubernetes $kver (control plane and kubelet) into $bin (first time only, ~7 minutes on 2 cores)" >&2
+echo "building Kubernetes $kver (control plane, kubelet, kube-proxy) into $bin (first time only, ~7 minutes on 2 cores)" >&2
 (
   cd "$here"
   export CGO_ENABLED=0 GOFLAGS=-mod=mod
   go build -p "$(nproc)" -trimpath -ldflags "$ldf" -o "$bin.tmp/" \
     k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
     k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl \
-    k8s.io/kubernetes/cmd/kubelet
+    k8s.io/kubernetes/cmd/kubelet k8s.io/kubernetes/cmd/kube-proxy
   go build -trimpath -ldflags "-s -w" -o "$bin.tmp/etcd" go.etcd.io/etcd/server/v3
 ) >&2
 rm -rf "$bin"; mv "$bin.tmp" "$bin"

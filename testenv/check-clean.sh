@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # After the tests: waits (up to 3 minutes) for every Tripod node of this
 # machine to finish its teardown, then fails if anything of one is left:
-# processes (kubelet, containerd, shims, kwok), mounts (network namespaces
+# processes (kubelet, containerd, shims, kwok, kube-proxy, CoreDNS), mounts (network namespaces
 # among them), the bridge, blackhole routes, iptables and ip6tables rules or
 # chains, cgroups, and — given the file `check-clean.sh --sysctls` wrote
 # before the tests — changed sysctls.
 #   check-clean.sh --sysctls FILE   records the sysctls a node changes
 #   check-clean.sh [FILE]           checks (and compares with FILE)
 set -uo pipefail
-sysctls="kernel/panic kernel/panic_on_oops kernel/keys/root_maxkeys kernel/keys/root_maxbytes vm/overcommit_memory vm/panic_on_oom net/ipv4/ip_forward"
+sysctls="kernel/panic kernel/panic_on_oops kernel/keys/root_maxkeys kernel/keys/root_maxbytes vm/overcommit_memory vm/panic_on_oom net/ipv4/ip_forward net/bridge/bridge-nf-call-iptables net/ipv4/conf/all/route_localnet"
 if [ "${1:-}" = --sysctls ]; then
   for s in $sysctls; do echo "$s $(cat /proc/sys/$s)"; done > "$2"
   exit 0
@@ -20,7 +20,7 @@ while [ -e /run/tripod-node/host.json ] || pgrep -f "/run/tripod-node|tripod-dev
   sleep 1
 done
 left=()
-pgrep -af '/run/tripod-node|tripod-dev serve|cache/tripod/node/.*/bin/(kwok|containerd)' >/tmp/tripod-left.$$ && left+=("processes: $(tr '\n' ';' </tmp/tripod-left.$$)")
+pgrep -af '/run/tripod-node|tripod-dev serve|cache/tripod/node/.*/bin/(kwok|containerd)|bin/kube-proxy|tools/coredns-' >/tmp/tripod-left.$$ && left+=("processes: $(tr '\n' ';' </tmp/tripod-left.$$)")
 rm -f /tmp/tripod-left.$$
 m=$(grep -c -e /run/tripod-node -e '/node/kubelet' -e '/node/containerd' /proc/self/mountinfo)
 [ "$m" = 0 ] || left+=("$m mounts under the node's directories")

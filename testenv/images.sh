@@ -6,6 +6,8 @@
 #                            ${TRIPOD_CACHE:-~/.cache/tripod}/images/build-storage:
 #                              localhost/tripod-buildd:src-<hash>  the Dockerfile's `buildd`
 #                                target (base images from testenv/base-images.sh)
+#                              localhost/tripod-controller:src-<hash>  its `controller`
+#                                target (the chart's image)
 #                              localhost/tripod-pause:1            a static pause program
 #                              localhost/tripod-busybox:1          Debian's busybox-static
 #                              localhost/tripod-busybox:1-arm64    the same for arm64
@@ -14,6 +16,7 @@
 #                                synthetic Windows base images (see windows_image)
 #   images.sh push REGISTRY  pushes them (plain HTTP) as
 #                              REGISTRY/tripod/buildd:src-<hash>
+#                              REGISTRY/tripod/controller:src-<hash>
 #                              REGISTRY/tripod/pause:1
 #                              REGISTRY/base/busybox:1
 #                              REGISTRY/base/busybox:1-arm64
@@ -35,7 +38,9 @@ src_hash() {
   (cd "$repo" && find Dockerfile Cargo.toml Cargo.lock build.rs harness/Cargo.toml proto src -type f -print0 \
      | sort -z | xargs -0 sha256sum) | sha256sum | cut -c1-16
 }
-buildd_tag="localhost/tripod-buildd:src-$(src_hash)"
+hash="$(src_hash)"
+buildd_tag="localhost/tripod-buildd:src-$hash"
+controller_tag="localhost/tripod-controller:src-$hash"
 pause_tag="localhost/tripod-pause:$(sha256sum "$here/pause.c" | cut -c1-12)"
 busybox_tag="localhost/tripod-busybox:1"
 busybox_arm64_tag="localhost/tripod-busybox:1-arm64"
@@ -119,9 +124,9 @@ build() {
     arm64="$(bash "$here/emulation.sh")"
     busybox_image "$busybox_arm64_tag" "$arm64" arm64 --variant v8
   fi
-  if ! have "$buildd_tag"; then
+  if ! have "$buildd_tag" || ! have "$controller_tag"; then
     start=$(date +%s)
-    echo "images.sh: building the Dockerfile's buildd target as $buildd_tag (compiles Tripod in release mode: minutes)" >&2
+    echo "images.sh: building the Dockerfile's buildd and controller targets as $buildd_tag, $controller_tag (compiles Tripod in release mode: minutes)" >&2
     data="$(bash "$here/base-images.sh")"
     port=""
     for _ in $(seq 50); do
@@ -144,8 +149,12 @@ build() {
     b rm --all >/dev/null 2>&1 || true
     CONTAINERS_REGISTRIES_CONF="$tmp/registries.conf" \
       b bud --layers --isolation chroot --target buildd -t "$buildd_tag" -f "$repo/Dockerfile" "$repo" >&2
-    # Older source versions of the image: no longer wanted.
-    for old in $(b images --format '{{.Name}}:{{.Tag}}' | grep '^localhost/tripod-buildd:src-' | grep -vxF "$buildd_tag" || true); do
+    # The same `build` stage, from the layer cache.
+    CONTAINERS_REGISTRIES_CONF="$tmp/registries.conf" \
+      b bud --layers --isolation chroot --target controller -t "$controller_tag" -f "$repo/Dockerfile" "$repo" >&2
+    # Older source versions of the images: no longer wanted.
+    for old in $(b images --format '{{.Name}}:{{.Tag}}' | grep -E '^localhost/tripod-(buildd|controller):src-' \
+                 | grep -vxF -e "$buildd_tag" -e "$controller_tag" || true); do
       b rmi "$old" >/dev/null 2>&1 || true
     done
     echo "images.sh: built in $(( $(date +%s) - start ))s" >&2
@@ -156,6 +165,7 @@ push() {
   registry="$1"
   build
   for pair in "buildd=$buildd_tag=tripod/buildd:${buildd_tag##*:}" \
+              "controller=$controller_tag=tripod/controller:${controller_tag##*:}" \
               "pause=$pause_tag=tripod/pause:1" \
               "busybox=$busybox_tag=base/busybox:1" \
               "busybox_arm64=$busybox_arm64_tag=base/busybox:1-arm64" \

@@ -1,6 +1,6 @@
 //go:build tools
 
-// Package testenv pins the Kubernetes binaries (control plane and kubelet) Tripod's tests
+// Package testenv pins the Kubernetes binaries (control plane, kubelet and kube-proxy) Tripod's tests
 // and `tripod dev` run. build.sh compiles them into ~/.cache/tripod/testenv.
 package testenv
 
@@ -11,4 +11,5 @@ import (
 	_ "k8s.io/kubernetes/cmd/kube-scheduler"
 	_ "k8s.io/kubernetes/cmd/kubectl"
 	_ "k8s.io/kubernetes/cmd/kubelet"
+	_ "k8s.io/kubernetes/cmd/kube-proxy"
 )

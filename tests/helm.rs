@@ -253,6 +253,7 @@ async fn chart_lints_installs_upgrades_and_uninstalls() {
     let mut cp = ControlPlane::start(Options {
         dir: dir.clone(),
         bin_dir,
+        pod_address: None,
     })
     .await
     .unwrap_or_else(|e| panic!("{e}"));

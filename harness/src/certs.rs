@@ -18,6 +18,10 @@ use crate::node::{NODE_IP, NODE_NAME};
 pub const ADMIN_USER: &str = "tripod-admin";
 /// Organization (group) of the admin client certificate: cluster-admin.
 pub const ADMIN_GROUP: &str = "system:masters";
+/// kube-proxy's user name (the bootstrap policy binds it).
+pub const KUBE_PROXY_USER: &str = "system:kube-proxy";
+/// CoreDNS's user name.
+pub const COREDNS_USER: &str = "tripod-testenv:coredns";
 
 /// Paths of the certificate and key files [`ControlPlane::start`](super::ControlPlane::start)
 /// writes under `<dir>/pki`.
@@ -45,6 +49,16 @@ pub struct Pki {
     pub node_cert: PathBuf,
     /// Its key.
     pub node_key: PathBuf,
+    /// kube-proxy's client certificate, `CN=system:kube-proxy` (bound to
+    /// `system:node-proxier` by the API server's bootstrap policy).
+    pub kube_proxy_cert: PathBuf,
+    /// Its key.
+    pub kube_proxy_key: PathBuf,
+    /// CoreDNS's client certificate, `CN=tripod-testenv:coredns` (the
+    /// harness binds it to a read-only ClusterRole).
+    pub coredns_cert: PathBuf,
+    /// Its key.
+    pub coredns_key: PathBuf,
     /// The kubelet's serving certificate (SAN: the node IP), checked by the
     /// API server against the CA.
     pub kubelet_serving_cert: PathBuf,
@@ -72,6 +86,10 @@ pub fn generate(dir: &Path) -> Result<Pki, Error> {
         kubelet_client_key: dir.join("apiserver-kubelet-client.key"),
         node_cert: dir.join("node.crt"),
         node_key: dir.join("node.key"),
+        kube_proxy_cert: dir.join("kube-proxy.crt"),
+        kube_proxy_key: dir.join("kube-proxy.key"),
+        coredns_cert: dir.join("coredns.crt"),
+        coredns_key: dir.join("coredns.key"),
         kubelet_serving_cert: dir.join("kubelet.crt"),
         kubelet_serving_key: dir.join("kubelet.key"),
         sa_key: dir.join("sa.key"),
@@ -110,6 +128,10 @@ pub fn generate(dir: &Path) -> Result<Pki, Error> {
     params
         .subject_alt_names
         .push(SanType::IpAddress(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1))));
+    // The node address, where Pods reach it (`Options::pod_address`).
+    params
+        .subject_alt_names
+        .push(SanType::IpAddress(IpAddr::V4(NODE_IP)));
     params
         .distinguished_name
         .push(DnType::CommonName, "kube-apiserver");
@@ -142,12 +164,26 @@ pub fn generate(dir: &Path) -> Result<Pki, Error> {
             &pki.node_cert,
             &pki.node_key,
         ),
+        (
+            KUBE_PROXY_USER.to_string(),
+            "",
+            &pki.kube_proxy_cert,
+            &pki.kube_proxy_key,
+        ),
+        (
+            COREDNS_USER.to_string(),
+            "",
+            &pki.coredns_cert,
+            &pki.coredns_key,
+        ),
     ] {
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         params.distinguished_name.push(DnType::CommonName, cn);
-        params
-            .distinguished_name
-            .push(DnType::OrganizationName, org);
+        if !org.is_empty() {
+            params
+                .distinguished_name
+                .push(DnType::OrganizationName, org);
+        }
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         params.use_authority_key_identifier_extension = true;

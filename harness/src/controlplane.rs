@@ -81,6 +81,14 @@ pub struct Options {
     /// `kube-controller-manager`, `kube-scheduler` and `kubectl`, as
     /// returned by [`ensure_binaries`].
     pub bin_dir: PathBuf,
+    /// Pods reach the API server here (the node address on the harness's
+    /// bridge, which must exist): kube-apiserver listens and advertises on
+    /// it, so the `kubernetes` Service gets this endpoint, ServiceAccount
+    /// admission mounts tokens, and kube-controller-manager also runs the
+    /// workload controllers (Deployment, ReplicaSet, DaemonSet), the
+    /// EndpointSlice, disruption (PodDisruptionBudget) and root-CA
+    /// publisher controllers. `None`: loopback only, no Pods expected.
+    pub pod_address: Option<std::net::Ipv4Addr>,
 }
 
 /// Builds the control-plane binaries if needed by running
@@ -129,6 +137,7 @@ pub struct ControlPlane {
     dir: PathBuf,
     bin_dir: PathBuf,
     kubeconfig: PathBuf,
+    api_host: std::net::Ipv4Addr,
     api_port: u16,
     pki: Pki,
     /// In start order.
@@ -175,12 +184,14 @@ impl ControlPlane {
         let pki = certs::generate(&dir.join("pki"))?;
         let ports = free_ports()?;
         let kubeconfig = dir.join("kubeconfig");
-        write_kubeconfig(&kubeconfig, ports.apiserver, &pki)?;
+        let api_host = opts.pod_address.unwrap_or(std::net::Ipv4Addr::LOCALHOST);
+        write_kubeconfig(&kubeconfig, api_host, ports.apiserver, &pki)?;
 
         let mut cp = ControlPlane {
             dir,
             bin_dir,
             kubeconfig,
+            api_host,
             api_port: ports.apiserver,
             pki: pki.clone(),
             components: Vec::new(),
@@ -209,44 +220,49 @@ impl ControlPlane {
 
         let api_url = cp.api_url();
         let p = |path: &Path| path.display().to_string();
-        cp.spawn(
-            "kube-apiserver",
+        let mut apiserver_args = if opts.pod_address.is_some() {
+            // Pods reach the `kubernetes` Service (the lease endpoint
+            // reconciler writes its endpoint) and get ServiceAccount tokens.
+            vec!["--disable-admission-plugins=TaintNodesByCondition".to_string()]
+        } else {
+            // The endpoint reconciler rejects loopback advertise addresses;
+            // no Pod runs to reach the Service, nor needs a token.
             vec![
-                format!("--etcd-servers={etcd_url}"),
-                "--bind-address=127.0.0.1".into(),
-                "--advertise-address=127.0.0.1".into(),
-                // The endpoint reconciler rejects loopback advertise
-                // addresses; nothing in the cluster reaches the `kubernetes`
-                // Service anyway (no Pod runs).
-                "--endpoint-reconciler-type=none".into(),
-                format!("--secure-port={}", ports.apiserver),
-                format!(
-                    "--cert-dir={}",
-                    cp.dir.join("pki").join("apiserver").display()
-                ),
-                format!("--tls-cert-file={}", p(&pki.apiserver_cert)),
-                format!("--tls-private-key-file={}", p(&pki.apiserver_key)),
-                format!("--client-ca-file={}", p(&pki.ca_cert)),
-                "--authorization-mode=Node,RBAC".into(),
-                "--enable-admission-plugins=NodeRestriction".into(),
-                // kubectl logs/exec: dial kubelets at their node IP (no
-                // /etc/hosts entry), as a client the kubelet authenticates,
-                // and check their serving certificates.
-                "--kubelet-preferred-address-types=InternalIP".into(),
-                format!(
-                    "--kubelet-client-certificate={}",
-                    p(&pki.kubelet_client_cert)
-                ),
-                format!("--kubelet-client-key={}", p(&pki.kubelet_client_key)),
-                format!("--kubelet-certificate-authority={}", p(&pki.ca_cert)),
-                format!("--service-cluster-ip-range={SERVICE_CIDR}"),
-                "--allow-privileged=true".into(),
-                "--disable-admission-plugins=ServiceAccount,TaintNodesByCondition".into(),
-                format!("--service-account-issuer={api_url}"),
-                format!("--service-account-key-file={}", p(&pki.sa_pub)),
-                format!("--service-account-signing-key-file={}", p(&pki.sa_key)),
-            ],
-        )?;
+                "--endpoint-reconciler-type=none".to_string(),
+                "--disable-admission-plugins=ServiceAccount,TaintNodesByCondition".to_string(),
+            ]
+        };
+        apiserver_args.extend([
+            format!("--etcd-servers={etcd_url}"),
+            format!("--bind-address={api_host}"),
+            format!("--advertise-address={api_host}"),
+            format!("--secure-port={}", ports.apiserver),
+            format!(
+                "--cert-dir={}",
+                cp.dir.join("pki").join("apiserver").display()
+            ),
+            format!("--tls-cert-file={}", p(&pki.apiserver_cert)),
+            format!("--tls-private-key-file={}", p(&pki.apiserver_key)),
+            format!("--client-ca-file={}", p(&pki.ca_cert)),
+            "--authorization-mode=Node,RBAC".into(),
+            "--enable-admission-plugins=NodeRestriction".into(),
+            // kubectl logs/exec: dial kubelets at their node IP (no
+            // /etc/hosts entry), as a client the kubelet authenticates,
+            // and check their serving certificates.
+            "--kubelet-preferred-address-types=InternalIP".into(),
+            format!(
+                "--kubelet-client-certificate={}",
+                p(&pki.kubelet_client_cert)
+            ),
+            format!("--kubelet-client-key={}", p(&pki.kubelet_client_key)),
+            format!("--kubelet-certificate-authority={}", p(&pki.ca_cert)),
+            format!("--service-cluster-ip-range={SERVICE_CIDR}"),
+            "--allow-privileged=true".into(),
+            format!("--service-account-issuer={api_url}"),
+            format!("--service-account-key-file={}", p(&pki.sa_pub)),
+            format!("--service-account-signing-key-file={}", p(&pki.sa_key)),
+        ]);
+        cp.spawn("kube-apiserver", apiserver_args)?;
         let client = cp.client().await?;
         cp.wait_ready(1, APISERVER_TIMEOUT, || get_ok(client.clone(), "readyz"))
             .await?;
@@ -273,9 +289,18 @@ impl ControlPlane {
             ]
         };
         let mut kcm_args = component_args("kube-controller-manager", ports.controller_manager);
+        let controllers = if opts.pod_address.is_some() {
+            "garbage-collector-controller,namespace-controller,serviceaccount-controller,\
+             deployment-controller,replicaset-controller,daemonset-controller,\
+             endpointslice-controller,disruption-controller,\
+             root-ca-certificate-publisher-controller"
+        } else {
+            "garbage-collector-controller,namespace-controller,serviceaccount-controller"
+        };
         kcm_args.extend([
-            "--controllers=garbage-collector-controller,namespace-controller,serviceaccount-controller".into(),
+            format!("--controllers={controllers}"),
             "--use-service-account-credentials=false".into(),
+            format!("--root-ca-file={}", p(&pki.ca_cert)),
         ]);
         let sched_args = component_args("kube-scheduler", ports.scheduler);
         cp.spawn("kube-controller-manager", kcm_args)?;
@@ -329,9 +354,9 @@ impl ControlPlane {
         self.dir.join("logs").join(format!("{name}.log"))
     }
 
-    /// The API server's URL, `https://127.0.0.1:<port>`.
+    /// The API server's URL, `https://<127.0.0.1 or the Pod address>:<port>`.
     pub fn api_url(&self) -> String {
-        format!("https://127.0.0.1:{}", self.api_port)
+        format!("https://{}:{}", self.api_host, self.api_port)
     }
 
     /// A cluster-admin client built from [`ControlPlane::kubeconfig`].
@@ -356,6 +381,16 @@ impl ControlPlane {
     /// `kill` command), up to 10 s to exit, then `SIGKILL`. Idempotent.
     pub async fn stop(&mut self) {
         while let Some(mut component) = self.components.pop() {
+            terminate(&mut component).await;
+        }
+    }
+
+    /// Stops one component (e.g. `kube-controller-manager` before the
+    /// node's Pods are deleted, so that no workload controller recreates
+    /// them); [`ControlPlane::restart_exited`] no longer restarts it.
+    pub async fn stop_component(&mut self, name: &str) {
+        if let Some(i) = self.components.iter().position(|c| c.name == name) {
+            let mut component = self.components.remove(i);
             terminate(&mut component).await;
         }
     }
@@ -559,7 +594,12 @@ fn free_ports() -> Result<Ports, Error> {
 }
 
 /// Writes the admin kubeconfig, referring to the PKI files by path.
-fn write_kubeconfig(path: &Path, api_port: u16, pki: &Pki) -> Result<(), Error> {
+fn write_kubeconfig(
+    path: &Path,
+    api_host: std::net::Ipv4Addr,
+    api_port: u16,
+    pki: &Pki,
+) -> Result<(), Error> {
     // JSON strings are YAML strings: this quotes any path safely.
     let q = |p: &Path| serde_json::Value::String(p.display().to_string()).to_string();
     let text = format!(
@@ -568,7 +608,7 @@ kind: Config
 clusters:
 - name: tripod-testenv
   cluster:
-    server: https://127.0.0.1:{api_port}
+    server: https://{api_host}:{api_port}
     certificate-authority: {ca}
 users:
 - name: {ADMIN_USER}
@@ -669,6 +709,7 @@ mod tests {
         let err = ControlPlane::start(Options {
             dir: dir.clone(),
             bin_dir: PathBuf::from("/nonexistent/tripod-bin"),
+            pod_address: None,
         })
         .await
         .unwrap_err();

@@ -41,6 +41,12 @@ pub enum DevCommand {
         /// Do not build the example.
         #[arg(long)]
         no_example: bool,
+        /// Run the controller as a cluster runs it: `helm install` of
+        /// charts/tripod (controller and buildd images built from the
+        /// Dockerfile) instead of a host process; then build
+        /// examples/hello.yaml through it. No BuildRunners are started.
+        #[arg(long)]
+        helm: bool,
         /// The `tripod` binary (default: next to this one, else built with cargo).
         #[arg(long, env = "TRIPOD_BINARY")]
         tripod: Option<PathBuf>,
@@ -66,6 +72,9 @@ pub enum DevCommand {
         /// Also run a `tripod controller` for all namespaces.
         #[arg(long)]
         controller: bool,
+        /// Do not install Tripod's CRDs: the chart will (`helm install`).
+        #[arg(long, conflicts_with = "controller")]
+        no_crds: bool,
         /// Registry port on the node address (0: a free one).
         #[arg(long, default_value_t = 0)]
         registry_port: u16,
@@ -154,6 +163,7 @@ pub async fn run(cmd: DevCommand) -> Result<(), DevError> {
         DevCommand::Up {
             dir,
             no_example,
+            helm,
             tripod,
         } => {
             let dir = absolute(&dir)?;
@@ -161,7 +171,14 @@ pub async fn run(cmd: DevCommand) -> Result<(), DevError> {
                 Some(t) => t,
                 None => locate_tripod()?,
             };
-            up(&dir, &tripod).await?;
+            up(&dir, &tripod, helm).await?;
+            if helm {
+                install_chart(&dir).await?;
+                if !no_example {
+                    example(&dir, &source_dir().join("examples").join("hello.yaml")).await?;
+                }
+                return Ok(());
+            }
             if no_example {
                 return Ok(());
             }
@@ -189,6 +206,7 @@ pub async fn run(cmd: DevCommand) -> Result<(), DevError> {
             stdin_guard,
             for_tests,
             purge_on_exit,
+            no_crds,
         } => {
             let opts = EnvOptions {
                 dir: absolute(&dir)?,
@@ -196,6 +214,7 @@ pub async fn run(cmd: DevCommand) -> Result<(), DevError> {
                 tripod: absolute(&tripod)?,
                 controller,
                 registry_port,
+                install_crds: !no_crds,
                 for_tests,
             };
             let result = serve(&opts, stdin_guard).await;
@@ -340,7 +359,7 @@ fn ensure_packages() -> Result<(), DevError> {
     }
 }
 
-async fn up(dir: &Path, tripod: &Path) -> Result<(), DevError> {
+async fn up(dir: &Path, tripod: &Path, helm: bool) -> Result<(), DevError> {
     std::fs::create_dir_all(dir.join("logs")).map_err(io(format!("create {}", dir.display())))?;
     if let Some(pid) = read_pid(dir)
         && pid_alive(pid)
@@ -364,7 +383,9 @@ async fn up(dir: &Path, tripod: &Path) -> Result<(), DevError> {
     let log2 = log.try_clone().map_err(io("clone log handle"))?;
     use std::os::unix::process::CommandExt;
     let child = Command::new(&me)
-        .args(["serve", "--controller", "--registry-port=5000", "--dir"])
+        .arg("serve")
+        .arg(if helm { "--no-crds" } else { "--controller" })
+        .args(["--registry-port=5000", "--dir"])
         .arg(dir)
         .arg("--tripod")
         .arg(tripod)
@@ -418,6 +439,47 @@ async fn up(dir: &Path, tripod: &Path) -> Result<(), DevError> {
     }
     println!("Started in {:.1}s.", started.elapsed().as_secs_f64());
     print_usage(dir);
+    Ok(())
+}
+
+/// `helm upgrade --install` of charts/tripod into the running environment
+/// with the images it built, waiting until the controller Deployment is
+/// available; prints the release and where the leader publishes itself.
+async fn install_chart(dir: &Path) -> Result<(), DevError> {
+    let info = EnvInfo::read(dir)?;
+    let Some(controller_image) = info.controller_image.clone() else {
+        return Err(DevError::Example(
+            "the environment has no controller image (testenv/images.sh push printed none)".into(),
+        ));
+    };
+    let helm = crate::chart::Helm::ensure(&source_dir(), &info.kubeconfig, &dir.join("helm"))?;
+    println!(
+        "helm install {} (image {controller_image}) …",
+        crate::chart::RELEASE
+    );
+    let started = Instant::now();
+    let mut args: Vec<String> = [
+        "upgrade",
+        "--install",
+        crate::chart::RELEASE,
+        &source_dir().join("charts/tripod").display().to_string(),
+        "--namespace",
+        crate::chart::RELEASE_NAMESPACE,
+        "--create-namespace",
+        "--wait",
+        "--timeout",
+        "5m",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(crate::chart::values(&info, &controller_image, false));
+    helm.run(&args)?;
+    println!(
+        "Installed in {:.1}s: `kubectl -n {ns} get deploy,pods,endpointslices` shows the controller replicas and the leader's endpoint.",
+        started.elapsed().as_secs_f64(),
+        ns = crate::chart::RELEASE_NAMESPACE
+    );
     Ok(())
 }
 

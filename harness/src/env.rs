@@ -41,6 +41,9 @@ pub struct EnvOptions {
     pub controller: bool,
     /// The registry's port on the node address (0: a free one).
     pub registry_port: u16,
+    /// Install Tripod's CRDs (`tripod crds`). Off when the chart installs
+    /// them (`helm install` refuses CRDs it does not own).
+    pub install_crds: bool,
     /// The tests' variant: the real node is tainted
     /// (`tripod.dev/real-node=true:NoSchedule`, only builds that tolerate it
     /// run there) and a simulated linux/amd64 node takes the other Pods.
@@ -64,6 +67,10 @@ pub struct EnvInfo {
     pub node_name: String,
     /// The buildd image (the Dockerfile's `buildd` target) in the registry.
     pub buildd_image: String,
+    /// The controller image (the Dockerfile's `controller` target, the
+    /// chart's image) in the registry.
+    #[serde(default)]
+    pub controller_image: Option<String>,
     /// A busybox base image in the registry (`base/busybox:1`).
     pub busybox_image: String,
     /// The arm64 busybox base image (`base/busybox:1-arm64`), for builds
@@ -127,6 +134,7 @@ pub struct Env {
     buildkitd: Option<crate::buildkit::Buildkitd>,
     controller: Option<Child>,
     kwok: Option<Kwok>,
+    addons: Option<crate::addons::Addons>,
     node: Option<RealNode>,
     registry: Option<Registry>,
     cp: ControlPlane,
@@ -235,11 +243,12 @@ async fn start_dev_runners(
 }
 
 /// Builds (once, then cached under `~/.cache/tripod`) everything an
-/// environment runs: the Kubernetes binaries, containerd, runc and kwok,
-/// and the images. Returns (Kubernetes bin dir, node bin dir).
+/// environment runs: the Kubernetes binaries, containerd, runc, kwok and
+/// CoreDNS, and the images. Returns (Kubernetes bin dir, node bin dir).
 pub fn build_all(source_dir: &Path) -> Result<(PathBuf, PathBuf), Error> {
     let k8s = ensure_binaries(source_dir)?;
     let node = PathBuf::from(script(source_dir, "node.sh", &[])?.trim());
+    script(source_dir, "coredns.sh", &[])?;
     script(source_dir, "images.sh", &["build"])?;
     Ok((k8s, node))
 }
@@ -263,9 +272,11 @@ impl Env {
 
         let host = Host::prepare(&dir.join("node"))?;
         step(started, "host network ready");
+        // The bridge exists: the API server listens on the node address too.
         let mut cp = ControlPlane::start(Options {
             dir: dir.join("cluster"),
             bin_dir: k8s_bin.clone(),
+            pod_address: Some(NODE_IP),
         })
         .await?;
         step(started, "control plane ready");
@@ -312,6 +323,20 @@ impl Env {
             }
         };
         step(started, "real node Ready");
+        let coredns = PathBuf::from(script(&opts.source_dir, "coredns.sh", &[])?.trim());
+        let addons = crate::addons::Addons::start(
+            &crate::addons::AddonOptions {
+                dir: dir.join("node").join("addons"),
+                log_dir: logs.clone(),
+                kube_proxy_bin: k8s_bin.clone(),
+                coredns_bin: coredns,
+                pki: cp.pki().clone(),
+                api_url: cp.api_url(),
+            },
+            &client,
+        )
+        .await?;
+        step(started, "kube-proxy and CoreDNS ready");
         let kwok = Kwok::start(
             &node_bin,
             cp.kubeconfig(),
@@ -321,7 +346,9 @@ impl Env {
         )
         .await?;
         step(started, "simulated nodes Ready");
-        install_crds(&client, &opts.tripod).await?;
+        if opts.install_crds {
+            install_crds(&client, &opts.tripod).await?;
+        }
         ensure_namespace(&client, SYSTEM_NAMESPACE).await?;
         let buildkitd = crate::buildkit::start_buildkitd(
             &opts.source_dir,
@@ -344,6 +371,7 @@ impl Env {
             node_ip: NODE_IP.to_string(),
             node_name: NODE_NAME.to_string(),
             buildd_image,
+            controller_image: image("controller").ok(),
             busybox_image,
             busybox_arm64_image: image("busybox_arm64").ok(),
             windows_bases,
@@ -363,6 +391,7 @@ impl Env {
             buildkitd: Some(buildkitd),
             controller: None,
             kwok: Some(kwok),
+            addons: Some(addons),
             node: Some(node),
             registry: Some(registry),
             cp,
@@ -463,10 +492,15 @@ impl Env {
             let _ = c.kill();
             let _ = c.wait();
         }
+        // No workload controller may recreate the Pods the node deletes.
+        self.cp.stop_component("kube-controller-manager").await;
         if let Ok(client) = self.cp.client().await
             && let Some(node) = self.node.as_mut()
         {
             node.stop(&client).await;
+        }
+        if let Some(a) = self.addons.take() {
+            a.stop().await;
         }
         self.node = None;
         self.kwok = None;

@@ -17,8 +17,10 @@ use std::path::PathBuf;
 use std::process::ExitStatus;
 use std::time::Duration;
 
+pub mod addons;
 pub mod buildkit;
 pub mod certs;
+pub mod chart;
 pub mod controlplane;
 pub mod dev;
 pub mod env;

@@ -67,7 +67,7 @@ const EGRESS_RULE_COMMENT: &str = "tripod-no-pod-egress";
 /// sysctls the kubelet sets at start (with `protectKernelDefaults: false`)
 /// and the Pod bridge turns on; restored once the kubelet is up and at
 /// teardown.
-const SYSCTLS: [&str; 7] = [
+const SYSCTLS: [&str; 9] = [
     "kernel/panic",
     "kernel/panic_on_oops",
     "kernel/keys/root_maxkeys",
@@ -75,6 +75,10 @@ const SYSCTLS: [&str; 7] = [
     "vm/overcommit_memory",
     "vm/panic_on_oom",
     "net/ipv4/ip_forward",
+    // kube-proxy's: Pod → ClusterIP → Pod on one bridge, NodePorts on
+    // loopback (configured off).
+    "net/bridge/bridge-nf-call-iptables",
+    "net/ipv4/conf/all/route_localnet",
 ];
 /// Directories the kubelet and libcni write outside their roots.
 const OUTSIDE_DIRS: [&str; 4] = [
@@ -932,6 +936,8 @@ registerNode: true
 # Pods get no upstream DNS: no traffic leaves this machine.
 resolvConf: \"\"
 clusterDomain: cluster.local
+# CoreDNS behind the kube-dns Service (crate::addons).
+clusterDNS: [\"{dns}\"]
 serializeImagePulls: false
 nodeStatusUpdateFrequency: 10s
 nodeStatusReportFrequency: 1m
@@ -946,6 +952,7 @@ protectKernelDefaults: false
 oomScoreAdj: 0
 ",
             sock = s(&socket),
+            dns = crate::addons::CLUSTER_DNS_IP,
             logs = q(&d("logs/pods")),
             tls_cert = q(&opts.pki.kubelet_serving_cert),
             tls_key = q(&opts.pki.kubelet_serving_key),

@@ -4,6 +4,7 @@
 //! it lists what the plan needs, applies the plan with server-side apply
 //! under one field manager, publishes Events and keeps the metrics.
 
+pub mod endpoint;
 pub mod index;
 pub mod lease;
 pub mod plan;
@@ -227,6 +228,19 @@ pub struct ControllerConfig {
     /// Least milliseconds between two writes of a platform's current step.
     #[arg(long, default_value_t = 2000)]
     pub step_interval_ms: u64,
+    /// A selector-less Service in the Lease's namespace whose endpoint the
+    /// leader publishes (an EndpointSlice holding `--pod-ip`), so that
+    /// agents reach the leader alone while every replica is Ready. The
+    /// chart sets it to its Service.
+    #[arg(long, env = "TRIPOD_EXECUTOR_SERVICE", requires = "pod_ip")]
+    pub executor_service: Option<String>,
+    /// This replica's Pod IP (the chart sets it from `status.podIP`).
+    #[arg(long, env = "POD_IP")]
+    pub pod_ip: Option<std::net::IpAddr>,
+    /// This replica's Pod UID (the chart sets it from `metadata.uid`): the
+    /// published EndpointSlice is owned by the Pod, so it goes with it.
+    #[arg(long, env = "POD_UID")]
+    pub pod_uid: Option<String>,
 }
 
 /// Parses `--buildd-security-context`: a JSON Kubernetes SecurityContext,
@@ -310,10 +324,12 @@ pub async fn run(cfg: ControllerConfig) -> Result<(), ControllerError> {
         .map_err(ControllerError::Client)?;
     let metrics = Metrics::new()?;
     let ready = Arc::new(AtomicBool::new(false));
+    let leading = Arc::new(AtomicBool::new(false));
     let bound = http::serve(
         cfg.metrics_address,
         Health {
-            ready: ready.clone(),
+            leading: leading.clone(),
+            synced: ready.clone(),
             metrics: metrics.clone(),
         },
     )
@@ -366,6 +382,8 @@ pub async fn run(cfg: ControllerConfig) -> Result<(), ControllerError> {
             return Ok(());
         }
     };
+    leading.store(true, Ordering::SeqCst);
+    metrics.leader.set(1);
     tracing::info!(%identity, lease = %cfg.lease_name, "leading");
     // Renewals start at once, before anything else is set up: a replica
     // that cannot renew stops (`stop_rx`) whatever it is doing.
@@ -541,11 +559,27 @@ pub async fn run(cfg: ControllerConfig) -> Result<(), ControllerError> {
         );
     }
 
+    let endpoint = match (&cfg.executor_service, cfg.pod_ip) {
+        (Some(service), Some(address)) => Some(endpoint::LeaderEndpoint {
+            namespace: tls_namespace.clone(),
+            service: service.clone(),
+            address,
+            ports: vec![
+                ("executor".to_string(), cfg.executor_listen.port()),
+                ("metrics".to_string(), bound.port()),
+            ],
+            pod: cfg.identity.clone().zip(cfg.pod_uid.clone()),
+        }),
+        _ => None,
+    };
     {
         let ready = ready.clone();
         let builds = builds.clone();
         let runners = runner_store.clone();
         let leases = lease_store.clone();
+        let client = client.clone();
+        let endpoint = endpoint.clone();
+        let mut stop = stop_rx.clone();
         tokio::spawn(
             async move {
                 if let Err(e) = synced(&builds).await {
@@ -562,6 +596,9 @@ pub async fn run(cfg: ControllerConfig) -> Result<(), ControllerError> {
                 }
                 ready.store(true, Ordering::SeqCst);
                 tracing::info!("watches synced; ready");
+                if let Some(endpoint) = endpoint {
+                    publish_endpoint(&client, &endpoint, &mut stop).await;
+                }
             }
             .instrument(tracing::info_span!("readiness")),
         );
@@ -607,11 +644,51 @@ pub async fn run(cfg: ControllerConfig) -> Result<(), ControllerError> {
     if *lost_rx.borrow() {
         return Err(ControllerError::LostLeadership(cfg.lease_name));
     }
+    // Agents dial nobody rather than a replica about to exit; the next
+    // leader publishes itself.
+    if let Some(endpoint) = &endpoint
+        && let Err(e) = endpoint.publish(&client, false).await
+    {
+        tracing::warn!(error = %e, "could not withdraw the executor endpoint");
+    }
     if let Err(e) = elector.release().await {
         tracing::warn!(error = %e, "could not release the lease");
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Publishes the leader's executor endpoint, retrying with backoff (up to
+/// 30 s between tries) until it is written or this replica stops.
+async fn publish_endpoint(
+    client: &Client,
+    endpoint: &endpoint::LeaderEndpoint,
+    stop: &mut tokio::sync::watch::Receiver<bool>,
+) {
+    let mut wait = Duration::from_millis(200);
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        match endpoint.publish(client, true).await {
+            Ok(()) => {
+                tracing::info!(
+                    service = %endpoint.service,
+                    address = %endpoint.address,
+                    "published the executor endpoint"
+                );
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?wait, "could not publish the executor endpoint")
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        wait = (wait * 2).min(Duration::from_secs(30));
+    }
 }
 
 /// How long in-flight reconciles may take to finish once the Lease is lost.

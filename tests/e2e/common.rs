@@ -31,6 +31,16 @@ pub struct Shared {
 }
 
 static SHARED: OnceLock<Result<Shared, String>> = OnceLock::new();
+/// Extra arguments of `tripod-dev serve` (set before the first test env).
+static SERVE_ARGS: OnceLock<&'static [&'static str]> = OnceLock::new();
+
+/// Gives `tripod-dev serve` extra arguments (e.g. `--no-crds` for a
+/// binary whose tests install the chart). Call it before the first
+/// [`TestEnv`]; later calls are ignored.
+#[allow(dead_code)]
+pub fn serve_args(args: &'static [&'static str]) {
+    let _ = SERVE_ARGS.set(args);
+}
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 /// `tripod-dev serve`'s standard input: it tears the environment down (and
 /// puts the host back) when this closes, which happens when this process
@@ -75,6 +85,7 @@ fn start() -> Result<Shared, String> {
         .arg("--stdin-guard")
         .arg("--for-tests")
         .arg("--purge-on-exit")
+        .args(SERVE_ARGS.get().copied().unwrap_or_default())
         .stdin(Stdio::piped())
         .stdout(out)
         .stderr(err)

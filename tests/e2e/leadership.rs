@@ -34,7 +34,7 @@ async fn restarted_controller_creates_no_duplicate_pod() {
     let c2 = env.start_controller("second");
     let port = env.controller(c2).metrics_port;
     eventually("the new controller leads and is ready", WAIT, || async {
-        (http_get(port, "/readyz").await?.0 == 200).then_some(())
+        leads_and_is_ready(port).await.then_some(())
     })
     .await;
     // Let it reconcile, then look: the same single Pod.
@@ -59,7 +59,7 @@ async fn only_the_leader_writes_and_a_standby_takes_over() {
     let a = env.start_controller("replica-a");
     let port_a = env.controller(a).metrics_port;
     eventually("replica-a leads", WAIT, || async {
-        (http_get(port_a, "/readyz").await?.0 == 200).then_some(())
+        leads_and_is_ready(port_a).await.then_some(())
     })
     .await;
     let b = env.start_controller("replica-b");
@@ -68,7 +68,14 @@ async fn only_the_leader_writes_and_a_standby_takes_over() {
         (http_get(port_b, "/healthz").await?.0 == 200).then_some(())
     })
     .await;
-    assert_eq!(http_get(port_b, "/readyz").await.map(|r| r.0), Some(503));
+    // A standby is Ready too (rolling updates need it); it does not lead.
+    assert_eq!(http_get(port_b, "/readyz").await.map(|r| r.0), Some(200));
+    assert!(
+        http_get(port_b, "/metrics")
+            .await
+            .is_some_and(|r| r.1.contains("tripod_leader 0")),
+        "replica-b reports itself as leader"
+    );
     assert_eq!(holder(&env).await.as_deref(), Some("replica-a"));
 
     env.apply(&manifest("ld", &["linux/amd64"], ""));
@@ -102,7 +109,7 @@ async fn only_the_leader_writes_and_a_standby_takes_over() {
     // The leader dies; the standby takes over and handles a change.
     env.kill_controller(a);
     eventually("replica-b leads", WAIT, || async {
-        (http_get(port_b, "/readyz").await?.0 == 200).then_some(())
+        leads_and_is_ready(port_b).await.then_some(())
     })
     .await;
     assert_eq!(holder(&env).await.as_deref(), Some("replica-b"));
@@ -123,4 +130,13 @@ async fn only_the_leader_writes_and_a_standby_takes_over() {
     })
     .await;
     env.cleanup().await;
+}
+
+/// The replica serving metrics on `port` holds the Lease (`tripod_leader
+/// 1`) and its watches have synced (`/readyz`; a standby is ready too).
+async fn leads_and_is_ready(port: u16) -> bool {
+    let leads = http_get(port, "/metrics")
+        .await
+        .is_some_and(|r| r.1.contains("tripod_leader 1"));
+    leads && http_get(port, "/readyz").await.is_some_and(|r| r.0 == 200)
 }

@@ -1,0 +1,117 @@
+//! `helm` against an environment: installs `charts/tripod` with the images
+//! the environment built from the Dockerfile, as a user installs it
+//! (`tripod dev up --helm` and `tests/helm_cluster.rs`).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use crate::Error;
+use crate::env::EnvInfo;
+use crate::node::{NODE_NAME, REAL_NODE_TAINT};
+
+/// The release namespace `tripod dev up --helm` and the tests use.
+pub const RELEASE_NAMESPACE: &str = "tripod-system";
+/// The release name (the chart's full name is then `tripod`).
+pub const RELEASE: &str = "tripod";
+
+/// `helm` with its own home directories and the environment's kubeconfig.
+#[derive(Debug, Clone)]
+pub struct Helm {
+    /// The helm binary (`testenv/helm.sh`).
+    pub helm: PathBuf,
+    /// The cluster.
+    pub kubeconfig: PathBuf,
+    /// HELM_CACHE_HOME, HELM_CONFIG_HOME and HELM_DATA_HOME live here.
+    pub home: PathBuf,
+}
+
+impl Helm {
+    /// Builds helm if needed (`testenv/helm.sh`, cached).
+    pub fn ensure(source_dir: &Path, kubeconfig: &Path, home: &Path) -> Result<Helm, Error> {
+        let helm = crate::scripts::script(source_dir, "helm.sh", &[])?;
+        Ok(Helm {
+            helm: PathBuf::from(helm.trim()),
+            kubeconfig: kubeconfig.to_path_buf(),
+            home: home.to_path_buf(),
+        })
+    }
+
+    /// Runs helm; its stdout, or an error quoting its stderr.
+    pub fn run(&self, args: &[String]) -> Result<String, Error> {
+        let out = Command::new(&self.helm)
+            .args(args)
+            .env("KUBECONFIG", &self.kubeconfig)
+            .env("HELM_CACHE_HOME", self.home.join("cache"))
+            .env("HELM_CONFIG_HOME", self.home.join("config"))
+            .env("HELM_DATA_HOME", self.home.join("data"))
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| Error::io(format!("run {}", self.helm.display()), e))?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(Error::Script(format!(
+                "helm {}: {}{}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )))
+        }
+    }
+}
+
+/// `repository` and `tag` of `host:port/path:tag`.
+pub fn split_image(image: &str) -> (&str, &str) {
+    let name_start = image.rfind('/').map_or(0, |i| i + 1);
+    match image[name_start..].rfind(':') {
+        Some(i) => (&image[..name_start + i], &image[name_start + i + 1..]),
+        None => (image, ""),
+    }
+}
+
+/// The `--set` arguments that point the chart at an environment: the
+/// controller image given, the buildd image (also the agent's), the
+/// kubelet's root directory (the seccomp DaemonSet writes the profile
+/// there), the controller Pods on the real node (kwok's simulated nodes
+/// would take them otherwise), tolerating its taint in the tests' variant.
+pub fn values(info: &EnvInfo, controller_image: &str, tainted: bool) -> Vec<String> {
+    let (repository, tag) = split_image(controller_image);
+    let mut set = vec![
+        format!("image.repository={repository}"),
+        format!("image.tag={tag}"),
+        format!("builddImage={}", info.buildd_image),
+        format!("agentImage={}", info.buildd_image),
+        format!(
+            "seccompProfile.kubeletRootDir={}",
+            info.kubelet_root.display()
+        ),
+        format!("nodeSelector.kubernetes\\.io/hostname={NODE_NAME}"),
+    ];
+    if tainted {
+        set.extend([
+            format!("tolerations[0].key={REAL_NODE_TAINT}"),
+            "tolerations[0].operator=Exists".to_string(),
+            "tolerations[0].effect=NoSchedule".to_string(),
+        ]);
+    }
+    set.into_iter()
+        .flat_map(|s| ["--set".to_string(), s])
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn images_split_after_the_registry_port() {
+        assert_eq!(
+            split_image("10.88.0.1:5000/tripod/controller:src-1"),
+            ("10.88.0.1:5000/tripod/controller", "src-1")
+        );
+        assert_eq!(
+            split_image("10.88.0.1:5000/tripod/controller"),
+            ("10.88.0.1:5000/tripod/controller", "")
+        );
+    }
+}

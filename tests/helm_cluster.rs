@@ -1,0 +1,505 @@
+//! The chart, installed with `helm install` as the README says, running as
+//! Pods on the real node (kubelet, containerd, runc) of the environment
+//! `tripod-dev serve --for-tests --no-crds` runs: kube-proxy routes the
+//! `kubernetes` Service and the chart's Service, CoreDNS resolves
+//! `tripod.tripod-system.svc`, the controller and buildd images are the
+//! Dockerfile's targets pushed to the environment's registry. Then what an
+//! operator does on day 2: upgrade to a new controller image while a build
+//! runs, lose the leader Pod mid-build, evict under the PodDisruptionBudget,
+//! upgrade with a changed CRD, uninstall.
+
+#[allow(dead_code)]
+#[path = "e2e/common.rs"]
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{TestEnv, assert_reported_once, eventually, real_node_build};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{Api, ListParams};
+use kube::{Client, ResourceExt};
+use tripod::api::{ImageBuild, Phase};
+use tripod_harness::chart::{Helm, RELEASE, RELEASE_NAMESPACE, values};
+
+const WAIT: Duration = Duration::from_secs(180);
+const NS: &str = RELEASE_NAMESPACE;
+
+fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// crane, built once from its Go module (`testenv/crane.sh`).
+fn crane() -> PathBuf {
+    let out = tripod_harness::scripts::script(&repo_root(), "crane.sh", &[]).expect("crane.sh");
+    PathBuf::from(out.trim())
+}
+
+fn crane_run(args: &[&str]) -> String {
+    let out = Command::new(crane())
+        .args(args)
+        .arg("--insecure")
+        .output()
+        .expect("run crane");
+    assert!(
+        out.status.success(),
+        "crane {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn install_args(
+    chart: &Path,
+    controller_image: &str,
+    info: &tripod_harness::env::EnvInfo,
+) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "upgrade",
+        "--install",
+        RELEASE,
+        &chart.display().to_string(),
+        "--namespace",
+        NS,
+        "--create-namespace",
+        "--wait",
+        "--timeout",
+        "5m",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(values(info, controller_image, true));
+    args
+}
+
+/// The controller Pods of the release.
+async fn controller_pods(client: &Client) -> Vec<Pod> {
+    Api::<Pod>::namespaced(client.clone(), NS)
+        .list(&ListParams::default().labels("app.kubernetes.io/name=tripod"))
+        .await
+        .expect("list controller pods")
+        .items
+        .into_iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .collect()
+}
+
+/// The leader: the holder of the Lease, and the address in the Service's
+/// EndpointSlice, once they agree.
+async fn leader(client: &Client) -> Pod {
+    eventually("a leader that published its endpoint", WAIT, || async {
+        let holder = Api::<Lease>::namespaced(client.clone(), NS)
+            .get("tripod-controller")
+            .await
+            .ok()?
+            .spec?
+            .holder_identity?;
+        let pod = Api::<Pod>::namespaced(client.clone(), NS)
+            .get(&holder)
+            .await
+            .ok()?;
+        let ip = pod.status.as_ref()?.pod_ip.clone()?;
+        let slice = Api::<EndpointSlice>::namespaced(client.clone(), NS)
+            .get("tripod-leader")
+            .await
+            .ok()?;
+        let addresses: Vec<String> = slice
+            .endpoints?
+            .into_iter()
+            .flat_map(|e| e.addresses)
+            .collect();
+        (addresses == vec![ip]).then_some(pod)
+    })
+    .await
+}
+
+/// GET http://ip:port/path from the host (Pod IPs are on the node bridge).
+async fn http_get_at(ip: &str, port: u16, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect((ip, port)).await.ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {ip}\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.ok()?;
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let code = text.split_whitespace().nth(1)?.parse().ok()?;
+    Some((code, text.split_once("\r\n\r\n")?.1.to_string()))
+}
+
+fn pod_ip(pod: &Pod) -> String {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.pod_ip.clone())
+        .expect("pod IP")
+}
+
+async fn wait_phase(env: &TestEnv, name: &str, phase: Phase) -> ImageBuild {
+    eventually(&format!("ImageBuild {name} {phase:?}"), WAIT, || async {
+        let ib = env.builds().get(name).await.ok()?;
+        let now = ib.status.as_ref()?.phase?;
+        assert!(
+            now == phase || !now.is_finished(),
+            "{name} ended {now:?}: {:?}",
+            ib.status
+        );
+        (now == phase).then_some(ib)
+    })
+    .await
+}
+
+/// The build Pod of `name` once its buildd container runs.
+async fn running_build_pod(env: &TestEnv, name: &str) -> Pod {
+    eventually(&format!("{name}'s build Pod running"), WAIT, || async {
+        env.pods_of(name).await.into_iter().find(|p| {
+            p.status
+                .as_ref()
+                .and_then(|s| s.phase.as_deref())
+                .is_some_and(|ph| ph == "Running")
+        })
+    })
+    .await
+}
+
+/// One Pod, attempt 1, and one Succeeded Event: the build ended exactly once.
+async fn ended_once(env: &TestEnv, name: &str) -> String {
+    let ib = wait_phase(env, name, Phase::Succeeded).await;
+    assert_reported_once(env, name).await;
+    let pods = env.pods_of(name).await;
+    assert_eq!(
+        pods.len(),
+        1,
+        "{name}: {:?}",
+        pods.iter().map(|p| p.name_any()).collect::<Vec<_>>()
+    );
+    let status = ib.status.expect("status");
+    assert!(
+        status.platforms.iter().all(|p| p.attempts == 1),
+        "{name} was retried: {:?}",
+        status.platforms
+    );
+    status.image.expect("image").digest
+}
+
+const SLOW: &str = "FROM BASE\nCOPY hello.txt /\nRUN sleep 12 && cp /hello.txt /slow.txt\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn helm_installs_an_operator_that_builds_upgrades_and_uninstalls() {
+    common::serve_args(&["--no-crds"]);
+    let env = TestEnv::with_builds("helm").await;
+    let info = env.shared.info.clone();
+    let client = env.client.clone();
+    let registry = info.registry.clone();
+    let controller_image = info
+        .controller_image
+        .clone()
+        .expect("images.sh pushed a controller image");
+    let helm =
+        Helm::ensure(&repo_root(), &info.kubeconfig, &env.shared.dir.join("helm")).expect("helm");
+    let chart = repo_root().join("charts/tripod");
+
+    // --- helm install, as the README says ---------------------------------
+    let installed_at = Instant::now();
+    helm.run(&install_args(&chart, &controller_image, &info))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let install_seconds = installed_at.elapsed().as_secs_f64();
+    let pods = controller_pods(&client).await;
+    assert_eq!(pods.len(), 2, "two replicas");
+    for p in &pods {
+        let spec = p.spec.as_ref().unwrap();
+        assert_eq!(spec.node_name.as_deref(), Some(info.node_name.as_str()));
+        assert_eq!(spec.service_account_name.as_deref(), Some("tripod"));
+        let status = p.status.as_ref().unwrap();
+        let c = &status.container_statuses.as_ref().unwrap()[0];
+        assert!(c.ready, "{} not ready: {c:?}", p.name_any());
+        assert_eq!(c.restart_count, 0, "{} restarted", p.name_any());
+        assert_eq!(c.image, controller_image);
+    }
+    // The Deployment meets `restricted` (the seccomp DaemonSet, a hostPath,
+    // is why the namespace itself is not).
+    let (_, warnings) = env.kubectl(
+        &[
+            "label",
+            "--dry-run=server",
+            "--overwrite",
+            &format!("namespace/{NS}"),
+            "pod-security.kubernetes.io/enforce=restricted",
+        ],
+        None,
+    );
+    for p in &pods {
+        assert!(
+            !warnings.contains(&p.name_any()),
+            "{} violates restricted: {warnings}",
+            p.name_any()
+        );
+    }
+    // One leader, published as the Service's endpoint; the standby is Ready
+    // too and says it does not lead.
+    let lead = leader(&client).await;
+    for p in &pods {
+        let ip = pod_ip(p);
+        let (code, _) = http_get_at(&ip, 8080, "/readyz").await.expect("readyz");
+        assert_eq!(code, 200, "{} not ready", p.name_any());
+        let (_, metrics) = http_get_at(&ip, 8080, "/metrics").await.expect("metrics");
+        let leads = p.name_any() == lead.name_any();
+        assert!(
+            metrics.contains(if leads {
+                "tripod_leader 1"
+            } else {
+                "tripod_leader 0"
+            }),
+            "{}: {metrics}",
+            p.name_any()
+        );
+    }
+    // The PodDisruptionBudget: one eviction at a time, while the other is Ready.
+    let pdb = env.kubectl(
+        &[
+            "-n",
+            NS,
+            "get",
+            "pdb",
+            "tripod",
+            "-o",
+            "jsonpath={.status.disruptionsAllowed}",
+        ],
+        None,
+    );
+    assert_eq!(pdb.1.trim(), "1", "{pdb:?}");
+
+    // --- the first build, through the in-cluster controller --------------
+    env.apply(&real_node_build(
+        "first",
+        &registry,
+        "FROM BASE\nCOPY hello.txt /\n",
+        "",
+    ));
+    let digest = ended_once(&env, "first").await;
+    let first_digest_seconds = installed_at.elapsed().as_secs_f64();
+    assert_eq!(
+        crane_run(&["digest", &format!("{registry}/team/first:1")]),
+        digest,
+        "the registry serves the status's digest"
+    );
+    // The agent dialled the chart's Service by its DNS name.
+    let pod = &env.pods_of("first").await[0];
+    let agent = &pod.spec.as_ref().unwrap().containers[0];
+    let args = format!("{:?} {:?}", agent.args, agent.env);
+    assert!(args.contains("tripod.tripod-system.svc:9443"), "{args}");
+    eprintln!(
+        "helm install → controller available: {install_seconds:.1}s; → first verified digest: {first_digest_seconds:.1}s"
+    );
+
+    // --- helm upgrade to a new controller image while a build runs ---------
+    let (repo, _) = tripod_harness::chart::split_image(&controller_image);
+    let upgraded_image = format!("{repo}:upgraded");
+    crane_run(&[
+        "mutate",
+        &controller_image,
+        "--label",
+        "dev.tripod.test/upgrade=1",
+        "-t",
+        &upgraded_image,
+    ]);
+    env.apply(&real_node_build("during-upgrade", &registry, SLOW, ""));
+    running_build_pod(&env, "during-upgrade").await;
+    helm.run(&install_args(&chart, &upgraded_image, &info))
+        .unwrap_or_else(|e| panic!("{e}"));
+    ended_once(&env, "during-upgrade").await;
+    let pods = eventually("only upgraded replicas", WAIT, || async {
+        let pods = controller_pods(&client).await;
+        (pods.len() == 2
+            && pods.iter().all(|p| {
+                p.spec.as_ref().unwrap().containers[0].image.as_deref()
+                    == Some(upgraded_image.as_str())
+            }))
+        .then_some(pods)
+    })
+    .await;
+    let lead = leader(&client).await;
+    assert!(pods.iter().any(|p| p.name_any() == lead.name_any()));
+
+    // --- the leader Pod deleted mid-build ----------------------------------
+    env.apply(&real_node_build("leader-lost", &registry, SLOW, ""));
+    running_build_pod(&env, "leader-lost").await;
+    let (ok, out) = env.kubectl(
+        &["-n", NS, "delete", "pod", &lead.name_any(), "--wait=false"],
+        None,
+    );
+    assert!(ok, "{out}");
+    ended_once(&env, "leader-lost").await;
+    let new_lead = leader(&client).await;
+    assert_ne!(new_lead.name_any(), lead.name_any());
+
+    // --- evictions under the PodDisruptionBudget ---------------------------
+    eventually("two Ready replicas again", WAIT, || async {
+        let d = Api::<Deployment>::namespaced(client.clone(), NS)
+            .get("tripod")
+            .await
+            .ok()?;
+        (d.status?.ready_replicas == Some(2)).then_some(())
+    })
+    .await;
+    eventually("the PDB allows one disruption", WAIT, || async {
+        let (_, out) = env.kubectl(
+            &[
+                "-n",
+                NS,
+                "get",
+                "pdb",
+                "tripod",
+                "-o",
+                "jsonpath={.status.disruptionsAllowed}",
+            ],
+            None,
+        );
+        (out.trim() == "1").then_some(())
+    })
+    .await;
+    let pods = controller_pods(&client).await;
+    let evict = |pod: &str| {
+        let body = format!(
+            r#"{{"apiVersion":"policy/v1","kind":"Eviction","metadata":{{"name":"{pod}","namespace":"{NS}"}}}}"#
+        );
+        env.kubectl(
+            &[
+                "create",
+                "--raw",
+                &format!("/api/v1/namespaces/{NS}/pods/{pod}/eviction"),
+                "-f",
+                "-",
+            ],
+            Some(&body),
+        )
+    };
+    let first = evict(&pods[0].name_any());
+    assert!(first.0, "the first eviction is allowed: {first:?}");
+    let second = evict(&pods[1].name_any());
+    assert!(
+        !second.0 && second.1.contains("disruption budget"),
+        "the second eviction must wait for a Ready replacement: {second:?}"
+    );
+    leader(&client).await;
+
+    // --- helm upgrade that changes a CRD ----------------------------------
+    let changed = env.shared.dir.join("chart-crd-changed");
+    copy_dir(&chart, &changed);
+    let crds = changed.join("templates/crds.yaml");
+    let text = std::fs::read_to_string(&crds).unwrap();
+    const PRINTER: &str = "description: Platforms being built\n";
+    assert!(
+        text.contains(PRINTER),
+        "the printer column to change is gone"
+    );
+    std::fs::write(
+        &crds,
+        text.replacen(
+            PRINTER,
+            "description: Platforms being built (changed by an upgrade)\n",
+            1,
+        ),
+    )
+    .unwrap();
+    helm.run(&install_args(&changed, &upgraded_image, &info))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (_, crd) = env.kubectl(
+        &["get", "crd", "imagebuilds.build.tripod.dev", "-o", "yaml"],
+        None,
+    );
+    assert!(crd.contains("changed by an upgrade"), "{crd}");
+    // Existing ImageBuilds keep working: a new generation of `first` builds.
+    let (ok, out) = env.kubectl(
+        &[
+            "patch",
+            "ib/first",
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"buildArgs":[{"name":"AFTER","value":"crd-upgrade"}]}}"#,
+        ],
+        None,
+    );
+    assert!(ok, "{out}");
+    eventually("first rebuilt after the CRD upgrade", WAIT, || async {
+        let ib = env.builds().get("first").await.ok()?;
+        let s = ib.status?;
+        (s.phase == Some(Phase::Succeeded) && s.observed_generation == ib.metadata.generation)
+            .then_some(())
+    })
+    .await;
+
+    // --- helm uninstall ---------------------------------------------------
+    helm.run(&[
+        "uninstall".into(),
+        RELEASE.into(),
+        "--namespace".into(),
+        NS.into(),
+        "--wait".into(),
+    ])
+    .unwrap_or_else(|e| panic!("{e}"));
+    eventually("no Pods left in the release namespace", WAIT, || async {
+        let pods = Api::<Pod>::namespaced(client.clone(), NS)
+            .list(&ListParams::default())
+            .await
+            .ok()?;
+        pods.items.is_empty().then_some(())
+    })
+    .await;
+    eventually(
+        "the leader's EndpointSlice went with its Pod",
+        WAIT,
+        || async {
+            Api::<EndpointSlice>::namespaced(client.clone(), NS)
+                .get_opt("tripod-leader")
+                .await
+                .ok()?
+                .is_none()
+                .then_some(())
+        },
+    )
+    .await;
+    // What docs/security.md says stays: the controller's own Secrets.
+    let mut secrets: Vec<String> = Api::<Secret>::namespaced(client.clone(), NS)
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .map(|s| s.name_any())
+        .collect();
+    secrets.sort();
+    assert_eq!(secrets, ["tripod-executor-tls", "tripod-token-key"]);
+    // ImageBuilds and their images stay.
+    let builds = env.builds().list(&ListParams::default()).await.unwrap();
+    assert_eq!(builds.items.len(), 3);
+    for ib in &builds.items {
+        let d = ib
+            .status
+            .as_ref()
+            .and_then(|s| s.image.as_ref())
+            .expect("image");
+        assert_eq!(
+            crane_run(&["digest", &format!("{registry}/team/{}:1", ib.name_any())]),
+            d.digest
+        );
+    }
+    env.cleanup().await;
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
