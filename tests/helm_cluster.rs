@@ -24,7 +24,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, ListParams};
 use kube::{Client, ResourceExt};
 use tripod::api::{ImageBuild, Phase};
-use tripod_harness::chart::{Helm, RELEASE, RELEASE_NAMESPACE, values};
+use tripod_harness::chart::{ChartValues, Helm, RELEASE, RELEASE_NAMESPACE, values};
 
 const WAIT: Duration = Duration::from_secs(180);
 const NS: &str = RELEASE_NAMESPACE;
@@ -57,6 +57,7 @@ fn install_args(
     chart: &Path,
     controller_image: &str,
     info: &tripod_harness::env::EnvInfo,
+    build_namespace: &str,
 ) -> Vec<String> {
     let mut args: Vec<String> = [
         "upgrade",
@@ -73,7 +74,12 @@ fn install_args(
     .iter()
     .map(|s| s.to_string())
     .collect();
-    args.extend(values(info, controller_image, true));
+    args.extend(values(&ChartValues {
+        info,
+        controller_image,
+        tainted: true,
+        build_namespaces: &[build_namespace],
+    }));
     args
 }
 
@@ -205,7 +211,7 @@ async fn helm_installs_an_operator_that_builds_upgrades_and_uninstalls() {
 
     // --- helm install, as the README says ---------------------------------
     let installed_at = Instant::now();
-    helm.run(&install_args(&chart, &controller_image, &info))
+    helm.run(&install_args(&chart, &controller_image, &info, &env.ns))
         .unwrap_or_else(|e| panic!("{e}"));
     let install_seconds = installed_at.elapsed().as_secs_f64();
     let pods = controller_pods(&client).await;
@@ -309,8 +315,17 @@ async fn helm_installs_an_operator_that_builds_upgrades_and_uninstalls() {
     ]);
     env.apply(&real_node_build("during-upgrade", &registry, SLOW, ""));
     running_build_pod(&env, "during-upgrade").await;
-    helm.run(&install_args(&chart, &upgraded_image, &info))
+    let before = leader(&client).await;
+    helm.run(&install_args(&chart, &upgraded_image, &info, &env.ns))
         .unwrap_or_else(|e| panic!("{e}"));
+    let phase = env
+        .builds()
+        .get("during-upgrade")
+        .await
+        .unwrap()
+        .status
+        .and_then(|s| s.phase);
+    eprintln!("helm upgrade --wait returned; the build is {phase:?}");
     ended_once(&env, "during-upgrade").await;
     let pods = eventually("only upgraded replicas", WAIT, || async {
         let pods = controller_pods(&client).await;
@@ -324,6 +339,11 @@ async fn helm_installs_an_operator_that_builds_upgrades_and_uninstalls() {
     .await;
     let lead = leader(&client).await;
     assert!(pods.iter().any(|p| p.name_any() == lead.name_any()));
+    assert_ne!(
+        lead.name_any(),
+        before.name_any(),
+        "the Lease was handed over"
+    );
 
     // --- the leader Pod deleted mid-build ----------------------------------
     env.apply(&real_node_build("leader-lost", &registry, SLOW, ""));
@@ -406,7 +426,7 @@ async fn helm_installs_an_operator_that_builds_upgrades_and_uninstalls() {
         ),
     )
     .unwrap();
-    helm.run(&install_args(&changed, &upgraded_image, &info))
+    helm.run(&install_args(&changed, &upgraded_image, &info, &env.ns))
         .unwrap_or_else(|e| panic!("{e}"));
     let (_, crd) = env.kubectl(
         &["get", "crd", "imagebuilds.build.tripod.dev", "-o", "yaml"],

@@ -69,12 +69,33 @@ pub fn split_image(image: &str) -> (&str, &str) {
     }
 }
 
+/// What [`values`] sets.
+#[derive(Debug, Clone)]
+pub struct ChartValues<'a> {
+    /// The environment.
+    pub info: &'a EnvInfo,
+    /// The controller image (`host:port/path:tag`).
+    pub controller_image: &'a str,
+    /// The real node is tainted (the tests' variant): tolerate it.
+    pub tainted: bool,
+    /// Namespaces where ImageBuilds will live: the chart creates the build
+    /// ServiceAccount there.
+    pub build_namespaces: &'a [&'a str],
+}
+
 /// The `--set` arguments that point the chart at an environment: the
 /// controller image given, the buildd image (also the agent's), the
 /// kubelet's root directory (the seccomp DaemonSet writes the profile
 /// there), the controller Pods on the real node (kwok's simulated nodes
-/// would take them otherwise), tolerating its taint in the tests' variant.
-pub fn values(info: &EnvInfo, controller_image: &str, tainted: bool) -> Vec<String> {
+/// would take them otherwise), tolerating its taint in the tests' variant,
+/// and the build ServiceAccount in the namespaces of the builds.
+pub fn values(v: &ChartValues<'_>) -> Vec<String> {
+    let ChartValues {
+        info,
+        controller_image,
+        tainted,
+        build_namespaces,
+    } = v;
     let (repository, tag) = split_image(controller_image);
     let mut set = vec![
         format!("image.repository={repository}"),
@@ -87,7 +108,10 @@ pub fn values(info: &EnvInfo, controller_image: &str, tainted: bool) -> Vec<Stri
         ),
         format!("nodeSelector.kubernetes\\.io/hostname={NODE_NAME}"),
     ];
-    if tainted {
+    for (i, ns) in build_namespaces.iter().enumerate() {
+        set.push(format!("buildServiceAccount.namespaces[{i}]={ns}"));
+    }
+    if *tainted {
         set.extend([
             format!("tolerations[0].key={REAL_NODE_TAINT}"),
             "tolerations[0].operator=Exists".to_string(),

@@ -473,7 +473,12 @@ async fn install_chart(dir: &Path) -> Result<(), DevError> {
     .iter()
     .map(|s| s.to_string())
     .collect();
-    args.extend(crate::chart::values(&info, &controller_image, false));
+    args.extend(crate::chart::values(&crate::chart::ChartValues {
+        info: &info,
+        controller_image: &controller_image,
+        tainted: false,
+        build_namespaces: &["default"],
+    }));
     helm.run(&args)?;
     println!(
         "Installed in {:.1}s: `kubectl -n {ns} get deploy,pods,endpointslices` shows the controller replicas and the leader's endpoint.",

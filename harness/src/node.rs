@@ -80,6 +80,11 @@ const SYSCTLS: [&str; 9] = [
     "net/bridge/bridge-nf-call-iptables",
     "net/ipv4/conf/all/route_localnet",
 ];
+/// sysctls the node needs while it runs, as a Kubernetes node has them:
+/// Service traffic from a Pod is routed by the host (DNAT to another Pod
+/// on the same bridge), and bridged packets pass iptables (kube-proxy).
+/// Set at start, restored only at teardown.
+const NODE_SYSCTLS: [&str; 2] = ["net/ipv4/ip_forward", "net/bridge/bridge-nf-call-iptables"];
 /// Directories the kubelet and libcni write outside their roots.
 const OUTSIDE_DIRS: [&str; 4] = [
     "/var/lib/kubelet/device-plugins",
@@ -287,6 +292,15 @@ impl Host {
         sh("ip", &["link", "add", BRIDGE, "type", "bridge"])?;
         sh("ip", &["addr", "add", &gateway, "dev", BRIDGE])?;
         sh("ip", &["link", "set", BRIDGE, "up"])?;
+        // br_netfilter provides the bridge sysctl (the CNI bridge plugin
+        // would load it later); the egress rule below keeps forwarding
+        // inside the Pod network.
+        sh_quiet("modprobe", &["br_netfilter"]);
+        for name in NODE_SYSCTLS {
+            if let Err(e) = fs::write(sysctl_path(name), "1") {
+                tracing::warn!("set {name}: {e} (Services between Pods may not route)");
+            }
+        }
         sh(
             "iptables",
             &[
@@ -309,9 +323,10 @@ impl Host {
     }
 
     /// Restores the sysctls recorded before the node started (the kubelet
-    /// changes some at start).
+    /// changes some at start), except those the node needs while it runs
+    /// ([`NODE_SYSCTLS`]), which the teardown restores.
     pub fn restore_sysctls(&self) {
-        restore_sysctls(&self.record);
+        restore_sysctls(&self.record, &NODE_SYSCTLS);
     }
 
     /// Undoes everything the node did to the host. Idempotent.
@@ -417,12 +432,23 @@ fn restore_iptables(save: &str, restore: &str, snapshot: &str) -> Result<(), Str
                 body.push_str(&format!("-D {}\n", &line[3..]));
             }
         }
-        for line in lines.iter().filter(|l| l.starts_with(':')) {
-            let chain = line[1..].split_whitespace().next().unwrap_or_default();
-            let existed = old.iter().any(|o| o.starts_with(&format!(":{chain} ")));
-            if !existed && (chain.starts_with("KUBE-") || chain.starts_with("CNI-")) {
-                body.push_str(&format!("-F {chain}\n-X {chain}\n"));
-            }
+        // Every new chain is flushed before any is deleted: kube-proxy's
+        // chains jump to each other, and a chain still referenced cannot
+        // go (which would fail the whole table's COMMIT).
+        let new_chains: Vec<&str> = lines
+            .iter()
+            .filter(|l| l.starts_with(':'))
+            .map(|l| l[1..].split_whitespace().next().unwrap_or_default())
+            .filter(|chain| {
+                let existed = old.iter().any(|o| o.starts_with(&format!(":{chain} ")));
+                !existed && (chain.starts_with("KUBE-") || chain.starts_with("CNI-"))
+            })
+            .collect();
+        for chain in &new_chains {
+            body.push_str(&format!("-F {chain}\n"));
+        }
+        for chain in &new_chains {
+            body.push_str(&format!("-X {chain}\n"));
         }
         if !body.is_empty() {
             script.push_str(&format!("*{table}\n{body}COMMIT\n"));
@@ -457,8 +483,11 @@ fn restore_iptables(save: &str, restore: &str, snapshot: &str) -> Result<(), Str
     }
 }
 
-fn restore_sysctls(record: &HostRecord) {
+fn restore_sysctls(record: &HostRecord, keep: &[&str]) {
     for (name, value) in &record.sysctls {
+        if keep.contains(&name.as_str()) {
+            continue;
+        }
         let path = sysctl_path(name);
         if fs::read_to_string(&path).is_ok_and(|v| v.trim() != value)
             && let Err(e) = fs::write(&path, value)
@@ -614,7 +643,7 @@ fn teardown(record: &HostRecord) {
             tracing::warn!("iptables not fully restored: {e}");
         }
     }
-    restore_sysctls(record);
+    restore_sysctls(record, &[]);
     // Deepest first; a directory that existed before stays.
     for dir in OUTSIDE_DIRS {
         if record.outside_dirs.get(dir) == Some(&false) {
