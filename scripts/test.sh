@@ -49,6 +49,8 @@ bash testenv/helm.sh >/dev/null
 bash testenv/crane.sh >/dev/null
 step "CoreDNS (~2 minutes the first time)"
 bash testenv/coredns.sh >/dev/null
+step "Flux kustomize-controller (~3 minutes the first time)"
+bash testenv/flux.sh >/dev/null
 step "BuildKit: buildkitd and buildctl (~2 minutes the first time)"
 bash testenv/buildkit.sh >/dev/null
 # tripod.exe and BuildKit's Windows binaries, run under Wine by

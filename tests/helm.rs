@@ -561,9 +561,18 @@ async fn chart_lints_installs_upgrades_and_uninstalls() {
         env_vars,
         [
             ("POD_NAME", "metadata.name"),
-            ("POD_NAMESPACE", "metadata.namespace")
+            ("POD_NAMESPACE", "metadata.namespace"),
+            ("POD_IP", "status.podIP"),
+            ("POD_UID", "metadata.uid"),
         ]
     );
+    // The Service selects nothing: the leader writes its endpoint.
+    assert!(
+        env.json(&["get", "-n", NS, "service", "tripod"])["spec"]["selector"].is_null(),
+        "the executor Service must not select replicas (every replica is Ready)"
+    );
+    let pdb = env.json(&["get", "-n", NS, "pdb", "tripod"]);
+    assert_eq!(pdb["spec"]["maxUnavailable"], 1, "{pdb}");
     let svc = env.json(&["get", "-n", NS, "service", "tripod"]);
     let ports: BTreeSet<(String, i64)> = svc["spec"]["ports"]
         .as_array()
@@ -582,10 +591,6 @@ async fn chart_lints_installs_upgrades_and_uninstalls() {
             ("executor".to_string(), 9443),
             ("metrics".to_string(), 8080)
         ])
-    );
-    assert_eq!(
-        svc["spec"]["selector"], deploy["spec"]["selector"]["matchLabels"],
-        "the Service selects the controller Pods"
     );
     let build_sa = env.json(&["get", "-n", NS, "serviceaccount", "tripod-build"]);
     assert_eq!(build_sa["automountServiceAccountToken"], false);
@@ -777,7 +782,10 @@ fn run_as_chart_service_account(env: &Env, dir: &Path, deploy: &serde_json::Valu
         .iter()
         .map(|e| e["name"].as_str().unwrap())
         .collect();
-    assert_eq!(env_names, ["POD_NAME", "POD_NAMESPACE"]);
+    assert_eq!(
+        env_names,
+        ["POD_NAME", "POD_NAMESPACE", "POD_IP", "POD_UID"]
+    );
 
     let log_path = dir.join("controller-sa.log");
     let log = std::fs::File::create(&log_path).unwrap();
@@ -786,6 +794,9 @@ fn run_as_chart_service_account(env: &Env, dir: &Path, deploy: &serde_json::Valu
         .env("KUBECONFIG", &kubeconfig_path)
         .env("POD_NAME", "tripod-0")
         .env("POD_NAMESPACE", NS)
+        // No Pod exists here: an address for the leader's EndpointSlice,
+        // and no UID (an owner that does not exist would have it collected).
+        .env("POD_IP", "10.88.0.77")
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
         .stderr(log);
@@ -812,6 +823,23 @@ fn run_as_chart_service_account(env: &Env, dir: &Path, deploy: &serde_json::Valu
         log_tail()
     );
     env.kubectl(&["get", "-n", NS, "secret", "tripod-executor-tls"]);
+    // The leader publishes itself as the Service's endpoint.
+    let endpoints = || {
+        env.kubectl(&[
+            "get",
+            "-n",
+            NS,
+            "endpointslice",
+            "tripod-leader",
+            "-o",
+            "jsonpath={.metadata.labels.kubernetes\\.io/service-name} {.endpoints[*].addresses[*]}",
+        ])
+    };
+    wait_until(
+        "the leader's EndpointSlice",
+        Duration::from_secs(30),
+        || endpoints() == "tripod 10.88.0.77",
+    );
 
     wait_until(
         "the hello build Pod and its token Secret",
@@ -858,4 +886,6 @@ fn run_as_chart_service_account(env: &Env, dir: &Path, deploy: &serde_json::Valu
         .args(["-TERM", &child.id().to_string()])
         .status();
     let _ = child.wait();
+    // Stepping down, it left no address behind.
+    assert_eq!(endpoints(), "tripod ", "{}", log_tail());
 }

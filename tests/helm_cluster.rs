@@ -302,6 +302,9 @@ async fn helm_installs_an_operator_that_builds_upgrades_and_uninstalls() {
         "helm install → controller available: {install_seconds:.1}s; → first verified digest: {first_digest_seconds:.1}s"
     );
 
+    // --- Flux applies an ImageBuild and reports its health -----------------
+    flux_reads_imagebuild_health(&env, &registry).await;
+
     // --- helm upgrade to a new controller image while a build runs ---------
     let (repo, _) = tripod_harness::chart::split_image(&controller_image);
     let upgraded_image = format!("{repo}:upgraded");
@@ -522,4 +525,255 @@ fn copy_dir(from: &Path, to: &Path) {
             std::fs::copy(entry.path(), target).unwrap();
         }
     }
+}
+
+/// A process killed when the test ends (however it ends).
+struct Killed(std::process::Child);
+
+impl Killed {
+    /// Panics, quoting the log's end, when the process has exited.
+    fn assert_running(&mut self, log: &Path) {
+        if let Ok(Some(status)) = self.0.try_wait() {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(10).collect();
+            panic!("{} exited ({status}): {tail:#?}", log.display());
+        }
+    }
+}
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Serves `body()` to every GET on loopback (an artifact server, as
+/// source-controller would be); returns the port.
+async fn serve_artifact(body: std::sync::Arc<std::sync::Mutex<Vec<u8>>>) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let body = body.lock().unwrap().clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/gzip\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = s.write_all(head.as_bytes()).await;
+                let _ = s.write_all(&body).await;
+            });
+        }
+    });
+    port
+}
+
+/// A gzipped tarball holding `files`, and its sha256 digest.
+fn tarball(dir: &Path, files: &[(&str, &str)]) -> (Vec<u8>, String) {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).unwrap();
+    for (name, text) in files {
+        std::fs::write(dir.join(name), text).unwrap();
+    }
+    let out = Command::new("tar")
+        .args([
+            "--sort=name",
+            "--mtime=@0",
+            "--owner=0",
+            "--group=0",
+            "-czf",
+            "-",
+            "-C",
+        ])
+        .arg(dir)
+        .arg(".")
+        .output()
+        .expect("tar");
+    assert!(out.status.success());
+    let digest = tripod::index::digest_of(&out.stdout);
+    (out.stdout, digest)
+}
+
+/// Points the ExternalArtifact at the tarball now served.
+fn publish_artifact(env: &TestEnv, port: u16, digest: &str, size: usize) {
+    let revision = format!("latest@{digest}");
+    let patch = serde_json::json!({"status": {"artifact": {
+        "path": "tripod/examples.tar.gz",
+        "url": format!("http://127.0.0.1:{port}/examples.tar.gz"),
+        "revision": revision,
+        "digest": digest,
+        "size": size,
+        "lastUpdateTime": jiff::Timestamp::now().to_string(),
+    }}});
+    let (ok, out) = env.kubectl(
+        &[
+            "patch",
+            "externalartifact/tripod-examples",
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            &patch.to_string(),
+        ],
+        None,
+    );
+    assert!(ok, "{out}");
+}
+
+/// The Kustomization's Ready condition: (status, reason, message).
+fn kustomization_ready(env: &TestEnv) -> Option<(String, String, String)> {
+    let (ok, out) = env.kubectl(
+        &["get", "kustomization/tripod-examples", "-o", "json"],
+        None,
+    );
+    if !ok {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_str(&out).ok()?;
+    let c = v["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == "Ready")?
+        .clone();
+    Some((
+        c["status"].as_str()?.to_string(),
+        c["reason"].as_str()?.to_string(),
+        c["message"].as_str()?.to_string(),
+    ))
+}
+
+/// Flux's kustomize-controller (built from its Go module, `testenv/flux.sh`)
+/// applies an ImageBuild from an artifact and waits for it with its own
+/// health checks (kstatus on Tripod's conditions): Ready once the build
+/// succeeded; not Ready, naming the ImageBuild, when a new revision's build
+/// fails.
+async fn flux_reads_imagebuild_health(env: &TestEnv, registry: &str) {
+    let flux = PathBuf::from(
+        tripod_harness::scripts::script(&repo_root(), "flux.sh", &[])
+            .expect("flux.sh")
+            .trim(),
+    );
+    let (ok, out) = env.kubectl(
+        &[
+            "apply",
+            "--server-side",
+            "-f",
+            &flux.join("crds").display().to_string(),
+        ],
+        None,
+    );
+    assert!(ok, "{out}");
+    for crd in [
+        "kustomizations.kustomize.toolkit.fluxcd.io",
+        "externalartifacts.source.toolkit.fluxcd.io",
+    ] {
+        let (ok, out) = env.wait_for("condition=Established", &format!("crd/{crd}"), "60s");
+        assert!(ok, "{out}");
+    }
+    let log = env.shared.dir.join("kustomize-controller.log");
+    let out = std::fs::File::create(&log).unwrap();
+    let mut cmd = tripod_harness::process::supervised_command(flux.join("kustomize-controller"));
+    cmd.args([
+        "--feature-gates=ExternalArtifact=true",
+        "--watch-all-namespaces=true",
+        "--enable-leader-election=false",
+        "--no-remote-bases=true",
+        &format!("--metrics-addr=127.0.0.1:{}", common::free_port()),
+        &format!("--health-addr=127.0.0.1:{}", common::free_port()),
+        "--log-level=info",
+    ])
+    .env("KUBECONFIG", &env.shared.kubeconfig)
+    .stdout(out.try_clone().unwrap())
+    .stderr(out)
+    .stdin(std::process::Stdio::null());
+    let mut controller =
+        Killed(tripod_harness::process::spawn_supervised(cmd).expect("start kustomize-controller"));
+
+    let body = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let port = serve_artifact(body.clone()).await;
+    let dir = env.shared.dir.join("flux-artifact");
+    let manifest = real_node_build("flux", registry, "FROM BASE\nCOPY hello.txt /\n", "");
+    let (tgz, digest) = tarball(&dir, &[("imagebuild.yaml", &manifest)]);
+    let size = tgz.len();
+    *body.lock().unwrap() = tgz;
+    env.apply(
+        "apiVersion: source.toolkit.fluxcd.io/v1\nkind: ExternalArtifact\nmetadata:\n  name: tripod-examples\nspec: {}\n",
+    );
+    publish_artifact(env, port, &digest, size);
+    env.apply(&format!(
+        "apiVersion: kustomize.toolkit.fluxcd.io/v1
+kind: Kustomization
+metadata:
+  name: tripod-examples
+spec:
+  interval: 10s
+  retryInterval: 5s
+  path: ./
+  prune: true
+  wait: true
+  timeout: 2m
+  targetNamespace: {ns}
+  sourceRef:
+    kind: ExternalArtifact
+    name: tripod-examples
+",
+        ns = env.ns
+    ));
+    let ready = eventually("Flux reports the Kustomization Ready", WAIT, || {
+        controller.assert_running(&log);
+        async { kustomization_ready(env).filter(|(status, _, _)| status == "True") }
+    })
+    .await;
+    // Flux waited for the build: by the time it says Ready, the digest is in.
+    let ib = env.builds().get("flux").await.unwrap();
+    let status = ib.status.expect("status");
+    assert_eq!(status.phase, Some(Phase::Succeeded), "{ready:?}");
+    let pinned = status.image.expect("image");
+    assert_eq!(
+        crane_run(&["digest", &format!("{registry}/team/flux:1")]),
+        pinned.digest
+    );
+    assert!(ready.2.contains(&digest), "{ready:?}");
+
+    // A new revision whose build fails: Flux says so, naming the ImageBuild.
+    let failing = real_node_build(
+        "flux",
+        registry,
+        "FROM BASE\nRUN exit 3\n",
+        "  retries: 0\n",
+    );
+    let (tgz, digest2) = tarball(&dir, &[("imagebuild.yaml", &failing)]);
+    let size = tgz.len();
+    *body.lock().unwrap() = tgz;
+    publish_artifact(env, port, &digest2, size);
+    let (_, reason, message) = eventually("Flux reports the failed build", WAIT, || {
+        controller.assert_running(&log);
+        async {
+            kustomization_ready(env)
+                .filter(|(status, _, message)| status == "False" && message.contains("ImageBuild"))
+        }
+    })
+    .await;
+    assert!(
+        message.contains("flux") && reason == "HealthCheckFailed",
+        "{reason}: {message}"
+    );
+    // Deleting the Kustomization (`prune: true`) deletes what it applied.
+    let (ok, out) = env.kubectl(
+        &["delete", "kustomization/tripod-examples", "--wait=true"],
+        None,
+    );
+    assert!(ok, "{out}");
+    eventually("Flux pruned its ImageBuild", WAIT, || async {
+        env.builds()
+            .get_opt("flux")
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await;
 }
