@@ -30,12 +30,14 @@ pub enum HttpError {
 /// What the endpoints report on.
 #[derive(Clone)]
 pub struct Health {
-    /// True while this replica leads (or stops leading: it is then not
-    /// ready until it exits).
+    /// True while this replica leads (and while it stops leading: it is
+    /// then not ready until it exits).
     pub leading: Arc<AtomicBool>,
-    /// True once the leader's watches have synced (false again while it
-    /// stops).
+    /// True once the leader's watches have synced; false again as soon as
+    /// it stops.
     pub synced: Arc<AtomicBool>,
+    /// True while a standby's last Lease attempt reached the API server.
+    pub standing_by: Arc<AtomicBool>,
     /// The metrics to expose.
     pub metrics: Metrics,
 }
@@ -59,20 +61,27 @@ async fn healthz() -> &'static str {
     "ok\n"
 }
 
-/// Ready: a standby (ready to take over), or the leader once its watches
-/// have synced. Not ready: a leader still loading its caches or stopping.
-/// Which replica leads is in the Lease and the metric `tripod_leader`.
+/// Ready: a standby that reaches the API server (ready to take over), or
+/// the leader once its watches have synced. Not ready: a replica that has
+/// not reached the API server yet (or lost it), a leader still loading its
+/// caches, a replica stopping. Which replica leads is in the Lease and the
+/// metric `tripod_leader`.
 async fn readyz(State(h): State<Health>) -> (StatusCode, &'static str) {
-    match (
-        h.leading.load(Ordering::SeqCst),
-        h.synced.load(Ordering::SeqCst),
-    ) {
-        (false, _) => (StatusCode::OK, "ok: standing by\n"),
-        (true, true) => (StatusCode::OK, "ok: leading\n"),
-        (true, false) => (
+    let leading = h.leading.load(Ordering::SeqCst);
+    if leading && h.synced.load(Ordering::SeqCst) {
+        (StatusCode::OK, "ok: leading\n")
+    } else if leading {
+        (
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: leading, watches not synced (or stopping)\n",
-        ),
+        )
+    } else if h.standing_by.load(Ordering::SeqCst) {
+        (StatusCode::OK, "ok: standing by\n")
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: the leader Lease has not been read yet\n",
+        )
     }
 }
 

@@ -11,6 +11,7 @@
 //! live Lease look expired. Writes use the Lease's resourceVersion, so two
 //! replicas can never both win the same round.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -120,6 +121,7 @@ pub struct LeaderElector {
     api: Api<Lease>,
     cfg: LeaseConfig,
     observed: Arc<Mutex<Option<Observation>>>,
+    standing_by: Arc<AtomicBool>,
 }
 
 fn is_conflict(e: &kube::Error) -> bool {
@@ -133,7 +135,15 @@ impl LeaderElector {
             api: Api::namespaced(client, &cfg.namespace),
             cfg,
             observed: Arc::new(Mutex::new(None)),
+            standing_by: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// True while [`Self::acquire`] waits and its last attempt reached the
+    /// API server (another replica leads): a standby that could take over.
+    /// False before the first answer and after a failed attempt.
+    pub fn standing_by(&self) -> Arc<AtomicBool> {
+        self.standing_by.clone()
     }
 
     /// The settings.
@@ -245,14 +255,21 @@ impl LeaderElector {
         loop {
             let started = tokio::time::Instant::now();
             match self.try_acquire_or_renew().await {
-                Ok(true) => return Ok(started),
+                Ok(true) => {
+                    self.standing_by.store(false, Ordering::SeqCst);
+                    return Ok(started);
+                }
                 Ok(false) => {
+                    self.standing_by.store(true, Ordering::SeqCst);
                     if !logged {
                         tracing::info!(lease = %self.cfg.name, "another replica leads; standing by");
                         logged = true;
                     }
                 }
-                Err(e) => tracing::warn!(error = %e, "leader election failed; retrying"),
+                Err(e) => {
+                    self.standing_by.store(false, Ordering::SeqCst);
+                    tracing::warn!(error = %e, "leader election failed; retrying");
+                }
             }
             tokio::time::sleep(self.cfg.renew_every).await;
         }

@@ -85,7 +85,7 @@ impl Metrics {
         )?;
         let leader = IntGauge::new(
             "tripod_leader",
-            "1 while this replica holds the leader Lease, else 0.",
+            "Whether this replica holds the leader Lease (1) or stands by (0).",
         )?;
         registry.register(Box::new(leader.clone()))?;
         registry.register(Box::new(builds_total.clone()))?;

@@ -385,7 +385,7 @@ async fn chart_lints_installs_upgrades_and_uninstalls() {
         "{policies}"
     );
 
-    // ServiceMonitor only on request.
+    // PodMonitor only on request.
     let rendered = env.helm(&["template", "tripod", chart, "-n", NS]);
     // Build Pods' buildd runs under the Localhost seccomp profile that the
     // chart's DaemonSet writes into every Linux node's kubelet directory.
@@ -432,7 +432,7 @@ async fn chart_lints_installs_upgrades_and_uninstalls() {
         "buildPods.seccompProfile=Unconfined",
     ]);
     assert!(!without.contains("kind: DaemonSet") && without.contains("\"Unconfined\""));
-    assert!(!rendered.contains("kind: ServiceMonitor"));
+    assert!(!rendered.contains("kind: PodMonitor"));
     let with_sm = env.helm(&[
         "template",
         "tripod",
@@ -440,9 +440,9 @@ async fn chart_lints_installs_upgrades_and_uninstalls() {
         "-n",
         NS,
         "--set",
-        "serviceMonitor.enabled=true",
+        "podMonitor.enabled=true",
     ]);
-    assert!(with_sm.contains("kind: ServiceMonitor"));
+    assert!(with_sm.contains("kind: PodMonitor"));
 
     // The rendered manifests pass the API server's validation and admission.
     env.kubectl(&["create", "namespace", NS]);
@@ -803,6 +803,17 @@ fn run_as_chart_service_account(env: &Env, dir: &Path, deploy: &serde_json::Valu
     let mut child = testenv::spawn_supervised(cmd).unwrap();
     let log_tail = || std::fs::read_to_string(&log_path).unwrap_or_default();
 
+    // It leads (a standby is Ready too) and has synced.
+    wait_until("the controller leads", Duration::from_secs(60), || {
+        let out = Command::new("curl")
+            .args(["-s"])
+            .arg(format!("http://127.0.0.1:{metrics}/metrics"))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .any(|l| l == "tripod_leader 1")
+    });
     wait_until(
         "the controller's /readyz answers 200",
         Duration::from_secs(60),
@@ -825,15 +836,20 @@ fn run_as_chart_service_account(env: &Env, dir: &Path, deploy: &serde_json::Valu
     env.kubectl(&["get", "-n", NS, "secret", "tripod-executor-tls"]);
     // The leader publishes itself as the Service's endpoint.
     let endpoints = || {
-        env.kubectl(&[
-            "get",
-            "-n",
-            NS,
-            "endpointslice",
-            "tripod-leader",
-            "-o",
-            "jsonpath={.metadata.labels.kubernetes\\.io/service-name} {.endpoints[*].addresses[*]}",
-        ])
+        env.try_run(
+            &env.kubectl,
+            &[
+                "get",
+                "-n",
+                NS,
+                "endpointslice",
+                "tripod-leader",
+                "-o",
+                "jsonpath={.metadata.labels.kubernetes\\.io/service-name} {.endpoints[*].addresses[*]}",
+            ],
+            None,
+        )
+        .1
     };
     wait_until(
         "the leader's EndpointSlice",

@@ -108,6 +108,14 @@ struct HostRecord {
     sysctls: BTreeMap<String, String>,
     /// Whether each of [`OUTSIDE_DIRS`] existed before.
     outside_dirs: BTreeMap<String, bool>,
+    /// Whether bridge netfilter (`br_netfilter`) was loaded before; the
+    /// teardown unloads it otherwise.
+    #[serde(default = "loaded")]
+    bridge_netfilter: bool,
+}
+
+fn loaded() -> bool {
+    true
 }
 
 /// The host side of a real node: the lock, the recorded host state, the
@@ -256,6 +264,7 @@ impl Host {
             data_dir: data_dir.to_path_buf(),
             sysctls,
             outside_dirs,
+            bridge_netfilter: Path::new("/proc/sys/net/bridge").exists(),
         };
         for (cmd, file) in [
             ("iptables-save", "iptables"),
@@ -644,6 +653,9 @@ fn teardown(record: &HostRecord) {
         }
     }
     restore_sysctls(record, &[]);
+    if !record.bridge_netfilter {
+        sh_quiet("modprobe", &["-r", "br_netfilter"]);
+    }
     // Deepest first; a directory that existed before stays.
     for dir in OUTSIDE_DIRS {
         if record.outside_dirs.get(dir) == Some(&false) {

@@ -5,18 +5,26 @@
 //! replicas by readiness. The chart's Service has no selector instead: the
 //! leader, once its watches have synced, writes one EndpointSlice for it
 //! (as kube-apiserver does for the `kubernetes` Service) holding its own
-//! Pod IP, and empties it when it stops leading on purpose. The slice is
-//! owned by the leader's Pod: when that Pod goes (a crash and deletion, an
+//! Pod IP, keeps it there (it watches the slice and writes it again when a
+//! former leader's late write or the garbage collector changed it), and
+//! empties it the moment it stops leading on purpose. The slice is owned by
+//! the leader's Pod: when that Pod goes (a crash and deletion, an
 //! uninstall), the garbage collector removes its address too; agents retry
 //! until the next leader publishes.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::api::{Patch, PatchParams};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
+use tokio::sync::watch::Receiver;
 
 use super::FIELD_MANAGER;
 
@@ -71,6 +79,13 @@ impl LeaderEndpoint {
         let endpoints = if leading {
             vec![Endpoint {
                 addresses: vec![self.address.to_string()],
+                target_ref: self.pod.as_ref().map(|(name, uid)| ObjectReference {
+                    kind: Some("Pod".into()),
+                    name: Some(name.clone()),
+                    namespace: Some(self.namespace.clone()),
+                    uid: Some(uid.clone()),
+                    ..Default::default()
+                }),
                 conditions: Some(EndpointConditions {
                     ready: Some(true),
                     serving: Some(true),
@@ -116,6 +131,82 @@ impl LeaderEndpoint {
                     })
                     .collect(),
             ),
+        }
+    }
+
+    /// Whether `slice` sends traffic to this replica alone.
+    pub fn holds(&self, slice: &EndpointSlice) -> bool {
+        let addresses: Vec<&str> = slice
+            .endpoints
+            .iter()
+            .flatten()
+            .flat_map(|e| e.addresses.iter().map(String::as_str))
+            .collect();
+        addresses == [self.address.to_string().as_str()]
+    }
+
+    /// Publishes this replica's address and keeps it published until
+    /// `stop`: watches the slice and writes it again when it is deleted or
+    /// holds another address. Then empties it, unless the Lease was `lost`
+    /// (the next leader may have published itself already).
+    pub async fn keep(&self, client: &Client, mut stop: Receiver<bool>, lost: Receiver<bool>) {
+        let api: Api<EndpointSlice> = Api::namespaced(client.clone(), &self.namespace);
+        let config =
+            watcher::Config::default().fields(&format!("metadata.name={}", self.slice_name()));
+        let mut events = watcher(api, config).default_backoff().boxed();
+        let mut wait = Duration::from_millis(200);
+        let mut needs_write = true;
+        loop {
+            if *stop.borrow() {
+                break;
+            }
+            if needs_write {
+                match self.publish(client, true).await {
+                    Ok(()) => {
+                        tracing::info!(
+                            service = %self.service,
+                            address = %self.address,
+                            "published the executor endpoint"
+                        );
+                        needs_write = false;
+                        wait = Duration::from_millis(200);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, retry_in = ?wait, "could not publish the executor endpoint");
+                        tokio::select! {
+                            _ = tokio::time::sleep(wait) => {}
+                            _ = stop.wait_for(|s| *s) => break,
+                        }
+                        wait = (wait * 2).min(Duration::from_secs(30));
+                        continue;
+                    }
+                }
+            }
+            tokio::select! {
+                _ = stop.wait_for(|s| *s) => break,
+                event = events.next() => match event {
+                    Some(Ok(watcher::Event::Apply(s) | watcher::Event::InitApply(s))) => {
+                        if !self.holds(&s) {
+                            tracing::warn!(slice = %self.slice_name(), "the executor endpoint was changed; publishing it again");
+                            needs_write = true;
+                        }
+                    }
+                    Some(Ok(watcher::Event::Delete(_))) => {
+                        tracing::warn!(slice = %self.slice_name(), "the executor endpoint was deleted; publishing it again");
+                        needs_write = true;
+                    }
+                    Some(Ok(watcher::Event::Init | watcher::Event::InitDone)) => {}
+                    Some(Err(e)) => tracing::debug!(error = %e, "executor endpoint watch failed; retrying"),
+                    None => break,
+                },
+            }
+        }
+        if *lost.borrow() {
+            return;
+        }
+        match self.publish(client, false).await {
+            Ok(()) => tracing::info!(service = %self.service, "withdrew the executor endpoint"),
+            Err(e) => tracing::warn!(error = %e, "could not withdraw the executor endpoint"),
         }
     }
 
@@ -173,6 +264,22 @@ mod tests {
             ("Pod", "tripod-abc")
         );
         assert_eq!(owner.uid, "uid-1");
+    }
+
+    #[test]
+    fn only_a_slice_of_this_address_alone_is_held() {
+        let e = endpoint();
+        assert!(e.holds(&e.slice(true)));
+        assert!(!e.holds(&e.slice(false)));
+        let mut other = endpoint();
+        other.address = "10.88.0.9".parse().unwrap();
+        assert!(!e.holds(&other.slice(true)));
+        let mut both = e.slice(true);
+        both.endpoints
+            .as_mut()
+            .unwrap()
+            .extend(other.slice(true).endpoints.unwrap());
+        assert!(!e.holds(&both));
     }
 
     #[test]

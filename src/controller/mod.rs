@@ -325,16 +325,6 @@ pub async fn run(cfg: ControllerConfig) -> Result<(), ControllerError> {
     let metrics = Metrics::new()?;
     let ready = Arc::new(AtomicBool::new(false));
     let leading = Arc::new(AtomicBool::new(false));
-    let bound = http::serve(
-        cfg.metrics_address,
-        Health {
-            leading: leading.clone(),
-            synced: ready.clone(),
-            metrics: metrics.clone(),
-        },
-    )
-    .await?;
-    tracing::info!(%bound, "serving /metrics, /healthz, /readyz");
 
     let identity = cfg.identity.clone().unwrap_or_else(|| {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -357,6 +347,17 @@ pub async fn run(cfg: ControllerConfig) -> Result<(), ControllerError> {
     };
     lease.validate()?;
     let elector = LeaderElector::new(client.clone(), lease);
+    let bound = http::serve(
+        cfg.metrics_address,
+        Health {
+            leading: leading.clone(),
+            synced: ready.clone(),
+            standing_by: elector.standing_by(),
+            metrics: metrics.clone(),
+        },
+    )
+    .await?;
+    tracing::info!(%bound, "serving /metrics, /healthz, /readyz");
 
     let shutdown = shutdown_signal()?;
     // `true` once this replica stops: on SIGTERM/SIGINT, or when it can no
@@ -579,7 +580,8 @@ pub async fn run(cfg: ControllerConfig) -> Result<(), ControllerError> {
         let leases = lease_store.clone();
         let client = client.clone();
         let endpoint = endpoint.clone();
-        let mut stop = stop_rx.clone();
+        let stop = stop_rx.clone();
+        let lost = lost_rx.clone();
         tokio::spawn(
             async move {
                 if let Err(e) = synced(&builds).await {
@@ -597,13 +599,22 @@ pub async fn run(cfg: ControllerConfig) -> Result<(), ControllerError> {
                 ready.store(true, Ordering::SeqCst);
                 tracing::info!("watches synced; ready");
                 if let Some(endpoint) = endpoint {
-                    publish_endpoint(&client, &endpoint, &mut stop).await;
+                    endpoint.keep(&client, stop, lost).await;
                 }
             }
             .instrument(tracing::info_span!("readiness")),
         );
     }
 
+    // Not ready from the moment it stops (its executor service stops then).
+    {
+        let ready = ready.clone();
+        let mut stopping = stop_rx.clone();
+        tokio::spawn(async move {
+            let _ = stopping.wait_for(|s| *s).await;
+            ready.store(false, Ordering::SeqCst);
+        });
+    }
     let stop = {
         let mut stopping = stop_rx.clone();
         async move {
@@ -644,51 +655,11 @@ pub async fn run(cfg: ControllerConfig) -> Result<(), ControllerError> {
     if *lost_rx.borrow() {
         return Err(ControllerError::LostLeadership(cfg.lease_name));
     }
-    // Agents dial nobody rather than a replica about to exit; the next
-    // leader publishes itself.
-    if let Some(endpoint) = &endpoint
-        && let Err(e) = endpoint.publish(&client, false).await
-    {
-        tracing::warn!(error = %e, "could not withdraw the executor endpoint");
-    }
     if let Err(e) = elector.release().await {
         tracing::warn!(error = %e, "could not release the lease");
     }
     tracing::info!("stopped");
     Ok(())
-}
-
-/// Publishes the leader's executor endpoint, retrying with backoff (up to
-/// 30 s between tries) until it is written or this replica stops.
-async fn publish_endpoint(
-    client: &Client,
-    endpoint: &endpoint::LeaderEndpoint,
-    stop: &mut tokio::sync::watch::Receiver<bool>,
-) {
-    let mut wait = Duration::from_millis(200);
-    loop {
-        if *stop.borrow() {
-            return;
-        }
-        match endpoint.publish(client, true).await {
-            Ok(()) => {
-                tracing::info!(
-                    service = %endpoint.service,
-                    address = %endpoint.address,
-                    "published the executor endpoint"
-                );
-                return;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, retry_in = ?wait, "could not publish the executor endpoint")
-            }
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
-            _ = stop.wait_for(|s| *s) => return,
-        }
-        wait = (wait * 2).min(Duration::from_secs(30));
-    }
 }
 
 /// How long in-flight reconciles may take to finish once the Lease is lost.

@@ -73,7 +73,7 @@ async fn only_the_leader_writes_and_a_standby_takes_over() {
     assert!(
         http_get(port_b, "/metrics")
             .await
-            .is_some_and(|r| r.1.contains("tripod_leader 0")),
+            .is_some_and(|r| r.1.lines().any(|l| l == "tripod_leader 0")),
         "replica-b reports itself as leader"
     );
     assert_eq!(holder(&env).await.as_deref(), Some("replica-a"));
@@ -137,6 +137,6 @@ async fn only_the_leader_writes_and_a_standby_takes_over() {
 async fn leads_and_is_ready(port: u16) -> bool {
     let leads = http_get(port, "/metrics")
         .await
-        .is_some_and(|r| r.1.contains("tripod_leader 1"));
+        .is_some_and(|r| r.1.lines().any(|l| l == "tripod_leader 1"));
     leads && http_get(port, "/readyz").await.is_some_and(|r| r.0 == 200)
 }
