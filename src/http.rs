@@ -80,7 +80,7 @@ async fn readyz(State(h): State<Health>) -> (StatusCode, &'static str) {
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: the leader Lease has not been read yet\n",
+            "not ready: standing by, the API server not reached (yet)\n",
         )
     }
 }

@@ -49,7 +49,9 @@ fn dev_up_helm_runs_the_chart_and_builds_through_it() {
             "-c",
             &format!(
                 "{source}kubectl -n tripod-system get deploy tripod -o jsonpath='{{.status.readyReplicas}}' && echo && \
-                 kubectl -n tripod-system get pods -l app.kubernetes.io/name=tripod -o jsonpath='{{.items[*].spec.nodeName}}'"
+                 kubectl -n tripod-system get pods -l app.kubernetes.io/name=tripod -o jsonpath='{{.items[*].spec.nodeName}}' && echo && \
+                 kubectl -n tripod-system get pods -l app.kubernetes.io/name=tripod -o jsonpath='{{.items[*].metadata.name}}' && echo && \
+                 kubectl -n tripod-system get lease tripod-controller -o jsonpath='{{.spec.holderIdentity}}'"
             ),
         ],
     );
@@ -61,6 +63,10 @@ fn dev_up_helm_runs_the_chart_and_builds_through_it() {
         Some("tripod-linux-amd64 tripod-linux-amd64"),
         "{out}"
     );
+    // One of those Pods leads: no controller process of the host's.
+    let pods: Vec<&str> = lines.next().unwrap_or_default().split(' ').collect();
+    let holder = lines.next().unwrap_or_default();
+    assert!(pods.contains(&holder), "{out}");
     // The example went through it: the registry answers the status's digest.
     let digest = up
         .lines()

@@ -509,8 +509,9 @@ async fn helm_installs_an_operator_that_builds_upgrades_and_uninstalls() {
     .await;
 
     // --- the chart's probes and resources, after all that ------------------
-    // No replica was restarted by its liveness probe, and each stays well
-    // within the chart's memory limit (512Mi), as the kubelet measures it.
+    // No replica was restarted by its liveness probe, and each stays within
+    // the memory the chart requests for it (128Mi; the limit is 512Mi), as
+    // the kubelet measures it.
     for p in controller_pods(&client).await {
         let statuses = p.status.as_ref().and_then(|s| s.container_statuses.clone());
         let c = &statuses.expect("container statuses")[0];
@@ -535,7 +536,7 @@ async fn helm_installs_an_operator_that_builds_upgrades_and_uninstalls() {
         for c in pod["containers"].as_array().into_iter().flatten() {
             let bytes = c["memory"]["workingSetBytes"].as_u64().unwrap_or(0);
             eprintln!("{name}/{}: working set {} MiB", c["name"], bytes >> 20);
-            assert!(bytes > 0 && bytes < 512 << 20, "{name}: {bytes} bytes");
+            assert!(bytes > 0 && bytes < 128 << 20, "{name}: {bytes} bytes");
             measured += 1;
         }
     }

@@ -1,7 +1,7 @@
 //! The leader's own EndpointSlice of the executor Service.
 //!
-//! Every replica of the controller is Ready once it runs (a standby is ready
-//! to take over), so the Service that build Pods' agents dial cannot select
+//! Every healthy replica of the controller is Ready (a standby that reaches
+//! the API server is ready to take over), so the Service that build Pods' agents dial cannot select
 //! replicas by readiness. The chart's Service has no selector instead: the
 //! leader, once its watches have synced, writes one EndpointSlice for it
 //! (as kube-apiserver does for the `kubernetes` Service) holding its own
@@ -157,7 +157,9 @@ impl LeaderEndpoint {
         let mut wait = Duration::from_millis(200);
         let mut needs_write = true;
         loop {
-            if *stop.borrow() {
+            // A former leader (paused past its Lease) must not overwrite
+            // the next one's address.
+            if *stop.borrow() || *lost.borrow() {
                 break;
             }
             if needs_write {
@@ -196,7 +198,8 @@ impl LeaderEndpoint {
                         needs_write = true;
                     }
                     Some(Ok(watcher::Event::Init | watcher::Event::InitDone)) => {}
-                    Some(Err(e)) => tracing::debug!(error = %e, "executor endpoint watch failed; retrying"),
+                    // Retried with backoff, which also bounds this log.
+                    Some(Err(e)) => tracing::warn!(error = %e, "executor endpoint watch failed; retrying"),
                     None => break,
                 },
             }

@@ -573,7 +573,7 @@ pub async fn run(cfg: ControllerConfig) -> Result<(), ControllerError> {
         }),
         _ => None,
     };
-    {
+    let readiness = {
         let ready = ready.clone();
         let builds = builds.clone();
         let runners = runner_store.clone();
@@ -584,16 +584,29 @@ pub async fn run(cfg: ControllerConfig) -> Result<(), ControllerError> {
         let lost = lost_rx.clone();
         tokio::spawn(
             async move {
-                if let Err(e) = synced(&builds).await {
-                    tracing::error!(error = %e, "ImageBuild cache never synced");
-                    return;
-                }
-                if let Err(e) = synced(&runners).await {
-                    tracing::error!(error = %e, "BuildRunner cache never synced");
-                    return;
-                }
-                if let Err(e) = synced(&leases).await {
-                    tracing::error!(error = %e, "Lease cache never synced");
+                let all_synced = async {
+                    if let Err(e) = synced(&builds).await {
+                        tracing::error!(error = %e, "ImageBuild cache never synced");
+                        return false;
+                    }
+                    if let Err(e) = synced(&runners).await {
+                        tracing::error!(error = %e, "BuildRunner cache never synced");
+                        return false;
+                    }
+                    if let Err(e) = synced(&leases).await {
+                        tracing::error!(error = %e, "Lease cache never synced");
+                        return false;
+                    }
+                    true
+                };
+                // A replica stopping before its caches loaded never turns
+                // ready nor publishes itself.
+                let mut stopping = stop.clone();
+                let ok = tokio::select! {
+                    ok = all_synced => ok && !*stop.borrow(),
+                    _ = stopping.wait_for(|s| *s) => false,
+                };
+                if !ok {
                     return;
                 }
                 ready.store(true, Ordering::SeqCst);
@@ -603,8 +616,8 @@ pub async fn run(cfg: ControllerConfig) -> Result<(), ControllerError> {
                 }
             }
             .instrument(tracing::info_span!("readiness")),
-        );
-    }
+        )
+    };
 
     // Not ready from the moment it stops (its executor service stops then).
     {
@@ -651,6 +664,15 @@ pub async fn run(cfg: ControllerConfig) -> Result<(), ControllerError> {
         _ = abandon => tracing::warn!("in-flight reconciles abandoned at the end of the grace period"),
     }
     ready.store(false, Ordering::SeqCst);
+    // The executor endpoint is withdrawn (unless the Lease was lost) before
+    // the Lease is released, so the withdrawal cannot land after the next
+    // leader's publish.
+    if tokio::time::timeout(WITHDRAW_TIMEOUT, readiness)
+        .await
+        .is_err()
+    {
+        tracing::warn!("the executor endpoint was not withdrawn in time");
+    }
 
     if *lost_rx.borrow() {
         return Err(ControllerError::LostLeadership(cfg.lease_name));
@@ -662,6 +684,9 @@ pub async fn run(cfg: ControllerConfig) -> Result<(), ControllerError> {
     Ok(())
 }
 
+/// How long a stopping leader waits for its executor endpoint to be
+/// withdrawn before it releases the Lease anyway.
+const WITHDRAW_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long in-flight reconciles may take to finish once the Lease is lost.
 const LOST_LEASE_GRACE: Duration = Duration::from_secs(1);
 /// How long they may take on SIGTERM.
