@@ -616,6 +616,19 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
+/// `charts/tripod/health/flux-healthcheckexprs.yaml`, indented under
+/// `spec.healthCheckExprs`.
+fn health_check_exprs() -> String {
+    let text = std::fs::read_to_string(
+        repo_root().join("charts/tripod/health/flux-healthcheckexprs.yaml"),
+    )
+    .unwrap();
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| format!("    {l}\n"))
+        .collect()
+}
+
 /// A process killed when the test ends (however it ends).
 struct Killed(std::process::Child);
 
@@ -808,8 +821,10 @@ spec:
   sourceRef:
     kind: ExternalArtifact
     name: tripod-examples
-",
-        ns = env.ns
+  healthCheckExprs:
+{exprs}",
+        ns = env.ns,
+        exprs = health_check_exprs(),
     ));
     let ready = eventually("Flux reports the Kustomization Ready", WAIT, || {
         controller.assert_running(&log);
