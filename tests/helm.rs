@@ -217,19 +217,6 @@ fn ensure_helm() -> PathBuf {
     PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
-}
-
 fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
     let started = Instant::now();
     while !check() {
@@ -668,7 +655,7 @@ async fn chart_lints_installs_upgrades_and_uninstalls() {
 
     // Upgrade with a chart whose CRD changed: the cluster's CRD follows.
     let modified = dir.join("chart-upgraded");
-    copy_dir(&chart_dir(), &modified);
+    tripod_harness::chart::copy_dir(&chart_dir(), &modified).unwrap();
     let crds_path = modified.join("templates/crds.yaml");
     let crds = std::fs::read_to_string(&crds_path).unwrap();
     assert!(crds.contains(PRINTER_DESCRIPTION));

@@ -24,7 +24,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, ListParams};
 use kube::{Client, ResourceExt};
 use tripod::api::{ImageBuild, Phase};
-use tripod_harness::chart::{ChartValues, Helm, RELEASE, RELEASE_NAMESPACE, values};
+use tripod_harness::chart::{ChartValues, Helm, RELEASE, RELEASE_NAMESPACE};
 
 const WAIT: Duration = Duration::from_secs(180);
 const NS: &str = RELEASE_NAMESPACE;
@@ -59,28 +59,15 @@ fn install_args(
     info: &tripod_harness::env::EnvInfo,
     build_namespace: &str,
 ) -> Vec<String> {
-    let mut args: Vec<String> = [
-        "upgrade",
-        "--install",
-        RELEASE,
-        &chart.display().to_string(),
-        "--namespace",
-        NS,
-        "--create-namespace",
-        "--wait",
-        "--timeout",
-        "5m",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    args.extend(values(&ChartValues {
-        info,
-        controller_image,
-        tainted: true,
-        build_namespaces: &[build_namespace],
-    }));
-    args
+    tripod_harness::chart::install_args(
+        chart,
+        &ChartValues {
+            info,
+            controller_image,
+            tainted: true,
+            build_namespaces: &[build_namespace],
+        },
+    )
 }
 
 /// The controller Pods of the release.
@@ -130,20 +117,6 @@ async fn leader_other_than(client: &Client, not: Option<&str>) -> Pod {
         (addresses == vec![ip]).then_some(pod)
     })
     .await
-}
-
-/// GET http://ip:port/path from the host (Pod IPs are on the node bridge).
-async fn http_get_at(ip: &str, port: u16, path: &str) -> Option<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect((ip, port)).await.ok()?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {ip}\r\n\r\n").as_bytes())
-        .await
-        .ok()?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await.ok()?;
-    let text = String::from_utf8_lossy(&buf).to_string();
-    let code = text.split_whitespace().nth(1)?.parse().ok()?;
-    Some((code, text.split_once("\r\n\r\n")?.1.to_string()))
 }
 
 fn pod_ip(pod: &Pod) -> String {
@@ -300,9 +273,13 @@ async fn helm_installs_an_operator_that_builds_upgrades_and_uninstalls() {
     let lead = leader(&client).await;
     for p in &pods {
         let ip = pod_ip(p);
-        let (code, _) = http_get_at(&ip, 8080, "/readyz").await.expect("readyz");
+        let (code, _) = common::http_get_at(&ip, 8080, "/readyz")
+            .await
+            .expect("readyz");
         assert_eq!(code, 200, "{} not ready", p.name_any());
-        let (_, metrics) = http_get_at(&ip, 8080, "/metrics").await.expect("metrics");
+        let (_, metrics) = common::http_get_at(&ip, 8080, "/metrics")
+            .await
+            .expect("metrics");
         let leads = p.name_any() == lead.name_any();
         let want = if leads {
             "tripod_leader 1"
@@ -464,7 +441,7 @@ async fn helm_installs_an_operator_that_builds_upgrades_and_uninstalls() {
 
     // --- helm upgrade that changes a CRD ----------------------------------
     let changed = env.shared.dir.join("chart-crd-changed");
-    copy_dir(&chart, &changed);
+    tripod_harness::chart::copy_dir(&chart, &changed).unwrap();
     let crds = changed.join("templates/crds.yaml");
     let text = std::fs::read_to_string(&crds).unwrap();
     const PRINTER: &str = "description: Platforms being built\n";
@@ -601,19 +578,6 @@ async fn helm_installs_an_operator_that_builds_upgrades_and_uninstalls() {
         );
     }
     env.cleanup().await;
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
 }
 
 /// `charts/tripod/health/flux-healthcheckexprs.yaml`, indented under

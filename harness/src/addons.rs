@@ -35,7 +35,7 @@ use kube::api::{Api, ObjectMeta, Patch, PatchParams};
 
 use crate::Error;
 use crate::certs::{COREDNS_USER, Pki};
-use crate::node::{NODE_IP, NODE_NAME, POD_CIDR};
+use crate::node::{NODE_IP, NODE_NAME, POD_CIDR, http_ok, tail, write};
 use crate::process::{spawn_supervised, supervised_command};
 
 /// The cluster DNS Service's address (the kubelet's `clusterDNS`).
@@ -81,21 +81,14 @@ impl Drop for Addons {
     }
 }
 
-fn write(path: &Path, text: &str) -> Result<(), Error> {
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent)
-            .map_err(|e| Error::io(format!("create {}", parent.display()), e))?;
-    }
-    std::fs::write(path, text).map_err(|e| Error::io(format!("write {}", path.display()), e))
-}
-
 /// JSON strings are YAML strings: quotes any path.
 fn q(p: &Path) -> String {
     serde_json::Value::String(p.display().to_string()).to_string()
 }
 
-fn kubeconfig(api_url: &str, ca: &Path, cert: &Path, key: &Path) -> String {
-    format!(
+/// Writes `dir/kubeconfig` for the client certificate `cert`/`key`.
+fn write_kubeconfig(dir: &Path, opts: &AddonOptions, cert: &Path, key: &Path) -> Result<(), Error> {
+    let text = format!(
         "apiVersion: v1
 kind: Config
 clusters:
@@ -109,31 +102,12 @@ contexts:
   context: {{cluster: tripod, user: me}}
 current-context: tripod
 ",
-        ca = q(ca),
+        api_url = opts.api_url,
+        ca = q(&opts.pki.ca_cert),
         cert = q(cert),
         key = q(key),
-    )
-}
-
-fn tail(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(15)..].join("\n")
-}
-
-/// GET `http://127.0.0.1:{port}{path}`: Ok when it answers 200.
-async fn http_ok(port: u16, path: &str) -> bool {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
-        return false;
-    };
-    let request = format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n");
-    if s.write_all(request.as_bytes()).await.is_err() {
-        return false;
-    }
-    let mut buf = Vec::new();
-    let _ = s.read_to_end(&mut buf).await;
-    String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 200") || buf.starts_with(b"HTTP/1.0 200")
+    );
+    write(&dir.join("kubeconfig"), &text)
 }
 
 impl Addons {
@@ -149,14 +123,11 @@ impl Addons {
 
         // kube-proxy.
         let dir = opts.dir.join("kube-proxy");
-        write(
-            &dir.join("kubeconfig"),
-            &kubeconfig(
-                &opts.api_url,
-                &opts.pki.ca_cert,
-                &opts.pki.kube_proxy_cert,
-                &opts.pki.kube_proxy_key,
-            ),
+        write_kubeconfig(
+            &dir,
+            opts,
+            &opts.pki.kube_proxy_cert,
+            &opts.pki.kube_proxy_key,
         )?;
         let healthz = crate::free_port()?;
         let metrics = crate::free_port()?;
@@ -204,15 +175,7 @@ oomScoreAdj: 0
         // CoreDNS: read access for its user, its Service and endpoint.
         grant_coredns(client).await?;
         let dir = opts.dir.join("coredns");
-        write(
-            &dir.join("kubeconfig"),
-            &kubeconfig(
-                &opts.api_url,
-                &opts.pki.ca_cert,
-                &opts.pki.coredns_cert,
-                &opts.pki.coredns_key,
-            ),
-        )?;
+        write_kubeconfig(&dir, opts, &opts.pki.coredns_cert, &opts.pki.coredns_key)?;
         let ready = crate::free_port()?;
         let health = crate::free_port()?;
         let (dns_ip, dns_port) = addons.dns;

@@ -123,6 +123,43 @@ pub fn values(v: &ChartValues<'_>) -> Vec<String> {
         .collect()
 }
 
+/// `helm upgrade --install --wait` of the chart in `chart` as [`RELEASE`]
+/// in [`RELEASE_NAMESPACE`] (created if missing), with [`values`].
+pub fn install_args(chart: &Path, v: &ChartValues<'_>) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "upgrade",
+        "--install",
+        RELEASE,
+        &chart.display().to_string(),
+        "--namespace",
+        RELEASE_NAMESPACE,
+        "--create-namespace",
+        "--wait",
+        "--timeout",
+        "5m",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(values(v));
+    args
+}
+
+/// Copies the directory `from` to `to`, recursively (a chart to change).
+pub fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), target)?;
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -458,27 +458,15 @@ async fn install_chart(dir: &Path) -> Result<(), DevError> {
         crate::chart::RELEASE
     );
     let started = Instant::now();
-    let mut args: Vec<String> = [
-        "upgrade",
-        "--install",
-        crate::chart::RELEASE,
-        &source_dir().join("charts/tripod").display().to_string(),
-        "--namespace",
-        crate::chart::RELEASE_NAMESPACE,
-        "--create-namespace",
-        "--wait",
-        "--timeout",
-        "5m",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    args.extend(crate::chart::values(&crate::chart::ChartValues {
-        info: &info,
-        controller_image: &controller_image,
-        tainted: false,
-        build_namespaces: &["default"],
-    }));
+    let args = crate::chart::install_args(
+        &source_dir().join("charts/tripod"),
+        &crate::chart::ChartValues {
+            info: &info,
+            controller_image: &controller_image,
+            tainted: false,
+            build_namespaces: &["default"],
+        },
+    );
     helm.run(&args)?;
     println!(
         "Installed in {:.1}s: `kubectl -n {ns} get deploy,pods,endpointslices` shows the controller replicas and the leader's endpoint.",

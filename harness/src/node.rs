@@ -726,7 +726,7 @@ pub struct RealNode {
     pub ready_after: Duration,
 }
 
-fn write(path: &Path, text: &str) -> Result<(), Error> {
+pub(crate) fn write(path: &Path, text: &str) -> Result<(), Error> {
     if let Some(parent) = path.parent() {
         fs::create_dir_all(parent)
             .map_err(|e| Error::io(format!("create {}", parent.display()), e))?;
@@ -741,7 +741,8 @@ fn log_file(path: &Path) -> Result<(fs::File, fs::File), Error> {
     Ok((f, g))
 }
 
-fn tail(path: &Path) -> String {
+/// The last lines of a log file, for errors.
+pub(crate) fn tail(path: &Path) -> String {
     let text = fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(15)..].join("\n")
@@ -1038,7 +1039,7 @@ oomScoreAdj: 0
             // The kubelet sets its sysctls once its runtime is up, before
             // the node turns Ready; they are put back then (and whenever a
             // restarted kubelet sets them again: `Env::keep_alive`).
-            if !kubelet_healthy && healthz().await {
+            if !kubelet_healthy && http_ok(10248, "/healthz").await {
                 kubelet_healthy = true;
             }
             let ready = is_ready(&nodes, NODE_NAME).await;
@@ -1189,15 +1190,14 @@ async fn terminate(mut child: Child) {
 }
 
 /// The kubelet's healthz on 127.0.0.1:10248.
-async fn healthz() -> bool {
+/// GET `http://127.0.0.1:{port}{path}`: whether it answers 200.
+pub(crate) async fn http_ok(port: u16, path: &str) -> bool {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", 10248)).await else {
+    let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
         return false;
     };
-    if s.write_all(b"GET /healthz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-        .await
-        .is_err()
-    {
+    let request = format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
+    if s.write_all(request.as_bytes()).await.is_err() {
         return false;
     }
     let mut buf = Vec::new();

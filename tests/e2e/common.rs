@@ -430,10 +430,13 @@ pub async fn assert_reported_once(env: &TestEnv, name: &str) {
 
 /// A plain HTTP GET on loopback: (status code, body).
 pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .ok()?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
+    http_get_at("127.0.0.1", port, path).await
+}
+
+/// A plain HTTP GET of `http://{host}:{port}{path}`: (status code, body).
+pub async fn http_get_at(host: &str, port: u16, path: &str) -> Option<(u16, String)> {
+    let mut s = tokio::net::TcpStream::connect((host, port)).await.ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes())
         .await
         .ok()?;
     let mut buf = Vec::new();
