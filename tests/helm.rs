@@ -241,6 +241,8 @@ async fn chart_lints_installs_upgrades_and_uninstalls() {
         dir: dir.clone(),
         bin_dir,
         pod_address: None,
+        audit: false,
+        scheduler_qps: None,
     })
     .await
     .unwrap_or_else(|e| panic!("{e}"));

@@ -18,6 +18,10 @@ use crate::node::{NODE_IP, NODE_NAME};
 pub const ADMIN_USER: &str = "tripod-admin";
 /// Organization (group) of the admin client certificate: cluster-admin.
 pub const ADMIN_GROUP: &str = "system:masters";
+/// Common name of the controller's client certificate (in
+/// `system:masters`): its requests are told apart from everyone else's in
+/// the audit log ([`Options::audit`](crate::controlplane::Options::audit)).
+pub const CONTROLLER_USER: &str = "tripod-controller";
 /// kube-proxy's user name (the bootstrap policy binds it).
 pub const KUBE_PROXY_USER: &str = "system:kube-proxy";
 /// CoreDNS's user name.
@@ -39,6 +43,11 @@ pub struct Pki {
     pub admin_cert: PathBuf,
     /// Admin client key (PKCS#8 PEM).
     pub admin_key: PathBuf,
+    /// The controller's client certificate, `CN=tripod-controller,
+    /// O=system:masters`.
+    pub controller_cert: PathBuf,
+    /// Its key.
+    pub controller_key: PathBuf,
     /// The API server's client certificate for kubelets (`kubectl logs`,
     /// `exec`): `CN=kube-apiserver-kubelet-client, O=system:masters`.
     pub kubelet_client_cert: PathBuf,
@@ -82,6 +91,8 @@ pub fn generate(dir: &Path) -> Result<Pki, Error> {
         apiserver_key: dir.join("apiserver.key"),
         admin_cert: dir.join("admin.crt"),
         admin_key: dir.join("admin.key"),
+        controller_cert: dir.join("controller.crt"),
+        controller_key: dir.join("controller.key"),
         kubelet_client_cert: dir.join("apiserver-kubelet-client.crt"),
         kubelet_client_key: dir.join("apiserver-kubelet-client.key"),
         node_cert: dir.join("node.crt"),
@@ -151,6 +162,12 @@ pub fn generate(dir: &Path) -> Result<Pki, Error> {
             ADMIN_GROUP,
             &pki.admin_cert,
             &pki.admin_key,
+        ),
+        (
+            CONTROLLER_USER.to_string(),
+            ADMIN_GROUP,
+            &pki.controller_cert,
+            &pki.controller_key,
         ),
         (
             "kube-apiserver-kubelet-client".to_string(),

@@ -47,7 +47,7 @@ use std::time::{Duration, Instant};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::certs::{self, ADMIN_USER, Pki};
+use crate::certs::{self, ADMIN_USER, CONTROLLER_USER, Pki};
 use crate::process::{spawn_supervised, supervised_command};
 
 /// Kubernetes version of the binaries `testenv/build.sh` builds (the
@@ -89,7 +89,27 @@ pub struct Options {
     /// EndpointSlice, disruption (PodDisruptionBudget) and root-CA
     /// publisher controllers. `None`: loopback only, no Pods expected.
     pub pod_address: Option<std::net::Ipv4Addr>,
+    /// Write an audit log (`logs/audit.log`, JSON lines, stage
+    /// `ResponseComplete`, level Metadata) of every request made as the
+    /// controller's user ([`ControlPlane::controller_kubeconfig`]): what
+    /// the benchmarks count the controller's API requests by.
+    /// `apiserver_request_total` has no user label.
+    pub audit: bool,
+    /// kube-scheduler's client QPS and burst (`--kube-api-qps`,
+    /// `--kube-api-burst`; its defaults, 50 and 100, cap how fast Pods are
+    /// bound). `None`: the defaults.
+    pub scheduler_qps: Option<u32>,
 }
+
+/// The audit policy of [`Options::audit`].
+const AUDIT_POLICY: &str = "apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived, ResponseStarted, Panic]
+rules:
+- level: Metadata
+  users: [tripod-controller]
+- level: None
+";
 
 /// Builds the control-plane binaries if needed by running
 /// `bash <repo_root>/testenv/build.sh` and returns their directory (the
@@ -139,6 +159,7 @@ pub struct ControlPlane {
     kubeconfig: PathBuf,
     api_host: std::net::Ipv4Addr,
     api_port: u16,
+    etcd_url: String,
     pki: Pki,
     /// In start order.
     components: Vec<Component>,
@@ -185,7 +206,19 @@ impl ControlPlane {
         let ports = free_ports()?;
         let kubeconfig = dir.join("kubeconfig");
         let api_host = opts.pod_address.unwrap_or(std::net::Ipv4Addr::LOCALHOST);
-        write_kubeconfig(&kubeconfig, api_host, ports.apiserver, &pki)?;
+        let server = format!("https://{api_host}:{}", ports.apiserver);
+        write_kubeconfig(
+            &kubeconfig,
+            &server,
+            &pki,
+            (ADMIN_USER, &pki.admin_cert, &pki.admin_key),
+        )?;
+        write_kubeconfig(
+            &dir.join("controller.kubeconfig"),
+            &server,
+            &pki,
+            (CONTROLLER_USER, &pki.controller_cert, &pki.controller_key),
+        )?;
 
         let mut cp = ControlPlane {
             dir,
@@ -193,12 +226,13 @@ impl ControlPlane {
             kubeconfig,
             api_host,
             api_port: ports.apiserver,
+            etcd_url: format!("http://127.0.0.1:{}", ports.etcd_client),
             pki: pki.clone(),
             components: Vec::new(),
         };
         // From here on an early return drops `cp`, which kills the children.
 
-        let etcd_url = format!("http://127.0.0.1:{}", ports.etcd_client);
+        let etcd_url = cp.etcd_url.clone();
         let peer_url = format!("http://127.0.0.1:{}", ports.etcd_peer);
         cp.spawn(
             "etcd",
@@ -262,6 +296,18 @@ impl ControlPlane {
             format!("--service-account-key-file={}", p(&pki.sa_pub)),
             format!("--service-account-signing-key-file={}", p(&pki.sa_key)),
         ]);
+        if opts.audit {
+            let policy = cp.dir.join("audit-policy.yaml");
+            fs::write(&policy, AUDIT_POLICY)
+                .map_err(|e| Error::io(format!("write {}", policy.display()), e))?;
+            apiserver_args.extend([
+                format!("--audit-policy-file={}", p(&policy)),
+                format!("--audit-log-path={}", p(&cp.audit_log())),
+                "--audit-log-format=json".into(),
+                "--audit-log-mode=blocking".into(),
+                "--audit-log-maxsize=0".into(),
+            ]);
+        }
         cp.spawn("kube-apiserver", apiserver_args)?;
         let client = cp.client().await?;
         cp.wait_ready(1, APISERVER_TIMEOUT, || get_ok(client.clone(), "readyz"))
@@ -302,7 +348,13 @@ impl ControlPlane {
             "--use-service-account-credentials=false".into(),
             format!("--root-ca-file={}", p(&pki.ca_cert)),
         ]);
-        let sched_args = component_args("kube-scheduler", ports.scheduler);
+        let mut sched_args = component_args("kube-scheduler", ports.scheduler);
+        if let Some(qps) = opts.scheduler_qps {
+            sched_args.extend([
+                format!("--kube-api-qps={qps}"),
+                format!("--kube-api-burst={}", qps.saturating_mul(2)),
+            ]);
+        }
         cp.spawn("kube-controller-manager", kcm_args)?;
         cp.spawn("kube-scheduler", sched_args)?;
         for (index, port) in [(2, ports.controller_manager), (3, ports.scheduler)] {
@@ -325,6 +377,23 @@ impl ControlPlane {
     /// O=system:masters`; server `https://127.0.0.1:<port>`).
     pub fn kubeconfig(&self) -> &Path {
         &self.kubeconfig
+    }
+
+    /// The controller's kubeconfig: client certificate
+    /// `CN=tripod-controller, O=system:masters`, so that the audit log
+    /// tells its requests apart.
+    pub fn controller_kubeconfig(&self) -> PathBuf {
+        self.dir.join("controller.kubeconfig")
+    }
+
+    /// etcd's client URL (`http://127.0.0.1:<port>`, no TLS).
+    pub fn etcd_url(&self) -> &str {
+        &self.etcd_url
+    }
+
+    /// The audit log of [`Options::audit`].
+    pub fn audit_log(&self) -> PathBuf {
+        self.dir.join("logs").join("audit.log")
     }
 
     /// The `kubectl` binary matching the control plane. Use it with
@@ -596,9 +665,9 @@ fn free_ports() -> Result<Ports, Error> {
 /// Writes the admin kubeconfig, referring to the PKI files by path.
 fn write_kubeconfig(
     path: &Path,
-    api_host: std::net::Ipv4Addr,
-    api_port: u16,
+    server: &str,
     pki: &Pki,
+    (user, cert, key): (&str, &Path, &Path),
 ) -> Result<(), Error> {
     // JSON strings are YAML strings: this quotes any path safely.
     let q = |p: &Path| serde_json::Value::String(p.display().to_string()).to_string();
@@ -608,10 +677,10 @@ kind: Config
 clusters:
 - name: tripod-testenv
   cluster:
-    server: https://{api_host}:{api_port}
+    server: {server}
     certificate-authority: {ca}
 users:
-- name: {ADMIN_USER}
+- name: {user}
   user:
     client-certificate: {cert}
     client-key: {key}
@@ -619,13 +688,13 @@ contexts:
 - name: tripod-testenv
   context:
     cluster: tripod-testenv
-    user: {ADMIN_USER}
+    user: {user}
     namespace: default
 current-context: tripod-testenv
 ",
         ca = q(&pki.ca_cert),
-        cert = q(&pki.admin_cert),
-        key = q(&pki.admin_key),
+        cert = q(cert),
+        key = q(key),
     );
     fs::write(path, text).map_err(|e| Error::io(format!("write {}", path.display()), e))?;
     fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
@@ -710,6 +779,8 @@ mod tests {
             dir: dir.clone(),
             bin_dir: PathBuf::from("/nonexistent/tripod-bin"),
             pod_address: None,
+            audit: false,
+            scheduler_qps: None,
         })
         .await
         .unwrap_err();

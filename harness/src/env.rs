@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::Error;
 use crate::controlplane::{ControlPlane, Options, ensure_binaries};
-use crate::kwok::{Kwok, SimNode};
+use crate::kwok::{Kwok, KwokOptions, SimNode};
 use crate::node::{BUILDD_SECCOMP_PROFILE, Host, NODE_IP, NODE_NAME, NodeOptions, RealNode};
 use crate::process::{spawn_supervised, supervised_command};
 use crate::registry::{Registry, start_registry_on};
@@ -277,6 +277,8 @@ impl Env {
             dir: dir.join("cluster"),
             bin_dir: k8s_bin.clone(),
             pod_address: Some(NODE_IP),
+            audit: false,
+            scheduler_qps: None,
         })
         .await?;
         step(started, "control plane ready");
@@ -338,11 +340,14 @@ impl Env {
         .await?;
         step(started, "kube-proxy and CoreDNS ready");
         let kwok = Kwok::start(
-            &node_bin,
-            cp.kubeconfig(),
-            &logs,
+            &KwokOptions {
+                bin_dir: node_bin.clone(),
+                kubeconfig: cp.kubeconfig().to_path_buf(),
+                log_dir: logs.clone(),
+                nodes: SimNode::defaults(opts.for_tests),
+                extra_stages: String::new(),
+            },
             &client,
-            &SimNode::defaults(opts.for_tests),
         )
         .await?;
         step(started, "simulated nodes Ready");
@@ -409,7 +414,7 @@ impl Env {
             cmd.args(["controller", "--lease-namespace", SYSTEM_NAMESPACE])
                 .arg(format!("--metrics-address=127.0.0.1:{metrics_port}"))
                 .args(info.controller_args(executor_port))
-                .env("KUBECONFIG", &info.kubeconfig)
+                .env("KUBECONFIG", env.cp.controller_kubeconfig())
                 .stdin(Stdio::null())
                 .stdout(out)
                 .stderr(err);
@@ -513,7 +518,8 @@ impl Env {
     }
 }
 
-async fn ensure_namespace(client: &Client, name: &str) -> Result<(), Error> {
+/// Creates namespace `name` unless it exists.
+pub async fn ensure_namespace(client: &Client, name: &str) -> Result<(), Error> {
     let api: Api<Namespace> = Api::all(client.clone());
     let ns = Namespace {
         metadata: ObjectMeta {

@@ -7,7 +7,7 @@
 //! the real scheduler and never executes a container. Its addresses come
 //! from `10.99.0.0/16`, blackholed on the host.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
@@ -87,6 +87,22 @@ impl SimNode {
     }
 }
 
+/// What [`Kwok::start`] needs.
+#[derive(Debug, Clone)]
+pub struct KwokOptions {
+    /// Directory of the `kwok` binary; its stages are `../stages.yaml`.
+    pub bin_dir: PathBuf,
+    /// Kubeconfig kwok acts with.
+    pub kubeconfig: PathBuf,
+    /// Where `kwok.log` (and the stages in use) are written.
+    pub log_dir: PathBuf,
+    /// The nodes to register.
+    pub nodes: Vec<SimNode>,
+    /// More kwok `Stage` documents (YAML, `---`-separated), played beside
+    /// the default ones.
+    pub extra_stages: String,
+}
+
 /// A running kwok.
 #[derive(Debug)]
 pub struct Kwok {
@@ -96,20 +112,28 @@ pub struct Kwok {
 }
 
 impl Kwok {
-    /// Starts kwok (`bin_dir/kwok`, stages from `bin_dir/../stages.yaml`)
-    /// against the cluster of `kubeconfig`, then registers `nodes` and waits
-    /// until kwok reports them Ready.
-    pub async fn start(
-        bin_dir: &Path,
-        kubeconfig: &Path,
-        log_dir: &Path,
-        client: &kube::Client,
-        nodes: &[SimNode],
-    ) -> Result<Kwok, Error> {
-        let stages = bin_dir
+    /// Starts kwok (`bin_dir/kwok`, stages from `bin_dir/../stages.yaml` and
+    /// `extra_stages`) against the cluster of `kubeconfig`, then registers
+    /// `nodes` and waits until kwok reports them Ready.
+    pub async fn start(opts: &KwokOptions, client: &kube::Client) -> Result<Kwok, Error> {
+        let KwokOptions {
+            bin_dir,
+            kubeconfig,
+            log_dir,
+            nodes,
+            extra_stages,
+        } = opts;
+        let mut stages = bin_dir
             .parent()
             .map(|p| p.join("stages.yaml"))
             .unwrap_or_default();
+        if !extra_stages.is_empty() {
+            let defaults = std::fs::read_to_string(&stages)
+                .map_err(|e| Error::io(format!("read {}", stages.display()), e))?;
+            stages = log_dir.join("kwok-stages.yaml");
+            std::fs::write(&stages, format!("{defaults}\n---\n{extra_stages}"))
+                .map_err(|e| Error::io(format!("write {}", stages.display()), e))?;
+        }
         let log = log_dir.join("kwok.log");
         let out = std::fs::File::create(&log)
             .map_err(|e| Error::io(format!("create {}", log.display()), e))?;
@@ -200,6 +224,11 @@ impl Kwok {
         api.patch_status(&n.name, &PatchParams::default(), &Patch::Merge(&status))
             .await?;
         Ok(())
+    }
+
+    /// kwok's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Stops kwok (SIGKILL: it holds no state).

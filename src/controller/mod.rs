@@ -34,7 +34,8 @@ use kube::{Api, Client, Resource, ResourceExt};
 use tracing::{Instrument, field};
 
 use crate::api::{
-    BuildRunner, ImageBuild, LABEL_ATTEMPT, LABEL_BUILD_ID, LABEL_NAME, Phase, RunnerPhase,
+    BuildRunner, ImageBuild, ImageBuildStatus, LABEL_ATTEMPT, LABEL_BUILD_ID, LABEL_NAME, Phase,
+    RunnerPhase,
 };
 use crate::executor::runners::{LeaseKey, NoRunner, RunnerHub};
 use crate::executor::token::{self, TokenKey};
@@ -225,6 +226,16 @@ pub struct ControllerConfig {
     /// Where ImageBuilds may place their build Pods.
     #[command(flatten)]
     pub placement: validate::PlacementPolicy,
+    /// Most ImageBuilds reconciled at once (0: no bound). Each reconcile
+    /// may hold API requests open; the bound keeps a burst of thousands of
+    /// new builds from opening as many connections.
+    #[arg(long, default_value_t = 32, env = "TRIPOD_RECONCILE_CONCURRENCY")]
+    pub reconcile_concurrency: u16,
+    /// Milliseconds a reconcile waits for more changes of the same build
+    /// (its Pod created, bound and started in quick succession) before it
+    /// runs, so that they are handled once.
+    #[arg(long, default_value_t = 0, env = "TRIPOD_RECONCILE_DEBOUNCE_MS")]
+    pub reconcile_debounce_ms: u64,
     /// Least milliseconds between two writes of a platform's current step.
     #[arg(long, default_value_t = 2000)]
     pub step_interval_ms: u64,
@@ -315,6 +326,93 @@ pub struct Context {
     synced: Arc<AtomicBool>,
     /// Base images of Windows platforms, read once per generation.
     windows_bases: Mutex<HashMap<(String, i64), BTreeMap<String, windows::BaseBuild>>>,
+    /// Build Pods (Tripod's label), from a watch.
+    pods: Store<Pod>,
+    /// The status this process last wrote per ImageBuild (by UID): the
+    /// resourceVersion the cache showed then and a hash of the status.
+    /// While the cache still shows that version, the write has not come
+    /// back through the watch, and the same status is not written again.
+    written: Mutex<HashMap<String, (String, u64)>>,
+    /// Build Pods this process created (`namespace/name`) and when: until
+    /// the cache shows them, a reconcile does not create them again.
+    created: Mutex<HashMap<String, Instant>>,
+}
+
+/// How long the first status of a new build waits for its just-created
+/// Pods to be bound.
+const STATUS_HOLD: Duration = Duration::from_secs(1);
+/// How long a created build Pod is trusted to exist while the cache does
+/// not show it yet.
+const CREATED_MEMORY: Duration = Duration::from_secs(30);
+
+/// A status about to be written, and whether this process wrote exactly
+/// it already while the cache has not caught up.
+struct StatusWrite {
+    uid: String,
+    resource_version: String,
+    hash: u64,
+    already: bool,
+}
+
+impl Context {
+    /// Looks up the last status written for `ib`. A record whose version
+    /// the cache has moved past is dropped: from then on the cache tells.
+    fn written_status(&self, ib: &ImageBuild, status: &ImageBuildStatus) -> StatusWrite {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        serde_json::to_string(status)
+            .unwrap_or_default()
+            .hash(&mut h);
+        let uid = ib.uid().unwrap_or_default();
+        let resource_version = ib.resource_version().unwrap_or_default();
+        let hash = h.finish();
+        let mut already = false;
+        if let Ok(mut m) = self.written.lock() {
+            match m.get(&uid) {
+                Some((rv, hs)) if *rv == resource_version => already = *hs == hash,
+                Some(_) => {
+                    m.remove(&uid);
+                }
+                None => {}
+            }
+        }
+        StatusWrite {
+            uid,
+            resource_version,
+            hash,
+            already,
+        }
+    }
+
+    /// Records a status written.
+    fn remember_status(&self, w: StatusWrite) {
+        if let Ok(mut m) = self.written.lock() {
+            m.insert(w.uid, (w.resource_version, w.hash));
+        }
+    }
+
+    /// Whether this process created `ns/pod` within [`CREATED_MEMORY`].
+    fn created_lately(&self, ns: &str, pod: &str) -> bool {
+        self.created_within(ns, pod, CREATED_MEMORY)
+    }
+
+    /// Whether this process created `ns/pod` within `within`.
+    fn created_within(&self, ns: &str, pod: &str, within: Duration) -> bool {
+        let key = format!("{ns}/{pod}");
+        self.created
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&key).copied())
+            .is_some_and(|t| t.elapsed() < within)
+    }
+
+    /// Records a build Pod created by this process; forgets old records.
+    fn remember_created(&self, ns: &str, pod: &str) {
+        if let Ok(mut m) = self.created.lock() {
+            m.retain(|_, t| t.elapsed() < CREATED_MEMORY);
+            m.insert(format!("{ns}/{pod}"), Instant::now());
+        }
+    }
 }
 
 /// Runs the controller until SIGTERM/SIGINT, or until leadership is lost.
@@ -473,14 +571,29 @@ pub async fn run(cfg: ControllerConfig) -> Result<(), ControllerError> {
     )
     .default_backoff()
     .touched_objects();
+    // Build Pods, cached (managedFields dropped): a reconcile reads its
+    // build's Pods here instead of listing them from the API server.
+    let (pod_store, pod_writer) = reflector::store();
+    let pod_events = reflector::reflector(
+        pod_writer,
+        watcher(
+            pod_api,
+            watcher::Config::default().labels("app.kubernetes.io/managed-by=tripod"),
+        )
+        .modify(|p: &mut Pod| p.managed_fields_mut().clear()),
+    )
+    .default_backoff()
+    .touched_objects();
     let (trigger_tx, trigger_rx) = tokio::sync::mpsc::unbounded_channel();
     let hub = RunnerHub::new(lease_store.clone(), trigger_tx);
 
     let controller = Controller::new(ib_api, watcher::Config::default().any_semantic())
-        .owns(
-            pod_api,
-            watcher::Config::default().labels("app.kubernetes.io/managed-by=tripod"),
+        .with_config(
+            kube::runtime::controller::Config::default()
+                .concurrency(cfg.reconcile_concurrency)
+                .debounce(Duration::from_millis(cfg.reconcile_debounce_ms)),
         )
+        .owns_stream(pod_events)
         .owns_stream(lease_events)
         .reconcile_all_on(runner_events)
         .reconcile_on(tokio_stream::wrappers::UnboundedReceiverStream::new(
@@ -538,7 +651,26 @@ pub async fn run(cfg: ControllerConfig) -> Result<(), ControllerError> {
         hub: hub.clone(),
         synced: ready.clone(),
         windows_bases: Mutex::new(HashMap::new()),
+        pods: pod_store.clone(),
+        created: Mutex::new(HashMap::new()),
+        written: Mutex::new(HashMap::new()),
     });
+    // The gauges are counted from the caches on a timer, off the reconcile
+    // path (a count per reconcile would scan every ImageBuild each time).
+    {
+        let ctx = ctx.clone();
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(GAUGE_INTERVAL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => update_gauges(&ctx),
+                    _ = stop.wait_for(|s| *s) => break,
+                }
+            }
+        });
+    }
     {
         let upkeep = runners::Upkeep {
             client: client.clone(),
@@ -578,6 +710,7 @@ pub async fn run(cfg: ControllerConfig) -> Result<(), ControllerError> {
         let builds = builds.clone();
         let runners = runner_store.clone();
         let leases = lease_store.clone();
+        let pods = pod_store.clone();
         let client = client.clone();
         let endpoint = endpoint.clone();
         let stop = stop_rx.clone();
@@ -595,6 +728,10 @@ pub async fn run(cfg: ControllerConfig) -> Result<(), ControllerError> {
                     }
                     if let Err(e) = synced(&leases).await {
                         tracing::error!(error = %e, "Lease cache never synced");
+                        return false;
+                    }
+                    if let Err(e) = synced(&pods).await {
+                        tracing::error!(error = %e, "Pod cache never synced");
                         return false;
                     }
                     true
@@ -684,6 +821,8 @@ pub async fn run(cfg: ControllerConfig) -> Result<(), ControllerError> {
     Ok(())
 }
 
+/// How often the queue-depth and runner gauges are counted.
+const GAUGE_INTERVAL: Duration = Duration::from_secs(5);
 /// How long a stopping leader waits for its executor endpoint to be
 /// withdrawn before it releases the Lease anyway.
 const WITHDRAW_TIMEOUT: Duration = Duration::from_secs(5);
@@ -844,7 +983,6 @@ async fn reconcile(ib: Arc<ImageBuild>, ctx: Arc<Context>) -> Result<Action, Con
     ctx.metrics
         .reconcile_duration
         .observe(started.elapsed().as_secs_f64());
-    update_gauges(&ctx);
     if result.is_ok()
         && let Ok(mut f) = ctx.failures.lock()
     {
@@ -862,17 +1000,23 @@ async fn reconcile_inner(
         // Its Pods go with it: the garbage collector follows their ownerReferences.
         return Ok(Action::await_change());
     }
+    // Until the caches have loaded, a build's Pods (and a runner's
+    // leases) would look absent: nothing is planned on them.
+    if !ctx.synced.load(Ordering::SeqCst) {
+        return Ok(Action::requeue(Duration::from_secs(1)));
+    }
     let name = ib.name_any();
     let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
     let uid = ib.uid().unwrap_or_default();
-    let pods: Vec<Pod> = pods_api
-        .list(&ListParams::default().labels(&format!("{LABEL_NAME}={}", name_label(&name))))
-        .await
-        .map_err(kube_err(format!("list Pods of {ns}/{name}")))?
-        .items
+    let pods: Vec<Pod> = ctx
+        .pods
+        .state()
         .into_iter()
-        .filter(|p| p.owner_references().iter().any(|o| o.uid == uid))
-        .map(|p| unsigned_result_to_failure(p, &ctx.token_key))
+        .filter(|p| {
+            p.metadata.namespace.as_deref() == Some(ns)
+                && p.owner_references().iter().any(|o| o.uid == uid)
+        })
+        .map(|p| unsigned_result_to_failure((*p).clone(), &ctx.token_key))
         .collect();
     // Runner leases: read fresh (like the Pods) when the build uses
     // runners or the cache shows it has some.
@@ -882,11 +1026,6 @@ async fn reconcile_inner(
         .iter()
         .any(|l| l.owner_references().iter().any(|o| o.uid == uid));
     let uses_runners = needs_runners(ib) || has_leases;
-    // Until the BuildRunner and Lease caches have loaded, a runner looks
-    // deleted and its leases look free: the runner leg waits for them.
-    if uses_runners && !ctx.synced.load(Ordering::SeqCst) {
-        return Ok(Action::requeue(Duration::from_secs(1)));
-    }
     let leases: Vec<Lease> = if uses_runners {
         Api::<Lease>::namespaced(ctx.client.clone(), ns)
             .list(&ListParams::default().labels(&format!("{LABEL_NAME}={}", name_label(&name))))
@@ -997,6 +1136,10 @@ async fn reconcile_inner(
     }
     for pod in &plan.create {
         let pod_name = pod.name_any();
+        if ctx.created_lately(ns, &pod_name) {
+            // Created by this process moments ago; the cache is behind.
+            continue;
+        }
         if let Err(conflict) = ensure_token_secret(&secrets_api, ib, pod, ctx).await? {
             tracing::warn!(pod = %pod_name, "{conflict}");
             held_back.push((pod_platform(pod), conflict.clone()));
@@ -1004,7 +1147,10 @@ async fn reconcile_inner(
             continue;
         }
         match pods_api.patch(&pod_name, &ssa, &Patch::Apply(pod)).await {
-            Ok(_) => tracing::info!(pod = %pod_name, "created build Pod"),
+            Ok(_) => {
+                ctx.remember_created(ns, &pod_name);
+                tracing::info!(pod = %pod_name, "created build Pod");
+            }
             Err(kube::Error::Api(s)) if pod_refused(s.code) => {
                 let message = format!("the API server refused build Pod {pod_name}: {}", s.message);
                 tracing::warn!(pod = %pod_name, code = s.code, "{message}");
@@ -1062,15 +1208,38 @@ async fn reconcile_inner(
         // Once the cache has caught up, the usual reconcile (TTL and all).
         return Ok(Action::requeue(Duration::from_secs(1)));
     }
-    let status_patch = serde_json::json!({
-        "apiVersion": ImageBuild::api_version(&()),
-        "kind": ImageBuild::kind(&()),
-        "status": plan.status,
-    });
-    ib_api
-        .patch_status(&name, &ssa, &Patch::Apply(&status_patch))
-        .await
-        .map_err(kube_err(format!("update status of {ns}/{name}")))?;
+    // A status the cache already holds is not written again: most
+    // reconciles (a Pod bound, started, annotated; a re-list) change
+    // nothing a user reads.
+    // The first status of a new build whose Pods this process has just
+    // created is held back briefly: they are usually bound by then, and the
+    // status goes to Building in one write instead of two. A build still
+    // waiting for a node says so after the hold.
+    let hold = plan.status.phase == Some(Phase::Scheduling)
+        && ib
+            .status
+            .as_ref()
+            .and_then(|s| s.phase)
+            .is_none_or(|p| p == Phase::Pending)
+        && !plan.status.platforms.is_empty()
+        && plan.status.platforms.iter().all(|p| {
+            p.executor
+                .as_ref()
+                .is_some_and(|e| e.kind == "Pod" && ctx.created_within(ns, &e.name, STATUS_HOLD))
+        });
+    let written = ctx.written_status(ib, &plan.status);
+    if !hold && !same_status(ib.status.as_ref(), &plan.status) && !written.already {
+        let status_patch = serde_json::json!({
+            "apiVersion": ImageBuild::api_version(&()),
+            "kind": ImageBuild::kind(&()),
+            "status": plan.status,
+        });
+        ib_api
+            .patch_status(&name, &ssa, &Patch::Apply(&status_patch))
+            .await
+            .map_err(kube_err(format!("update status of {ns}/{name}")))?;
+        ctx.remember_status(written);
+    }
 
     // Runners with new work or work taken back hear of it now that the
     // status records it.
@@ -1123,6 +1292,9 @@ async fn reconcile_inner(
     }
     if let Some(phase) = plan.status.phase {
         tracing::debug!(%phase, "reconciled");
+    }
+    if hold {
+        return Ok(Action::requeue(STATUS_HOLD));
     }
     Ok(match plan.requeue_after {
         Some(after) => Action::requeue(after.max(Duration::from_secs(1))),
@@ -1529,6 +1701,35 @@ fn update_gauges(ctx: &Context) {
             .runners
             .with_label_values(&[phase.as_str()])
             .set(phases.get(phase.as_str()).copied().unwrap_or(0));
+    }
+}
+
+/// Whether `planned` says nothing `current` does not: compared as JSON,
+/// with empty lists, maps and nulls the same as absent (how they read back
+/// after a server-side apply).
+fn same_status(current: Option<&ImageBuildStatus>, planned: &ImageBuildStatus) -> bool {
+    fn prune(v: serde_json::Value) -> Option<serde_json::Value> {
+        use serde_json::Value;
+        match v {
+            Value::Null => None,
+            Value::Array(a) => {
+                let a: Vec<Value> = a.into_iter().filter_map(prune).collect();
+                (!a.is_empty()).then_some(Value::Array(a))
+            }
+            Value::Object(o) => {
+                let o: serde_json::Map<String, Value> = o
+                    .into_iter()
+                    .filter_map(|(k, v)| prune(v).map(|v| (k, v)))
+                    .collect();
+                (!o.is_empty()).then_some(Value::Object(o))
+            }
+            other => Some(other),
+        }
+    }
+    let json = |s: &ImageBuildStatus| serde_json::to_value(s).ok().and_then(prune);
+    match current {
+        Some(c) => json(c) == json(planned),
+        None => json(planned).is_none(),
     }
 }
 

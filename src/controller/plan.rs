@@ -538,7 +538,10 @@ pub fn plan(obs: Observed<'_>, settings: &PodSettings) -> Plan {
         obs.now,
     );
 
-    if old_phase != Some(phase) || new_build {
+    // One Event per build outcome; the phases on the way (Scheduling,
+    // Building) are in the status and its conditions, not in Events: each
+    // Event is an API write per build.
+    if (old_phase != Some(phase) || new_build) && phase.is_finished() {
         out.events.push(PlannedEvent {
             kind: if phase == Phase::Failed {
                 EventKind::Warning
@@ -1299,8 +1302,7 @@ mod tests {
         assert_eq!(cond(&p.status, RECONCILING).status, "True");
         assert_eq!(cond(&p.status, READY).status, "False");
         assert_eq!(cond(&p.status, STALLED).status, "False");
-        assert_eq!(p.events.len(), 1);
-        assert_eq!(p.events[0].reason, "Scheduling");
+        assert!(p.events.is_empty(), "{:?}", p.events);
         assert_eq!(p.requeue_after, Some(Duration::from_secs(3600)));
     }
 
@@ -1542,7 +1544,7 @@ mod tests {
         let exec = p.status.platforms[0].executor.clone().unwrap();
         assert_eq!(exec.node.as_deref(), Some("node-a"));
         assert_eq!(exec.kind, "Pod");
-        assert_eq!(p.events[0].reason, "Building");
+        assert!(p.events.is_empty(), "{:?}", p.events);
         // The start time stays that of the build.
         assert_eq!(p.status.start_time, Some(Time(at(0))));
     }

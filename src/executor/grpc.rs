@@ -224,12 +224,14 @@ impl pb::executor_server::Executor for ExecutorService {
             async move {
                 let _registered = guard;
                 tracing::info!("agent connected");
-                let mut last_write: Option<Instant> = None;
+                // The first step is written once the interval has passed
+                // since the agent connected (a build done sooner writes no
+                // step at all, only its result); later ones at most once
+                // per interval.
+                let mut last_write = Instant::now();
                 let mut pending_step: Option<String> = None;
                 loop {
-                    // A step is written at once when the last write is old
-                    // enough, else when the interval has passed.
-                    let flush_at = last_write.map(|t| t + interval).unwrap_or_else(Instant::now);
+                    let flush_at = last_write + interval;
                     let next = tokio::select! {
                         m = inbound.message() => Some(m),
                         _ = tokio::time::sleep_until(flush_at.into()), if pending_step.is_some() => None,
@@ -240,7 +242,7 @@ impl pb::executor_server::Executor for ExecutorService {
                                 if let Err(e) = logic.progress(&auth, &step).await {
                                     tracing::warn!(error = %e, "could not record step");
                                 }
-                                last_write = Some(Instant::now());
+                                last_write = Instant::now();
                             }
                             continue;
                         }

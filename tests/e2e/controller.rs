@@ -165,12 +165,14 @@ async fn each_platform_is_scheduled_on_a_matching_node() {
 
     // Metrics: darwin waits in the queue; reconciles are counted.
     let port = env.controller(0).metrics_port;
+    // The gauges are counted from the caches every few seconds.
+    eventually("darwin counted in the queue", WAIT, || async {
+        let (_, body) = http_get(port, "/metrics").await?;
+        (metric(&body, "tripod_queue_depth{os=\"darwin\"}")? >= 1.0).then_some(())
+    })
+    .await;
     let (code, body) = http_get(port, "/metrics").await.expect("metrics");
     assert_eq!(code, 200);
-    assert!(
-        metric(&body, "tripod_queue_depth{os=\"darwin\"}").unwrap_or(0.0) >= 1.0,
-        "{body}"
-    );
     let before = metric(&body, "tripod_reconcile_duration_seconds_count").unwrap_or(0.0);
     assert!(before > 0.0, "{body}");
     let (ok, out) = env.kubectl(&["annotate", "ib/multi", "example.com/touch=1"], None);
