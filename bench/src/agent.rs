@@ -257,6 +257,39 @@ async fn run(
         .await
         .map_err(exec)?;
     let mut client = pb::executor_client::ExecutorClient::new(channel);
+    // As the real agent does, a Hello answered UNAVAILABLE (the status does
+    // not record this attempt yet) is said again, for up to 180 s.
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(180);
+    loop {
+        match session(&mut client, pod, &env, &token.0, layer).await {
+            Err(AgentError::Executor(m))
+                if m.starts_with("UNAVAILABLE") && std::time::Instant::now() < until =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// One executor session: Hello, Assignment, a step, the push, the outcome.
+async fn session(
+    client: &mut pb::executor_client::ExecutorClient<tonic::transport::Channel>,
+    pod: &Pod,
+    env: &BTreeMap<String, String>,
+    token: &[u8],
+    layer: &(Vec<u8>, String),
+) -> Result<(), AgentError> {
+    let name = pod.name_any();
+    let missing = |what: &str| AgentError::Pod {
+        pod: name.clone(),
+        what: what.to_string(),
+    };
+    let var = |k: &str| {
+        env.get(k)
+            .cloned()
+            .ok_or_else(|| missing(&format!("no {k}")))
+    };
     let (tx, rx) = tokio::sync::mpsc::channel(8);
     let send = |m: pb::agent_message::Message| {
         let tx = tx.clone();
@@ -267,7 +300,7 @@ async fn run(
         }
     };
     send(pb::agent_message::Message::Hello(pb::Hello {
-        token: String::from_utf8_lossy(&token.0).to_string(),
+        token: String::from_utf8_lossy(token).to_string(),
         namespace: var("TRIPOD_NAMESPACE")?,
         image_build: var("TRIPOD_IMAGEBUILD")?,
         build_id: var("TRIPOD_BUILD_ID")?,
@@ -280,7 +313,10 @@ async fn run(
         image_build_uid: var("TRIPOD_IMAGEBUILD_UID")?,
     }))
     .await?;
-    let status = |s: tonic::Status| AgentError::Executor(format!("{}: {}", s.code(), s.message()));
+    let status = |s: tonic::Status| {
+        let code = format!("{:?}", s.code()).to_uppercase();
+        AgentError::Executor(format!("{code}: {}", s.message()))
+    };
     let mut inbound = client
         .session(ReceiverStream::new(rx))
         .await

@@ -4,7 +4,7 @@
 //! `tripod controller` process with its own client certificate. No root,
 //! no real node: only the control plane and Tripod are measured.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
@@ -232,10 +232,5 @@ impl ScaleEnv {
         let _ = self.registry_process.child.kill();
         let _ = self.registry_process.child.wait();
         self.cp.stop().await;
-    }
-
-    /// The state directory.
-    pub fn dir(&self) -> &Path {
-        self.cp.dir()
     }
 }

@@ -6,6 +6,7 @@
 mod agent;
 mod audit;
 mod env;
+mod report;
 mod scale;
 mod stats;
 
@@ -96,6 +97,8 @@ enum Command {
     /// create-to-Pod latency, API writes per build and in steady state,
     /// controller memory.
     Scale(scale::ScaleArgs),
+    /// Writes docs/benchmarks.md and its plots from the results.
+    Report(report::ReportArgs),
 }
 
 #[tokio::main]
@@ -112,6 +115,7 @@ async fn main() -> std::process::ExitCode {
         Command::Scale(args) => scale::run(&args, cli.source_dir.clone())
             .await
             .and_then(|r| write_json(&args.out, &r)),
+        Command::Report(args) => report::run(&args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

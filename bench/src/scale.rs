@@ -98,6 +98,9 @@ pub struct ScaleResults {
     pub machine: Machine,
     /// Simulated nodes.
     pub nodes: usize,
+    /// Creates in flight at once on both sides of the throughput run.
+    #[serde(default)]
+    pub concurrency: usize,
     /// Bare Pods: created by a client, bound by the scheduler.
     pub bare: Side,
     /// ImageBuilds: their build Pods bound.
@@ -105,9 +108,11 @@ pub struct ScaleResults {
     /// `tripod.rate / bare.rate`.
     pub throughput_ratio: f64,
     /// CPU seconds per process during the bare side.
+    #[serde(default)]
     pub bare_cpu: BTreeMap<String, f64>,
     /// CPU seconds per process from the first ImageBuild create until
     /// every build had Succeeded.
+    #[serde(default)]
     pub tripod_cpu: BTreeMap<String, f64>,
     /// Builds of the throughput run that ended Succeeded.
     pub succeeded: usize,
@@ -123,6 +128,7 @@ pub struct ScaleResults {
     /// Seconds the API server spent serving each kind of request
     /// (`apiserver_request_duration_seconds_sum`), from the first create
     /// until every build had Succeeded; the largest 12.
+    #[serde(default)]
     pub apiserver_seconds: Vec<(String, f64)>,
     /// Cross-check: `apiserver_request_total` for the series only the
     /// controller writes (ImageBuild status), over the same span.
@@ -213,6 +219,16 @@ async fn phases(
     ns_api
         .delete(BARE_NAMESPACE, &DeleteParams::default())
         .await?;
+    // Gone, Pods and all, before the other side starts.
+    let until = Instant::now() + Duration::from_secs(300);
+    while ns_api.get_opt(BARE_NAMESPACE).await?.is_some() {
+        if Instant::now() > until {
+            return Err(Error::Bench(
+                "namespace bench-bare not gone after 300 s".into(),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 
     // Throughput, ImageBuilds.
     tracing::info!(n = args.n, "throughput: ImageBuilds");
@@ -327,6 +343,7 @@ async fn phases(
         label: args.label.clone(),
         machine: Machine::read(),
         nodes: args.nodes,
+        concurrency: args.concurrency,
         throughput_ratio: tripod_side.rate / bare.rate.max(f64::MIN_POSITIVE),
         bare,
         bare_cpu,

@@ -229,7 +229,7 @@ pub struct ControllerConfig {
     /// Most ImageBuilds reconciled at once (0: no bound). Each reconcile
     /// may hold API requests open; the bound keeps a burst of thousands of
     /// new builds from opening as many connections.
-    #[arg(long, default_value_t = 32, env = "TRIPOD_RECONCILE_CONCURRENCY")]
+    #[arg(long, default_value_t = 256, env = "TRIPOD_RECONCILE_CONCURRENCY")]
     pub reconcile_concurrency: u16,
     /// Milliseconds a reconcile waits for more changes of the same build
     /// (its Pod created, bound and started in quick succession) before it
@@ -328,6 +328,8 @@ pub struct Context {
     windows_bases: Mutex<HashMap<(String, i64), BTreeMap<String, windows::BaseBuild>>>,
     /// Build Pods (Tripod's label), from a watch.
     pods: Store<Pod>,
+    /// The cached Pods of each ImageBuild.
+    pod_index: Arc<Mutex<PodIndex>>,
     /// The status this process last wrote per ImageBuild (by UID): the
     /// resourceVersion the cache showed then and a hash of the status.
     /// While the cache still shows that version, the write has not come
@@ -384,6 +386,16 @@ impl Context {
         }
     }
 
+    /// Drops the status records of ImageBuilds no longer in the cache
+    /// (deleted; no reconcile follows a deletion).
+    fn forget_deleted(&self) {
+        let live: std::collections::HashSet<String> =
+            self.builds.state().iter().filter_map(|b| b.uid()).collect();
+        if let Ok(mut m) = self.written.lock() {
+            m.retain(|uid, _| live.contains(uid));
+        }
+    }
+
     /// Records a status written.
     fn remember_status(&self, w: StatusWrite) {
         if let Ok(mut m) = self.written.lock() {
@@ -391,14 +403,10 @@ impl Context {
         }
     }
 
-    /// Whether this process created `ns/pod` within [`CREATED_MEMORY`].
-    fn created_lately(&self, ns: &str, pod: &str) -> bool {
-        self.created_within(ns, pod, CREATED_MEMORY)
-    }
-
-    /// Whether this process created `ns/pod` within `within`.
-    fn created_within(&self, ns: &str, pod: &str, within: Duration) -> bool {
-        let key = format!("{ns}/{pod}");
+    /// Whether this process created `pod` for the ImageBuild `owner` (its
+    /// UID) within `within`.
+    fn created_within(&self, owner: &str, pod: &str, within: Duration) -> bool {
+        let key = format!("{owner}/{pod}");
         self.created
             .lock()
             .ok()
@@ -407,10 +415,20 @@ impl Context {
     }
 
     /// Records a build Pod created by this process; forgets old records.
-    fn remember_created(&self, ns: &str, pod: &str) {
+    fn remember_created(&self, owner: &str, pod: &str) {
         if let Ok(mut m) = self.created.lock() {
             m.retain(|_, t| t.elapsed() < CREATED_MEMORY);
-            m.insert(format!("{ns}/{pod}"), Instant::now());
+            m.insert(format!("{owner}/{pod}"), Instant::now());
+        }
+    }
+
+    /// Forgets the records of Pods the cache now shows: from then on it
+    /// tells (a deleted Pod is created again when the plan wants it).
+    fn seen_created(&self, owner: &str, pods: &[Pod]) {
+        if let Ok(mut m) = self.created.lock() {
+            for p in pods {
+                m.remove(&format!("{owner}/{}", p.name_any()));
+            }
         }
     }
 }
@@ -580,14 +598,51 @@ pub async fn run(cfg: ControllerConfig) -> Result<(), ControllerError> {
             pod_api,
             watcher::Config::default().labels("app.kubernetes.io/managed-by=tripod"),
         )
-        .modify(|p: &mut Pod| p.managed_fields_mut().clear()),
+        .modify(slim_pod),
     )
-    .default_backoff()
-    .touched_objects();
+    .default_backoff();
+    // Changed Pods reconcile their owner. A re-list (after 410 Gone)
+    // reconciles every build once the cache holds the new list: the Pods
+    // re-announced during the list would be planned on the old one, and
+    // Pods deleted meanwhile announce nothing.
+    let pod_index = Arc::new(Mutex::new(PodIndex::default()));
+    let (relisted_tx, relisted_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let pod_events = {
+        let index = pod_index.clone();
+        pod_events.filter_map(move |ev| {
+            if let (Ok(e), Ok(mut i)) = (&ev, index.lock()) {
+                i.apply(e);
+            }
+            let out = match ev {
+                Ok(watcher::Event::Apply(p) | watcher::Event::Delete(p)) => Some(Ok(p)),
+                Ok(watcher::Event::InitDone) => {
+                    let _ = relisted_tx.send(());
+                    None
+                }
+                Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => None,
+                Err(e) => Some(Err(e)),
+            };
+            futures::future::ready(out)
+        })
+    };
+    let runner_events = futures::stream::select(
+        runner_events,
+        tokio_stream::wrappers::UnboundedReceiverStream::new(relisted_rx),
+    );
     let (trigger_tx, trigger_rx) = tokio::sync::mpsc::unbounded_channel();
     let hub = RunnerHub::new(lease_store.clone(), trigger_tx);
 
-    let controller = Controller::new(ib_api, watcher::Config::default().any_semantic())
+    // ImageBuilds, cached without managedFields (a large share of each
+    // object, never read here).
+    let (ib_store, ib_writer) = reflector::store();
+    let ib_events = reflector::reflector(
+        ib_writer,
+        watcher(ib_api, watcher::Config::default().any_semantic())
+            .modify(|b: &mut ImageBuild| b.managed_fields_mut().clear()),
+    )
+    .default_backoff()
+    .applied_objects();
+    let controller = Controller::for_stream(ib_events, ib_store)
         .with_config(
             kube::runtime::controller::Config::default()
                 .concurrency(cfg.reconcile_concurrency)
@@ -652,6 +707,7 @@ pub async fn run(cfg: ControllerConfig) -> Result<(), ControllerError> {
         synced: ready.clone(),
         windows_bases: Mutex::new(HashMap::new()),
         pods: pod_store.clone(),
+        pod_index,
         created: Mutex::new(HashMap::new()),
         written: Mutex::new(HashMap::new()),
     });
@@ -665,7 +721,10 @@ pub async fn run(cfg: ControllerConfig) -> Result<(), ControllerError> {
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
-                    _ = tick.tick() => update_gauges(&ctx),
+                    _ = tick.tick() => {
+                        update_gauges(&ctx);
+                        ctx.forget_deleted();
+                    }
                     _ = stop.wait_for(|s| *s) => break,
                 }
             }
@@ -997,6 +1056,9 @@ async fn reconcile_inner(
     ctx: &Context,
 ) -> Result<Action, ControllerError> {
     if ib.metadata.deletion_timestamp.is_some() {
+        if let Ok(mut m) = ctx.written.lock() {
+            m.remove(&ib.uid().unwrap_or_default());
+        }
         // Its Pods go with it: the garbage collector follows their ownerReferences.
         return Ok(Action::await_change());
     }
@@ -1008,16 +1070,21 @@ async fn reconcile_inner(
     let name = ib.name_any();
     let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
     let uid = ib.uid().unwrap_or_default();
-    let pods: Vec<Pod> = ctx
-        .pods
-        .state()
+    let owned = ctx
+        .pod_index
+        .lock()
+        .map(|i| i.owned_by(&uid))
+        .unwrap_or_default();
+    let pods: Vec<Pod> = owned
         .into_iter()
+        .filter_map(|key| ctx.pods.get(&key))
         .filter(|p| {
             p.metadata.namespace.as_deref() == Some(ns)
                 && p.owner_references().iter().any(|o| o.uid == uid)
         })
         .map(|p| unsigned_result_to_failure((*p).clone(), &ctx.token_key))
         .collect();
+    ctx.seen_created(&uid, &pods);
     // Runner leases: read fresh (like the Pods) when the build uses
     // runners or the cache shows it has some.
     let has_leases = ctx
@@ -1098,6 +1165,7 @@ async fn reconcile_inner(
     // Build Pods refused (platform, why): marked after the loop over
     // `plan.create`, which borrows the plan.
     let mut held_back: Vec<(String, String)> = Vec::new();
+    let mut cache_behind = false;
     let generation = ib.metadata.generation.unwrap_or(0);
     // A Secret the build needs does not exist yet (it may be applied with
     // the ImageBuild, or made by another controller): no Pod until it does;
@@ -1136,8 +1204,10 @@ async fn reconcile_inner(
     }
     for pod in &plan.create {
         let pod_name = pod.name_any();
-        if ctx.created_lately(ns, &pod_name) {
+        if ctx.created_within(&uid, &pod_name, CREATED_MEMORY) {
             // Created by this process moments ago; the cache is behind.
+            // Looked at again soon, in case it never shows.
+            cache_behind = true;
             continue;
         }
         if let Err(conflict) = ensure_token_secret(&secrets_api, ib, pod, ctx).await? {
@@ -1148,7 +1218,7 @@ async fn reconcile_inner(
         }
         match pods_api.patch(&pod_name, &ssa, &Patch::Apply(pod)).await {
             Ok(_) => {
-                ctx.remember_created(ns, &pod_name);
+                ctx.remember_created(&uid, &pod_name);
                 tracing::info!(pod = %pod_name, "created build Pod");
             }
             Err(kube::Error::Api(s)) if pod_refused(s.code) => {
@@ -1225,7 +1295,7 @@ async fn reconcile_inner(
         && plan.status.platforms.iter().all(|p| {
             p.executor
                 .as_ref()
-                .is_some_and(|e| e.kind == "Pod" && ctx.created_within(ns, &e.name, STATUS_HOLD))
+                .is_some_and(|e| e.kind == "Pod" && ctx.created_within(&uid, &e.name, STATUS_HOLD))
         });
     let written = ctx.written_status(ib, &plan.status);
     if !hold && !same_status(ib.status.as_ref(), &plan.status) && !written.already {
@@ -1293,14 +1363,25 @@ async fn reconcile_inner(
     if let Some(phase) = plan.status.phase {
         tracing::debug!(%phase, "reconciled");
     }
-    if hold {
+    if hold || cache_behind {
         return Ok(Action::requeue(STATUS_HOLD));
     }
+    // An unfinished build is looked at again at least every minute, even
+    // if no watch event comes (a safety net: its Pods and Leases are read
+    // from caches).
+    let finished = plan.status.phase.is_some_and(Phase::is_finished);
     Ok(match plan.requeue_after {
+        Some(after) if !finished => {
+            Action::requeue(after.clamp(Duration::from_secs(1), UNFINISHED_REQUEUE))
+        }
         Some(after) => Action::requeue(after.max(Duration::from_secs(1))),
+        None if !finished => Action::requeue(UNFINISHED_REQUEUE),
         None => Action::await_change(),
     })
 }
+
+/// The longest an unfinished build goes without a reconcile.
+const UNFINISHED_REQUEUE: Duration = Duration::from_secs(60);
 
 /// Applies the runner leg of a plan: expires the leases of runners that are
 /// gone (only if unchanged since read: an outcome recorded meanwhile wins),
@@ -1701,6 +1782,76 @@ fn update_gauges(ctx: &Context) {
             .runners
             .with_label_values(&[phase.as_str()])
             .set(phases.get(phase.as_str()).copied().unwrap_or(0));
+    }
+}
+
+/// The cached build Pods by the UID of the ImageBuild owning them, kept
+/// beside the Pod cache from the same watch events (a list as it comes, then
+/// swapped in whole, as the cache does).
+#[derive(Default)]
+struct PodIndex {
+    current: HashMap<String, std::collections::BTreeSet<(String, String)>>,
+    listing: Option<HashMap<String, std::collections::BTreeSet<(String, String)>>>,
+}
+
+impl PodIndex {
+    fn key(p: &Pod) -> Option<(String, (String, String))> {
+        let owner = p.owner_references().first()?.uid.clone();
+        Some((owner, (p.namespace()?, p.name_any())))
+    }
+
+    fn apply(&mut self, e: &watcher::Event<Pod>) {
+        match e {
+            watcher::Event::Apply(p) => {
+                if let Some((o, k)) = Self::key(p) {
+                    self.current.entry(o).or_default().insert(k);
+                }
+            }
+            watcher::Event::Delete(p) => {
+                if let Some((o, k)) = Self::key(p)
+                    && let Some(set) = self.current.get_mut(&o)
+                {
+                    set.remove(&k);
+                    if set.is_empty() {
+                        self.current.remove(&o);
+                    }
+                }
+            }
+            watcher::Event::Init => self.listing = Some(HashMap::new()),
+            watcher::Event::InitApply(p) => {
+                if let (Some((o, k)), Some(l)) = (Self::key(p), self.listing.as_mut()) {
+                    l.entry(o).or_default().insert(k);
+                }
+            }
+            watcher::Event::InitDone => {
+                if let Some(l) = self.listing.take() {
+                    self.current = l;
+                }
+            }
+        }
+    }
+
+    /// References of the Pods owned by `uid`.
+    fn owned_by(&self, uid: &str) -> Vec<ObjectRef<Pod>> {
+        self.current
+            .get(uid)
+            .into_iter()
+            .flatten()
+            .map(|(ns, name)| ObjectRef::new(name).within(ns))
+            .collect()
+    }
+}
+
+/// What the cache keeps of a build Pod: what the plan reads (metadata
+/// without managedFields, `spec.nodeName`, the status). The containers,
+/// volumes and the rest of the spec are Tripod's own and never read back.
+fn slim_pod(p: &mut Pod) {
+    p.managed_fields_mut().clear();
+    if let Some(spec) = p.spec.as_mut() {
+        *spec = k8s_openapi::api::core::v1::PodSpec {
+            node_name: spec.node_name.take(),
+            ..Default::default()
+        };
     }
 }
 

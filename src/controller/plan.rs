@@ -653,6 +653,14 @@ fn stop(
         .iter_mut()
         .filter(|p| !p.phase.is_finished())
     {
+        // A Pod the status names but the cache does not show yet (it may
+        // be running) is deleted by name too.
+        if let Some(e) = ps.executor.as_ref().filter(|e| e.kind == "Pod")
+            && !pods.iter().any(|p| p.name_any() == e.name)
+            && !out.delete.contains(&e.name)
+        {
+            out.delete.push(e.name.clone());
+        }
         ps.phase = phase;
         ps.message = Some(message.to_string());
         ps.step = None;
