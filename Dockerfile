@@ -26,16 +26,19 @@ ENV RUSTFLAGS="-C target-feature=+crt-static" \
 
 # Dependencies first, in a layer of their own: it is rebuilt only when the
 # manifest, the lock file, the build script or the protocol files change.
-# The workspace's other member (the test harness, tripod-harness) is not
-# built; cargo only needs its manifest, so it gets empty sources.
+# The workspace's other members (the test harness, tripod-harness, and the
+# benchmarks, tripod-bench) are not built; cargo only needs their
+# manifests, so they get empty sources.
 COPY Cargo.toml Cargo.lock build.rs ./
 COPY harness/Cargo.toml harness/Cargo.toml
+COPY bench/Cargo.toml bench/Cargo.toml
 COPY proto proto
-RUN mkdir -p src harness/src/bin \
+RUN mkdir -p src harness/src/bin bench/src \
  && echo 'fn main() {}' > src/main.rs \
  && : > src/lib.rs \
  && : > harness/src/lib.rs \
  && echo 'fn main() {}' > harness/src/bin/tripod-dev.rs \
+ && echo 'fn main() {}' > bench/src/main.rs \
  && cargo build --release --locked -p tripod --target "$(uname -m)-unknown-linux-gnu" \
  && rm -rf src
 

@@ -35,7 +35,7 @@ runroot="/run/tripod-images"
 b() { buildah --root "$storage" --runroot "$runroot" --storage-driver overlay "$@"; }
 
 src_hash() {
-  (cd "$repo" && find Dockerfile Cargo.toml Cargo.lock build.rs harness/Cargo.toml proto src -type f -print0 \
+  (cd "$repo" && find Dockerfile Cargo.toml Cargo.lock build.rs harness/Cargo.toml bench/Cargo.toml proto src -type f -print0 \
      | sort -z | xargs -0 sha256sum) | sha256sum | cut -c1-16
 }
 hash="$(src_hash)"
