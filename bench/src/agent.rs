@@ -206,17 +206,21 @@ impl Agents {
     }
 }
 
+/// `pod` lacks `what` a build Pod has.
+fn missing(pod: &Pod, what: &str) -> AgentError {
+    AgentError::Pod {
+        pod: pod.name_any(),
+        what: what.to_string(),
+    }
+}
+
 /// One build Pod's session, as its agent would run it.
 async fn run(
     pod: &Pod,
     secrets: &Api<Secret>,
     layer: &(Vec<u8>, String),
 ) -> Result<(), AgentError> {
-    let name = pod.name_any();
-    let missing = |what: &str| AgentError::Pod {
-        pod: name.clone(),
-        what: what.to_string(),
-    };
+    let missing = |what: &str| missing(pod, what);
     let env: BTreeMap<String, String> = pod
         .spec
         .as_ref()
@@ -231,7 +235,7 @@ async fn run(
             .cloned()
             .ok_or_else(|| missing(&format!("no {k}")))
     };
-    let secret = secrets.get(&name).await?;
+    let secret = secrets.get(&pod.name_any()).await?;
     let data = secret.data.unwrap_or_default();
     let token = data
         .get("token")
@@ -280,11 +284,7 @@ async fn session(
     token: &[u8],
     layer: &(Vec<u8>, String),
 ) -> Result<(), AgentError> {
-    let name = pod.name_any();
-    let missing = |what: &str| AgentError::Pod {
-        pod: name.clone(),
-        what: what.to_string(),
-    };
+    let missing = |what: &str| missing(pod, what);
     let var = |k: &str| {
         env.get(k)
             .cloned()

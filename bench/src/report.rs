@@ -391,13 +391,7 @@ fn throughput_plot(
                 PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
             });
     }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .position(SeriesLabelPosition::LowerRight)
-        .draw()
-        .map_err(plot_error)?;
+    legend(&mut chart, SeriesLabelPosition::LowerRight)?;
     root.present().map_err(plot_error)
 }
 
@@ -453,13 +447,7 @@ fn latency_plot(path: &Path, s: &ScaleResults, before: Option<&ScaleResults>) ->
                 PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
             });
     }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .position(SeriesLabelPosition::LowerRight)
-        .draw()
-        .map_err(plot_error)?;
+    legend(&mut chart, SeriesLabelPosition::LowerRight)?;
     root.present().map_err(plot_error)
 }
 
@@ -525,14 +513,22 @@ fn memory_plot(path: &Path, s: &ScaleResults, before: Option<&ScaleResults>) -> 
                 .legend(move |(x, y)| Circle::new((x + 10, y), 5, color.filled()));
         }
     }
+    legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
+    root.present().map_err(plot_error)
+}
+
+/// Draws a chart's legend (the series' labels) in the same style everywhere.
+fn legend<'a, DB: DrawingBackend + 'a, CT: CoordTranslate>(
+    chart: &mut ChartContext<'a, DB, CT>,
+    position: SeriesLabelPosition,
+) -> Result<(), Error> {
     chart
         .configure_series_labels()
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
-        .position(SeriesLabelPosition::UpperLeft)
+        .position(position)
         .draw()
-        .map_err(plot_error)?;
-    root.present().map_err(plot_error)
+        .map_err(plot_error)
 }
 
 fn sorted(v: &[f64]) -> Vec<f64> {
