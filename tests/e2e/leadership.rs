@@ -83,11 +83,17 @@ async fn only_the_leader_writes_and_a_standby_takes_over() {
         (env.pods_of("ld").await.len() == 1).then_some(())
     })
     .await;
+    // Events are written for outcomes only: a build whose spec is refused
+    // gets one (InvalidSpec) at once, from whichever replica leads.
+    env.apply(&manifest("bad", &["linux/amd64", "linux/x86_64"], ""));
     let events: Api<Event> = Api::namespaced(env.client.clone(), &env.ns);
-    let evs = eventually("events", WAIT, || async {
+    let evs = eventually("an InvalidSpec Event", WAIT, || async {
         let evs = events.list(&ListParams::default()).await.ok()?.items;
         evs.iter()
-            .any(|e| e.reporting_controller.as_deref() == Some("tripod-controller"))
+            .any(|e| {
+                e.reporting_controller.as_deref() == Some("tripod-controller")
+                    && e.reason.as_deref() == Some("InvalidSpec")
+            })
             .then_some(evs)
     })
     .await;
