@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{Pod, SeccompProfile, Secret, SecurityContext};
@@ -335,14 +335,19 @@ pub struct Context {
     /// While the cache still shows that version, the write has not come
     /// back through the watch, and the same status is not written again.
     written: Mutex<HashMap<String, (String, u64)>>,
-    /// Build Pods this process created (`namespace/name`) and when: until
-    /// the cache shows them, a reconcile does not create them again.
-    created: Mutex<HashMap<String, Instant>>,
+    /// Build Pods this process created (`{owner UID}/{name}`), when, and
+    /// whether the cache has shown them since: until it does, a reconcile
+    /// does not create them again.
+    created: Mutex<HashMap<String, Created>>,
 }
 
-/// How long the first status of a new build waits for its just-created
-/// Pods to be bound.
-const STATUS_HOLD: Duration = Duration::from_secs(1);
+/// A build Pod this process created.
+#[derive(Debug, Clone, Copy)]
+struct Created {
+    at: Instant,
+    /// The Pod cache has shown it since.
+    seen: bool,
+}
 /// How long a created build Pod is trusted to exist while the cache does
 /// not show it yet.
 const CREATED_MEMORY: Duration = Duration::from_secs(30);
@@ -404,21 +409,40 @@ impl Context {
     }
 
     /// Whether this process created `pod` for the ImageBuild `owner` (its
-    /// UID) within `within`.
-    fn created_within(&self, owner: &str, pod: &str, within: Duration) -> bool {
+    /// UID) recently, and the Pod cache has not shown it yet.
+    fn created_unseen(&self, owner: &str, pod: &str) -> bool {
         let key = format!("{owner}/{pod}");
         self.created
             .lock()
             .ok()
             .and_then(|m| m.get(&key).copied())
-            .is_some_and(|t| t.elapsed() < within)
+            .is_some_and(|c| !c.seen && c.at.elapsed() < CREATED_MEMORY)
+    }
+
+    /// The build Pods this process created for the ImageBuild `owner` (its
+    /// UID) less than [`plan::STATUS_HOLD`] ago.
+    fn just_created(&self, owner: &str) -> BTreeSet<String> {
+        let prefix = format!("{owner}/");
+        self.created
+            .lock()
+            .map(|m| {
+                m.iter()
+                    .filter(|(_, c)| c.at.elapsed() < plan::STATUS_HOLD)
+                    .filter_map(|(k, _)| k.strip_prefix(&prefix).map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// Records a build Pod created by this process; forgets old records.
     fn remember_created(&self, owner: &str, pod: &str) {
         if let Ok(mut m) = self.created.lock() {
-            m.retain(|_, t| t.elapsed() < CREATED_MEMORY);
-            m.insert(format!("{owner}/{pod}"), Instant::now());
+            m.retain(|_, c| c.at.elapsed() < CREATED_MEMORY);
+            let created = Created {
+                at: Instant::now(),
+                seen: false,
+            };
+            m.insert(format!("{owner}/{pod}"), created);
         }
     }
 
@@ -427,7 +451,9 @@ impl Context {
     fn seen_created(&self, owner: &str, pods: &[Pod]) {
         if let Ok(mut m) = self.created.lock() {
             for p in pods {
-                m.remove(&format!("{owner}/{}", p.name_any()));
+                if let Some(c) = m.get_mut(&format!("{owner}/{}", p.name_any())) {
+                    c.seen = true;
+                }
             }
         }
     }
@@ -1139,6 +1165,7 @@ async fn reconcile_inner(
         Some((req, children)) => Some(index::push(&ctx.client, ib, &req, &children).await),
         None => None,
     };
+    let just_created = ctx.just_created(&uid);
     let plan = plan::plan(
         Observed {
             build: ib,
@@ -1149,6 +1176,7 @@ async fn reconcile_inner(
             secret_problem: secret_problem.as_ref().or(windows_problem.as_ref()),
             windows_builds: &windows_builds,
             index: index_outcome.as_ref(),
+            just_created: &just_created,
         },
         &ctx.settings,
     );
@@ -1204,10 +1232,12 @@ async fn reconcile_inner(
     }
     for pod in &plan.create {
         let pod_name = pod.name_any();
-        if ctx.created_within(&uid, &pod_name, CREATED_MEMORY) {
+        if ctx.created_unseen(&uid, &pod_name) {
             // Created by this process moments ago; the cache is behind.
-            // Looked at again soon, in case it never shows.
+            // Looked at again soon, in case it never shows. Its first
+            // status waits no longer than for a Pod created now.
             cache_behind = true;
+            plan.defer_status &= just_created.contains(&pod_name);
             continue;
         }
         if let Err(conflict) = ensure_token_secret(&secrets_api, ib, pod, ctx).await? {
@@ -1281,22 +1311,9 @@ async fn reconcile_inner(
     // A status the cache already holds is not written again: most
     // reconciles (a Pod bound, started, annotated; a re-list) change
     // nothing a user reads.
-    // The first status of a new build whose Pods this process has just
-    // created is held back briefly: they are usually bound by then, and the
-    // status goes to Building in one write instead of two. A build still
-    // waiting for a node says so after the hold.
-    let hold = plan.status.phase == Some(Phase::Scheduling)
-        && ib
-            .status
-            .as_ref()
-            .and_then(|s| s.phase)
-            .is_none_or(|p| p == Phase::Pending)
-        && !plan.status.platforms.is_empty()
-        && plan.status.platforms.iter().all(|p| {
-            p.executor
-                .as_ref()
-                .is_some_and(|e| e.kind == "Pod" && ctx.created_within(&uid, &e.name, STATUS_HOLD))
-        });
+    // The first status of a new build may wait for its Pods to be bound
+    // (`Plan::defer_status`), unless one of them was not created now.
+    let hold = plan.defer_status;
     let written = ctx.written_status(ib, &plan.status);
     if !hold && !same_status(ib.status.as_ref(), &plan.status) && !written.already {
         let status_patch = serde_json::json!({
@@ -1364,7 +1381,7 @@ async fn reconcile_inner(
         tracing::debug!(%phase, "reconciled");
     }
     if hold || cache_behind {
-        return Ok(Action::requeue(STATUS_HOLD));
+        return Ok(Action::requeue(plan::STATUS_HOLD));
     }
     // An unfinished build is looked at again at least every minute, even
     // if no watch event comes (a safety net: its Pods and Leases are read

@@ -2,7 +2,7 @@
 //! observed of its Pods and of the BuildRunners, decide which Pods to create
 //! and delete, the status to write and the events to emit. No I/O here.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use jiff::Timestamp;
@@ -45,7 +45,14 @@ pub struct Observed<'a> {
     /// What came of pushing the image index of the platforms' digests
     /// in the status, when the caller tried.
     pub index: Option<&'a IndexOutcome>,
+    /// Names of the build Pods this process created less than
+    /// [`STATUS_HOLD`] ago.
+    pub just_created: &'a BTreeSet<String>,
 }
+
+/// How long the first status of a new build may wait for its build Pods,
+/// just created, to be bound (see [`Plan::defer_status`]).
+pub const STATUS_HOLD: Duration = Duration::from_secs(1);
 
 /// What came of pushing an image index.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -150,6 +157,13 @@ pub struct Plan {
     /// Pushing the index failed for a reason that may pass: retried with
     /// backoff.
     pub index_retry: Option<String>,
+    /// The status is not written yet; reconcile again after
+    /// [`STATUS_HOLD`]. It is the first status of a new build, and every
+    /// platform's Pod is created by this plan or was created moments ago:
+    /// Pods are usually bound within the hold, and the status then goes
+    /// to Building in one write instead of two. A build still waiting for
+    /// a node says so after the hold.
+    pub defer_status: bool,
 }
 
 /// Condition types (kstatus).
@@ -585,6 +599,19 @@ pub fn plan(obs: Observed<'_>, settings: &PodSettings) -> Plan {
         }
     }
 
+    out.defer_status = phase == Phase::Scheduling
+        && old.phase.is_none_or(|p| p == Phase::Pending)
+        && !status.platforms.is_empty()
+        && status.platforms.iter().all(|p| {
+            p.executor.as_ref().is_some_and(|e| {
+                e.kind == "Pod"
+                    && (obs.just_created.contains(&e.name)
+                        || out
+                            .create
+                            .iter()
+                            .any(|c| c.metadata.name.as_deref() == Some(&e.name)))
+            })
+        });
     out.status = status;
     out
 }
@@ -1089,6 +1116,8 @@ impl Plan {
         now: Timestamp,
     ) {
         waiting(&mut self.status, platform, reason, message, generation, now);
+        // The user hears of it now.
+        self.defer_status = false;
         if !self
             .events
             .iter()
@@ -1220,6 +1249,7 @@ mod tests {
                 secret_problem: None,
                 windows_builds: &BTreeMap::new(),
                 index: None,
+                just_created: &BTreeSet::new(),
             },
             &settings(),
         )
@@ -1242,6 +1272,67 @@ mod tests {
             phase: Some(phase.into()),
             ..Default::default()
         });
+    }
+
+    fn run_just_created(ib: &ImageBuild, pods: &[Pod], just: &[&str], now: Timestamp) -> Plan {
+        let just: BTreeSet<String> = just.iter().map(|s| s.to_string()).collect();
+        plan(
+            Observed {
+                build: ib,
+                pods,
+                leases: &[],
+                runners: &[],
+                now,
+                secret_problem: None,
+                windows_builds: &BTreeMap::new(),
+                index: None,
+                just_created: &just,
+            },
+            &settings(),
+        )
+    }
+
+    #[test]
+    fn the_first_status_waits_briefly_for_pods_just_created_to_be_bound() {
+        let mut b = ib(&["linux/amd64", "linux/arm64"]);
+        let mut pods = Vec::new();
+        // The plan that creates the Pods defers the status.
+        let p = run(&b, &pods, &[], at(0));
+        assert_eq!(p.create.len(), 2);
+        assert_eq!(p.status.phase, Some(Phase::Scheduling));
+        assert!(p.defer_status);
+        pods.extend(p.create.iter().cloned());
+        let names: Vec<String> = pods.iter().map(|p| p.name_any()).collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        // Shown unbound, created moments ago: still deferred.
+        let p = run_just_created(&b, &pods, &names, at(0));
+        assert!(p.create.is_empty());
+        assert!(p.defer_status);
+        // One created longer ago (not in the set): the status is written.
+        assert!(!run_just_created(&b, &pods, &names[..1], at(1)).defer_status);
+        // Both bound within the hold: Building, written at once.
+        for pod in &mut pods {
+            set_pod(pod, Some("n"), "Pending");
+        }
+        let p = run_just_created(&b, &pods, &names, at(0));
+        assert_eq!(p.status.phase, Some(Phase::Building));
+        assert!(!p.defer_status);
+        // A build that already has a status is not held back again.
+        for pod in &mut pods {
+            set_pod(pod, None, "Pending");
+        }
+        let p = run_just_created(&b, &pods, &names, at(0));
+        apply(&mut b, &mut pods, &p);
+        assert!(!run_just_created(&b, &pods, &names, at(1)).defer_status);
+    }
+
+    #[test]
+    fn a_pod_held_back_is_reported_without_delay() {
+        let b = ib(&["linux/amd64"]);
+        let mut p = run(&b, &[], &[], at(0));
+        assert!(p.defer_status);
+        p.hold_back("linux/amd64", REASON_POD_REJECTED, "refused", 1, at(0));
+        assert!(!p.defer_status);
     }
 
     #[test]
@@ -1654,6 +1745,7 @@ mod tests {
                 secret_problem: None,
                 windows_builds: &BTreeMap::new(),
                 index: Some(index),
+                just_created: &BTreeSet::new(),
             },
             &settings(),
         )
@@ -1917,6 +2009,7 @@ mod tests {
                 secret_problem: Some(&problem),
                 windows_builds: &BTreeMap::new(),
                 index: None,
+                just_created: &BTreeSet::new(),
             },
             &settings(),
         );
