@@ -586,30 +586,39 @@ impl RegistryClient {
         let mut size = 0i64;
         for desc in std::iter::once(&manifest.config).chain(&manifest.layers) {
             size += desc.size;
-            if client
-                .blob_exists(&image, &desc.digest)
-                .await
-                .map_err(err)?
-            {
+            let mut retry = Retry::new();
+            let exists = loop {
+                match client.blob_exists(&image, &desc.digest).await {
+                    Err(e) if retry.again(&e).await => {}
+                    r => break r.map_err(err)?,
+                }
+            };
+            if exists {
                 continue;
             }
             let path = blob_path(&desc.digest)?;
-            let file = tokio::fs::File::open(&path)
-                .await
-                .map_err(|e| local(format!("open {}: {e}", path.display())))?;
-            let len = file
-                .metadata()
-                .await
-                .map_err(|e| local(format!("stat {}: {e}", path.display())))?
-                .len();
-            let stream = futures::TryStreamExt::map_err(
-                tokio_util::io::ReaderStream::with_capacity(file, 1 << 20),
-                OciDistributionError::from,
-            );
-            client
-                .push_blob_stream(&image, stream, &desc.digest, Some(len))
-                .await
-                .map_err(err)?;
+            let mut retry = Retry::new();
+            loop {
+                let file = tokio::fs::File::open(&path)
+                    .await
+                    .map_err(|e| local(format!("open {}: {e}", path.display())))?;
+                let len = file
+                    .metadata()
+                    .await
+                    .map_err(|e| local(format!("stat {}: {e}", path.display())))?
+                    .len();
+                let stream = futures::TryStreamExt::map_err(
+                    tokio_util::io::ReaderStream::with_capacity(file, 1 << 20),
+                    OciDistributionError::from,
+                );
+                match client
+                    .push_blob_stream(&image, stream, &desc.digest, Some(len))
+                    .await
+                {
+                    Err(e) if retry.again(&e).await => {}
+                    r => break r.map(drop).map_err(err)?,
+                }
+            }
         }
         let digest = self
             .put_manifest_by_digest(&client, &image, reference, bytes, &media_type)
@@ -634,10 +643,19 @@ impl RegistryClient {
                 reference: reference.to_string(),
                 message: format!("media type {media_type:?}: {e}"),
             })?;
-        client
-            .push_manifest_raw(&target, bytes, content_type)
-            .await
-            .map_err(|e| self.map_error(reference, image.resolve_registry(), e))?;
+        let mut retry = Retry::new();
+        loop {
+            match client
+                .push_manifest_raw(&target, bytes.clone(), content_type.clone())
+                .await
+            {
+                Err(e) if retry.again(&e).await => {}
+                r => {
+                    r.map_err(|e| self.map_error(reference, image.resolve_registry(), e))?;
+                    break;
+                }
+            }
+        }
         Ok(digest)
     }
 
@@ -880,6 +898,40 @@ impl RegistryClient {
     }
 }
 
+/// Retries of a push request that could not connect or timed out: a
+/// registry that is briefly unreachable (a network hiccup, a restart) is
+/// tried [`Retry::ATTEMPTS`] times in all, 1 s then 2 s apart, as
+/// buildah's own pushes are; an answer from the registry is not retried.
+struct Retry {
+    attempt: u32,
+    delay: Duration,
+}
+
+impl Retry {
+    const ATTEMPTS: u32 = 3;
+
+    fn new() -> Retry {
+        Retry {
+            attempt: 1,
+            delay: Duration::from_secs(1),
+        }
+    }
+
+    /// Whether to try again after `e`; waits first when so.
+    async fn again(&mut self, e: &OciDistributionError) -> bool {
+        let transient =
+            matches!(e, OciDistributionError::RequestError(r) if r.is_connect() || r.is_timeout());
+        if !transient || self.attempt >= Self::ATTEMPTS {
+            return false;
+        }
+        tracing::warn!(error = %error_chain(e), attempt = self.attempt, "registry unreachable; retrying");
+        tokio::time::sleep(self.delay).await;
+        self.attempt += 1;
+        self.delay *= 2;
+        true
+    }
+}
+
 /// Longest registry message kept in an error (and so in a status).
 pub const MAX_MESSAGE: usize = 300;
 
@@ -973,6 +1025,28 @@ mod tests {
 
     fn auth_entry(user_pass: &str) -> serde_json::Value {
         serde_json::json!({ "auth": b64(user_pass) })
+    }
+
+    #[tokio::test]
+    async fn a_registry_that_does_not_answer_is_tried_again_an_answer_is_not() {
+        // Nothing listens on port 1: the connection is refused.
+        let reference = "127.0.0.1:1/team/app:1";
+        let client = RegistryClient::new(vec!["127.0.0.1:1".into()])
+            .client(reference)
+            .unwrap();
+        let image: Reference = reference.parse().unwrap();
+        let refused = client.blob_exists(&image, "sha256:0000").await.unwrap_err();
+        tokio::time::pause();
+        let mut retry = Retry::new();
+        assert!(retry.again(&refused).await);
+        assert!(retry.again(&refused).await);
+        assert!(!retry.again(&refused).await, "three attempts in all");
+        let answered = OciDistributionError::ServerError {
+            code: 500,
+            url: String::new(),
+            message: String::new(),
+        };
+        assert!(!Retry::new().again(&answered).await);
     }
 
     #[test]

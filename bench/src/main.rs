@@ -5,6 +5,8 @@
 
 mod agent;
 mod audit;
+mod e2e;
+mod e2e_report;
 mod env;
 mod report;
 mod scale;
@@ -97,6 +99,9 @@ enum Command {
     /// create-to-Pod latency, API writes per build and in steady state,
     /// controller memory.
     Scale(scale::ScaleArgs),
+    /// The overhead of a build through Tripod on the real node, next to
+    /// buildah run directly (needs root).
+    E2e(e2e::E2eArgs),
     /// Writes docs/benchmarks.md and its plots from the results.
     Report(report::ReportArgs),
 }
@@ -113,6 +118,9 @@ async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Scale(args) => scale::run(&args, cli.source_dir.clone())
+            .await
+            .and_then(|r| write_json(&args.out, &r)),
+        Command::E2e(args) => e2e::run(&args, cli.source_dir.clone())
             .await
             .and_then(|r| write_json(&args.out, &r)),
         Command::Report(args) => report::run(&args),

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use plotters::prelude::*;
 
 use crate::Error;
+use crate::e2e::E2eResults;
 use crate::scale::ScaleResults;
 
 /// `tripod-bench report`.
@@ -18,6 +19,10 @@ pub struct ReportArgs {
     /// optimisations).
     #[arg(long)]
     pub before: Option<PathBuf>,
+    /// Results of `tripod-bench e2e`; its section says it did not run
+    /// when the file is missing.
+    #[arg(long, default_value = "docs/bench/e2e.json")]
+    pub e2e: PathBuf,
     /// Hand-written analysis appended to the page.
     #[arg(long, default_value = "bench/analysis.md")]
     pub analysis: PathBuf,
@@ -38,7 +43,7 @@ fn read<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, Error> {
     serde_json::from_str(&text).map_err(|e| Error::Io(format!("{}: {e}", path.display())))
 }
 
-fn plot_error(e: impl std::fmt::Display) -> Error {
+pub(crate) fn plot_error(e: impl std::fmt::Display) -> Error {
     Error::Io(format!("plot: {e}"))
 }
 
@@ -67,12 +72,30 @@ pub fn run(args: &ReportArgs) -> Result<(), Error> {
     throughput_plot(&dir.join("throughput.png"), &scale, before.as_ref())?;
     latency_plot(&dir.join("latency.png"), &scale, before.as_ref())?;
     memory_plot(&dir.join("memory.png"), &scale, before.as_ref())?;
+    let e2e: Option<E2eResults> = args.e2e.exists().then(|| read(&args.e2e)).transpose()?;
+    if let Some(e) = &e2e {
+        crate::e2e_report::plot(&dir.join("e2e.png"), e)?;
+    }
     let analysis = std::fs::read_to_string(&args.analysis).unwrap_or_default();
-    let page = page(&scale, before.as_ref(), &analysis);
+    let mut page = page(&scale, before.as_ref(), &analysis);
+    let e2e_section = match &e2e {
+        Some(e) => crate::e2e_report::section(e),
+        None => format!(
+            "## End-to-end overhead on the real node\n\nNot measured in this run ({} is missing): `tripod-bench e2e` needs root.\n\n",
+            args.e2e.display()
+        ),
+    };
+    // Before the hand-written analysis, which discusses every section.
+    let at = if page.ends_with(&analysis) {
+        page.len() - analysis.len()
+    } else {
+        page.len()
+    };
+    page.insert_str(at, &e2e_section);
     std::fs::write(&args.out, page).map_err(|e| Error::Io(format!("{}: {e}", args.out.display())))
 }
 
-fn verdict(met: bool) -> &'static str {
+pub(crate) fn verdict(met: bool) -> &'static str {
     if met { "met" } else { "**missed**" }
 }
 

@@ -170,6 +170,7 @@ pub(crate) fn failed(
 
 /// Runs one build. Ok only when the controller accepted a pushed image.
 pub async fn run_once(cfg: AgentConfig) -> Result<(), AgentError> {
+    tracing::info!(platform = %cfg.platform, attempt = cfg.attempt, "agent started");
     let token = String::from_utf8_lossy(&read(cfg.token_dir.join("token"))?)
         .trim()
         .to_string();

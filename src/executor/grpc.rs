@@ -258,6 +258,7 @@ impl pb::executor_server::Executor for ExecutorService {
                             pending_step = Some(p.step);
                         }
                         Some(pb::agent_message::Message::Outcome(o)) => {
+                            tracing::info!("outcome received");
                             let ack = match outcome_from(o) {
                                 Ok(outcome) => match logic.outcome(&auth, outcome, &assignment).await {
                                     Ok((accepted, message)) => pb::Ack { accepted, message },
