@@ -274,7 +274,8 @@ fn draw_bars<DB: DrawingBackend>(
         .margin(10)
         .x_label_area_size(30)
         .y_label_area_size(170)
-        .build_cartesian_2d(0.0..max_x * 1.05, (0..n).into_segmented())
+        // Room on the right for the legend.
+        .build_cartesian_2d(0.0..max_x * 1.45, (0..n).into_segmented())
         .map_err(|e| plot_error(e.to_string()))?;
     chart
         .configure_mesh()
@@ -313,7 +314,7 @@ fn draw_bars<DB: DrawingBackend>(
         .configure_series_labels()
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
-        .position(SeriesLabelPosition::LowerRight)
+        .position(SeriesLabelPosition::UpperRight)
         .draw()
         .map_err(|e| plot_error(e.to_string()))?;
     Ok(())
