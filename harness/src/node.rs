@@ -42,6 +42,9 @@ use crate::process::{spawn_supervised, supervised_command};
 
 /// The real node's name.
 pub const NODE_NAME: &str = "tripod-linux-amd64";
+
+/// The MAC address of [`BRIDGE`] (locally administered, fixed).
+const BRIDGE_MAC: &str = "02:74:72:69:70:01";
 /// The node's address: the gateway of the Pod bridge.
 pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 88, 0, 1);
 /// The Pod network of the real node.
@@ -298,7 +301,17 @@ impl Host {
             sh("ip", &["route", "add", "blackhole", range])?;
         }
         let gateway = format!("{NODE_IP}/24");
-        sh("ip", &["link", "add", BRIDGE, "type", "bridge"])?;
+        // A fixed MAC: a bridge without one takes the lowest of its ports'
+        // and changes it as Pods come and go, without a gratuitous ARP, so
+        // Pods that resolved the node address before reach nobody until
+        // their ARP entry expires (the CNI plugin fixes the MAC only when it
+        // adds the address itself, and here the address comes first).
+        sh(
+            "ip",
+            &[
+                "link", "add", BRIDGE, "address", BRIDGE_MAC, "type", "bridge",
+            ],
+        )?;
         sh("ip", &["addr", "add", &gateway, "dev", BRIDGE])?;
         sh("ip", &["link", "set", BRIDGE, "up"])?;
         // br_netfilter provides the bridge sysctl (the CNI bridge plugin
