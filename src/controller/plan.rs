@@ -1232,6 +1232,24 @@ mod tests {
         run_with_leases(ib, pods, &[], runners, now)
     }
 
+    static NO_WINDOWS_BUILDS: BTreeMap<String, String> = BTreeMap::new();
+    static NONE_JUST_CREATED: BTreeSet<String> = BTreeSet::new();
+
+    /// What the plan sees of `ib` and its `pods` at `now`, and nothing else.
+    fn observed<'a>(ib: &'a ImageBuild, pods: &'a [Pod], now: Timestamp) -> Observed<'a> {
+        Observed {
+            build: ib,
+            pods,
+            leases: &[],
+            runners: &[],
+            now,
+            secret_problem: None,
+            windows_builds: &NO_WINDOWS_BUILDS,
+            index: None,
+            just_created: &NONE_JUST_CREATED,
+        }
+    }
+
     fn run_with_leases(
         ib: &ImageBuild,
         pods: &[Pod],
@@ -1239,20 +1257,12 @@ mod tests {
         runners: &[BuildRunner],
         now: Timestamp,
     ) -> Plan {
-        plan(
-            Observed {
-                build: ib,
-                pods,
-                leases,
-                runners,
-                now,
-                secret_problem: None,
-                windows_builds: &BTreeMap::new(),
-                index: None,
-                just_created: &BTreeSet::new(),
-            },
-            &settings(),
-        )
+        let obs = Observed {
+            leases,
+            runners,
+            ..observed(ib, pods, now)
+        };
+        plan(obs, &settings())
     }
 
     /// Applies a plan the way the API server would: status written, Pods created/deleted.
@@ -1276,20 +1286,11 @@ mod tests {
 
     fn run_just_created(ib: &ImageBuild, pods: &[Pod], just: &[&str], now: Timestamp) -> Plan {
         let just: BTreeSet<String> = just.iter().map(|s| s.to_string()).collect();
-        plan(
-            Observed {
-                build: ib,
-                pods,
-                leases: &[],
-                runners: &[],
-                now,
-                secret_problem: None,
-                windows_builds: &BTreeMap::new(),
-                index: None,
-                just_created: &just,
-            },
-            &settings(),
-        )
+        let obs = Observed {
+            just_created: &just,
+            ..observed(ib, pods, now)
+        };
+        plan(obs, &settings())
     }
 
     #[test]
@@ -1735,20 +1736,11 @@ mod tests {
     }
 
     fn run_with_index(ib: &ImageBuild, pods: &[Pod], index: &IndexOutcome, now: Timestamp) -> Plan {
-        plan(
-            Observed {
-                build: ib,
-                pods,
-                leases: &[],
-                runners: &[],
-                now,
-                secret_problem: None,
-                windows_builds: &BTreeMap::new(),
-                index: Some(index),
-                just_created: &BTreeSet::new(),
-            },
-            &settings(),
-        )
+        let obs = Observed {
+            index: Some(index),
+            ..observed(ib, pods, now)
+        };
+        plan(obs, &settings())
     }
 
     #[test]
@@ -1999,20 +1991,11 @@ mod tests {
             field: "spec.output.pushSecretRef".into(),
             message: "Secret ns/push does not allow builds to use it".into(),
         };
-        let p = plan(
-            Observed {
-                build: &b,
-                pods: &[],
-                leases: &[],
-                runners: &[],
-                now: at(0),
-                secret_problem: Some(&problem),
-                windows_builds: &BTreeMap::new(),
-                index: None,
-                just_created: &BTreeSet::new(),
-            },
-            &settings(),
-        );
+        let obs = Observed {
+            secret_problem: Some(&problem),
+            ..observed(&b, &[], at(0))
+        };
+        let p = plan(obs, &settings());
         assert!(p.create.is_empty());
         assert_eq!(p.status.phase, Some(Phase::Failed));
         let stalled = cond(&p.status, STALLED);

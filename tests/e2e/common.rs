@@ -259,12 +259,15 @@ impl TestEnv {
             identity,
             "--metrics-address",
             &format!("127.0.0.1:{port}"),
+            // Short enough that a takeover after a kill is quick, long
+            // enough that an API server stalled for seconds by the tests
+            // running beside it does not end a leader (3 s did, once).
             "--lease-duration-seconds",
-            "4",
+            "10",
             "--lease-renew-seconds",
             "1",
             "--lease-renew-deadline-seconds",
-            "3",
+            "8",
             // BuildRunners are cluster-scoped: each test's controller
             // manages only its own.
             &format!(
