@@ -868,6 +868,11 @@ fn run_as_chart_service_account(env: &Env, dir: &Path, deploy: &serde_json::Valu
                 && out.lines().filter(|l| l.starts_with("secret/")).count() == 1
         },
     );
+    // The first status may wait up to 1 s for the Pod to be bound.
+    wait_until("the hello build's status", Duration::from_secs(30), || {
+        env.json(&["get", "-n", "builds", "imagebuild", "hello"])["status"]["observedGeneration"]
+            == 1
+    });
     let ib = env.json(&["get", "-n", "builds", "imagebuild", "hello"]);
     assert_eq!(ib["status"]["observedGeneration"], 1, "{ib}");
     assert!(ib["status"]["phase"].is_string(), "{ib}");
