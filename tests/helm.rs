@@ -876,17 +876,31 @@ fn run_as_chart_service_account(env: &Env, dir: &Path, deploy: &serde_json::Valu
     let ib = env.json(&["get", "-n", "builds", "imagebuild", "hello"]);
     assert_eq!(ib["status"]["observedGeneration"], 1, "{ib}");
     assert!(ib["status"]["phase"].is_string(), "{ib}");
-    let events = env.kubectl(&[
-        "get",
-        "events",
-        "-n",
-        "builds",
-        "--field-selector",
-        "involvedObject.name=hello",
-        "-o",
-        "jsonpath={.items[*].reason}",
-    ]);
-    assert!(!events.trim().is_empty(), "no Event for hello");
+    // Events are written for outcomes: a build whose spec is refused gets
+    // one at once (the chart's RBAC lets the controller write it).
+    let bad = ib_text_with_duplicate_platforms();
+    env.run(
+        &env.kubectl,
+        &["apply", "-n", "builds", "-f", "-"],
+        Some(&bad),
+    );
+    wait_until("the InvalidSpec Event", Duration::from_secs(60), || {
+        let (ok, out, _) = env.try_run(
+            &env.kubectl,
+            &[
+                "get",
+                "events",
+                "-n",
+                "builds",
+                "--field-selector",
+                "involvedObject.name=bad",
+                "-o",
+                "jsonpath={.items[*].reason}",
+            ],
+            None,
+        );
+        ok && out.contains("InvalidSpec")
+    });
     let forbidden = log_tail();
     assert!(
         !forbidden.contains("forbidden"),
@@ -898,4 +912,23 @@ fn run_as_chart_service_account(env: &Env, dir: &Path, deploy: &serde_json::Valu
     let _ = child.wait();
     // Stepping down, it left no address behind.
     assert_eq!(endpoints(), "tripod ", "{}", log_tail());
+}
+
+/// An ImageBuild `bad` that names one platform twice (the API server
+/// accepts it; the controller refuses it with an InvalidSpec Event).
+fn ib_text_with_duplicate_platforms() -> String {
+    "apiVersion: build.tripod.dev/v1alpha1
+kind: ImageBuild
+metadata:
+  name: bad
+spec:
+  source:
+    inline:
+      dockerfile: |
+        FROM scratch
+  platforms: [linux/amd64, linux/x86_64]
+  output:
+    image: registry.local/team/bad:1
+"
+    .to_string()
 }
