@@ -138,7 +138,7 @@ fn page(s: &ScaleResults, before: Option<&ScaleResults>, analysis: &str) -> Stri
         (
             "API writes per successful single-platform build (Lease renewals apart)".to_string(),
             "≤ 6".to_string(),
-            format!("{:.2} ({} builds)", s.writes_per_build, s.succeeded),
+            format!("{:.3} ({} builds)", s.writes_per_build, s.succeeded),
             s.writes_per_build <= 6.0,
         ),
         (

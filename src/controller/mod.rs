@@ -5,6 +5,7 @@
 //! under one field manager, publishes Events and keeps the metrics.
 
 pub mod endpoint;
+pub mod events;
 pub mod index;
 pub mod lease;
 pub mod plan;
@@ -27,7 +28,6 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{Pod, SeccompProfile, Secret, SecurityContext};
 use kube::api::{DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
@@ -314,7 +314,7 @@ pub struct Context {
     client: Client,
     settings: PodSettings,
     metrics: Metrics,
-    recorder: Recorder,
+    events: events::EventWriter,
     builds: Store<ImageBuild>,
     runners: Store<BuildRunner>,
     failures: Mutex<HashMap<ObjectRef<ImageBuild>, u32>>,
@@ -658,13 +658,12 @@ pub async fn run(cfg: ControllerConfig) -> Result<(), ControllerError> {
     let (trigger_tx, trigger_rx) = tokio::sync::mpsc::unbounded_channel();
     let hub = RunnerHub::new(lease_store.clone(), trigger_tx);
 
-    // ImageBuilds, cached without managedFields (a large share of each
-    // object, never read here).
+    // ImageBuilds, cached without managedFields and kubectl's copy of the
+    // last applied spec (a large share of each object, never read here).
     let (ib_store, ib_writer) = reflector::store();
     let ib_events = reflector::reflector(
         ib_writer,
-        watcher(ib_api, watcher::Config::default().any_semantic())
-            .modify(|b: &mut ImageBuild| b.managed_fields_mut().clear()),
+        watcher(ib_api, watcher::Config::default().any_semantic()).modify(slim_build),
     )
     .default_backoff()
     .applied_objects();
@@ -711,18 +710,12 @@ pub async fn run(cfg: ControllerConfig) -> Result<(), ControllerError> {
         );
     }
 
-    let recorder = Recorder::new(
-        client.clone(),
-        Reporter {
-            controller: FIELD_MANAGER.into(),
-            instance: Some(identity.clone()),
-        },
-    );
+    let events = events::EventWriter::new(client.clone(), FIELD_MANAGER, &identity);
     let ctx = Arc::new(Context {
         client: client.clone(),
         settings: cfg.pod_settings(),
         metrics: metrics.clone(),
-        recorder,
+        events,
         builds: builds.clone(),
         runners: runner_store.clone(),
         failures: Mutex::new(HashMap::new()),
@@ -1246,10 +1239,29 @@ async fn reconcile_inner(
             rejected = Some(conflict);
             continue;
         }
-        match pods_api.patch(&pod_name, &ssa, &Patch::Apply(pod)).await {
+        // Created, not applied: a build Pod is never changed after, and a
+        // create costs the API server less than an apply of the whole Pod.
+        let create = PostParams {
+            field_manager: Some(FIELD_MANAGER.into()),
+            ..Default::default()
+        };
+        match pods_api.create(&create, pod).await {
             Ok(_) => {
                 ctx.remember_created(&uid, &pod_name);
                 tracing::info!(pod = %pod_name, "created build Pod");
+            }
+            Err(kube::Error::Api(s)) if s.code == 409 => {
+                // Created before (the cache is behind), or someone else's.
+                match existing_pod(&pods_api, &pod_name, &uid).await? {
+                    ExistingPod::Ours => ctx.remember_created(&uid, &pod_name),
+                    // Deleted since: looked at again soon.
+                    ExistingPod::Gone => cache_behind = true,
+                    ExistingPod::Foreign(message) => {
+                        tracing::warn!(pod = %pod_name, "{message}");
+                        held_back.push((pod_platform(pod), message.clone()));
+                        rejected = Some(message);
+                    }
+                }
             }
             Err(kube::Error::Api(s)) if pod_refused(s.code) => {
                 let message = format!("the API server refused build Pod {pod_name}: {}", s.message);
@@ -1340,17 +1352,15 @@ async fn reconcile_inner(
     // Events and metrics, after the status is written.
     let reference = ib.object_ref(&());
     for ev in &plan.events {
-        let event = Event {
-            type_: match ev.kind {
-                EventKind::Normal => EventType::Normal,
-                EventKind::Warning => EventType::Warning,
-            },
-            reason: ev.reason.clone(),
-            note: Some(ev.message.chars().take(1000).collect()),
-            action: "Reconcile".into(),
-            secondary: None,
+        let kind = match ev.kind {
+            EventKind::Normal => events::EventType::Normal,
+            EventKind::Warning => events::EventType::Warning,
         };
-        if let Err(e) = ctx.recorder.publish(&event, &reference).await {
+        let published = ctx
+            .events
+            .publish(&reference, kind, &ev.reason, &ev.message)
+            .await;
+        if let Err(e) = published {
             tracing::warn!(error = %e, reason = %ev.reason, "could not publish event");
         }
     }
@@ -1760,6 +1770,43 @@ fn unsigned_result_in(meta: &mut ObjectMeta, kind: &str, key: &TokenKey) {
 
 /// Whether an API error on a Pod create is a refusal that retrying the same
 /// request will not fix by itself (not a conflict, throttling or server error).
+/// What a Pod that was there when a build Pod of the same name was
+/// created is.
+enum ExistingPod {
+    /// A build Pod of this ImageBuild (created before; the cache is behind).
+    Ours,
+    /// Deleted again since.
+    Gone,
+    /// Someone else's: why the build Pod cannot be created.
+    Foreign(String),
+}
+
+/// Reads the existing Pod `name`: whether the ImageBuild with UID `uid`
+/// controls it.
+async fn existing_pod(
+    api: &Api<Pod>,
+    name: &str,
+    uid: &str,
+) -> Result<ExistingPod, ControllerError> {
+    let existing = api
+        .get_opt(name)
+        .await
+        .map_err(kube_err(format!("get Pod {name}")))?;
+    Ok(match existing {
+        None => ExistingPod::Gone,
+        Some(p)
+            if p.owner_references()
+                .iter()
+                .any(|o| o.uid == uid && o.controller == Some(true)) =>
+        {
+            ExistingPod::Ours
+        }
+        Some(_) => ExistingPod::Foreign(format!(
+            "a Pod named {name} exists and is not this build's: delete or rename it"
+        )),
+    })
+}
+
 fn pod_refused(code: u16) -> bool {
     (400..500).contains(&code) && code != 409 && code != 429
 }
@@ -1859,16 +1906,77 @@ impl PodIndex {
     }
 }
 
+/// What the cache keeps of an ImageBuild: all but managedFields and
+/// `kubectl.kubernetes.io/last-applied-configuration` (a second copy of
+/// the spec when it was applied with `kubectl apply`).
+fn slim_build(b: &mut ImageBuild) {
+    b.managed_fields_mut().clear();
+    b.annotations_mut()
+        .remove("kubectl.kubernetes.io/last-applied-configuration");
+}
+
 /// What the cache keeps of a build Pod: what the plan reads (metadata
-/// without managedFields, `spec.nodeName`, the status). The containers,
-/// volumes and the rest of the spec are Tripod's own and never read back.
+/// without managedFields, `spec.nodeName`, the phase, reason and message,
+/// the `PodScheduled` condition, and the containers that exited with an
+/// error). The containers, volumes, images, addresses and the rest are
+/// Tripod's own or the kubelet's and never read back.
 fn slim_pod(p: &mut Pod) {
+    use k8s_openapi::api::core::v1::{
+        ContainerState, ContainerStateTerminated, ContainerStatus, PodCondition, PodSpec, PodStatus,
+    };
     p.managed_fields_mut().clear();
     if let Some(spec) = p.spec.as_mut() {
-        *spec = k8s_openapi::api::core::v1::PodSpec {
+        *spec = PodSpec {
             node_name: spec.node_name.take(),
             ..Default::default()
         };
+    }
+    // A container that exited non-zero: its name, code and message.
+    fn failed(statuses: Option<Vec<ContainerStatus>>) -> Option<Vec<ContainerStatus>> {
+        let kept: Vec<ContainerStatus> = statuses?
+            .into_iter()
+            .filter_map(|c| {
+                let t = c.state?.terminated.filter(|t| t.exit_code != 0)?;
+                Some(ContainerStatus {
+                    name: c.name,
+                    state: Some(ContainerState {
+                        terminated: Some(ContainerStateTerminated {
+                            exit_code: t.exit_code,
+                            message: t.message,
+                            reason: t.reason,
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                })
+            })
+            .collect();
+        (!kept.is_empty()).then_some(kept)
+    }
+    if let Some(status) = p.status.take() {
+        let scheduled: Vec<PodCondition> = status
+            .conditions
+            .into_iter()
+            .flatten()
+            .filter(|c| c.type_ == "PodScheduled")
+            .map(|c| PodCondition {
+                type_: c.type_,
+                status: c.status,
+                message: c.message,
+                reason: c.reason,
+                ..Default::default()
+            })
+            .collect();
+        p.status = Some(PodStatus {
+            phase: status.phase,
+            reason: status.reason,
+            message: status.message,
+            conditions: (!scheduled.is_empty()).then_some(scheduled),
+            container_statuses: failed(status.container_statuses),
+            init_container_statuses: failed(status.init_container_statuses),
+            ..Default::default()
+        });
     }
 }
 
@@ -1952,6 +2060,50 @@ mod tests {
         assert!(err.contains("not a Kubernetes SecurityContext"), "{err}");
         let err = parse_security_context("{").unwrap_err();
         assert!(err.contains("not JSON"), "{err}");
+    }
+
+    #[test]
+    fn a_slimmed_pod_reads_the_same_to_the_plan() {
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "b-1", "namespace": "team",
+                "annotations": {"build.tripod.dev/platform": "linux/amd64"},
+                "managedFields": [{"manager": "kubelet", "operation": "Update"}]},
+            "spec": {"nodeName": "n1", "containers": [{"name": "agent", "image": "tripod"}]},
+            "status": {
+                "phase": "Failed", "reason": "Evicted", "message": "low on disk",
+                "hostIP": "10.0.0.1", "podIP": "10.1.0.5", "qosClass": "BestEffort",
+                "conditions": [
+                    {"type": "Ready", "status": "False", "message": "containers not ready"},
+                    {"type": "PodScheduled", "status": "False", "message": "0/3 nodes fit"}
+                ],
+                "initContainerStatuses": [{"name": "fetch", "image": "i", "imageID": "x",
+                    "ready": false, "restartCount": 0,
+                    "state": {"terminated": {"exitCode": 0, "reason": "Completed"}}}],
+                "containerStatuses": [
+                    {"name": "agent", "image": "i", "imageID": "x", "ready": false, "restartCount": 0,
+                     "state": {"terminated": {"exitCode": 2, "reason": "Error", "message": "a\nno space"}}},
+                    {"name": "buildd", "image": "i", "imageID": "x", "ready": true, "restartCount": 0,
+                     "state": {"running": {"startedAt": "2026-12-01T10:00:00Z"}}}
+                ]
+            }
+        }))
+        .unwrap();
+        let mut slim = pod.clone();
+        slim_pod(&mut slim);
+        assert_eq!(plan::pod_failure(&slim), plan::pod_failure(&pod));
+        assert!(plan::pod_failure(&slim).contains("container agent exited with code 2: no space"));
+        assert_eq!(slim.spec.as_ref().unwrap().node_name.as_deref(), Some("n1"));
+        assert!(slim.spec.unwrap().containers.is_empty());
+        assert_eq!(slim.metadata.annotations, pod.metadata.annotations);
+        assert!(slim.metadata.managed_fields.unwrap_or_default().is_empty());
+        let status = slim.status.unwrap();
+        assert_eq!(status.phase.as_deref(), Some("Failed"));
+        assert_eq!(status.host_ip, None);
+        let conditions = status.conditions.unwrap();
+        assert_eq!(conditions.len(), 1);
+        assert_eq!(conditions[0].message.as_deref(), Some("0/3 nodes fit"));
+        assert_eq!(status.container_statuses.unwrap().len(), 1);
+        assert_eq!(status.init_container_statuses, None);
     }
 
     #[test]

@@ -532,6 +532,46 @@ async fn refused_build_pod_is_reported_and_retried() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_holding_the_build_pods_name_is_reported_not_taken_over() {
+    // Someone else's Pod already has the name the build Pod would get: the
+    // controller leaves it alone and says why the build waits; once it is
+    // gone, the build Pod is created.
+    let mut env = TestEnv::new("squat").await;
+    env.apply(&format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: squat-1-linux-arm64-1, namespace: {}, labels: {{app: mine}}}}\n\
+         spec: {{nodeSelector: {{no-such-node: \"x\"}}, containers: [{{name: c, image: mine:1}}]}}\n",
+        env.ns
+    ));
+    env.start_controller("c1");
+    env.apply(&manifest("squat", &["linux/arm64"], ""));
+    let message = eventually("the name clash in the status", WAIT, || async {
+        let status = status_of(&env, "squat").await?;
+        let message = status.platforms.first()?.message.clone()?;
+        message.contains("squat-1-linux-arm64-1").then_some(message)
+    })
+    .await;
+    assert!(message.contains("is not this build's"), "{message}");
+    let squatter = env.pods().get("squat-1-linux-arm64-1").await.expect("get");
+    assert_eq!(
+        squatter.labels().get("app").map(String::as_str),
+        Some("mine")
+    );
+    assert!(squatter.owner_references().is_empty());
+
+    let (ok, out) = env.kubectl(
+        &["delete", "pod", "squat-1-linux-arm64-1", "--wait=true"],
+        None,
+    );
+    assert!(ok, "{out}");
+    let pod = eventually("the build Pod, once the name is free", WAIT, || async {
+        env.pods_of("squat").await.pop()
+    })
+    .await;
+    assert_eq!(pod.name_any(), "squat-1-linux-arm64-1");
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn buildd_security_context_and_user_namespace_reach_the_pod() {
     // A typo in the JSON stops the controller at once, naming flag and field.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_tripod"))
