@@ -62,9 +62,10 @@ RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
       buildah ca-certificates git \
  && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin
-# buildd passes --isolation chroot and --storage-driver vfs itself; these
-# make a `buildah` typed into the container behave the same (the vfs driver
-# works on any file system, overlay on overlayfs does not).
+# buildd passes --isolation chroot and its storage driver itself (overlay
+# when it may mount it, else vfs; its log says which). These make a
+# `buildah` typed into the container use vfs, which works on any file
+# system; add `--storage-driver overlay` when buildd's log says overlay.
 RUN mkdir -p /etc/containers \
  && printf '[storage]\ndriver = "vfs"\nrunroot = "/run/containers/storage"\ngraphroot = "/var/lib/containers/storage"\n' \
       > /etc/containers/storage.conf

@@ -26,6 +26,7 @@ command -v gcc >/dev/null || need_apt+=(gcc)
 [ -x /usr/lib/cni/bridge ] || need_apt+=(containernetworking-plugins)
 [ -f /usr/include/seccomp.h ] || need_apt+=(libseccomp-dev)
 command -v pkg-config >/dev/null || need_apt+=(pkg-config)
+command -v capsh >/dev/null || [ -x /usr/sbin/capsh ] || need_apt+=(libcap2-bin)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"

@@ -30,6 +30,7 @@ use crate::platform::{Os, Platform};
 use crate::proto::buildd::v1 as bpb;
 use crate::proto::executor::v1 as pb;
 use crate::source;
+use clap::ValueEnum;
 
 /// Runner mode's flags (`tripod agent --runner NAME …`).
 #[derive(clap::Args, Debug, Clone)]
@@ -75,9 +76,10 @@ pub struct RunnerArgs {
     /// The buildah program (Linux hosts).
     #[arg(long, default_value = "buildah")]
     pub buildah: PathBuf,
-    /// buildah's storage driver (Linux hosts): vfs or overlay.
-    #[arg(long, default_value = "vfs")]
-    pub storage_driver: String,
+    /// buildah's storage driver (Linux hosts): `auto` takes overlay when
+    /// the runner may mount it (root, or CAP_SYS_ADMIN) and vfs otherwise.
+    #[arg(long, value_enum, default_value_t = crate::buildd::buildah::StorageDriver::Auto)]
+    pub storage_driver: crate::buildd::buildah::StorageDriver,
     /// The address of a buildkitd on this host (`unix:///…`,
     /// `npipe:////./pipe/buildkitd`, `tcp://127.0.0.1:PORT`): builds may
     /// use the BuildKit backend, and the runner also builds windows/ARCH
@@ -834,7 +836,12 @@ async fn build_in_buildd(
             "--runroot".to_string(),
             storage.join("run").display().to_string(),
             "--storage-driver".to_string(),
-            shared.args.storage_driver.clone(),
+            shared
+                .args
+                .storage_driver
+                .to_possible_value()
+                .map(|v| v.get_name().to_string())
+                .unwrap_or_else(|| "auto".into()),
         ]);
     }
     if backend == BackendKind::Buildkit

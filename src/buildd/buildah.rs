@@ -92,6 +92,87 @@ impl Buildah {
     }
 }
 
+/// Which storage driver buildah uses (`--storage-driver` of `tripod buildd`).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StorageDriver {
+    /// overlay when buildd may mount it (CAP_SYS_ADMIN, as root or in a
+    /// user namespace of its own), else vfs: probed once at start.
+    Auto,
+    /// Full copies of each layer: works everywhere, slow for large images.
+    Vfs,
+    /// Kernel overlayfs: fast; needs the right to mount.
+    Overlay,
+}
+
+/// How long the overlay probe may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl StorageDriver {
+    /// The driver to use: `auto` asks buildah to set up an overlay store
+    /// in a scratch root under `root` (on the same file system as the real
+    /// one: overlay upon overlay is refused) and takes vfs if it cannot.
+    /// The second value says why, for the log.
+    pub async fn resolve(self, program: &Path, root: &Path) -> (&'static str, String) {
+        match self {
+            Self::Vfs => ("vfs", "--storage-driver vfs".into()),
+            Self::Overlay => ("overlay", "--storage-driver overlay".into()),
+            Self::Auto => match probe_overlay(program, root).await {
+                Ok(()) => ("overlay", "buildah can mount overlay here".into()),
+                Err(why) => ("vfs", format!("overlay is not usable here: {why}")),
+            },
+        }
+    }
+}
+
+/// Mounts an empty working container in an overlay store in a scratch
+/// root (what every build step does), then removes it all. A root without
+/// the right to mount can still set up the store and the container: only
+/// the mount tells.
+async fn probe_overlay(program: &Path, root: &Path) -> Result<(), String> {
+    let probe = root.join(".tripod-overlay-probe");
+    std::fs::create_dir_all(&probe).map_err(|e| format!("create {}: {e}", probe.display()))?;
+    let buildah = |args: &[&str]| {
+        let mut cmd = Command::new(program);
+        cmd.arg("--root")
+            .arg(probe.join("root"))
+            .arg("--runroot")
+            .arg(probe.join("run"))
+            .args(["--storage-driver", "overlay"])
+            .args(args)
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        async move {
+            match tokio::time::timeout(PROBE_TIMEOUT, cmd.output()).await {
+                Err(_) => Err(format!("buildah took more than {PROBE_TIMEOUT:?}")),
+                Ok(Err(e)) => Err(format!("cannot run {}: {e}", program.display())),
+                Ok(Ok(o)) if o.status.success() => {
+                    Ok(String::from_utf8_lossy(&o.stdout).trim().to_string())
+                }
+                Ok(Ok(o)) => {
+                    let err = String::from_utf8_lossy(&o.stderr);
+                    let last = err
+                        .lines()
+                        .map(str::trim)
+                        .find(|l| l.starts_with("Error:"))
+                        .or_else(|| err.trim().lines().last())
+                        .unwrap_or("no message");
+                    Err(crate::outcome::cap(last, 300))
+                }
+            }
+        }
+    };
+    let result = match buildah(&["from", "scratch"]).await {
+        Ok(container) => buildah(&["mount", &container]).await.map(drop),
+        Err(e) => Err(e),
+    };
+    let _ = buildah(&["umount", "--all"]).await;
+    let _ = buildah(&["rm", "--all"]).await;
+    if let Err(e) = std::fs::remove_dir_all(&probe) {
+        tracing::debug!(error = %e, "could not remove the overlay probe's root");
+    }
+    result
+}
+
 /// The system's registries.conf, which a build's own extends.
 const SYSTEM_REGISTRIES_CONF: &str = "/etc/containers/registries.conf";
 

@@ -340,9 +340,11 @@ pub struct BuilddArgs {
         default_value = "/run/containers/storage"
     )]
     pub runroot: PathBuf,
-    /// Storage driver: vfs or overlay.
-    #[arg(long, default_value = "vfs")]
-    pub storage_driver: String,
+    /// buildah backend: the storage driver. `auto` takes overlay when
+    /// buildd may mount it (CAP_SYS_ADMIN, e.g. through the controller's
+    /// `--buildd-security-context`) and vfs otherwise.
+    #[arg(long, value_enum, default_value_t = buildah::StorageDriver::Auto)]
+    pub storage_driver: buildah::StorageDriver,
     /// Scratch directory for per-build files. Default: a directory under the TLS directory's parent.
     #[arg(long)]
     pub work_dir: Option<PathBuf>,
@@ -441,11 +443,16 @@ pub async fn run(args: BuilddArgs) -> Result<(), BuilddError> {
     };
     match args.backend {
         BackendKind::Buildah => {
+            let (driver, why) = args
+                .storage_driver
+                .resolve(&args.buildah, &args.storage_root)
+                .await;
+            tracing::info!(storage_driver = driver, reason = %why, "buildah storage driver");
             let backend = buildah::Buildah {
                 program: args.buildah,
                 root: args.storage_root,
                 runroot: args.runroot,
-                storage_driver: args.storage_driver,
+                storage_driver: driver.into(),
                 work_dir,
             };
             server::serve(opts, server::BuilderService::new(backend)).await?;
