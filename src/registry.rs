@@ -8,7 +8,6 @@
 //! that was reported.
 
 use std::fmt;
-use std::str::FromStr;
 use std::time::Duration;
 
 use oci_client::client::{ClientConfig, ClientProtocol};
@@ -355,11 +354,7 @@ impl RegistryClient {
         creds: Option<&Credentials>,
     ) -> Result<ImageFacts, RegistryError> {
         // A tag or a digest (`FROM image@sha256:…` pins a base).
-        let image =
-            Reference::from_str(reference.trim()).map_err(|e| RegistryError::InvalidReference {
-                reference: reference.to_string(),
-                reason: e.to_string(),
-            })?;
+        let image = oci_reference(reference, true)?;
         let (os, arch) = (os.to_string(), arch.to_string());
         let prefer = prefer_os_version.map(str::to_string);
         let resolver = move |entries: &[oci_client::manifest::ImageIndexEntry]| {
@@ -946,17 +941,44 @@ fn by_digest(image: &Reference, digest: &str) -> Reference {
 
 /// Parses a tag reference, refusing references that carry a digest.
 fn parse_reference(reference: &str) -> Result<Reference, RegistryError> {
+    oci_reference(reference, false)
+}
+
+/// Parses `name[:tag][@digest]` with Tripod's own reference parser (the
+/// OCI client's builds a Unicode regex of several MiB on first use, kept
+/// for the life of the process). A digest is refused unless
+/// `digest_allowed`; with one, the tag is not looked at.
+fn oci_reference(reference: &str, digest_allowed: bool) -> Result<Reference, RegistryError> {
     let invalid = |reason: String| RegistryError::InvalidReference {
         reference: reference.to_string(),
         reason,
     };
-    let image = Reference::from_str(reference.trim()).map_err(|e| invalid(e.to_string()))?;
-    if image.digest().is_some() {
+    let (name, digest) = match reference.trim().split_once('@') {
+        Some((name, digest)) => (name, Some(digest)),
+        None => (reference.trim(), None),
+    };
+    if digest.is_some() && !digest_allowed {
         return Err(invalid(
             "it carries a digest: give the tag whose digest is to be resolved".to_string(),
         ));
     }
-    Ok(image)
+    let image = crate::reference::ImageRef::parse(name).map_err(|e| invalid(e.to_string()))?;
+    Ok(match digest {
+        Some(digest) => {
+            let hex_len = match digest.split_once(':') {
+                Some(("sha256", hex)) => (hex.len() == 64).then_some(hex),
+                Some(("sha512", hex)) => (hex.len() == 128).then_some(hex),
+                _ => None,
+            };
+            if !hex_len.is_some_and(|h| h.bytes().all(|b| b.is_ascii_hexdigit())) {
+                return Err(invalid(format!(
+                    "digest {digest:?} is not sha256:<64 hex digits> or sha512:<128>"
+                )));
+            }
+            Reference::with_digest(image.registry, image.repository, digest.to_string())
+        }
+        None => Reference::with_tag(image.registry, image.repository, image.tag),
+    })
 }
 
 /// The error an OCI error envelope stands for, by its error codes.
@@ -1025,6 +1047,41 @@ mod tests {
 
     fn auth_entry(user_pass: &str) -> serde_json::Value {
         serde_json::json!({ "auth": b64(user_pass) })
+    }
+
+    #[test]
+    fn references_parse_as_the_oci_client_parses_them() {
+        let digest = format!("sha256:{}", "ab".repeat(32));
+        for r in [
+            "127.0.0.1:5000/team/app:1".to_string(),
+            "registry.example.com/app".to_string(),
+            "localhost/tripod-buildd:test".to_string(),
+            "debian:bookworm".to_string(),
+            "team/app:v1.2_3".to_string(),
+            format!("registry.example.com:443/a/b/c@{digest}"),
+            format!("debian:bookworm@{digest}"),
+        ] {
+            let ours = oci_reference(&r, true).unwrap();
+            let theirs: Reference = r.parse().unwrap();
+            assert_eq!(
+                (ours.registry(), ours.repository(), ours.digest()),
+                (theirs.registry(), theirs.repository(), theirs.digest()),
+                "{r}"
+            );
+            if ours.digest().is_none() {
+                assert_eq!(ours.tag(), theirs.tag(), "{r}");
+            }
+        }
+        for bad in [
+            "Not A Reference",
+            "",
+            "app@sha256:abc",
+            "app@md5:0123456789abcdef0123456789abcdef",
+        ] {
+            assert!(oci_reference(bad, true).is_err(), "{bad}");
+        }
+        let err = parse_reference(&format!("app@{digest}")).unwrap_err();
+        assert!(err.to_string().contains("carries a digest"), "{err}");
     }
 
     #[tokio::test]
