@@ -7,9 +7,10 @@
 #                                     steady state, 10,000 builds for memory
 #                                     (about 40 minutes on 2 cores)
 #   bash bench/run.sh --before REV    also measures the controller of git
-#                                     revision REV the same way first (built
-#                                     in a worktree under ~/.cache/tripod),
-#                                     for the page's before/after columns
+#                                     revision REV (built in a worktree under
+#                                     ~/.cache/tripod) and the current one at
+#                                     the small size, release builds, for the
+#                                     page's before/after table
 #   bash bench/run.sh --only e2e      only the end-to-end bench (5 runs), then
 #                                     the page again from the last scale
 #                                     results (--only scale: the opposite)
@@ -79,6 +80,7 @@ cargo build --locked --release -p tripod --bin tripod
 cargo build --locked --release -p tripod-bench
 bin="$CARGO_TARGET_DIR/release"
 full=(--n 2000 --latency-builds 400 --steady-seconds 600 --memory-builds 10000)
+small_size=(--n 200 --latency-builds 100 --steady-seconds 60 --memory-builds 1000)
 before_args=()
 if [ -n "$before" ] && [ "$only" != e2e ]; then
   wt="$HOME/.cache/tripod/bench-before"
@@ -86,12 +88,19 @@ if [ -n "$before" ] && [ "$only" != e2e ]; then
   git worktree remove --force "$wt" 2>/dev/null || rm -rf "$wt"
   git worktree add --detach "$wt" "$before" >&2
   (cd "$wt" && CARGO_TARGET_DIR="$HOME/.cache/tripod/target-before" cargo build --release -q --bin tripod)
-  step "scale, the controller of $before"
-  "$bin/tripod-bench" scale "${full[@]}" --tripod "$HOME/.cache/tripod/target-before/release/tripod" \
+  # The controller before the optimisations lists Pods per reconcile: at
+  # the full size it would take hours. Both sides of the comparison run at
+  # the small size, one after the other.
+  step "scale, small, the controller of $before"
+  "$bin/tripod-bench" scale "${small_size[@]}" --tripod "$HOME/.cache/tripod/target-before/release/tripod" \
     --label "before ($(git rev-parse --short "$before"))" --out docs/bench/scale-before.json
   git worktree remove --force "$wt"
+  step "scale, small, the current controller"
+  "$bin/tripod-bench" scale "${small_size[@]}" --tripod "$bin/tripod" \
+    --label "after ($(git rev-parse --short HEAD))" --out docs/bench/scale-after-small.json
 fi
 [ -f docs/bench/scale-before.json ] && before_args=(--before docs/bench/scale-before.json)
+[ -f docs/bench/scale-after-small.json ] && before_args+=(--after docs/bench/scale-after-small.json)
 if [ "$only" != e2e ]; then
   step "scale (release)"
   "$bin/tripod-bench" scale "${full[@]}" --tripod "$bin/tripod" \

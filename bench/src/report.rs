@@ -19,6 +19,11 @@ pub struct ReportArgs {
     /// optimisations).
     #[arg(long)]
     pub before: Option<PathBuf>,
+    /// The run of the current controller that `--before` is compared with,
+    /// at the same size (default: `--scale`). With a `--before` of another
+    /// size, the plots and the per-request table leave it out.
+    #[arg(long)]
+    pub after: Option<PathBuf>,
     /// Results of `tripod-bench e2e`; its section says it did not run
     /// when the file is missing.
     #[arg(long, default_value = "docs/bench/e2e.json")]
@@ -63,21 +68,31 @@ pub fn run(args: &ReportArgs) -> Result<(), Error> {
     .map_err(|_| Error::Io(format!("{} is not a TrueType font", args.font.display())))?;
     let scale: ScaleResults = read(&args.scale)?;
     let before: Option<ScaleResults> = args.before.as_deref().map(read).transpose()?;
+    let after: Option<ScaleResults> = args.after.as_deref().map(read).transpose()?;
+    let compared = after.as_ref().unwrap_or(&scale);
+    // The plots and the request table set `before` beside this run only
+    // when both are of one size.
+    let beside = before.as_ref().filter(|b| b.tripod.n == scale.tripod.n);
     let dir = args
         .out
         .parent()
         .map(|d| d.join("bench"))
         .unwrap_or_else(|| PathBuf::from("bench"));
     std::fs::create_dir_all(&dir).map_err(|e| Error::Io(format!("{}: {e}", dir.display())))?;
-    throughput_plot(&dir.join("throughput.png"), &scale, before.as_ref())?;
-    latency_plot(&dir.join("latency.png"), &scale, before.as_ref())?;
-    memory_plot(&dir.join("memory.png"), &scale, before.as_ref())?;
+    throughput_plot(&dir.join("throughput.png"), &scale, beside)?;
+    latency_plot(&dir.join("latency.png"), &scale, beside)?;
+    memory_plot(&dir.join("memory.png"), &scale, beside)?;
     let e2e: Option<E2eResults> = args.e2e.exists().then(|| read(&args.e2e)).transpose()?;
     if let Some(e) = &e2e {
         crate::e2e_report::plot(&dir.join("e2e.png"), e)?;
     }
     let analysis = std::fs::read_to_string(&args.analysis).unwrap_or_default();
-    let mut page = page(&scale, before.as_ref(), &analysis);
+    let mut page = page(
+        &scale,
+        before.as_ref().map(|b| (b, compared)),
+        beside,
+        &analysis,
+    );
     let e2e_section = match &e2e {
         Some(e) => crate::e2e_report::section(e),
         None => format!(
@@ -99,7 +114,12 @@ pub(crate) fn verdict(met: bool) -> &'static str {
     if met { "met" } else { "**missed**" }
 }
 
-fn page(s: &ScaleResults, before: Option<&ScaleResults>, analysis: &str) -> String {
+fn page(
+    s: &ScaleResults,
+    compare: Option<(&ScaleResults, &ScaleResults)>,
+    before: Option<&ScaleResults>,
+    analysis: &str,
+) -> String {
     let mut p = String::new();
     let m = &s.machine;
     let _ = writeln!(
@@ -176,13 +196,25 @@ fn page(s: &ScaleResults, before: Option<&ScaleResults>, analysis: &str) -> Stri
     for (what, goal, got, met) in &rows {
         let _ = writeln!(p, "| {what} | {goal} | {got} | {} |", verdict(*met));
     }
-    if let Some(b) = before {
+    if let Some((b, s)) = compare {
         let _ = writeln!(
             p,
             "\n## Before and after the optimisations\n\n`{}` is the controller before them, \
-             measured with the same bench ({}, {}).\n\n\
+             measured with the same bench ({}, {}, N = {}, {} builds for memory), next to `{}` \
+             ({}, {}, N = {}, {} builds for memory).\n\n\
              | figure | {} | {} |\n|---|---|---|",
-            b.label, b.machine.date, b.machine.tripod, b.label, s.label
+            b.label,
+            b.machine.date,
+            b.machine.tripod,
+            b.tripod.n,
+            b.memory_builds,
+            s.label,
+            s.machine.date,
+            s.machine.tripod,
+            s.tripod.n,
+            s.memory_builds,
+            b.label,
+            s.label
         );
         let pairs = [
             (
