@@ -391,13 +391,20 @@ impl Context {
         }
     }
 
-    /// Drops the status records of ImageBuilds no longer in the cache
-    /// (deleted; no reconcile follows a deletion).
+    /// Drops the status records the cache has caught up with (it shows a
+    /// later version than the one seen when the status was written), and
+    /// those of ImageBuilds no longer in it (deleted; no reconcile follows
+    /// a deletion). A finished build is not reconciled again, so its record
+    /// would otherwise stay.
     fn forget_deleted(&self) {
-        let live: std::collections::HashSet<String> =
-            self.builds.state().iter().filter_map(|b| b.uid()).collect();
+        let versions: HashMap<String, String> = self
+            .builds
+            .state()
+            .iter()
+            .filter_map(|b| Some((b.uid()?, b.resource_version()?)))
+            .collect();
         if let Ok(mut m) = self.written.lock() {
-            m.retain(|uid, _| live.contains(uid));
+            m.retain(|uid, (rv, _)| versions.get(uid) == Some(rv));
         }
     }
 
