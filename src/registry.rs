@@ -963,21 +963,38 @@ fn oci_reference(reference: &str, digest_allowed: bool) -> Result<Reference, Reg
         ));
     }
     let image = crate::reference::ImageRef::parse(name).map_err(|e| invalid(e.to_string()))?;
+    // Docker Hub as the OCI client names it: `docker.io` (not
+    // `index.docker.io`), official images under `library/`.
+    let registry = match image.registry.as_str() {
+        "index.docker.io" => "docker.io".to_string(),
+        _ => image.registry,
+    };
+    let repository = if registry == "docker.io" && !image.repository.contains('/') {
+        format!("library/{}", image.repository)
+    } else {
+        image.repository
+    };
+    if repository.len() > 255 {
+        return Err(invalid(
+            "the repository name is longer than 255 characters".to_string(),
+        ));
+    }
     Ok(match digest {
         Some(digest) => {
             let hex_len = match digest.split_once(':') {
                 Some(("sha256", hex)) => (hex.len() == 64).then_some(hex),
+                Some(("sha384", hex)) => (hex.len() == 96).then_some(hex),
                 Some(("sha512", hex)) => (hex.len() == 128).then_some(hex),
                 _ => None,
             };
             if !hex_len.is_some_and(|h| h.bytes().all(|b| b.is_ascii_hexdigit())) {
                 return Err(invalid(format!(
-                    "digest {digest:?} is not sha256:<64 hex digits> or sha512:<128>"
+                    "digest {digest:?} is not sha256:<64 hex digits> (or sha384, sha512)"
                 )));
             }
-            Reference::with_digest(image.registry, image.repository, digest.to_string())
+            Reference::with_digest(registry, repository, digest.to_string())
         }
-        None => Reference::with_tag(image.registry, image.repository, image.tag),
+        None => Reference::with_tag(registry, repository, image.tag),
     })
 }
 
@@ -1058,6 +1075,11 @@ mod tests {
             "localhost/tripod-buildd:test".to_string(),
             "debian:bookworm".to_string(),
             "team/app:v1.2_3".to_string(),
+            "docker.io/alpine:3".to_string(),
+            "index.docker.io/alpine".to_string(),
+            "docker.io/library/alpine".to_string(),
+            "index.docker.io/team/app:1".to_string(),
+            format!("app@sha384:{}", "cd".repeat(48)),
             format!("registry.example.com:443/a/b/c@{digest}"),
             format!("debian:bookworm@{digest}"),
         ] {
@@ -1077,6 +1099,7 @@ mod tests {
             "",
             "app@sha256:abc",
             "app@md5:0123456789abcdef0123456789abcdef",
+            &format!("r.example.com/{}", "a".repeat(256)),
         ] {
             assert!(oci_reference(bad, true).is_err(), "{bad}");
         }

@@ -30,7 +30,6 @@ use crate::platform::{Os, Platform};
 use crate::proto::buildd::v1 as bpb;
 use crate::proto::executor::v1 as pb;
 use crate::source;
-use clap::ValueEnum;
 
 /// Runner mode's flags (`tripod agent --runner NAME …`).
 #[derive(clap::Args, Debug, Clone)]
@@ -267,6 +266,9 @@ struct Shared {
     running: Mutex<HashMap<String, Running>>,
     events: mpsc::UnboundedSender<Event>,
     program: PathBuf,
+    /// buildah's storage driver for every build, chosen once at start
+    /// (`auto` probes; builds share one store, so they share one driver).
+    storage_driver: &'static str,
 }
 
 struct Running {
@@ -371,7 +373,16 @@ pub async fn run(args: RunnerArgs) -> Result<(), AgentError> {
         .map_err(|e| AgentError::Env(format!("cannot find the tripod binary: {e}")))?;
     let (platforms, emulated) = host_platforms(&Host::of(&args));
     tracing::info!(runner = %name, ?platforms, ?emulated, capacity = args.capacity, "runner starting");
+    let storage_driver = if cfg!(target_os = "linux") {
+        let root = args.work_dir.join("storage").join("root");
+        let (driver, why) = args.storage_driver.resolve(&args.buildah, &root).await;
+        tracing::info!(storage_driver = driver, reason = %why, "buildah storage driver");
+        driver
+    } else {
+        "vfs"
+    };
     let shared = Arc::new(Shared {
+        storage_driver,
         slots: Semaphore::new(args.capacity.max(1) as usize),
         args: args.clone(),
         journal,
@@ -836,12 +847,7 @@ async fn build_in_buildd(
             "--runroot".to_string(),
             storage.join("run").display().to_string(),
             "--storage-driver".to_string(),
-            shared
-                .args
-                .storage_driver
-                .to_possible_value()
-                .map(|v| v.get_name().to_string())
-                .unwrap_or_else(|| "auto".into()),
+            shared.storage_driver.to_string(),
         ]);
     }
     if backend == BackendKind::Buildkit

@@ -104,8 +104,9 @@ pub enum StorageDriver {
     Overlay,
 }
 
-/// How long the overlay probe may take.
-const PROBE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long each buildah command of the overlay probe may take (it
+/// runs before buildd answers its handshake).
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl StorageDriver {
     /// The driver to use: `auto` asks buildah to set up an overlay store
@@ -129,7 +130,8 @@ impl StorageDriver {
 /// the right to mount can still set up the store and the container: only
 /// the mount tells.
 async fn probe_overlay(program: &Path, root: &Path) -> Result<(), String> {
-    let probe = root.join(".tripod-overlay-probe");
+    // Of this process: two buildd starting on one root do not share it.
+    let probe = root.join(format!(".tripod-overlay-probe-{}", std::process::id()));
     std::fs::create_dir_all(&probe).map_err(|e| format!("create {}: {e}", probe.display()))?;
     let buildah = |args: &[&str]| {
         let mut cmd = Command::new(program);

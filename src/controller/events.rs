@@ -15,8 +15,11 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{ObjectMeta, PostParams};
 use kube::{Api, Client};
 
-/// Longest note written (the API server refuses more than 1 KiB).
-const MAX_NOTE_CHARS: usize = 1000;
+/// Longest note written, in bytes (the API server refuses more than 1 KiB).
+const MAX_NOTE_BYTES: usize = 1024;
+/// Longest part of an Event's name taken from its object's name (the name
+/// is at most 253 characters, with `.` and the time in hex after it).
+const MAX_NAME_PREFIX: usize = 200;
 
 /// Whether an Event reports something normal or something to look at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,6 +75,7 @@ impl EventWriter {
         now: Timestamp,
     ) -> Event {
         let object = regarding.name.as_deref().unwrap_or(&self.controller);
+        let object = cut(object, MAX_NAME_PREFIX).trim_end_matches(['.', '-']);
         Event {
             metadata: ObjectMeta {
                 // Unique per object and time, as kubectl and client-go name them.
@@ -81,7 +85,7 @@ impl EventWriter {
             },
             action: Some("Reconcile".into()),
             reason: Some(reason.to_string()),
-            note: Some(note.chars().take(MAX_NOTE_CHARS).collect()),
+            note: Some(cut(note, MAX_NOTE_BYTES).to_string()),
             type_: Some(
                 match type_ {
                     EventType::Normal => "Normal",
@@ -96,6 +100,16 @@ impl EventWriter {
             ..Default::default()
         }
     }
+}
+
+/// The longest start of `text` of at most `max` bytes that ends on a
+/// character boundary.
+fn cut(text: &str, max: usize) -> &str {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
 }
 
 #[cfg(test)]
@@ -132,7 +146,24 @@ mod tests {
         );
         assert_eq!(e.metadata.namespace.as_deref(), Some("team"));
         assert_eq!(e.type_.as_deref(), Some("Warning"));
-        assert_eq!(e.note.map(|n| n.len()), Some(MAX_NOTE_CHARS));
+        assert_eq!(e.note.map(|n| n.len()), Some(MAX_NOTE_BYTES));
+        // Bytes, not characters, on a character boundary.
+        let e = w.event(
+            &regarding,
+            EventType::Normal,
+            "Succeeded",
+            &"é".repeat(800),
+            now,
+        );
+        let note = e.note.unwrap();
+        assert!(note.len() <= MAX_NOTE_BYTES && note.chars().all(|c| c == 'é'));
+        // A long object name still makes a valid Event name.
+        let long = ObjectReference {
+            name: Some("a".repeat(253)),
+            ..regarding.clone()
+        };
+        let named = w.event(&long, EventType::Normal, "Succeeded", "ok", now);
+        assert!(named.metadata.name.unwrap().len() <= 253);
         assert_eq!(e.reporting_instance.as_deref(), Some("pod-a"));
         assert_eq!(e.regarding, Some(regarding));
     }

@@ -1264,6 +1264,20 @@ async fn reconcile_inner(
                     // Deleted since: looked at again soon.
                     ExistingPod::Gone => cache_behind = true,
                     ExistingPod::Foreign(message) => {
+                        // The token Secret just made for this name must not
+                        // be mounted by that Pod: it goes again.
+                        match secrets_api
+                            .delete(&pod_name, &DeleteParams::default())
+                            .await
+                        {
+                            Ok(_) => {}
+                            Err(kube::Error::Api(s)) if s.code == 404 => {}
+                            Err(e) => {
+                                return Err(kube_err(format!(
+                                    "delete token Secret {ns}/{pod_name}"
+                                ))(e));
+                            }
+                        }
                         tracing::warn!(pod = %pod_name, "{message}");
                         held_back.push((pod_platform(pod), message.clone()));
                         rejected = Some(message);
@@ -1288,6 +1302,7 @@ async fn reconcile_inner(
             jiff::Timestamp::now(),
         );
     }
+    plan.drop_repeated_warnings(ib.status.as_ref());
     for pod_name in &plan.delete {
         match pods_api.delete(pod_name, &DeleteParams::default()).await {
             Ok(_) => tracing::info!(pod = %pod_name, "deleted build Pod"),
@@ -1775,8 +1790,6 @@ fn unsigned_result_in(meta: &mut ObjectMeta, kind: &str, key: &TokenKey) {
     }
 }
 
-/// Whether an API error on a Pod create is a refusal that retrying the same
-/// request will not fix by itself (not a conflict, throttling or server error).
 /// What a Pod that was there when a build Pod of the same name was
 /// created is.
 enum ExistingPod {
@@ -1800,7 +1813,10 @@ async fn existing_pod(
         .await
         .map_err(kube_err(format!("get Pod {name}")))?;
     Ok(match existing {
+        // Going: a build deleted and made again under the same name waits
+        // for its old Pod to be gone.
         None => ExistingPod::Gone,
+        Some(p) if p.metadata.deletion_timestamp.is_some() => ExistingPod::Gone,
         Some(p)
             if p.owner_references()
                 .iter()
@@ -1814,6 +1830,8 @@ async fn existing_pod(
     })
 }
 
+/// Whether an API error on a Pod create is a refusal that retrying the same
+/// request will not fix by itself (not a conflict, throttling or server error).
 fn pod_refused(code: u16) -> bool {
     (400..500).contains(&code) && code != 409 && code != 429
 }

@@ -1132,6 +1132,34 @@ impl Plan {
     }
 }
 
+impl Plan {
+    /// Drops the Warnings of builds held back (`BuildPodRejected`,
+    /// `SecretNotFound`, `BaseImageUnreadable`) that `old`, the status as
+    /// it is, already says: `Stalled` for that reason and the same message
+    /// on a platform. A held-back build is retried with backoff until the
+    /// cause goes; its user heard of it the first time.
+    pub fn drop_repeated_warnings(&mut self, old: Option<&ImageBuildStatus>) {
+        let Some(old) = old else { return };
+        self.events.retain(|e| {
+            let held_back = [
+                REASON_POD_REJECTED,
+                REASON_SECRET_NOT_FOUND,
+                REASON_BASE_IMAGE_UNREADABLE,
+            ]
+            .contains(&e.reason.as_str());
+            let stalled = old
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "Stalled" && c.status == "True" && c.reason == e.reason);
+            let said = old
+                .platforms
+                .iter()
+                .any(|p| p.message.as_deref() == Some(e.message.as_str()));
+            !(held_back && stalled && said)
+        });
+    }
+}
+
 /// Marks `status` for a platform whose build Pod cannot be made yet, for
 /// `reason`: the message on that platform, `Stalled=True` with
 /// `Reconciling=True` (the controller keeps trying) and `Ready=False`.
@@ -1325,6 +1353,34 @@ mod tests {
         let p = run_just_created(&b, &pods, &names, at(0));
         apply(&mut b, &mut pods, &p);
         assert!(!run_just_created(&b, &pods, &names, at(1)).defer_status);
+    }
+
+    #[test]
+    fn a_build_held_back_again_for_the_same_reason_is_not_told_again() {
+        let b = ib(&["linux/amd64"]);
+        let mut p = run(&b, &[], &[], at(0));
+        p.hold_back("linux/amd64", REASON_POD_REJECTED, "refused", 1, at(0));
+        let told = p.status.clone();
+        p.drop_repeated_warnings(None);
+        assert_eq!(p.events.len(), 1, "the first time: {:?}", p.events);
+
+        // The next reconcile, same cause: the status says it already.
+        let mut again = run(&b, &[], &[], at(5));
+        again.hold_back("linux/amd64", REASON_POD_REJECTED, "refused", 1, at(5));
+        again.drop_repeated_warnings(Some(&told));
+        assert!(again.events.is_empty(), "{:?}", again.events);
+
+        // Another message is news.
+        let mut other = run(&b, &[], &[], at(9));
+        other.hold_back(
+            "linux/amd64",
+            REASON_POD_REJECTED,
+            "refused: quota",
+            1,
+            at(9),
+        );
+        other.drop_repeated_warnings(Some(&told));
+        assert_eq!(other.events.len(), 1);
     }
 
     #[test]
