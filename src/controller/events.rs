@@ -133,38 +133,27 @@ mod tests {
             ..Default::default()
         };
         let now: Timestamp = "2026-12-01T10:00:00Z".parse().unwrap();
-        let e = w.event(
-            &regarding,
-            EventType::Warning,
-            "Retrying",
-            &"x".repeat(5000),
-            now,
-        );
+        let event = |regarding: &ObjectReference, note: &str| {
+            w.event(regarding, EventType::Warning, "Retrying", note, now)
+        };
+        let e = event(&regarding, &"x".repeat(5000));
         assert_eq!(
             e.metadata.name.as_deref(),
             Some(format!("hello.{:x}", now.as_nanosecond()).as_str())
         );
         assert_eq!(e.metadata.namespace.as_deref(), Some("team"));
         assert_eq!(e.type_.as_deref(), Some("Warning"));
+        assert_eq!(e.reporting_instance.as_deref(), Some("pod-a"));
+        assert_eq!(e.regarding.as_ref(), Some(&regarding));
         assert_eq!(e.note.map(|n| n.len()), Some(MAX_NOTE_BYTES));
         // Bytes, not characters, on a character boundary.
-        let e = w.event(
-            &regarding,
-            EventType::Normal,
-            "Succeeded",
-            &"é".repeat(800),
-            now,
-        );
-        let note = e.note.unwrap();
+        let note = event(&regarding, &"é".repeat(800)).note.unwrap();
         assert!(note.len() <= MAX_NOTE_BYTES && note.chars().all(|c| c == 'é'));
         // A long object name still makes a valid Event name.
         let long = ObjectReference {
             name: Some("a".repeat(253)),
             ..regarding.clone()
         };
-        let named = w.event(&long, EventType::Normal, "Succeeded", "ok", now);
-        assert!(named.metadata.name.unwrap().len() <= 253);
-        assert_eq!(e.reporting_instance.as_deref(), Some("pod-a"));
-        assert_eq!(e.regarding, Some(regarding));
+        assert!(event(&long, "ok").metadata.name.unwrap().len() <= 253);
     }
 }

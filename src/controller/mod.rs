@@ -1715,10 +1715,7 @@ async fn ensure_token_secret(
             "token Secret {ns}/{pod_name} vanished while being created; retrying"
         )));
     };
-    let owned = existing
-        .owner_references()
-        .iter()
-        .any(|o| o.uid == uid && o.controller == Some(true));
+    let owned = controlled_by(&existing, &uid);
     let managed = existing
         .labels()
         .get("app.kubernetes.io/managed-by")
@@ -1790,6 +1787,14 @@ fn unsigned_result_in(meta: &mut ObjectMeta, kind: &str, key: &TokenKey) {
     }
 }
 
+/// Whether the object with UID `uid` is `obj`'s controller (its
+/// controlling ownerReference).
+fn controlled_by(obj: &impl Resource, uid: &str) -> bool {
+    obj.owner_references()
+        .iter()
+        .any(|o| o.uid == uid && o.controller == Some(true))
+}
+
 /// What a Pod that was there when a build Pod of the same name was
 /// created is.
 enum ExistingPod {
@@ -1817,13 +1822,7 @@ async fn existing_pod(
         // for its old Pod to be gone.
         None => ExistingPod::Gone,
         Some(p) if p.metadata.deletion_timestamp.is_some() => ExistingPod::Gone,
-        Some(p)
-            if p.owner_references()
-                .iter()
-                .any(|o| o.uid == uid && o.controller == Some(true)) =>
-        {
-            ExistingPod::Ours
-        }
+        Some(p) if controlled_by(&p, uid) => ExistingPod::Ours,
         Some(_) => ExistingPod::Foreign(format!(
             "a Pod named {name} exists and is not this build's: delete or rename it"
         )),
