@@ -23,7 +23,7 @@ command -v cargo-fuzz >/dev/null || {
 export CARGO_TARGET_DIR="$HOME/.cache/tripod/fuzz-target"
 cd fuzz
 targets=$(cargo +nightly fuzz list)
-echo "==> building fuzz targets (release, address sanitizer)" >&2
+echo "==> building fuzz targets (release, address sanitizer; dependencies not run by the targets unoptimised)" >&2
 cargo +nightly fuzz build >&2
 for t in $targets; do
   scratch=$(mktemp -d)

@@ -1,9 +1,9 @@
 //! The overhead a build pays for going through Tripod, on the real node.
 //!
-//! The whole `tripod dev` environment runs here (control plane, the real
-//! kubelet with containerd and runc, the registry, the controller with its
-//! own identity), and the same contexts are built two ways, one run after
-//! the other:
+//! The `tripod dev` environment runs here (control plane, the real kubelet
+//! with containerd and runc, the registry) with two controllers of its own
+//! (each with the controller's identity, each for a namespace), and the
+//! same contexts are built two ways, one run after the other:
 //!
 //! - **through Tripod**: an ImageBuild, its build Pod on the real node
 //!   (buildd with buildah, vfs storage and chroot isolation, the agent),
@@ -15,6 +15,11 @@
 //!   which splits Tripod's overhead into what the Pod costs and what the
 //!   storage driver costs.
 //!
+//! The jq build goes through Tripod a second way, by a second controller
+//! (its own namespace) that gives buildd CAP_SYS_ADMIN
+//! (`--buildd-security-context`): buildd's storage probe then finds it can
+//! mount overlay, which each such run checks in the buildd container's log.
+//!
 //! The phases of a build through Tripod come from where each one is seen:
 //! the bench's watches (Pod created, status written), the controller's log
 //! (agent connected, outcome received, outcome recorded) and the agent's
@@ -23,7 +28,7 @@
 //!
 //! Build Pods cannot reach the internet: the Debian build installs jq from
 //! a flat apt repository of this machine's bookworm packages
-//! (`testenv/jq-repo.sh`) served on the node address, for both sides.
+//! (`testenv/jq-repo.sh`) served on the node address, for every way.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -39,12 +44,19 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use serde::{Deserialize, Serialize};
 use tripod::api::{ImageBuild, LABEL_NAME, Phase};
-use tripod_harness::env::{Env, EnvOptions, ensure_namespace};
+use tripod_harness::env::{ControllerOptions, Env, EnvOptions, ensure_namespace};
 
 use crate::{Error, Machine};
 
 /// The namespace of the bench's ImageBuilds.
 const NS: &str = "bench";
+/// The namespace of the ImageBuilds whose buildd has CAP_SYS_ADMIN.
+const NS_OVERLAY: &str = "bench-overlay";
+/// buildd's securityContext for [`NS_OVERLAY`], the example of
+/// `--buildd-security-context`'s help: root with CAP_SYS_ADMIN, the Pod's
+/// `RuntimeDefault` seccomp profile (which allows mounting with it) and no
+/// AppArmor profile (where AppArmor is on, its default one refuses mount).
+const OVERLAY_SECURITY_CONTEXT: &str = r#"{"runAsUser":0,"capabilities":{"add":["SYS_ADMIN"]},"appArmorProfile":{"type":"Unconfined"}}"#;
 /// How long one build may take.
 const BUILD_DEADLINE: Duration = Duration::from_secs(600);
 
@@ -135,6 +147,10 @@ pub struct Case {
     pub description: String,
     /// Through Tripod.
     pub tripod: Vec<TripodRun>,
+    /// Through Tripod with CAP_SYS_ADMIN for buildd (overlay storage);
+    /// measured for the jq build only.
+    #[serde(default)]
+    pub tripod_overlay: Vec<TripodRun>,
     /// buildah on the host with its defaults.
     pub direct: Vec<DirectRun>,
     /// buildah on the host with buildd's storage driver and isolation.
@@ -189,17 +205,20 @@ pub async fn run(args: &E2eArgs, source_dir: PathBuf) -> Result<E2eResults, Erro
     let repo =
         PathBuf::from(tripod_harness::scripts::script(&source_dir, "jq-repo.sh", &[])?.trim());
     let tripod = std::path::absolute(&args.tripod).map_err(|e| Error::Io(e.to_string()))?;
-    let env = Env::start(&EnvOptions {
+    let mut env = Env::start(&EnvOptions {
         dir: args.dir.clone(),
         source_dir: source_dir.clone(),
-        tripod,
-        controller: true,
+        tripod: tripod.clone(),
+        controller: false,
         registry_port: 0,
         install_crds: true,
         for_tests: false,
     })
     .await?;
-    let result = measure(&env, args, &source_dir, &repo).await;
+    let result = match start_controllers(&mut env, &tripod) {
+        Ok(ways) => measure(&env, &ways, args, &source_dir, &repo).await,
+        Err(e) => Err(e),
+    };
     env.stop().await;
     // The node's and the registry's files take gigabytes; the logs stay.
     if let Ok(entries) = std::fs::read_dir(&args.dir) {
@@ -212,11 +231,61 @@ pub async fn run(args: &E2eArgs, source_dir: PathBuf) -> Result<E2eResults, Erro
     result
 }
 
+/// One way through Tripod: a namespace and the controller that watches it.
+struct Way {
+    ns: &'static str,
+    controller_log: PathBuf,
+    /// The storage driver buildd must report (checked in its log).
+    storage_driver: &'static str,
+}
+
+/// The two ways through Tripod.
+struct Ways {
+    default: Way,
+    overlay: Way,
+}
+
+/// Starts a controller for [`NS`] with the environment's settings and one
+/// for [`NS_OVERLAY`] whose buildd has CAP_SYS_ADMIN.
+fn start_controllers(env: &mut Env, tripod: &Path) -> Result<Ways, Error> {
+    let default = env.start_controller(
+        tripod,
+        &ControllerOptions {
+            namespace: Some(NS.into()),
+            lease_name: "tripod-bench".into(),
+            log_name: "controller.log".into(),
+            extra_args: Vec::new(),
+        },
+    )?;
+    let overlay = env.start_controller(
+        tripod,
+        &ControllerOptions {
+            namespace: Some(NS_OVERLAY.into()),
+            lease_name: "tripod-bench-overlay".into(),
+            log_name: "controller-overlay.log".into(),
+            extra_args: vec![format!(
+                "--buildd-security-context={OVERLAY_SECURITY_CONTEXT}"
+            )],
+        },
+    )?;
+    Ok(Ways {
+        default: Way {
+            ns: NS,
+            controller_log: default.log,
+            storage_driver: "vfs",
+        },
+        overlay: Way {
+            ns: NS_OVERLAY,
+            controller_log: overlay.log,
+            storage_driver: "overlay",
+        },
+    })
+}
+
 /// What the measuring steps share.
 struct Bench {
     client: Client,
     registry: String,
-    controller_log: PathBuf,
     marks: Marks,
     work: PathBuf,
 }
@@ -255,10 +324,10 @@ async fn client_of(kubeconfig: &Path) -> Result<Client, Error> {
     Client::try_from(config).map_err(Error::Kube)
 }
 
-/// Watches the bench namespace's build Pods and ImageBuilds, recording
-/// when each mark is first seen.
-fn start_watches(client: &Client, marks: &Marks) {
-    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+/// Watches namespace `ns`'s build Pods and ImageBuilds, recording when
+/// each mark is first seen.
+fn start_watches(client: &Client, ns: &str, marks: &Marks) {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
     let m = marks.clone();
     tokio::spawn(async move {
         let mut stream = watcher(pods, watcher::Config::default().labels(LABEL_NAME))
@@ -282,7 +351,7 @@ fn start_watches(client: &Client, marks: &Marks) {
             m.mark(&build, "pod_created");
         }
     });
-    let builds: Api<ImageBuild> = Api::namespaced(client.clone(), NS);
+    let builds: Api<ImageBuild> = Api::namespaced(client.clone(), ns);
     let m = marks.clone();
     tokio::spawn(async move {
         let mut stream = watcher(builds, watcher::Config::default())
@@ -321,12 +390,27 @@ fn start_watches(client: &Client, marks: &Marks) {
 
 async fn measure(
     env: &Env,
+    ways: &Ways,
     args: &E2eArgs,
     source_dir: &Path,
     repo: &Path,
 ) -> Result<E2eResults, Error> {
     let client = client_of(&env.info.kubeconfig).await?;
-    ensure_namespace(&client, NS).await?;
+    for way in [&ways.default, &ways.overlay] {
+        ensure_namespace(&client, way.ns).await?;
+        // CAP_SYS_ADMIN is beyond `baseline`: label the namespace as a
+        // cluster that enforces Pod Security would need it.
+        let ns: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+        ns.patch(
+            way.ns,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(serde_json::json!({"metadata": {"labels": {
+                "pod-security.kubernetes.io/enforce":
+                    if way.storage_driver == "overlay" { "privileged" } else { "baseline" },
+            }}})),
+        )
+        .await?;
+    }
     let debian = env.info.debian_image.clone().ok_or_else(|| {
         Error::Bench("the environment has no Debian base image (testenv/images.sh makes it)".into())
     })?;
@@ -335,11 +419,11 @@ async fn measure(
     let bench = Bench {
         client: client.clone(),
         registry: env.info.registry.clone(),
-        controller_log: env.info.logs.join("controller.log"),
         marks: Marks::default(),
         work,
     };
-    start_watches(&client, &bench.marks);
+    start_watches(&client, NS, &bench.marks);
+    start_watches(&client, NS_OVERLAY, &bench.marks);
     let server = AptServer::start(repo, &env.info.node_ip)?;
 
     let hello = hello_context(source_dir)?;
@@ -348,8 +432,15 @@ async fn measure(
     // and the first jq build of either way reads the base and the
     // packages from disk.
     tracing::info!("warm-up builds (the node pulls the buildd image)");
-    bench.tripod("warmup", &hello, None).await?;
-    bench.tripod("warmup-jq", &jq, None).await?;
+    bench.tripod(&ways.default, "warmup", &hello, None).await?;
+    bench.tripod(&ways.default, "warmup-jq", &jq, None).await?;
+    let mut failures = Vec::new();
+    // The overlay way may fail where the default works (no mount allowed):
+    // that is a result, not the end of the bench.
+    let r = bench
+        .tripod(&ways.overlay, "warmup-jq-overlay", &jq, None)
+        .await;
+    keep(r, &mut Vec::new(), &mut failures);
     bench.direct("warmup-jq-direct", &jq, false)?;
 
     let mut cases = vec![
@@ -357,6 +448,7 @@ async fn measure(
             name: "hello".into(),
             description: "examples/hello.yaml: FROM scratch, COPY one file".into(),
             tripod: Vec::new(),
+            tripod_overlay: Vec::new(),
             direct: Vec::new(),
             direct_buildd_flags: Vec::new(),
         },
@@ -366,6 +458,7 @@ async fn measure(
                           apt-get install jq (from a local flat apt repository)"
                 .into(),
             tripod: Vec::new(),
+            tripod_overlay: Vec::new(),
             direct: Vec::new(),
             direct_buildd_flags: Vec::new(),
         },
@@ -373,13 +466,19 @@ async fn measure(
     let mut cache_cold = Vec::new();
     let mut cache_warm = Vec::new();
     // A run that fails is reported and left out; the others go on.
-    let mut failures = Vec::new();
     for i in 1..=args.runs {
         for (case, context) in cases.iter_mut().zip([&hello, &jq]) {
             let name = format!("{}-{i}", case.name);
             tracing::info!(run = i, case = %case.name, "through Tripod");
-            let r = bench.tripod(&name, context, None).await;
+            let r = bench.tripod(&ways.default, &name, context, None).await;
             keep(r, &mut case.tripod, &mut failures);
+            if case.name == "jq" {
+                tracing::info!(run = i, case = %case.name, "through Tripod, buildd with CAP_SYS_ADMIN");
+                let r = bench
+                    .tripod(&ways.overlay, &format!("{name}-overlay"), context, None)
+                    .await;
+                keep(r, &mut case.tripod_overlay, &mut failures);
+            }
             tracing::info!(run = i, case = %case.name, "buildah directly");
             let r = bench.direct(&format!("{name}-direct"), context, false);
             keep(r, &mut case.direct, &mut failures);
@@ -389,11 +488,11 @@ async fn measure(
         let cache = format!("{}/bench/jq-cache-{i}", bench.registry);
         tracing::info!(run = i, "jq with spec.cache: cold, then from the cache");
         let r = bench
-            .tripod(&format!("jqcold-{i}"), &jq, Some(&cache))
+            .tripod(&ways.default, &format!("jqcold-{i}"), &jq, Some(&cache))
             .await;
         keep(r, &mut cache_cold, &mut failures);
         let r = bench
-            .tripod(&format!("jqwarm-{i}"), &jq, Some(&cache))
+            .tripod(&ways.default, &format!("jqwarm-{i}"), &jq, Some(&cache))
             .await;
         keep(r, &mut cache_warm, &mut failures);
     }
@@ -464,10 +563,12 @@ fn jq_context(debian: &str, repo_url: &str) -> Context {
 }
 
 impl Bench {
-    /// Builds `context` through Tripod as ImageBuild `name`; returns its
-    /// marks once it succeeded, then deletes it and waits for its Pod to go.
+    /// Builds `context` through Tripod `way` as ImageBuild `name`; returns
+    /// its marks once it succeeded (and buildd used the way's storage
+    /// driver), then deletes it and waits for its Pod to go.
     async fn tripod(
         &self,
+        way: &Way,
         name: &str,
         context: &Context,
         cache: Option<&str>,
@@ -490,11 +591,11 @@ impl Bench {
         let ib: ImageBuild = serde_json::from_value(serde_json::json!({
             "apiVersion": "build.tripod.dev/v1alpha1",
             "kind": "ImageBuild",
-            "metadata": {"name": name, "namespace": NS},
+            "metadata": {"name": name, "namespace": way.ns},
             "spec": spec,
         }))
         .map_err(|e| Error::Bench(format!("ImageBuild {name}: {e}")))?;
-        let api: Api<ImageBuild> = Api::namespaced(self.client.clone(), NS);
+        let api: Api<ImageBuild> = Api::namespaced(self.client.clone(), way.ns);
         let start = Timestamp::now();
         api.create(&PostParams::default(), &ib).await?;
         let deadline = Instant::now() + BUILD_DEADLINE;
@@ -510,12 +611,14 @@ impl Bench {
                 .and_then(|f| f.get(name).cloned())
             {
                 return Err(Error::Bench(format!(
-                    "ImageBuild {NS}/{name} failed: {why}"
+                    "ImageBuild {}/{name} failed: {why}",
+                    way.ns
                 )));
             }
             if Instant::now() > deadline {
                 return Err(Error::Bench(format!(
-                    "ImageBuild {NS}/{name} did not succeed within {BUILD_DEADLINE:?}"
+                    "ImageBuild {}/{name} did not succeed within {BUILD_DEADLINE:?}",
+                    way.ns
                 )));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -527,7 +630,7 @@ impl Bench {
             .ok()
             .and_then(|p| p.get(name).cloned())
             .ok_or_else(|| Error::Bench(format!("no build Pod seen for {name}")))?;
-        let log = Api::<Pod>::namespaced(self.client.clone(), NS)
+        let log = Api::<Pod>::namespaced(self.client.clone(), way.ns)
             .logs(
                 &pod,
                 &LogParams {
@@ -537,8 +640,18 @@ impl Bench {
                 },
             )
             .await?;
-        let controller_log = std::fs::read_to_string(&self.controller_log)
-            .map_err(|e| Error::Io(format!("{}: {e}", self.controller_log.display())))?;
+        let buildd_log = Api::<Pod>::namespaced(self.client.clone(), way.ns)
+            .logs(
+                &pod,
+                &LogParams {
+                    container: Some("buildd".into()),
+                    ..Default::default()
+                },
+            )
+            .await?;
+        let driver = storage_driver(&buildd_log);
+        let controller_log = std::fs::read_to_string(&way.controller_log)
+            .map_err(|e| Error::Io(format!("{}: {e}", way.controller_log.display())))?;
         let at = |what: &'static str| -> Result<Timestamp, Error> {
             let found = match what {
                 "pod_created" | "status" => self.marks.get(name, what),
@@ -565,7 +678,7 @@ impl Bench {
             )));
         }
         api.delete(name, &DeleteParams::background()).await?;
-        let pods: Api<Pod> = Api::namespaced(self.client.clone(), NS);
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), way.ns);
         let deadline = Instant::now() + Duration::from_secs(120);
         while !pods
             .list(&ListParams::default().labels(&format!("{LABEL_NAME}={name}")))
@@ -580,7 +693,16 @@ impl Bench {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        Ok(TripodRun { marks })
+        match driver {
+            Some(d) if d == way.storage_driver => Ok(TripodRun { marks }),
+            Some(d) => Err(Error::Bench(format!(
+                "{name}: buildd used {d} storage, not {}",
+                way.storage_driver
+            ))),
+            None => Err(Error::Bench(format!(
+                "{name}: buildd's log names no storage driver"
+            ))),
+        }
     }
 
     /// Builds `context` with buildah on the host from an empty image store,
@@ -674,6 +796,20 @@ fn controller_mark(log: &str, name: &str, message: &str) -> Option<Timestamp> {
         .and_then(|t| t.parse().ok())
 }
 
+/// The storage driver buildd's log says it chose (text or JSON lines).
+fn storage_driver(log: &str) -> Option<String> {
+    let line = log.lines().find(|l| l.contains("buildah storage driver"))?;
+    if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
+        let field = v
+            .pointer("/fields/storage_driver")
+            .or(v.get("storage_driver"))?;
+        return field.as_str().map(str::to_string);
+    }
+    let value = line.split("storage_driver=").nth(1)?;
+    let value = value.split_whitespace().next()?.trim_matches('"');
+    Some(value.to_string())
+}
+
 /// The runtime's timestamp of the first line of a container log (from
 /// `kubectl logs --timestamps`) whose text is `wanted`.
 fn agent_mark(log: &str, wanted: impl Fn(&str) -> bool) -> Option<Timestamp> {
@@ -726,6 +862,19 @@ impl Drop for AptServer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_storage_driver_is_read_from_text_and_json_lines() {
+        let text = "2026-12-01T05:00:00.1Z  INFO tripod::buildd: listening\n\
+                    2026-12-01T05:00:00.2Z  INFO tripod::buildd: buildah storage driver \
+                    storage_driver=\"vfs\" reason=overlay mount: operation not permitted\n";
+        assert_eq!(storage_driver(text).as_deref(), Some("vfs"));
+        let json = r#"{"timestamp":"t","level":"INFO","message":"buildah storage driver","storage_driver":"overlay","reason":"mounted"}"#;
+        assert_eq!(storage_driver(json).as_deref(), Some("overlay"));
+        let nested = r#"{"fields":{"message":"buildah storage driver","storage_driver":"vfs"}}"#;
+        assert_eq!(storage_driver(nested).as_deref(), Some("vfs"));
+        assert_eq!(storage_driver("nothing here"), None);
+    }
 
     #[test]
     fn marks_come_from_the_session_of_that_build_and_the_first_matching_line() {

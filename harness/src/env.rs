@@ -125,6 +125,44 @@ impl EnvInfo {
     }
 }
 
+/// One `tripod controller` on an environment ([`Env::start_controller`]).
+#[derive(Debug, Clone)]
+pub struct ControllerOptions {
+    /// Watch ImageBuilds in this namespace only (`None`: all namespaces).
+    pub namespace: Option<String>,
+    /// Its leader-election Lease in [`SYSTEM_NAMESPACE`]: controllers that
+    /// watch different namespaces need different ones.
+    pub lease_name: String,
+    /// Its log file under the environment's `logs/`.
+    pub log_name: String,
+    /// Arguments after the environment's own (images, seccomp profile,
+    /// executor service), e.g. `--buildd-security-context=...`.
+    pub extra_args: Vec<String>,
+}
+
+impl Default for ControllerOptions {
+    fn default() -> Self {
+        ControllerOptions {
+            namespace: None,
+            lease_name: "tripod-controller".into(),
+            log_name: "controller.log".into(),
+            extra_args: Vec::new(),
+        }
+    }
+}
+
+/// A controller [`Env::start_controller`] started; it stops with the
+/// environment.
+#[derive(Debug, Clone)]
+pub struct StartedController {
+    /// Its log (text lines unless `TRIPOD_LOG_FORMAT` says otherwise).
+    pub log: PathBuf,
+    /// Its `/metrics` URL.
+    pub metrics: String,
+    /// The port of its executor service on the node address.
+    pub executor_port: u16,
+}
+
 /// A running environment. Stop it with [`Env::stop`].
 /// Dropping it (an error, a panic) stops everything too, less gracefully:
 /// the fields drop in this order, the host's teardown last.
@@ -132,7 +170,7 @@ impl EnvInfo {
 pub struct Env {
     runners: Vec<crate::runner::Runner>,
     buildkitd: Option<crate::buildkit::Buildkitd>,
-    controller: Option<Child>,
+    controllers: Vec<Child>,
     kwok: Option<Kwok>,
     addons: Option<crate::addons::Addons>,
     node: Option<RealNode>,
@@ -145,12 +183,10 @@ pub struct Env {
 
 impl Drop for Env {
     fn drop(&mut self) {
-        for child in [
-            self.controller.as_mut(),
-            self.registry.as_mut().map(|r| &mut r.child),
-        ]
-        .into_iter()
-        .flatten()
+        for child in self
+            .controllers
+            .iter_mut()
+            .chain(self.registry.as_mut().map(|r| &mut r.child))
         {
             let _ = child.kill();
             let _ = child.wait();
@@ -368,7 +404,7 @@ impl Env {
             .map(|(v, r)| (v.to_string(), r.to_string()))
             .collect();
 
-        let mut info = EnvInfo {
+        let info = EnvInfo {
             kubeconfig: cp.kubeconfig().to_path_buf(),
             kubectl: cp.kubectl(),
             api_url: cp.api_url(),
@@ -394,42 +430,67 @@ impl Env {
         let mut env = Env {
             runners: Vec::new(),
             buildkitd: Some(buildkitd),
-            controller: None,
+            controllers: Vec::new(),
             kwok: Some(kwok),
             addons: Some(addons),
             node: Some(node),
             registry: Some(registry),
             cp,
             host,
-            info: info.clone(),
+            info,
         };
         if opts.controller {
-            let metrics_port = crate::free_port()?;
-            let executor_port = crate::free_port()?;
-            let log = logs.join("controller.log");
-            let out = std::fs::File::create(&log)
-                .map_err(|e| Error::io(format!("create {}", log.display()), e))?;
-            let err = out.try_clone().map_err(|e| Error::io("dup log", e))?;
-            let mut cmd = supervised_command(&opts.tripod);
-            cmd.args(["controller", "--lease-namespace", SYSTEM_NAMESPACE])
-                .arg(format!("--metrics-address=127.0.0.1:{metrics_port}"))
-                .args(info.controller_args(executor_port))
-                .env("KUBECONFIG", env.cp.controller_kubeconfig())
-                .stdin(Stdio::null())
-                .stdout(out)
-                .stderr(err);
-            env.controller =
-                Some(spawn_supervised(cmd).map_err(|e| Error::io("start tripod controller", e))?);
-            info.metrics = Some(format!("http://127.0.0.1:{metrics_port}/metrics"));
-            env.info = info;
+            let c = env.start_controller(&opts.tripod, &ControllerOptions::default())?;
+            env.info.metrics = Some(c.metrics);
             let buildkit = env.info.buildkit.clone();
-            env.runners =
-                start_dev_runners(&client, opts, &dir, &logs, executor_port, buildkit.as_ref())
-                    .await?;
+            env.runners = start_dev_runners(
+                &client,
+                opts,
+                &dir,
+                &logs,
+                c.executor_port,
+                buildkit.as_ref(),
+            )
+            .await?;
             step(started, "runners Online");
         }
         step(started, "environment ready");
         Ok(env)
+    }
+
+    /// Starts a `tripod controller` (binary `tripod`) on this environment,
+    /// as the controller's user, with its Lease in [`SYSTEM_NAMESPACE`]
+    /// and its metrics and executor service on ports of its own. It runs
+    /// until the environment stops.
+    pub fn start_controller(
+        &mut self,
+        tripod: &Path,
+        opts: &ControllerOptions,
+    ) -> Result<StartedController, Error> {
+        let metrics_port = crate::free_port()?;
+        let executor_port = crate::free_port()?;
+        let log = self.info.logs.join(&opts.log_name);
+        let out = std::fs::File::create(&log)
+            .map_err(|e| Error::io(format!("create {}", log.display()), e))?;
+        let err = out.try_clone().map_err(|e| Error::io("dup log", e))?;
+        let mut cmd = supervised_command(tripod);
+        cmd.args(["controller", "--lease-namespace", SYSTEM_NAMESPACE])
+            .arg(format!("--lease-name={}", opts.lease_name))
+            .arg(format!("--metrics-address=127.0.0.1:{metrics_port}"))
+            .args(opts.namespace.iter().map(|ns| format!("--namespace={ns}")))
+            .args(self.info.controller_args(executor_port))
+            .args(&opts.extra_args)
+            .env("KUBECONFIG", self.cp.controller_kubeconfig())
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err);
+        let child = spawn_supervised(cmd).map_err(|e| Error::io("start tripod controller", e))?;
+        self.controllers.push(child);
+        Ok(StartedController {
+            log,
+            metrics: format!("http://127.0.0.1:{metrics_port}/metrics"),
+            executor_port,
+        })
     }
 
     /// Writes `DIR/env.json` and the shell `DIR/env` (KUBECONFIG, PATH with
@@ -486,11 +547,13 @@ impl Env {
         if let Some(mut b) = self.buildkitd.take() {
             b.stop();
         }
-        if let Some(mut c) = self.controller.take() {
+        for c in &self.controllers {
             let _ = Command::new("kill")
                 .args(["-TERM", &c.id().to_string()])
                 .status();
-            let until = Instant::now() + Duration::from_secs(10);
+        }
+        let until = Instant::now() + Duration::from_secs(10);
+        for mut c in std::mem::take(&mut self.controllers) {
             while Instant::now() < until && matches!(c.try_wait(), Ok(None)) {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }

@@ -188,10 +188,12 @@ pub struct ControllerConfig {
     /// The securityContext of the buildd container of Linux build Pods, as
     /// JSON (a Kubernetes SecurityContext), replacing the default: root,
     /// not privileged, no privilege escalation, the runtime's default
-    /// capabilities. buildah without CAP_SYS_ADMIN needs a user namespace
-    /// (docs/security.md), e.g.
+    /// capabilities, `--buildd-seccomp-profile` (a context without a
+    /// seccompProfile gets the Pod's, RuntimeDefault). buildah without
+    /// CAP_SYS_ADMIN needs a user namespace (docs/security.md), which the
+    /// runtime's default seccomp profile refuses; with it buildd mounts
+    /// overlay storage instead of vfs, e.g.
     /// '{"runAsUser":0,"capabilities":{"add":["SYS_ADMIN"]},"appArmorProfile":{"type":"Unconfined"}}'
-    /// where the runtime's seccomp profile refuses one.
     #[arg(long, value_name = "JSON", value_parser = parse_security_context)]
     pub buildd_security_context: Option<SecurityContext>,
     /// Run Linux build Pods in a user namespace (`hostUsers: false`): root
@@ -204,8 +206,8 @@ pub struct ControllerConfig {
     /// under the kubelet's seccomp directory. The default,
     /// `tripod/buildd.json`, is the runtime's default profile plus the
     /// system calls buildah needs for a user namespace of its own (the chart
-    /// installs it on every node; docs/security.md). Ignored when
-    /// `--buildd-security-context` sets a seccompProfile.
+    /// installs it on every node; docs/security.md). Not used when
+    /// `--buildd-security-context` is given.
     #[arg(
         long,
         default_value = crate::controller::pod::DEFAULT_BUILDD_SECCOMP_PROFILE,
