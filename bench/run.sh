@@ -40,7 +40,8 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
-step() { echo "==> bench: $*" >&2; }
+started=$(date +%s)
+step() { echo "==> bench: $* (+$(( $(date +%s) - started ))s)" >&2; }
 
 font=/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf
 if [ ! -f "$font" ]; then

@@ -37,7 +37,9 @@ fi
 command -v go >/dev/null || { echo "Go (1.26 or newer) is required to build the control plane" >&2; exit 1; }
 command -v cargo >/dev/null || { echo "Rust (cargo) is required" >&2; exit 1; }
 
-step() { echo "==> $*" >&2; }
+started=$(date +%s)
+# Seconds since the start on each step: what a cold machine spends where.
+step() { echo "==> $* (+$(( $(date +%s) - started ))s)" >&2; }
 # Everything below prints its progress while it compiles, and takes seconds
 # once cached under ~/.cache/tripod.
 step "Kubernetes control plane and kubelet (~7 minutes the first time)"
