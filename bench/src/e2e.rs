@@ -237,6 +237,9 @@ struct Way {
     controller_log: PathBuf,
     /// The storage driver buildd must report (checked in its log).
     storage_driver: &'static str,
+    /// The Pod Security level the namespace enforces (CAP_SYS_ADMIN is
+    /// beyond `baseline`).
+    pod_security: &'static str,
 }
 
 /// The two ways through Tripod.
@@ -248,37 +251,33 @@ struct Ways {
 /// Starts a controller for [`NS`] with the environment's settings and one
 /// for [`NS_OVERLAY`] whose buildd has CAP_SYS_ADMIN.
 fn start_controllers(env: &mut Env, tripod: &Path) -> Result<Ways, Error> {
-    let default = env.start_controller(
-        tripod,
-        &ControllerOptions {
-            namespace: Some(NS.into()),
-            lease_name: "tripod-bench".into(),
-            log_name: "controller.log".into(),
-            extra_args: Vec::new(),
-        },
-    )?;
-    let overlay = env.start_controller(
-        tripod,
-        &ControllerOptions {
-            namespace: Some(NS_OVERLAY.into()),
-            lease_name: "tripod-bench-overlay".into(),
-            log_name: "controller-overlay.log".into(),
-            extra_args: vec![format!(
+    let mut way = |ns: &'static str, storage_driver, pod_security, extra_args| {
+        let c = env.start_controller(
+            tripod,
+            &ControllerOptions {
+                namespace: Some(ns.into()),
+                lease_name: format!("tripod-{ns}"),
+                log_name: format!("controller-{ns}.log"),
+                extra_args,
+            },
+        )?;
+        Ok::<_, Error>(Way {
+            ns,
+            controller_log: c.log,
+            storage_driver,
+            pod_security,
+        })
+    };
+    Ok(Ways {
+        default: way(NS, "vfs", "baseline", Vec::new())?,
+        overlay: way(
+            NS_OVERLAY,
+            "overlay",
+            "privileged",
+            vec![format!(
                 "--buildd-security-context={OVERLAY_SECURITY_CONTEXT}"
             )],
-        },
-    )?;
-    Ok(Ways {
-        default: Way {
-            ns: NS,
-            controller_log: default.log,
-            storage_driver: "vfs",
-        },
-        overlay: Way {
-            ns: NS_OVERLAY,
-            controller_log: overlay.log,
-            storage_driver: "overlay",
-        },
+        )?,
     })
 }
 
@@ -398,15 +397,13 @@ async fn measure(
     let client = client_of(&env.info.kubeconfig).await?;
     for way in [&ways.default, &ways.overlay] {
         ensure_namespace(&client, way.ns).await?;
-        // CAP_SYS_ADMIN is beyond `baseline`: label the namespace as a
-        // cluster that enforces Pod Security would need it.
+        // Enforced as a cluster that enforces Pod Security would.
         let ns: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
         ns.patch(
             way.ns,
             &kube::api::PatchParams::default(),
             &kube::api::Patch::Merge(serde_json::json!({"metadata": {"labels": {
-                "pod-security.kubernetes.io/enforce":
-                    if way.storage_driver == "overlay" { "privileged" } else { "baseline" },
+                "pod-security.kubernetes.io/enforce": way.pod_security,
             }}})),
         )
         .await?;
