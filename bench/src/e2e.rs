@@ -10,7 +10,9 @@
 //!   the push, the controller's check against the registry and the status;
 //! - **directly**: `buildah bud` then `buildah push` on the host, from an
 //!   empty image store each run (as a build Pod starts from one), once
-//!   with buildah's defaults (overlay storage, OCI isolation) and once with
+//!   with buildah's defaults (overlay storage, OCI isolation, here with the
+//!   node's runc: crun, Debian's default runtime, refuses hosts whose
+//!   cgroups are in hybrid mode) and once with
 //!   the flags buildd passes (`--storage-driver vfs --isolation chroot`),
 //!   which splits Tripod's overhead into what the Pod costs and what the
 //!   storage driver costs.
@@ -287,6 +289,9 @@ struct Bench {
     registry: String,
     marks: Marks,
     work: PathBuf,
+    /// The runc the real node runs containers with: the direct build's
+    /// OCI runtime.
+    runc: PathBuf,
 }
 
 /// When the bench's watches first saw each (ImageBuild name, mark), and
@@ -418,6 +423,8 @@ async fn measure(
         registry: env.info.registry.clone(),
         marks: Marks::default(),
         work,
+        runc: PathBuf::from(tripod_harness::scripts::script(source_dir, "node.sh", &[])?.trim())
+            .join("runc"),
     };
     start_watches(&client, NS, &bench.marks);
     start_watches(&client, NS_OVERLAY, &bench.marks);
@@ -733,6 +740,7 @@ impl Bench {
             cmd
         };
         let ctx_s = ctx.display().to_string();
+        let runc = self.runc.display().to_string();
         // The host's network, as a build Pod's RUN steps have the Pod's:
         // buildah's own default network would be 10.88.0.0/16, the node's.
         let mut bud = vec![
@@ -746,6 +754,8 @@ impl Bench {
         ];
         if buildd_flags {
             bud.extend(["--isolation", "chroot"]);
+        } else {
+            bud.extend(["--runtime", &runc]);
         }
         bud.push(&ctx_s);
         let build = timed(buildah(&bud), "buildah bud")?;

@@ -94,7 +94,8 @@ pub fn section(e: &E2eResults) -> String {
          vfs storage and chroot isolation inside it, the push, the controller's check of the \
          pushed image against the registry, the status), and with buildah directly on the host, \
          `bud` then `push`, from an empty image store each run as a build Pod starts from one: \
-         with buildah's defaults, and with the flags buildd passes (`--storage-driver vfs \
+         with buildah's defaults (overlay storage, OCI isolation; the OCI runtime is the node's \
+         runc), and with the flags buildd passes (`--storage-driver vfs \
          --isolation chroot`). The jq build also goes through Tripod a third way: the second \
          controller gives buildd CAP_SYS_ADMIN (`--buildd-security-context`, its namespace at \
          the Pod Security level `privileged`), so buildd's storage probe mounts overlay and \
