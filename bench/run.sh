@@ -15,7 +15,7 @@
 #                                     the page again from the last scale
 #                                     results (--only scale: the opposite)
 #   bash bench/run.sh --small         what CI runs so the bench cannot rot:
-#                                     200 builds, 60 s of steady state, 1,000
+#                                     200 builds, 30 s of steady state, 1,000
 #                                     for memory, one end-to-end run of each
 #                                     build, the debug build; the page goes
 #                                     to $CARGO_TARGET_DIR/bench-small/
@@ -59,7 +59,7 @@ if [ "$small" = 1 ]; then
   out="$CARGO_TARGET_DIR/bench-small"
   mkdir -p "$out"
   step "scale, small (about 6 minutes)"
-  "$bin/tripod-bench" scale --n 200 --latency-builds 100 --steady-seconds 60 \
+  "$bin/tripod-bench" scale --n 200 --latency-builds 100 --steady-seconds 30 \
     --memory-builds 1000 --tripod "$bin/tripod" --label small \
     --dir "${TMPDIR:-/tmp}/tripod-bench-small" --out "$out/scale.json"
   if [ "$(id -u)" = 0 ]; then

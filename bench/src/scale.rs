@@ -160,6 +160,13 @@ pub struct ScaleResults {
     pub relist_ratio: f64,
     /// The controller's writes across the re-list.
     pub relist: Requests,
+    /// After the finished builds' Pods were deleted (as
+    /// `ttlSecondsAfterFinished` does): the same controller's RSS (MiB).
+    #[serde(default)]
+    pub ttl_rss_mib: Option<f64>,
+    /// Then a controller started on the ImageBuilds alone: its RSS (MiB).
+    #[serde(default)]
+    pub ttl_fresh_rss_mib: Option<f64>,
 }
 
 /// Runs the scale benchmarks.
@@ -338,6 +345,7 @@ async fn phases(
     let relist_peak_mib = forced_relist(env, pid).await?;
     let relist = audit::count(&log, from, audit::mark(&log), CONTROLLER_USER)?;
     drop(agents);
+    let ttl = after_ttl(env, &pods).await?;
     let _ = tripod;
     Ok(ScaleResults {
         label: args.label.clone(),
@@ -369,6 +377,70 @@ async fn phases(
         relist_peak_mib,
         relist_ratio: relist_peak_mib / rss.max(f64::MIN_POSITIVE),
         relist,
+        ttl_rss_mib: Some(ttl.same_process),
+        ttl_fresh_rss_mib: Some(ttl.fresh),
+    })
+}
+
+/// The memory figures once the builds' Pods are gone.
+struct AfterTtl {
+    same_process: f64,
+    fresh: f64,
+}
+
+/// Deletes the build Pods of the finished builds, as
+/// `ttlSecondsAfterFinished` does once it has passed, waits until they are
+/// gone, then takes the controller's RSS, and that of a controller started
+/// again on the ImageBuilds alone. (Setting the TTL on the builds now would
+/// not do: like any change of the spec, it starts a new build.)
+async fn after_ttl(env: &mut ScaleEnv, pods: &Api<Pod>) -> Result<AfterTtl, Error> {
+    let n = pods
+        .list_metadata(&ListParams::default())
+        .await?
+        .items
+        .len();
+    tracing::info!(pods = n, "memory: build Pods deleted, as after their TTL");
+    pods.delete_collection(&DeleteParams::default(), &ListParams::default())
+        .await?;
+    let until = Instant::now() + Duration::from_secs(600);
+    loop {
+        let left = pods
+            .list_metadata(&ListParams::default())
+            .await?
+            .items
+            .len();
+        if left == 0 {
+            break;
+        }
+        if Instant::now() > until {
+            return Err(Error::Bench(format!(
+                "{left} build Pods still there 600 s after their deletion"
+            )));
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let steady = |pid: u32| async move {
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let mut samples = Vec::new();
+        for _ in 0..20 {
+            samples.push(rss_mib(pid, "VmRSS")?);
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        Ok::<f64, Error>(summary(&samples).p50)
+    };
+    let pid = env
+        .controller_pid()
+        .ok_or_else(|| Error::Bench("no controller".into()))?;
+    let same_process = steady(pid).await?;
+    tracing::info!("memory: a controller started on the ImageBuilds alone");
+    env.start_controller().await?;
+    let pid = env
+        .controller_pid()
+        .ok_or_else(|| Error::Bench("no controller".into()))?;
+    let fresh = steady(pid).await?;
+    Ok(AfterTtl {
+        same_process,
+        fresh,
     })
 }
 

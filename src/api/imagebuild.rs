@@ -146,7 +146,9 @@ pub struct ImageBuildSpec {
 
     /// Seconds after the build finished (Succeeded, Failed or Cancelled) when
     /// its build Pods and leases are removed. The ImageBuild itself stays.
-    /// Default: keep them.
+    /// Default: keep them. Set it when creating the ImageBuild: changing it
+    /// later is a change of the spec, and like any other it starts a new
+    /// build.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0))]
     pub ttl_seconds_after_finished: Option<i64>,
