@@ -23,7 +23,8 @@ pub const SYSTEM_NAMESPACE: &str = "tripod-system";
 
 /// glibc's malloc settings of the controller image (the Dockerfile's
 /// `controller` stage sets the same `GLIBC_TUNABLES`): the bench measures
-/// the controller as it runs there.
+/// the controller as it runs there. A `GLIBC_TUNABLES` in the bench's own
+/// environment replaces it (empty: glibc's defaults).
 pub const CONTROLLER_GLIBC_TUNABLES: &str =
     "glibc.malloc.mmap_threshold=131072:glibc.malloc.arena_max=2";
 
@@ -131,7 +132,8 @@ impl ScaleEnv {
         Ok(env)
     }
 
-    /// Starts (or restarts) the controller and waits for `/readyz`.
+    /// Starts (or restarts) the controller and waits until `/readyz` says
+    /// it leads (after a restart it may stand by until the old Lease ends).
     pub async fn start_controller(&mut self) -> Result<(), Error> {
         self.stop_controller();
         let metrics_port = tripod_harness::free_port()?;
@@ -151,7 +153,11 @@ impl ScaleEnv {
             .args(&self.controller_args)
             .env("KUBECONFIG", self.cp.controller_kubeconfig())
             .env("RUST_LOG", "info")
-            .env("GLIBC_TUNABLES", CONTROLLER_GLIBC_TUNABLES)
+            .env(
+                "GLIBC_TUNABLES",
+                std::env::var("GLIBC_TUNABLES")
+                    .unwrap_or_else(|_| CONTROLLER_GLIBC_TUNABLES.to_string()),
+            )
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err);
@@ -161,8 +167,9 @@ impl ScaleEnv {
         self.metrics = format!("127.0.0.1:{metrics_port}");
         let until = Instant::now() + Duration::from_secs(60);
         loop {
-            if let Ok((200, _, _)) =
+            if let Ok((200, _, body)) =
                 tripod_harness::http_request(&self.metrics, "GET", "/readyz", "*/*")
+                && body.starts_with(b"ok: leading")
             {
                 return Ok(());
             }
@@ -194,7 +201,8 @@ impl ScaleEnv {
             let _ = std::process::Command::new("kill")
                 .args(["-TERM", &c.id().to_string()])
                 .status();
-            let until = Instant::now() + Duration::from_secs(15);
+            // Longer than the controller's own shutdown grace (20 s).
+            let until = Instant::now() + Duration::from_secs(30);
             while Instant::now() < until {
                 if let Ok(Some(_)) = c.try_wait() {
                     return;

@@ -400,7 +400,7 @@ fn page(
             s.memory_builds
         );
     }
-    p.push_str("![RSS by ImageBuilds in the store](bench/memory.png)\n");
+    p.push_str("![RSS by ImageBuilds in the store](bench/memory.png)\n\n");
     p.push_str(analysis);
     p
 }
