@@ -335,12 +335,7 @@ async fn phases(
         .await?
         .items
         .len();
-    let mut samples = Vec::new();
-    for _ in 0..20 {
-        samples.push(rss_mib(pid, "VmRSS")?);
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    let rss = summary(&samples).p50;
+    let rss = steady_rss(pid).await?;
     let from = audit::mark(&log);
     let relist_peak_mib = forced_relist(env, pid).await?;
     let relist = audit::count(&log, from, audit::mark(&log), CONTROLLER_USER)?;
@@ -384,6 +379,17 @@ async fn phases(
         ttl_rss_mib: ttl.as_ref().map(|t| t.same_process),
         ttl_fresh_rss_mib: ttl.as_ref().map(|t| t.fresh),
     })
+}
+
+/// The steady RSS (MiB) of process `pid`: the median of 20 samples, 0.5 s
+/// apart.
+async fn steady_rss(pid: u32) -> Result<f64, Error> {
+    let mut samples = Vec::new();
+    for _ in 0..20 {
+        samples.push(rss_mib(pid, "VmRSS")?);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    Ok(summary(&samples).p50)
 }
 
 /// The memory figures once the builds' Pods are gone.
@@ -434,12 +440,7 @@ async fn after_ttl(env: &mut ScaleEnv, pods: &Api<Pod>) -> Result<AfterTtl, Erro
     }
     let steady = |pid: u32| async move {
         tokio::time::sleep(Duration::from_secs(10)).await;
-        let mut samples = Vec::new();
-        for _ in 0..20 {
-            samples.push(rss_mib(pid, "VmRSS")?);
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-        Ok::<f64, Error>(summary(&samples).p50)
+        steady_rss(pid).await
     };
     let pid = env
         .controller_pid()
