@@ -4,6 +4,7 @@
 //! it lists what the plan needs, applies the plan with server-side apply
 //! under one field manager, publishes Events and keeps the metrics.
 
+pub mod cached_pod;
 pub mod endpoint;
 pub mod events;
 pub mod index;
@@ -44,6 +45,7 @@ use crate::leader::{LeaderElector, LeaseConfig};
 use crate::metrics::Metrics;
 use crate::outcome::{ANNOTATION_FAILURE, ANNOTATION_RESULT, ANNOTATION_RESULT_MAC, Failed};
 use crate::platform::{Os, Platform};
+use cached_pod::CachedPod;
 use k8s_openapi::api::coordination::v1::Lease;
 use plan::{EventKind, Observed};
 use pod::{PodSettings, name_label};
@@ -329,7 +331,7 @@ pub struct Context {
     /// Base images of Windows platforms, read once per generation.
     windows_bases: Mutex<HashMap<(String, i64), BTreeMap<String, windows::BaseBuild>>>,
     /// Build Pods (Tripod's label), from a watch.
-    pods: Store<Pod>,
+    pods: Store<CachedPod>,
     /// The cached Pods of each ImageBuild.
     pod_index: Arc<Mutex<PodIndex>>,
     /// The status this process last wrote per ImageBuild (by UID): the
@@ -457,7 +459,7 @@ impl Context {
 
     /// Forgets the records of Pods the cache now shows: from then on it
     /// tells (a deleted Pod is created again when the plan wants it).
-    fn seen_created(&self, owner: &str, pods: &[Pod]) {
+    fn seen_created(&self, owner: &str, pods: &[CachedPod]) {
         if let Ok(mut m) = self.created.lock() {
             for p in pods {
                 if let Some(c) = m.get_mut(&format!("{owner}/{}", p.name_any())) {
@@ -568,7 +570,7 @@ pub async fn run(cfg: ControllerConfig) -> Result<(), ControllerError> {
     let executor_tls = crate::executor::tls::ensure(&client, &tls_namespace, &sans).await?;
     let token_key = token::ensure_key(&client, &tls_namespace).await?;
 
-    let (ib_api, pod_api): (Api<ImageBuild>, Api<Pod>) = match &cfg.namespace {
+    let (ib_api, pod_api): (Api<ImageBuild>, Api<CachedPod>) = match &cfg.namespace {
         Some(ns) => (
             Api::namespaced(client.clone(), ns),
             Api::namespaced(client.clone(), ns),
@@ -624,8 +626,9 @@ pub async fn run(cfg: ControllerConfig) -> Result<(), ControllerError> {
     )
     .default_backoff()
     .touched_objects();
-    // Build Pods, cached (managedFields dropped): a reconcile reads its
-    // build's Pods here instead of listing them from the API server.
+    // Build Pods, cached as the plan reads them (decoded into `CachedPod`,
+    // managedFields dropped): a reconcile reads its build's Pods here
+    // instead of listing them from the API server.
     let (pod_store, pod_writer) = reflector::store();
     let pod_events = reflector::reflector(
         pod_writer,
@@ -633,7 +636,7 @@ pub async fn run(cfg: ControllerConfig) -> Result<(), ControllerError> {
             pod_api,
             watcher::Config::default().labels("app.kubernetes.io/managed-by=tripod"),
         )
-        .modify(slim_pod),
+        .modify(CachedPod::slim),
     )
     .default_backoff();
     // Changed Pods reconcile their owner. A re-list (after 410 Gone)
@@ -1103,7 +1106,7 @@ async fn reconcile_inner(
         .lock()
         .map(|i| i.owned_by(&uid))
         .unwrap_or_default();
-    let pods: Vec<Pod> = owned
+    let pods: Vec<CachedPod> = owned
         .into_iter()
         .filter_map(|key| ctx.pods.get(&key))
         .filter(|p| {
@@ -1755,7 +1758,7 @@ async fn ensure_token_secret(
 
 /// A result annotation without the controller's valid MAC (written by
 /// someone else with `pods/patch`) is read as a failure of the attempt.
-fn unsigned_result_to_failure(mut pod: Pod, key: &TokenKey) -> Pod {
+fn unsigned_result_to_failure(mut pod: CachedPod, key: &TokenKey) -> CachedPod {
     unsigned_result_in(&mut pod.metadata, "Pod", key);
     pod
 }
@@ -1885,12 +1888,12 @@ struct PodIndex {
 }
 
 impl PodIndex {
-    fn key(p: &Pod) -> Option<(String, (String, String))> {
+    fn key(p: &CachedPod) -> Option<(String, (String, String))> {
         let owner = p.owner_references().first()?.uid.clone();
         Some((owner, (p.namespace()?, p.name_any())))
     }
 
-    fn apply(&mut self, e: &watcher::Event<Pod>) {
+    fn apply(&mut self, e: &watcher::Event<CachedPod>) {
         match e {
             watcher::Event::Apply(p) => {
                 if let Some((o, k)) = Self::key(p) {
@@ -1922,7 +1925,7 @@ impl PodIndex {
     }
 
     /// References of the Pods owned by `uid`.
-    fn owned_by(&self, uid: &str) -> Vec<ObjectRef<Pod>> {
+    fn owned_by(&self, uid: &str) -> Vec<ObjectRef<CachedPod>> {
         self.current
             .get(uid)
             .into_iter()
@@ -1939,71 +1942,6 @@ fn slim_build(b: &mut ImageBuild) {
     b.managed_fields_mut().clear();
     b.annotations_mut()
         .remove("kubectl.kubernetes.io/last-applied-configuration");
-}
-
-/// What the cache keeps of a build Pod: what the plan reads (metadata
-/// without managedFields, `spec.nodeName`, the phase, reason and message,
-/// the `PodScheduled` condition, and the containers that exited with an
-/// error). The containers, volumes, images, addresses and the rest are
-/// Tripod's own or the kubelet's and never read back.
-fn slim_pod(p: &mut Pod) {
-    use k8s_openapi::api::core::v1::{
-        ContainerState, ContainerStateTerminated, ContainerStatus, PodCondition, PodSpec, PodStatus,
-    };
-    p.managed_fields_mut().clear();
-    if let Some(spec) = p.spec.as_mut() {
-        *spec = PodSpec {
-            node_name: spec.node_name.take(),
-            ..Default::default()
-        };
-    }
-    // A container that exited non-zero: its name, code and message.
-    fn failed(statuses: Option<Vec<ContainerStatus>>) -> Option<Vec<ContainerStatus>> {
-        let kept: Vec<ContainerStatus> = statuses?
-            .into_iter()
-            .filter_map(|c| {
-                let t = c.state?.terminated.filter(|t| t.exit_code != 0)?;
-                Some(ContainerStatus {
-                    name: c.name,
-                    state: Some(ContainerState {
-                        terminated: Some(ContainerStateTerminated {
-                            exit_code: t.exit_code,
-                            message: t.message,
-                            reason: t.reason,
-                            ..Default::default()
-                        }),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                })
-            })
-            .collect();
-        (!kept.is_empty()).then_some(kept)
-    }
-    if let Some(status) = p.status.take() {
-        let scheduled: Vec<PodCondition> = status
-            .conditions
-            .into_iter()
-            .flatten()
-            .filter(|c| c.type_ == "PodScheduled")
-            .map(|c| PodCondition {
-                type_: c.type_,
-                status: c.status,
-                message: c.message,
-                reason: c.reason,
-                ..Default::default()
-            })
-            .collect();
-        p.status = Some(PodStatus {
-            phase: status.phase,
-            reason: status.reason,
-            message: status.message,
-            conditions: (!scheduled.is_empty()).then_some(scheduled),
-            container_statuses: failed(status.container_statuses),
-            init_container_statuses: failed(status.init_container_statuses),
-            ..Default::default()
-        });
-    }
 }
 
 /// Whether `planned` says nothing `current` does not: compared as JSON,
@@ -2086,50 +2024,6 @@ mod tests {
         assert!(err.contains("not a Kubernetes SecurityContext"), "{err}");
         let err = parse_security_context("{").unwrap_err();
         assert!(err.contains("not JSON"), "{err}");
-    }
-
-    #[test]
-    fn a_slimmed_pod_reads_the_same_to_the_plan() {
-        let pod: Pod = serde_json::from_value(serde_json::json!({
-            "metadata": {"name": "b-1", "namespace": "team",
-                "annotations": {"build.tripod.dev/platform": "linux/amd64"},
-                "managedFields": [{"manager": "kubelet", "operation": "Update"}]},
-            "spec": {"nodeName": "n1", "containers": [{"name": "agent", "image": "tripod"}]},
-            "status": {
-                "phase": "Failed", "reason": "Evicted", "message": "low on disk",
-                "hostIP": "10.0.0.1", "podIP": "10.1.0.5", "qosClass": "BestEffort",
-                "conditions": [
-                    {"type": "Ready", "status": "False", "message": "containers not ready"},
-                    {"type": "PodScheduled", "status": "False", "message": "0/3 nodes fit"}
-                ],
-                "initContainerStatuses": [{"name": "fetch", "image": "i", "imageID": "x",
-                    "ready": false, "restartCount": 0,
-                    "state": {"terminated": {"exitCode": 0, "reason": "Completed"}}}],
-                "containerStatuses": [
-                    {"name": "agent", "image": "i", "imageID": "x", "ready": false, "restartCount": 0,
-                     "state": {"terminated": {"exitCode": 2, "reason": "Error", "message": "a\nno space"}}},
-                    {"name": "buildd", "image": "i", "imageID": "x", "ready": true, "restartCount": 0,
-                     "state": {"running": {"startedAt": "2026-12-01T10:00:00Z"}}}
-                ]
-            }
-        }))
-        .unwrap();
-        let mut slim = pod.clone();
-        slim_pod(&mut slim);
-        assert_eq!(plan::pod_failure(&slim), plan::pod_failure(&pod));
-        assert!(plan::pod_failure(&slim).contains("container agent exited with code 2: no space"));
-        assert_eq!(slim.spec.as_ref().unwrap().node_name.as_deref(), Some("n1"));
-        assert!(slim.spec.unwrap().containers.is_empty());
-        assert_eq!(slim.metadata.annotations, pod.metadata.annotations);
-        assert!(slim.metadata.managed_fields.unwrap_or_default().is_empty());
-        let status = slim.status.unwrap();
-        assert_eq!(status.phase.as_deref(), Some("Failed"));
-        assert_eq!(status.host_ip, None);
-        let conditions = status.conditions.unwrap();
-        assert_eq!(conditions.len(), 1);
-        assert_eq!(conditions[0].message.as_deref(), Some("0/3 nodes fit"));
-        assert_eq!(status.container_statuses.unwrap().len(), 1);
-        assert_eq!(status.init_container_statuses, None);
     }
 
     #[test]

@@ -11,6 +11,7 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::ResourceExt;
 
+use super::cached_pod::CachedPod;
 use super::pod::{PodKey, PodSettings, build_pod, pod_name};
 use super::runner_leg::RunnerLeg;
 pub use super::runner_leg::{Expiry, LeaseRequest};
@@ -26,8 +27,8 @@ use crate::platform::{Os, Platform};
 pub struct Observed<'a> {
     /// The ImageBuild, with its current status.
     pub build: &'a ImageBuild,
-    /// The Pods it owns (of any build).
-    pub pods: &'a [Pod],
+    /// The Pods it owns (of any build), as the cache keeps them.
+    pub pods: &'a [CachedPod],
     /// Its runner Lease objects (of any build).
     pub leases: &'a [Lease],
     /// All BuildRunners.
@@ -202,7 +203,7 @@ fn non_negative(ms: i64) -> Duration {
     Duration::from_millis(ms.max(0).unsigned_abs())
 }
 
-fn is_terminating(pod: &Pod) -> bool {
+fn is_terminating(pod: &CachedPod) -> bool {
     pod.metadata.deletion_timestamp.is_some()
 }
 
@@ -219,7 +220,7 @@ fn lease_is_open(lease: &Lease) -> bool {
     lease.metadata.deletion_timestamp.is_none()
 }
 
-fn pod_build_id(pod: &Pod) -> Option<&str> {
+fn pod_build_id(pod: &CachedPod) -> Option<&str> {
     pod.metadata
         .labels
         .as_ref()
@@ -376,7 +377,7 @@ pub fn plan(obs: Observed<'_>, settings: &PodSettings) -> Plan {
 
     let mut reason = "Building".to_string();
     let mut index_message: Option<String> = None;
-    let current_pods: Vec<&Pod> = obs
+    let current_pods: Vec<&CachedPod> = obs
         .pods
         .iter()
         .filter(|p| pod_build_id(p) == Some(id.as_str()))
@@ -670,7 +671,7 @@ fn condition_message<'a>(status: &'a ImageBuildStatus, type_: &str) -> Option<&'
 /// takes back their leases.
 fn stop(
     status: &mut ImageBuildStatus,
-    (pods, leases): (&[&Pod], &[&Lease]),
+    (pods, leases): (&[&CachedPod], &[&Lease]),
     out: &mut Plan,
     phase: Phase,
     message: &str,
@@ -706,7 +707,7 @@ fn stop(
     }
 }
 
-fn pod_is_active(pod: &Pod) -> bool {
+fn pod_is_active(pod: &CachedPod) -> bool {
     !matches!(
         pod.status.as_ref().and_then(|s| s.phase.as_deref()),
         Some("Succeeded") | Some("Failed")
@@ -718,7 +719,7 @@ fn drive_platforms(
     ib: &ImageBuild,
     req: &BuildRequest,
     id: &str,
-    pods: &[&Pod],
+    pods: &[&CachedPod],
     obs: Observed<'_>,
     settings: &PodSettings,
     status: &mut ImageBuildStatus,
@@ -760,7 +761,7 @@ fn drive_pod_platform(
     generation: i64,
     rebuild: Option<&str>,
     platform: &Platform,
-    pods: &[&Pod],
+    pods: &[&CachedPod],
     obs: Observed<'_>,
     settings: &PodSettings,
     ps: &mut PlatformStatus,
@@ -819,7 +820,7 @@ fn drive_pod_platform(
             .as_ref()
             .and_then(|s| s.phase.as_deref())
             .unwrap_or("Pending");
-        let reported = ExecutorReport::from_pod(pod);
+        let reported = ExecutorReport::from_meta(&pod.metadata);
         if take_report(ps, &reported) {
             return;
         }
@@ -926,7 +927,7 @@ fn waiting_for_node(platform: &Platform, windows_build: Option<&str>) -> String 
     m
 }
 
-fn unschedulable_message(pod: &Pod) -> Option<String> {
+fn unschedulable_message(pod: &CachedPod) -> Option<String> {
     pod.status
         .as_ref()?
         .conditions
@@ -942,7 +943,7 @@ pub use crate::outcome::{
 };
 
 /// Why a Pod failed, from its status and its containers' termination states.
-pub fn pod_failure(pod: &Pod) -> String {
+pub fn pod_failure(pod: &CachedPod) -> String {
     let Some(status) = pod.status.as_ref() else {
         return "the build Pod failed".into();
     };
@@ -1204,8 +1205,9 @@ mod tests {
         BuildRunnerSpec, BuildRunnerStatus, BuildSource, ExecutorSpec, ImageBuildSpec,
         InlineSource, Output, RunnerOs, RunnerPhase,
     };
-    use k8s_openapi::api::core::v1::{
-        ContainerState, ContainerStateTerminated, ContainerStatus, PodSpec, PodStatus,
+    use crate::controller::cached_pod::{
+        CachedContainerState, CachedContainerStatus, CachedPodCondition, CachedPodSpec,
+        CachedPodStatus, CachedTermination,
     };
     use std::collections::BTreeMap;
 
@@ -1256,7 +1258,7 @@ mod tests {
         Timestamp::from_second(1_700_000_000 + secs).unwrap()
     }
 
-    fn run(ib: &ImageBuild, pods: &[Pod], runners: &[BuildRunner], now: Timestamp) -> Plan {
+    fn run(ib: &ImageBuild, pods: &[CachedPod], runners: &[BuildRunner], now: Timestamp) -> Plan {
         run_with_leases(ib, pods, &[], runners, now)
     }
 
@@ -1264,7 +1266,7 @@ mod tests {
     static NONE_JUST_CREATED: BTreeSet<String> = BTreeSet::new();
 
     /// What the plan sees of `ib` and its `pods` at `now`, and nothing else.
-    fn observed<'a>(ib: &'a ImageBuild, pods: &'a [Pod], now: Timestamp) -> Observed<'a> {
+    fn observed<'a>(ib: &'a ImageBuild, pods: &'a [CachedPod], now: Timestamp) -> Observed<'a> {
         Observed {
             build: ib,
             pods,
@@ -1280,7 +1282,7 @@ mod tests {
 
     fn run_with_leases(
         ib: &ImageBuild,
-        pods: &[Pod],
+        pods: &[CachedPod],
         leases: &[Lease],
         runners: &[BuildRunner],
         now: Timestamp,
@@ -1294,25 +1296,32 @@ mod tests {
     }
 
     /// Applies a plan the way the API server would: status written, Pods created/deleted.
-    fn apply(ib: &mut ImageBuild, pods: &mut Vec<Pod>, plan: &Plan) {
+    fn apply(ib: &mut ImageBuild, pods: &mut Vec<CachedPod>, plan: &Plan) {
         ib.status = Some(plan.status.clone());
         pods.retain(|p| !plan.delete.contains(&p.name_any()));
-        pods.extend(plan.create.iter().cloned());
+        pods.extend(plan.create.iter().map(|p| CachedPod::of(p).unwrap()));
     }
 
     fn cond<'a>(status: &'a ImageBuildStatus, t: &str) -> &'a Condition {
         status.conditions.iter().find(|c| c.type_ == t).unwrap()
     }
 
-    fn set_pod(pod: &mut Pod, node: Option<&str>, phase: &str) {
-        pod.spec.get_or_insert_with(PodSpec::default).node_name = node.map(str::to_string);
-        pod.status = Some(PodStatus {
+    fn set_pod(pod: &mut CachedPod, node: Option<&str>, phase: &str) {
+        pod.spec
+            .get_or_insert_with(CachedPodSpec::default)
+            .node_name = node.map(str::to_string);
+        pod.status = Some(CachedPodStatus {
             phase: Some(phase.into()),
             ..Default::default()
         });
     }
 
-    fn run_just_created(ib: &ImageBuild, pods: &[Pod], just: &[&str], now: Timestamp) -> Plan {
+    fn run_just_created(
+        ib: &ImageBuild,
+        pods: &[CachedPod],
+        just: &[&str],
+        now: Timestamp,
+    ) -> Plan {
         let just: BTreeSet<String> = just.iter().map(|s| s.to_string()).collect();
         let obs = Observed {
             just_created: &just,
@@ -1330,7 +1339,7 @@ mod tests {
         assert_eq!(p.create.len(), 2);
         assert_eq!(p.status.phase, Some(Phase::Scheduling));
         assert!(p.defer_status);
-        pods.extend(p.create.iter().cloned());
+        pods.extend(p.create.iter().map(|p| CachedPod::of(p).unwrap()));
         let names: Vec<String> = pods.iter().map(|p| p.name_any()).collect();
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
         // Shown unbound, created moments ago: still deferred.
@@ -1713,17 +1722,15 @@ mod tests {
         let p = run(&b, &pods, &[], at(0));
         apply(&mut b, &mut pods, &p);
         set_pod(&mut pods[0], Some("n"), "Failed");
-        pods[0].status.as_mut().unwrap().container_statuses = Some(vec![ContainerStatus {
+        pods[0].status.as_mut().unwrap().container_statuses = Some(vec![CachedContainerStatus {
             name: "agent".into(),
-            state: Some(ContainerState {
-                terminated: Some(ContainerStateTerminated {
+            state: Some(CachedContainerState {
+                terminated: Some(CachedTermination {
                     exit_code: 2,
                     message: Some("step 2 failed\nRUN make: exit 2".into()),
                     ..Default::default()
                 }),
-                ..Default::default()
             }),
-            ..Default::default()
         }]);
         let p = run(&b, &pods, &[], at(10));
         assert_eq!(p.create.len(), 1);
@@ -1779,7 +1786,7 @@ mod tests {
     }
 
     /// A build Pod reports a verified push of `digest`.
-    fn push(pods: &mut [Pod], name: &str, digest: &str) {
+    fn push(pods: &mut [CachedPod], name: &str, digest: &str) {
         let pod = pods.iter_mut().find(|p| p.name_any() == name).unwrap();
         set_pod(pod, Some("n"), "Succeeded");
         pod.metadata.annotations = Some(
@@ -1791,7 +1798,12 @@ mod tests {
         );
     }
 
-    fn run_with_index(ib: &ImageBuild, pods: &[Pod], index: &IndexOutcome, now: Timestamp) -> Plan {
+    fn run_with_index(
+        ib: &ImageBuild,
+        pods: &[CachedPod],
+        index: &IndexOutcome,
+        now: Timestamp,
+    ) -> Plan {
         let obs = Observed {
             index: Some(index),
             ..observed(ib, pods, now)
@@ -2259,9 +2271,9 @@ mod tests {
         let mut pods = Vec::new();
         let p = run(&b, &pods, &[], at(0));
         apply(&mut b, &mut pods, &p);
-        pods[0].status = Some(PodStatus {
+        pods[0].status = Some(CachedPodStatus {
             phase: Some("Pending".into()),
-            conditions: Some(vec![k8s_openapi::api::core::v1::PodCondition {
+            conditions: Some(vec![CachedPodCondition {
                 type_: "PodScheduled".into(),
                 status: "False".into(),
                 message: Some("0/3 nodes are available".into()),
