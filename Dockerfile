@@ -19,7 +19,8 @@ ARG BASE_IMAGE=docker.io/library/debian:bookworm-slim
 FROM ${RUST_IMAGE} AS build
 WORKDIR /src
 # glibc, statically linked: no loader and no shared libraries at run time.
-# (Name resolution uses glibc's built-in files and dns sources.)
+# (Name resolution uses glibc's built-in files and dns sources.) The Linux
+# binary allocates with jemalloc (src/main.rs), whose build needs `make`.
 ENV RUSTFLAGS="-C target-feature=+crt-static" \
     CARGO_PROFILE_RELEASE_STRIP=symbols \
     CARGO_TERM_COLOR=never
@@ -79,12 +80,6 @@ FROM scratch AS controller
 COPY --from=build /rootfs/ /
 COPY --from=build /out/ /
 ENV PATH=/usr/local/bin
-# glibc's malloc: large buffers (list and watch bodies) always in mappings of
-# their own, returned when freed, and two arenas instead of one per thread.
-# With 3,000 ImageBuilds and their Pods, 11% less RSS and an 18% lower peak
-# across a re-list (docs/benchmarks.md, memory). The scale bench runs its
-# controller with the same value (bench/src/env.rs).
-ENV GLIBC_TUNABLES=glibc.malloc.mmap_threshold=131072:glibc.malloc.arena_max=2
 USER 65532:65532
 ENTRYPOINT ["/usr/local/bin/tripod"]
 CMD ["controller"]

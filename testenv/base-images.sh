@@ -5,7 +5,7 @@
 #
 #   library/debian:<suite>-slim   debootstrap --variant=minbase <suite>,
 #                                 without apt lists, docs and man pages
-#   library/rust:<X.Y>-<suite>    that image + gcc, libc6-dev, ca-certificates
+#   library/rust:<X.Y>-<suite>    that image + gcc, libc6-dev, make, ca-certificates
 #                                 (and this machine's extra CAs from
 #                                 /usr/local/share/ca-certificates) + this
 #                                 machine's Rust toolchain in /usr/local/rust,
@@ -87,11 +87,12 @@ b config --env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 b commit -q "$c" "$base_image" >/dev/null
 
 # The Rust builder: what the official rust image offers a Dockerfile, i.e.
-# cargo and rustc on PATH, a C compiler and the C library's static archives.
+# cargo and rustc on PATH, a C compiler, make (jemalloc's build) and the C
+# library's static archives.
 c="$(b from "$base_image")"
 b run --isolation chroot "$c" -- sh -c 'apt-get update -q >/dev/null \
   && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-       gcc libc6-dev ca-certificates >/dev/null \
+       gcc libc6-dev make ca-certificates >/dev/null \
   && rm -rf /var/lib/apt/lists/*' >&2
 if compgen -G "/usr/local/share/ca-certificates/*.crt" >/dev/null; then
   b copy "$c" /usr/local/share/ca-certificates/ /usr/local/share/ca-certificates/ >/dev/null

@@ -21,13 +21,6 @@ use crate::agent::RESULT_STAGE;
 /// The namespace of the controller's Lease.
 pub const SYSTEM_NAMESPACE: &str = "tripod-system";
 
-/// glibc's malloc settings of the controller image (the Dockerfile's
-/// `controller` stage sets the same `GLIBC_TUNABLES`): the bench measures
-/// the controller as it runs there. A `GLIBC_TUNABLES` in the bench's own
-/// environment replaces it (empty: glibc's defaults).
-pub const CONTROLLER_GLIBC_TUNABLES: &str =
-    "glibc.malloc.mmap_threshold=131072:glibc.malloc.arena_max=2";
-
 /// What [`ScaleEnv::start`] needs.
 #[derive(Debug, Clone)]
 pub struct ScaleEnvOptions {
@@ -153,11 +146,6 @@ impl ScaleEnv {
             .args(&self.controller_args)
             .env("KUBECONFIG", self.cp.controller_kubeconfig())
             .env("RUST_LOG", "info")
-            .env(
-                "GLIBC_TUNABLES",
-                std::env::var("GLIBC_TUNABLES")
-                    .unwrap_or_else(|_| CONTROLLER_GLIBC_TUNABLES.to_string()),
-            )
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err);
@@ -247,20 +235,5 @@ impl ScaleEnv {
         let _ = self.registry_process.child.kill();
         let _ = self.registry_process.child.wait();
         self.cp.stop().await;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::CONTROLLER_GLIBC_TUNABLES;
-
-    #[test]
-    fn the_controller_image_sets_the_same_glibc_tunables() {
-        let dockerfile = include_str!("../../Dockerfile");
-        let line = format!("ENV GLIBC_TUNABLES={CONTROLLER_GLIBC_TUNABLES}\n");
-        assert!(
-            dockerfile.contains(&line),
-            "the Dockerfile's controller stage should set {line}"
-        );
     }
 }
