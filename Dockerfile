@@ -21,6 +21,9 @@ WORKDIR /src
 # glibc, statically linked: no loader and no shared libraries at run time.
 # (Name resolution uses glibc's built-in files and dns sources.) The Linux
 # binary allocates with jemalloc (src/main.rs), whose build needs `make`.
+# jemalloc takes the page size of the machine it is built on; arm64 kernels
+# run with 4, 16 or 64 KiB pages, so on arm64 it is built for 64 KiB, which
+# works on all three.
 ENV RUSTFLAGS="-C target-feature=+crt-static" \
     CARGO_PROFILE_RELEASE_STRIP=symbols \
     CARGO_TERM_COLOR=never
@@ -40,6 +43,7 @@ RUN mkdir -p src harness/src/bin bench/src \
  && : > harness/src/lib.rs \
  && echo 'fn main() {}' > harness/src/bin/tripod-dev.rs \
  && echo 'fn main() {}' > bench/src/main.rs \
+ && if [ "$(uname -m)" = aarch64 ]; then export JEMALLOC_SYS_WITH_LG_PAGE=16; fi \
  && cargo build --release --locked -p tripod --target "$(uname -m)-unknown-linux-gnu" \
  && rm -rf src
 
@@ -47,6 +51,7 @@ COPY src src
 # touch: the copied sources may be older than the placeholder build above.
 RUN touch src/main.rs src/lib.rs \
  && target="$(uname -m)-unknown-linux-gnu" \
+ && if [ "$(uname -m)" = aarch64 ]; then export JEMALLOC_SYS_WITH_LG_PAGE=16; fi \
  && cargo build --release --locked -p tripod --target "$target" --bin tripod \
  && install -D -m 0755 "target/$target/release/tripod" /out/usr/local/bin/tripod \
  && /out/usr/local/bin/tripod --version

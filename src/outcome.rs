@@ -4,7 +4,6 @@
 //! reads back. It lives
 //! below both, so neither imports the other.
 
-use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 /// Annotation on a build Pod: the outcome the controller accepted from its
@@ -72,11 +71,6 @@ pub struct ExecutorReport {
 }
 
 impl ExecutorReport {
-    /// Reads the report annotations of a Pod.
-    pub fn from_pod(pod: &Pod) -> Self {
-        Self::from_meta(&pod.metadata)
-    }
-
     /// Reads the report annotations of an executor object (a build Pod or
     /// a runner's Lease object).
     pub fn from_meta(meta: &ObjectMeta) -> Self {
