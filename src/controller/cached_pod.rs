@@ -136,7 +136,9 @@ impl CachedPod {
         }
     }
 
-    /// The cache's view of a Pod this process holds whole (one it created).
+    /// The cache's view of a whole Pod (one a plan creates), decoded from
+    /// its JSON as the watch decodes it: for the planner's tests.
+    #[cfg(test)]
     pub fn of(pod: &k8s_openapi::api::core::v1::Pod) -> Result<Self, serde_json::Error> {
         let mut p: Self = serde_json::from_value(serde_json::to_value(pod)?)?;
         p.slim();
