@@ -96,7 +96,8 @@ impl Buildah {
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StorageDriver {
     /// overlay when buildd may mount it (CAP_SYS_ADMIN, as root or in a
-    /// user namespace of its own), else vfs: probed once at start.
+    /// user namespace of its own), else vfs: probed once at start (root
+    /// without CAP_SYS_ADMIN takes vfs without a probe).
     Auto,
     /// Full copies of each layer: works everywhere, slow for large images.
     Vfs,
@@ -117,11 +118,48 @@ impl StorageDriver {
         match self {
             Self::Vfs => ("vfs", "--storage-driver vfs".into()),
             Self::Overlay => ("overlay", "--storage-driver overlay".into()),
-            Self::Auto => match probe_overlay(program, root).await {
-                Ok(()) => ("overlay", "buildah can mount overlay here".into()),
-                Err(why) => ("vfs", format!("overlay is not usable here: {why}")),
-            },
+            Self::Auto => {
+                let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+                if root_without_sys_admin(&status) {
+                    return (
+                        "vfs",
+                        "overlay is not usable here: running as root without CAP_SYS_ADMIN, \
+                         so buildah cannot mount (not probed)"
+                            .into(),
+                    );
+                }
+                match probe_overlay(program, root).await {
+                    Ok(()) => ("overlay", "buildah can mount overlay here".into()),
+                    Err(why) => ("vfs", format!("overlay is not usable here: {why}")),
+                }
+            }
         }
+    }
+}
+
+/// CAP_SYS_ADMIN's bit in the capability sets of `/proc/<pid>/status`.
+const CAP_SYS_ADMIN: u32 = 21;
+
+/// Whether a process with this `/proc/<pid>/status` runs as root
+/// (effective uid 0) without CAP_SYS_ADMIN in its effective set, as a
+/// build Pod's container does with the default capabilities. buildah run
+/// as root makes no user namespace of its own, so it cannot mount overlay
+/// there: the probe's answer is known without running buildah four times
+/// (half a second before buildd answers, on a small machine). Anything
+/// else (another user, who may get a user namespace of its own, or a
+/// status that does not read) is probed.
+fn root_without_sys_admin(status: &str) -> bool {
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(str::trim)
+    };
+    let effective_uid = field("Uid:").and_then(|v| v.split_whitespace().nth(1));
+    let effective_caps = field("CapEff:").and_then(|v| u64::from_str_radix(v, 16).ok());
+    match (effective_uid, effective_caps) {
+        (Some("0"), Some(caps)) => caps & (1 << CAP_SYS_ADMIN) == 0,
+        _ => false,
     }
 }
 
@@ -512,6 +550,30 @@ fn write_private(path: &Path, data: &[u8]) -> Result<(), BuildFailure> {
 mod tests {
     use super::*;
     use std::collections::BTreeMap;
+
+    /// `/proc/self/status` of a container as root: `caps` its effective set.
+    fn status(uid: &str, caps: &str) -> String {
+        format!(
+            "Name:\ttripod\nUmask:\t0022\nState:\tS (sleeping)\n\
+             Uid:\t{uid}\t{uid}\t{uid}\t{uid}\nGid:\t0\t0\t0\t0\n\
+             CapInh:\t0000000000000000\nCapPrm:\t{caps}\nCapEff:\t{caps}\n\
+             CapBnd:\t{caps}\nNoNewPrivs:\t0\n"
+        )
+    }
+
+    #[test]
+    fn overlay_is_not_probed_for_root_without_sys_admin() {
+        // containerd's default capabilities (no CAP_SYS_ADMIN): a build
+        // Pod's buildd.
+        assert!(root_without_sys_admin(&status("0", "00000000a80425fb")));
+        // The same with CAP_SYS_ADMIN added (a user's buildd security
+        // context): probed.
+        assert!(!root_without_sys_admin(&status("0", "00000000a82425fb")));
+        // Not root: buildah may make a user namespace of its own; probed.
+        assert!(!root_without_sys_admin(&status("1000", "0000000000000000")));
+        // A status without the fields: probed.
+        assert!(!root_without_sys_admin("Name:\ttripod\n"));
+    }
 
     #[test]
     fn bud_arguments_carry_the_request() {
