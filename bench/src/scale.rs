@@ -4,7 +4,7 @@
 //! re-list.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -167,6 +167,20 @@ pub struct ScaleResults {
     /// Then a controller started on the ImageBuilds alone: its RSS (MiB).
     #[serde(default)]
     pub ttl_fresh_rss_mib: Option<f64>,
+}
+
+impl ScaleResults {
+    /// Whether the forced re-list made the controller list its
+    /// ImageBuilds and Pods again (the audit log has those LISTs); if
+    /// the watches resumed instead, the peak measures no re-list.
+    pub fn relisted(&self) -> bool {
+        self.relist.reads_of("list imagebuilds") > 0 && self.relist.reads_of("list pods") > 0
+    }
+
+    /// The re-list's peak RSS (MiB), when there was a re-list.
+    pub fn relist_peak(&self) -> Option<f64> {
+        self.relisted().then_some(self.relist_peak_mib)
+    }
 }
 
 /// Runs the scale benchmarks.
@@ -337,7 +351,7 @@ async fn phases(
         .len();
     let rss = steady_rss(pid).await?;
     let from = audit::mark(&log);
-    let relist_peak_mib = forced_relist(env, pid).await?;
+    let relist_peak_mib = forced_relist(env, pid, &log, from).await?;
     let relist = audit::count(&log, from, audit::mark(&log), CONTROLLER_USER)?;
     drop(agents);
     // Hours of results are not thrown away for this last figure.
@@ -783,60 +797,80 @@ pub fn rss_mib(pid: u32, field: &str) -> Result<f64, Error> {
 }
 
 /// Makes the controller list everything again and returns its peak RSS
-/// meanwhile: kube-apiserver is killed, etcd compacted while it is down,
-/// and restarted, so the controller's watches cannot resume (410 Gone).
-async fn forced_relist(env: &mut ScaleEnv, pid: u32) -> Result<f64, Error> {
+/// meanwhile: kube-apiserver is killed; while it is down, etcd's revision
+/// is moved on by two writes (a key put, then deleted) and compacted there,
+/// so no watch can resume from the resourceVersion it had, not even one
+/// that had seen the last revision before the kill (a watch from `rv`
+/// reads from `rv + 1`); then the API server is started again. Waits until
+/// the audit log shows the controller listing ImageBuilds and Pods again.
+async fn forced_relist(
+    env: &mut ScaleEnv,
+    pid: u32,
+    log: &Path,
+    from: audit::Mark,
+) -> Result<f64, Error> {
     std::fs::write(format!("/proc/{pid}/clear_refs"), "5")
         .map_err(|e| Error::Io(format!("reset VmHWM of {pid}: {e}")))?;
-    let before = relists(env);
     let apiserver = env.cp.pids().get(1).copied().unwrap_or(0);
     let _ = std::process::Command::new("kill")
         .args(["-KILL", &apiserver.to_string()])
         .status();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let etcd = env.cp.etcd_url().trim_start_matches("http://").to_string();
-    let (_, _, body) = tripod_harness::http_send(
+    // The key "tripod-bench/relist", base64 as etcd's JSON gateway takes it.
+    const KEY: &str = "dHJpcG9kLWJlbmNoL3JlbGlzdA==";
+    etcd_call(
         &etcd,
-        "POST",
-        "/v3/kv/range",
-        "application/json",
-        br#"{"key":"AA=="}"#,
-    )
-    .map_err(|e| Error::Io(format!("etcd: {e}")))?;
-    let range: serde_json::Value =
-        serde_json::from_slice(&body).map_err(|e| Error::Io(format!("etcd: {e}")))?;
-    let revision = range["header"]["revision"]
+        "/v3/kv/put",
+        &format!(r#"{{"key":"{KEY}","value":"eA=="}}"#),
+    )?;
+    let deleted = etcd_call(
+        &etcd,
+        "/v3/kv/deleterange",
+        &format!(r#"{{"key":"{KEY}"}}"#),
+    )?;
+    let revision = deleted["header"]["revision"]
         .as_str()
-        .unwrap_or("0")
+        .ok_or_else(|| Error::Io(format!("etcd: no revision in {deleted}")))?
         .to_string();
-    tripod_harness::http_send(
+    etcd_call(
         &etcd,
-        "POST",
         "/v3/kv/compaction",
-        "application/json",
-        format!(r#"{{"revision":"{revision}","physical":true}}"#).as_bytes(),
-    )
-    .map_err(|e| Error::Io(format!("etcd: {e}")))?;
+        &format!(r#"{{"revision":"{revision}","physical":true}}"#),
+    )?;
     env.cp.restart_exited();
     let until = Instant::now() + Duration::from_secs(300);
-    while relists(env) == before {
-        if Instant::now() > until {
-            return Err(Error::Bench(
-                "the controller did not list again within 300 s".into(),
-            ));
+    loop {
+        let seen = audit::count(log, from, audit::mark(log), CONTROLLER_USER)?;
+        if seen.reads_of("list imagebuilds") > 0 && seen.reads_of("list pods") > 0 {
+            break;
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        if Instant::now() > until {
+            return Err(Error::Bench(format!(
+                "the controller did not list its ImageBuilds and Pods again within 300 s \
+                 (its reads since the API server was killed: {:?})",
+                seen.reads
+            )));
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
     // The lists and the reconciles they start.
     tokio::time::sleep(Duration::from_secs(30)).await;
     rss_mib(pid, "VmHWM")
 }
 
-/// How often the controller's log says a watch had to list again.
-fn relists(env: &ScaleEnv) -> usize {
-    std::fs::read_to_string(&env.controller_log)
-        .map(|l| l.matches("too old resource version").count())
-        .unwrap_or(0)
+/// One request to etcd's JSON gateway; its answer.
+fn etcd_call(etcd: &str, path: &str, body: &str) -> Result<serde_json::Value, Error> {
+    let (status, _, answer) =
+        tripod_harness::http_send(etcd, "POST", path, "application/json", body.as_bytes())
+            .map_err(|e| Error::Io(format!("etcd {path}: {e}")))?;
+    if status != 200 {
+        return Err(Error::Io(format!(
+            "etcd {path}: HTTP {status}: {}",
+            String::from_utf8_lossy(&answer)
+        )));
+    }
+    serde_json::from_slice(&answer).map_err(|e| Error::Io(format!("etcd {path}: {e}")))
 }
 
 /// CPU seconds (user + system) used so far by each process.
