@@ -394,9 +394,11 @@ fn page(
         p,
         "## Memory\n\nThe controller's RSS (`VmRSS`) as builds were added, each batch finished \
          before the next; then the median of 20 samples with {} ImageBuilds and {} Pods. Then a \
-         forced re-list: kube-apiserver killed, etcd compacted while it is down and the API \
-         server started again, so every watch gets 410 Gone and lists again; the peak is \
-         `VmHWM`, reset before. Writes during the re-list: {}.\n",
+         forced re-list: kube-apiserver killed, etcd's revision moved on by two writes and \
+         compacted there while it is down, and the API server started again, so that no watch \
+         can resume and each lists again (the audit log is checked for the controller's LISTs \
+         of ImageBuilds and Pods); the peak is `VmHWM`, reset before. Writes during the \
+         re-list: {}.\n",
         s.memory_builds,
         s.memory_pods,
         fmt_map(&s.relist.writes)

@@ -802,7 +802,10 @@ pub fn rss_mib(pid: u32, field: &str) -> Result<f64, Error> {
 /// so no watch can resume from the resourceVersion it had, not even one
 /// that had seen the last revision before the kill (a watch from `rv`
 /// reads from `rv + 1`); then the API server is started again. Waits until
-/// the audit log shows the controller listing ImageBuilds and Pods again.
+/// the audit log shows the controller listing ImageBuilds and Pods again
+/// and those lists (paged) have stopped, then 30 s for the reconciles they
+/// start. If they do not come within 300 s, says so and measures anyway:
+/// the report marks a run without them as not measured.
 async fn forced_relist(
     env: &mut ScaleEnv,
     pid: u32,
@@ -840,21 +843,34 @@ async fn forced_relist(
     )?;
     env.cp.restart_exited();
     let until = Instant::now() + Duration::from_secs(300);
+    // (LIST requests of ImageBuilds and Pods so far, polls since it last grew)
+    let mut lists = (0, 0);
     loop {
         let seen = audit::count(log, from, audit::mark(log), CONTROLLER_USER)?;
-        if seen.reads_of("list imagebuilds") > 0 && seen.reads_of("list pods") > 0 {
+        let (imagebuilds, pods) = (
+            seen.reads_of("list imagebuilds"),
+            seen.reads_of("list pods"),
+        );
+        if imagebuilds + pods > lists.0 {
+            lists = (imagebuilds + pods, 0);
+        } else {
+            lists.1 += 1;
+        }
+        // Both listed, and no further page for 5 s.
+        if imagebuilds > 0 && pods > 0 && lists.1 >= 5 {
             break;
         }
         if Instant::now() > until {
-            return Err(Error::Bench(format!(
-                "the controller did not list its ImageBuilds and Pods again within 300 s \
-                 (its reads since the API server was killed: {:?})",
-                seen.reads
-            )));
+            tracing::warn!(
+                reads = ?seen.reads,
+                "the controller did not list its ImageBuilds and Pods again within 300 s: \
+                 the re-list is not measured"
+            );
+            break;
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
-    // The lists and the reconciles they start.
+    // The reconciles the lists start.
     tokio::time::sleep(Duration::from_secs(30)).await;
     rss_mib(pid, "VmHWM")
 }
